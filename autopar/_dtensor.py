@@ -1,0 +1,119 @@
+"""The one module that reaches into DTensor's private sharding-propagation API.
+
+DTensor knows, for each ATen op, which input placements it can run on and what output placement
+results; at run time it asks its `ShardingPropagator`. The planner asks the same propagator the
+same question ahead of time, so what the solver assumed is exactly what runs. Torch moves these
+internals between releases (checked on 2.11 and 2.13); a torch upgrade should touch only this file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Sequence
+
+import torch
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Partial, Placement
+from torch.utils._pytree import tree_leaves, tree_map
+
+Placements = tuple[Placement, ...]
+
+
+def planning_mesh(shape: Sequence[int], names: Sequence[str], device_type: str = "cpu"):
+    """A DeviceMesh for planning only: no process group, so it works offline at any size."""
+    ranks = torch.arange(int(torch.tensor(list(shape)).prod())).view(*shape)
+    kwargs = dict(mesh_dim_names=tuple(names), _init_backend=False)
+    try:
+        return DeviceMesh(device_type, ranks, _rank=0, **kwargs)
+    except TypeError:  # releases without the _rank argument read the rank from the default group
+        return DeviceMesh(device_type, ranks, **kwargs)
+
+
+def _propagator():
+    return DTensor._op_dispatcher.sharding_propagator
+
+
+def has_rule(op) -> bool:
+    """Whether DTensor has a sharding rule (or a decomposition it can shard through) for `op`."""
+    prop = _propagator()
+    tables = ("op_strategy_funcs", "op_single_dim_strategy_funcs", "op_to_rules")
+    if any(op in getattr(prop, t, {}) for t in tables):
+        return True
+    decomp = getattr(prop, "decomp_strategy", None)
+    has_decomp = getattr(type(decomp), "has_decomp", None) if decomp is not None else None
+    return bool(has_decomp and has_decomp(op))
+
+
+def _fake_dtensor(val: torch.Tensor, mesh: DeviceMesh, placements: Placements) -> DTensor:
+    # a meta tensor of the global shape: allocates nothing; only the spec matters to propagation
+    local = torch.empty_strided(val.shape, val.stride(), dtype=val.dtype, device="meta")
+    return DTensor.from_local(
+        local, mesh, placements, run_check=False, shape=val.shape, stride=val.stride()
+    )
+
+
+def propagate(op, args, kwargs, vals_and_placements, mesh: DeviceMesh):
+    """Ask DTensor how it would run `op` on inputs with the given placements.
+
+    `args`/`kwargs` hold `InputRef(i)` where tensor input i goes; `vals_and_placements[i]` is
+    (example value, placements). Returns (input placements DTensor runs on, output placements);
+    they differ from the given ones when DTensor would redistribute first. Output placements are
+    a tuple per tensor output (None for non-tensor outputs). Raises if DTensor cannot shard `op`.
+    """
+
+    def conv(a):
+        if isinstance(a, InputRef):
+            val, pl = vals_and_placements[a.index]
+            return _fake_dtensor(val, mesh, pl)
+        return a
+
+    d_args, d_kwargs = tree_map(conv, args), tree_map(conv, kwargs)
+    dispatcher = DTensor._op_dispatcher
+    info = dispatcher.unwrap_to_op_info(op, d_args, d_kwargs)
+    with _quiet_fake_tensor_log():  # rejected combinations log a traceback before raising
+        _propagator().propagate(info)
+    sharding = info.output_sharding
+    schema = sharding.redistribute_schema or info.schema
+    in_pl = [s.placements for s in schema.args_spec]
+    if len(in_pl) != len(vals_and_placements):  # kwargs tensors are not in args_spec
+        in_pl = [s.placements for s in tree_leaves(schema.kwargs_schema) if hasattr(s, "placements")]
+        in_pl = [s.placements for s in schema.args_spec] + in_pl
+    return tuple(in_pl), _output_placements(sharding.output_spec)
+
+
+def _output_placements(spec):
+    if spec is None:
+        return (None,)
+    if isinstance(spec, (tuple, list)):
+        return tuple(s.placements if s is not None else None for s in spec)
+    return (spec.placements,)
+
+
+@contextlib.contextmanager
+def _quiet_fake_tensor_log():
+    log = logging.getLogger("torch._subclasses.fake_tensor")
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+class InputRef:
+    """Marks where tensor input `index` sits inside an op's args."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index: int):
+        self.index = index
+
+    def __repr__(self):
+        return f"InputRef({self.index})"
+
+
+def is_plain_partial(p: Placement) -> bool:
+    """Partial(sum/avg/...) itself, not one of DTensor's private subclasses (e.g. masked partials
+    of vocab-parallel embedding), which carry state a plan cannot name."""
+    return type(p) is Partial

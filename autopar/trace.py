@@ -1,0 +1,209 @@
+"""Trace a model (and its loss) into an ATen graph on meta tensors.
+
+`trace` runs `torch.export.export(..., strict=False)` on a meta-device copy of the inputs, so a
+model of any size traces without allocating its activations, then decomposes the graph to core
+ATen ops (which DTensor has sharding rules for) while keeping scaled-dot-product attention whole.
+
+Every `call_function` node keeps `node.meta["nn_module_stack"]`; `layer_of(node)` turns it into
+the FQN of the module the op belongs to.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import operator
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx, nn
+
+from autopar.errors import TraceError
+
+# Composite ops we keep whole: decomposing them would lose the fused kernel at run time.
+KEEP_WHOLE = (torch.ops.aten.scaled_dot_product_attention.default,)
+
+
+class _WithLoss(nn.Module):
+    """model + loss_fn as one module, so the loss is planned with the model.
+
+    Returns (loss, output): the loss drives backward, the output serves evaluation calls.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn):
+        super().__init__()
+        setattr(self, _WRAPPED, model)
+        self.loss_fn = loss_fn
+
+    def forward(self, *args):
+        *inputs, target = args
+        out = getattr(self, _WRAPPED)(*inputs)
+        return self.loss_fn(out, target), out
+
+
+# The attribute _WithLoss keeps the model under; stripped from every FQN we report.
+_WRAPPED = "_autopar_model"
+
+
+@dataclass
+class TracedModel:
+    """A model's training graph and the names that tie it back to the model."""
+
+    graph_module: fx.GraphModule
+    # placeholder node name -> parameter / buffer FQN in the user's model
+    parameters: dict[str, str]
+    buffers: dict[str, str]
+    # placeholder node names of the user inputs, in call order (target last when there is a loss)
+    inputs: list[str]
+    loss_node: str  # name of the node holding the scalar loss
+    output_node: str  # name of the node holding the model's output (the loss itself if no loss_fn)
+    model_name: str
+    fingerprint: str = field(default="")
+
+    def node(self, name: str) -> fx.Node:
+        return self._nodes[name]
+
+    def __post_init__(self):
+        self._nodes = {n.name: n for n in self.graph_module.graph.nodes}
+        if not self.fingerprint:
+            self.fingerprint = graph_fingerprint(self.graph_module.graph)
+
+
+def _to_meta(x):
+    if isinstance(x, torch.Tensor):
+        return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="meta")
+    return x
+
+
+def _model_name(model: nn.Module) -> str:
+    return type(model).__name__
+
+
+def trace(model: nn.Module, example_inputs, *, loss_fn=None, target=None) -> TracedModel:
+    """Export `model` (with `loss_fn(model(*example_inputs), target)` when given) to an ATen graph.
+
+    The model may live on any device, meta included; no real computation runs.
+    """
+    if not isinstance(model, nn.Module):
+        raise TraceError(f"autopar needs a torch.nn.Module, got {type(model).__name__}.")
+    inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (
+        example_inputs,
+    )
+    if loss_fn is not None and target is None:
+        raise TraceError("loss_fn was given without a target: pass example targets with the inputs.")
+    module = _WithLoss(model, loss_fn) if loss_fn is not None else model
+    args = inputs + ((target,) if loss_fn is not None else ())
+    args = tuple(_to_meta(a) for a in args) if _on_meta(model) else args
+    ep = _export(module, args, model)
+    table = torch.export.default_decompositions()
+    for op in KEEP_WHOLE:
+        table.pop(op, None)
+    ep = ep.run_decompositions(table)
+    return _traced_model(ep, model, has_loss=loss_fn is not None)
+
+
+def _on_meta(model: nn.Module) -> bool:
+    return any(p.device.type == "meta" for p in model.parameters())
+
+
+def _export(module: nn.Module, args: tuple, model: nn.Module):
+    try:
+        return torch.export.export(module, args, strict=False)
+    except Exception as e:  # export raises many types; all mean "this model did not trace"
+        raise TraceError(_explain_export_failure(e, model)) from e
+
+
+def _explain_export_failure(e: Exception, model: nn.Module) -> str:
+    where = _failing_module(e, model)
+    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    fix = (
+        "Make the forward traceable by torch.export: avoid Python control flow on tensor values "
+        "(use torch.where / torch.cond), data-dependent shapes and .item(); Hugging Face models "
+        "need use_cache=False for training."
+    )
+    return f"could not trace {_model_name(model)}{where}: {type(e).__name__}: {reason}\n{fix}"
+
+
+def _failing_module(e: Exception, model: nn.Module) -> str:
+    """Best effort: the innermost module of `model` whose forward appears in the traceback."""
+    files = {}
+    for fqn, mod in model.named_modules():
+        code = getattr(type(mod).forward, "__code__", None)
+        if code is not None:
+            files.setdefault((code.co_filename, code.co_name), fqn or "<root>")
+    tb = e.__traceback__
+    found = None
+    while tb is not None:
+        key = (tb.tb_frame.f_code.co_filename, tb.tb_frame.f_code.co_name)
+        if key in files:
+            found = f" in module '{files[key]}' ({type(model.get_submodule(files[key]) if files[key] != '<root>' else model).__name__}.forward, {key[0]}:{tb.tb_lineno})"
+        tb = tb.tb_next
+    return found or ""
+
+
+def _traced_model(ep, model: nn.Module, *, has_loss: bool) -> TracedModel:
+    sig = ep.graph_signature
+    prefix = _WRAPPED + "."
+    params = {k: v.removeprefix(prefix) for k, v in sig.inputs_to_parameters.items()}
+    buffers = {k: v.removeprefix(prefix) for k, v in sig.inputs_to_buffers.items()}
+    user_inputs = list(sig.user_inputs)
+    if sig.inputs_to_lifted_tensor_constants:
+        raise TraceError(
+            f"{_model_name(model)} creates tensor constants in forward "
+            f"({', '.join(sig.inputs_to_lifted_tensor_constants.values())}); register them as buffers."
+        )
+    gm = ep.graph_module
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    results = out.args[0]
+    loss = results[0]
+    output = results[1] if has_loss else loss
+    if not isinstance(loss, fx.Node) or loss.meta["val"].numel() != 1:
+        what = "loss_fn" if has_loss else "the model (no loss_fn was given)"
+        raise TraceError(f"{what} must return a scalar loss tensor, got {loss.meta.get('val')!r}.")
+    return TracedModel(
+        graph_module=gm,
+        parameters=params,
+        buffers=buffers,
+        inputs=user_inputs,
+        loss_node=loss.name,
+        output_node=output.name if isinstance(output, fx.Node) else loss.name,
+        model_name=_model_name(model),
+    )
+
+
+def layer_of(node: fx.Node) -> str:
+    """FQN of the innermost module `node` was traced in ("" for the root)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path, _ = list(stack.values())[-1]
+    return _clean_fqn(path)
+
+
+def _clean_fqn(path: str) -> str:
+    # export names paths like "L['self'].model.blocks.0" or "L__self__.model.blocks.0"
+    for prefix in ("L['self'].", "L__self__.", "L['self']", "L__self__"):
+        if path.startswith(prefix):
+            path = path[len(prefix):]
+            break
+    if path == _WRAPPED:
+        return ""
+    return path.removeprefix(_WRAPPED + ".")
+
+
+def graph_fingerprint(graph: fx.Graph) -> str:
+    """sha256 of the graph's ops, shapes, dtypes and wiring: equal graphs, equal fingerprints."""
+    h = hashlib.sha256()
+    for n in graph.nodes:
+        val = n.meta.get("val")
+        shapes = [
+            (tuple(v.shape), str(v.dtype))
+            for v in (val if isinstance(val, (tuple, list)) else (val,))
+            if isinstance(v, torch.Tensor)
+        ]
+        args = [a.name if isinstance(a, fx.Node) else repr(a) for a in n.args]
+        h.update(f"{n.op}|{n.name}|{n.target}|{args}|{shapes}\n".encode())
+    return h.hexdigest()
+
+
+def is_getitem(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target is operator.getitem
