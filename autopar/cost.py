@@ -1,0 +1,130 @@
+"""Seconds: compute on one device (roofline), collectives on one mesh axis (alpha-beta, ring),
+and resharding a tensor between two shardings (a sequence of collectives, one per mesh axis).
+
+Every function takes plain numbers plus `DeviceSpec`/`Link` from `autopar.cluster` and returns
+seconds. No calibration yet: figures are the cluster's peaks; calibration files will scale them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch.distributed.tensor import Partial, Placement, Replicate, Shard
+
+from autopar.cluster import DeviceSpec, Link
+
+COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")
+
+
+def compute_time_s(flops: float, bytes_moved: float, device: DeviceSpec,
+                   dtype: torch.dtype | str) -> float:
+    """Roofline time of one op: the slower of doing its FLOPs and moving its bytes.
+
+    Williams, Waterman, Patterson, "Roofline: an insightful visual performance model for
+    multicore architectures", CACM 52(4), 2009: attainable rate = min(peak, intensity x bandwidth),
+    i.e. time = max(flops / peak_flops, bytes / memory_bandwidth).
+    """
+    if flops < 0 or bytes_moved < 0:
+        raise ValueError(f"flops and bytes_moved must be >= 0, got {flops}, {bytes_moved}")
+    compute_s = flops / device.peak_flops_for(dtype) if flops else 0.0
+    return max(compute_s, bytes_moved / device.hbm_bandwidth_bytes_per_s)
+
+
+def collective_time_s(kind: str, bytes_: float, group_size: int, link: Link) -> float:
+    """Time of one ring collective over `group_size` devices joined by `link`.
+
+    `bytes_` is the full (unsharded over this group) tensor for all_reduce, all_gather and
+    reduce_scatter, i.e. the buffer each rank ends with or starts with; for all_to_all it is the
+    local buffer each rank sends (and receives).
+    """
+    if kind not in COLLECTIVES:
+        raise ValueError(f"unknown collective {kind!r}; expected one of {COLLECTIVES}")
+    if group_size < 1 or bytes_ < 0:
+        raise ValueError(f"group_size must be >= 1 and bytes_ >= 0, got {group_size}, {bytes_}")
+    n = group_size
+    if n == 1:
+        return 0.0
+    alpha, bw = link.latency_s, link.bandwidth_bytes_per_s
+    # Ring algorithms, Thakur, Rabenseifner & Gropp, "Optimization of Collective Communication
+    # Operations in MPICH", IJHPCA 19(1), 2005: all_gather / reduce_scatter take n-1 steps of
+    # B/n each, (n-1)*alpha + (n-1)/n * B * beta; all_reduce = reduce_scatter + all_gather.
+    # The (n-1)/n and 2(n-1)/n factors are NCCL's bus-bandwidth factors (nccl-tests
+    # doc/PERFORMANCE.md), so `bw` is the bus bandwidth nccl-tests reports for the link.
+    if kind == "all_reduce":
+        return 2 * (n - 1) / n * bytes_ / bw + 2 * (n - 1) * alpha
+    # all_gather, reduce_scatter; all_to_all: each rank keeps 1/n of its buffer and sends the
+    # other (n-1)/n in n-1 pairwise steps (PERFORMANCE.md gives alltoall the same (n-1)/n factor).
+    return (n - 1) / n * bytes_ / bw + (n - 1) * alpha
+
+
+def sharded_numel(shape: Sequence[int], placements: Sequence[Placement],
+                  mesh_shape: Sequence[int]) -> int:
+    """Elements one device holds (the largest shard: ceil division, axis by axis like DTensor).
+
+    >>> sharded_numel((10, 4), (Shard(0), Shard(0)), (2, 2))  # 10 -> 5 -> 3 rows
+    12
+    """
+    local = _local_shape(shape, placements, mesh_shape)
+    return math.prod(local)
+
+
+def _local_shape(shape, placements, mesh_shape) -> list[int]:
+    if len(placements) != len(mesh_shape):
+        raise ValueError(f"{len(placements)} placements {tuple(placements)} for a "
+                         f"{len(mesh_shape)}-axis mesh {tuple(mesh_shape)}; give one per axis")
+    local = list(shape)
+    for placement, n in zip(placements, mesh_shape):
+        if isinstance(placement, Shard):
+            dim = placement.dim % len(local)
+            local[dim] = -(-local[dim] // n)  # ceil: DTensor's first shards are the largest
+    return local
+
+
+def reshard_time_s(src: Sequence[Placement], dst: Sequence[Placement], shape: Sequence[int],
+                   itemsize: int, mesh_shape: Sequence[int], links: Sequence[Link]) -> float:
+    """Time to redistribute a tensor of global `shape` from sharding `src` to `dst`.
+
+    Axis by axis in mesh order, like DTensor's `redistribute`. On an axis `a` of size n whose
+    placement changes, B is the tensor's bytes as sharded on the other axes at that moment
+    (axes before `a` already at `dst`, after it still at `src`), and the transition costs:
+
+    =====================  ======================  =====================
+    from                   to                      collective on axis a
+    =====================  ======================  =====================
+    Partial                Replicate               all_reduce(B)
+    Partial                Shard                   reduce_scatter(B)
+    Partial                Partial (other op)      all_reduce(B)
+    Shard                  Replicate or Partial    all_gather(B)
+    Shard(i)               Shard(j)                all_to_all(B / n)
+    Replicate              Shard or Partial        0 (local slice / zeroing)
+    =====================  ======================  =====================
+    """
+    if not len(src) == len(dst) == len(mesh_shape) == len(links):
+        raise ValueError(f"src {tuple(src)}, dst {tuple(dst)}, mesh {tuple(mesh_shape)} and "
+                         f"{len(links)} links must all have one entry per mesh axis")
+    current = list(src)
+    total_s = 0.0
+    for axis, (n, link) in enumerate(zip(mesh_shape, links)):
+        before, after = current[axis], dst[axis]
+        if before == after:
+            continue
+        others = current[:axis] + [Replicate()] + current[axis + 1:]
+        bytes_ = itemsize * sharded_numel(shape, others, mesh_shape)
+        kind, fraction = _transition(before, after, n)
+        if kind is not None:
+            total_s += collective_time_s(kind, bytes_ * fraction, n, link)
+        current[axis] = after
+    return total_s
+
+
+def _transition(before: Placement, after: Placement, n: int) -> tuple[str | None, float]:
+    """(collective, fraction of B it moves) for one axis's change; None when it is local."""
+    if isinstance(before, Partial):
+        return ("reduce_scatter" if isinstance(after, Shard) else "all_reduce"), 1.0
+    if isinstance(before, Shard):
+        return ("all_to_all", 1 / n) if isinstance(after, Shard) else ("all_gather", 1.0)
+    if isinstance(before, Replicate):
+        return None, 0.0
+    raise ValueError(f"unknown placement {before!r}; expected Shard, Replicate or Partial")
