@@ -1,0 +1,471 @@
+r"""Intra-op sharding as an integer linear program (Alpa, OSDI'22, section 4.2).
+
+Each node picks one strategy; each edge pays the resharding cost of the pair its ends picked;
+every program point must fit the per-device memory budget. The model, family by family:
+
+Sets
+    V: node groups. Tied nodes (`ShardingProblem.ties`) form one group and share one vector, so
+    solve time does not grow with the number of repeated layers; an untied node is its own group.
+    S_v: the strategies of group v. E: the edges. P: the memory points, L(p) the nodes live at p.
+    g(n): the group of node n.
+
+Variables
+    s[v,i] in {0,1}        group v takes strategy i.                   (`_add_strategy_vars`)
+    e[u,v,i,j] in [0,1]    edge (u,v) uses pair (i,j), only for finite cost pairs. (`_add_edges`)
+        Continuous is enough: with s one-hot, row i* of e must sum to 1 and every other row to
+        0, and column j* likewise, so e[i*,j*] = 1 and every other entry is 0 -- integral.
+        A forbidden pair (cost inf) has no variable, so choosing it leaves row i* unable to sum
+        to 1 and is infeasible.
+
+Objective                                                         (`_set_time_objective`)
+    min  sum_n sum_i s[g(n),i] * cost_n[i]  +  sum_(u,v) sum_(i,j) e[u,v,i,j] * cost_uv[i,j]
+    An edge whose ends are in the same group has no e: it adds cost_uv[i,i] to s[g,i].
+    Coefficients are divided by the largest one, so the solver sees numbers in [0, 1].
+
+Constraints
+    one_strategy[v]:   sum_i s[v,i] = 1                                (`_add_strategy_vars`)
+    forbidden[v][i]:   s[v,i] = 0 where a member's cost_n[i] is inf    (`_add_strategy_vars`;
+                       as a variable bound, so it has no row name)
+    edge_row[u->v][i]: sum_j e[u,v,i,j] = s[g(u),i]                    (`_add_edges`)
+    edge_col[u->v][j]: sum_i e[u,v,i,j] = s[g(v),j]                    (`_add_edges`)
+    memory[p]:         sum_(n in L(p)) sum_i s[g(n),i] * mem_n[i] <= budget   (`_add_memory`)
+
+When no choice fits, a second ILP finds the smallest peak (`_set_peak_objective`): the same
+strategy and edge families (so forbidden pairs stay forbidden), no memory[p] rows, a continuous
+`peak`, rows peak[p]: sum_(n in L(p)) sum_i s[g(n),i] * mem_n[i] <= peak, and objective min peak.
+That peak is reported in `InfeasibleProblem.min_peak_bytes`.
+
+Names in brackets above are written with parentheses in the model (pulp rewrites brackets), e.g.
+`one_strategy(mm_1)`, `edge_row(mm_1,relu_2)(0)`, `memory(relu_2)`; node names are reduced to
+letters, digits, `_` and `.`, and made unique.
+
+The three steps are `build_intra_op_ilp`, `run_solver` and `read_solution`; `solve_intra_op` runs
+them in order.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import pulp
+
+from solvers.problem import (
+    NoSolutionFound,
+    ShardingProblem,
+    Solution,
+    evaluate,
+    infeasible_error,
+    tie_groups,
+)
+
+__all__ = [
+    "IntraOpIlp",
+    "SolverResult",
+    "build_intra_op_ilp",
+    "read_solution",
+    "run_solver",
+    "solve_intra_op",
+]
+
+SOLVERS = ("highs", "cbc")
+
+
+@dataclass
+class IntraOpIlp:
+    """A built pulp model and the maps needed to read its answer."""
+
+    lp: pulp.LpProblem
+    group_of: dict[str, str]  # node name -> group representative
+    strategy_vars: dict[str, list[pulp.LpVariable]] = field(default_factory=dict)  # rep -> s
+
+
+@dataclass(frozen=True)
+class SolverResult:
+    """What the solver said: 'optimal', 'feasible', 'infeasible' or 'no_solution', and the gap."""
+
+    status: str
+    gap: float | None
+    solver: str
+
+
+def solve_intra_op(
+    problem: ShardingProblem,
+    *,
+    solver: str = "highs",
+    time_limit_s: float | None = None,
+    gap: float | None = None,
+    msg: bool = False,
+) -> Solution:
+    """Choose one strategy per node minimising time under the memory budget.
+
+    Parameters
+    ----------
+    problem : ShardingProblem
+    solver : {"highs", "cbc"}
+        HiGHS through highspy (falls back to CBC with a warning when highspy is missing), or the
+        CBC that ships with pulp.
+    time_limit_s : float, optional
+        Wall-clock limit per solve. A solve that stops early returns its best plan with status
+        "feasible" and the relative gap.
+    gap : float, optional
+        Relative MIP gap at which to stop; default 0 (prove optimality).
+    msg : bool
+        Print the solver's log.
+
+    Returns
+    -------
+    Solution
+        `objective_s` and `peak_memory_bytes` are recomputed from the choices with `evaluate`.
+
+    Raises
+    ------
+    InfeasibleProblem
+        No choice fits `memory_budget_bytes` (or every choice uses a forbidden pair).
+    NoSolutionFound
+        The time limit passed before any plan was found.
+    ValueError
+        The problem is invalid, or `solver` is unknown.
+
+    Examples
+    --------
+    >>> from solvers.problem import Edge, Node
+    >>> p = ShardingProblem(
+    ...     nodes=(
+    ...         Node(name="a", costs_s=(1.0, 3.0), memory_bytes=(0.0, 0.0)),
+    ...         Node(name="b", costs_s=(3.0, 1.0), memory_bytes=(0.0, 0.0)),
+    ...     ),
+    ...     edges=(Edge(src="a", dst="b", costs_s=((0.0, 5.0), (5.0, 0.0))),),
+    ... )
+    >>> sol = solve_intra_op(p)
+    >>> sol.choices, sol.objective_s, sol.status
+    ({'a': 0, 'b': 0}, 4.0, 'optimal')
+    """
+    start = time.perf_counter()
+    problem.validate()
+    solver = _pick_solver(solver)
+    if not problem.nodes:
+        return Solution(
+            choices={},
+            objective_s=0.0,
+            peak_memory_bytes=0.0,
+            status="optimal",
+            gap=0.0,
+            solver=solver,
+            solve_time_s=time.perf_counter() - start,
+        )
+    ilp = build_intra_op_ilp(problem)
+    result = run_solver(ilp, solver=solver, time_limit_s=time_limit_s, gap=gap, msg=msg)
+    if result.status == "infeasible":
+        raise _infeasible(problem, solver=solver, time_limit_s=time_limit_s, msg=msg)
+    if result.status == "no_solution":
+        raise NoSolutionFound(
+            f"{solver} found no sharding within time_limit_s={time_limit_s}; raise the limit"
+        )
+    return read_solution(problem, ilp, result, solve_time_s=time.perf_counter() - start)
+
+
+def _pick_solver(solver: str) -> str:
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+    if solver == "highs" and not pulp.HiGHS(msg=False).available():
+        warnings.warn("HiGHS (highspy) is not available; falling back to CBC", stacklevel=3)
+        return "cbc"
+    return solver
+
+
+def _infeasible(
+    problem: ShardingProblem, *, solver: str, time_limit_s: float | None, msg: bool
+) -> Exception:
+    """The InfeasibleProblem to raise, with the smallest peak from a second ILP."""
+    ilp = build_intra_op_ilp(problem, minimise="peak")
+    result = run_solver(ilp, solver=solver, time_limit_s=time_limit_s, gap=None, msg=msg)
+    if result.status == "infeasible":
+        return infeasible_error(math.inf, problem.memory_budget_bytes)
+    if result.status == "no_solution":
+        return NoSolutionFound(
+            f"no sharding fits the memory budget of {problem.memory_budget_bytes:.0f} bytes per "
+            f"device, and {solver} found no plan to report the smallest peak within "
+            f"time_limit_s={time_limit_s}"
+        )
+    _, min_peak_bytes = evaluate(problem, _read_choices(ilp))
+    return infeasible_error(min_peak_bytes, problem.memory_budget_bytes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Build
+
+
+def build_intra_op_ilp(problem: ShardingProblem, *, minimise: str = "time") -> IntraOpIlp:
+    """Build the pulp model of the module docstring.
+
+    `minimise="time"` gives the sharding ILP (objective: seconds; memory[p] rows). `"peak"` gives
+    the smallest-peak ILP (objective: the peak; no budget).
+    """
+    if minimise not in ("time", "peak"):
+        raise ValueError(f"minimise must be 'time' or 'peak', got {minimise!r}")
+    lp = pulp.LpProblem(
+        "intra_op_sharding" if minimise == "time" else "intra_op_min_peak", pulp.LpMinimize
+    )
+    ilp = IntraOpIlp(lp=lp, group_of=tie_groups(problem))
+    tokens = _tokens([node.name for node in problem.nodes])
+    _add_strategy_vars(ilp, problem, tokens)
+    diagonal = _add_edges(ilp, problem, tokens)
+    if minimise == "time":
+        _set_time_objective(ilp, problem, diagonal)
+        _add_memory(ilp, problem)
+    else:
+        _set_peak_objective(ilp, problem)
+    return ilp
+
+
+def _add_strategy_vars(ilp: IntraOpIlp, problem: ShardingProblem, tokens: dict[str, str]) -> None:
+    """s[v,i] binaries, one_strategy[v] rows, and forbidden strategies fixed to 0."""
+    forbidden: dict[str, set[int]] = {}
+    for node in problem.nodes:
+        rep = ilp.group_of[node.name]
+        forbidden.setdefault(rep, set()).update(
+            i for i, cost in enumerate(node.costs_s) if math.isinf(cost)
+        )
+    for node in problem.nodes:
+        if ilp.group_of[node.name] != node.name:
+            continue
+        tok = tokens[node.name]
+        s = [
+            ilp.lp.add_variable(
+                f"s({tok},{i})",
+                lowBound=0,
+                upBound=0 if i in forbidden[node.name] else 1,
+                cat=pulp.LpInteger,
+            )
+            for i in range(node.num_strategies)
+        ]
+        ilp.strategy_vars[node.name] = s
+        ilp.lp += (pulp.lpSum(s) == 1, f"one_strategy({tok})")
+
+
+def _add_edges(
+    ilp: IntraOpIlp, problem: ShardingProblem, tokens: dict[str, str]
+) -> list[pulp.LpAffineExpression]:
+    """e[u,v,i,j] for finite pairs with edge_row / edge_col rows; returns the edge cost terms.
+
+    An edge inside one tie group needs no e: its ends share s, so it costs cost[i][i] * s[g,i],
+    and a forbidden diagonal entry fixes s[g,i] to 0.
+    """
+    terms: list[pulp.LpAffineExpression] = []
+    seen: dict[tuple[str, str], int] = {}
+    for edge in problem.edges:
+        pair = (edge.src, edge.dst)
+        seen[pair] = seen.get(pair, 0) + 1
+        tok = f"{tokens[edge.src]},{tokens[edge.dst]}"
+        if seen[pair] > 1:
+            tok += f"#{seen[pair]}"
+        s_src = ilp.strategy_vars[ilp.group_of[edge.src]]
+        s_dst = ilp.strategy_vars[ilp.group_of[edge.dst]]
+        if s_src is s_dst:
+            for i, var in enumerate(s_src):
+                cost = edge.costs_s[i][i]
+                if math.isinf(cost):
+                    var.upBound = 0
+                else:
+                    terms.append(cost * var)
+            continue
+        e = {
+            (i, j): ilp.lp.add_variable(f"e({tok},{i},{j})", lowBound=0, upBound=1)
+            for i, row in enumerate(edge.costs_s)
+            for j, cost in enumerate(row)
+            if not math.isinf(cost)
+        }
+        for i, s in enumerate(s_src):
+            row = [var for (a, _), var in e.items() if a == i]
+            ilp.lp += (pulp.lpSum(row) == s, f"edge_row({tok})({i})")
+        for j, s in enumerate(s_dst):
+            col = [var for (_, b), var in e.items() if b == j]
+            ilp.lp += (pulp.lpSum(col) == s, f"edge_col({tok})({j})")
+        terms.extend(edge.costs_s[i][j] * var for (i, j), var in e.items())
+    return terms
+
+
+def _set_time_objective(
+    ilp: IntraOpIlp, problem: ShardingProblem, edge_terms: list[pulp.LpAffineExpression]
+) -> None:
+    """min node costs + edge costs, scaled so the largest coefficient is 1."""
+    terms = list(edge_terms)
+    for node in problem.nodes:
+        s = ilp.strategy_vars[ilp.group_of[node.name]]
+        terms.extend(cost * var for cost, var in zip(node.costs_s, s) if not math.isinf(cost))
+    objective = pulp.lpSum(terms)
+    scale = max((abs(c) for c in objective.values()), default=0.0) or 1.0
+    ilp.lp.setObjective(objective / scale)
+
+
+def _live_bytes(ilp: IntraOpIlp, problem: ShardingProblem, live: tuple[str, ...]):
+    terms = []
+    for name in live:
+        s = ilp.strategy_vars[ilp.group_of[name]]
+        terms.extend(mem * var for mem, var in zip(problem.node(name).memory_bytes, s) if mem)
+    return pulp.lpSum(terms)
+
+
+def _memory_scale(problem: ShardingProblem) -> float:
+    return max((m for node in problem.nodes for m in node.memory_bytes), default=0.0) or 1.0
+
+
+def _add_memory(ilp: IntraOpIlp, problem: ShardingProblem) -> None:
+    """memory[p] rows, in units of the largest memory_bytes entry (numbers near 1)."""
+    budget = problem.memory_budget_bytes
+    if math.isinf(budget):
+        return
+    scale = _memory_scale(problem)
+    for k, point in enumerate(problem.memory_points):
+        live = _live_bytes(ilp, problem, point.live)
+        ilp.lp += (live / scale <= budget / scale, f"memory({_token(point.name)})#{k}")
+
+
+def _set_peak_objective(ilp: IntraOpIlp, problem: ShardingProblem) -> None:
+    """peak >= live bytes at every point; min peak (in units of the largest memory entry)."""
+    scale = _memory_scale(problem)
+    peak = ilp.lp.add_variable("peak", lowBound=0)
+    for k, point in enumerate(problem.memory_points):
+        live = _live_bytes(ilp, problem, point.live)
+        ilp.lp += (live / scale <= peak, f"peak({_token(point.name)})#{k}")
+    ilp.lp.setObjective(pulp.lpSum([peak]))
+
+
+def _token(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.]", "_", name)[:64]
+
+
+def _tokens(names: list[str]) -> dict[str, str]:
+    """Readable, unique, pulp-safe tokens for node names."""
+    out: dict[str, str] = {}
+    used: set[str] = set()
+    for name in names:
+        tok, k = _token(name), 1
+        while tok in used:
+            k += 1
+            tok = f"{_token(name)}.{k}"
+        used.add(tok)
+        out[name] = tok
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Solve
+
+
+def run_solver(
+    ilp: IntraOpIlp, *, solver: str, time_limit_s: float | None, gap: float | None, msg: bool
+) -> SolverResult:
+    """Solve `ilp.lp` in place with HiGHS (highspy) or CBC; say what came of it."""
+    rel_gap = 0.0 if gap is None else gap
+    if solver == "highs":
+        backend = pulp.HiGHS(msg=msg, timeLimit=time_limit_s, gapRel=rel_gap, gapAbs=0.0)
+        ilp.lp.solve(backend)
+        return _highs_result(ilp.lp)
+    with tempfile.TemporaryDirectory() as tmp:
+        log_path = os.path.join(tmp, "cbc.log")
+        with warnings.catch_warnings():
+            # pulp 3.3 deprecates its bundled CBC (PULP_CBC_CMD) in favour of a separately
+            # installed one, and warns that logPath replaces msg; neither is the caller's doing.
+            warnings.simplefilter("ignore")
+            backend = pulp.PULP_CBC_CMD(
+                msg=False,
+                timeLimit=time_limit_s,
+                gapRel=rel_gap,
+                gapAbs=0.0,
+                threads=1,
+                logPath=log_path,
+            )
+            began = time.perf_counter()
+            ilp.lp.solve(backend)
+            # CBC's preprocessing says "infeasible" when the limit cuts it short: distrust it then.
+            hit_limit = time_limit_s is not None and time.perf_counter() - began >= time_limit_s
+        with open(log_path) as f:
+            log = f.read()
+    if msg:
+        print(log)
+    return _cbc_result(ilp.lp, log, gap, hit_limit=hit_limit)
+
+
+def _highs_result(lp: pulp.LpProblem) -> SolverResult:
+    import highspy
+
+    model = lp.solverModel
+    status = model.getModelStatus()
+    info = model.getInfo()
+    if status in (
+        highspy.HighsModelStatus.kInfeasible,
+        highspy.HighsModelStatus.kUnboundedOrInfeasible,
+    ):
+        return SolverResult("infeasible", None, "highs")
+    if info.primal_solution_status != 2:  # kSolutionStatusFeasible
+        return SolverResult("no_solution", None, "highs")
+    mip_gap = info.mip_gap if math.isfinite(info.mip_gap) else None
+    if status == highspy.HighsModelStatus.kOptimal and (mip_gap is None or mip_gap <= 1e-9):
+        return SolverResult("optimal", 0.0, "highs")
+    return SolverResult("feasible", mip_gap, "highs")
+
+
+def _cbc_result(
+    lp: pulp.LpProblem, log: str, gap: float | None, *, hit_limit: bool
+) -> SolverResult:
+    result_line = re.search(r"Result - (.*)", log)
+    stopped = hit_limit or (result_line is not None and "Stopped" in result_line.group(1))
+    if lp.sol_status in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
+        if lp.sol_status == pulp.LpSolutionOptimal and not stopped:
+            proven_gap = _cbc_gap(log) if gap else 0.0  # a gap option may stop CBC early
+            if proven_gap is not None and proven_gap <= 1e-9:
+                return SolverResult("optimal", 0.0, "cbc")
+            return SolverResult("feasible", proven_gap, "cbc")
+        return SolverResult("feasible", _cbc_gap(log), "cbc")
+    if lp.status == pulp.LpStatusInfeasible and not stopped:
+        return SolverResult("infeasible", None, "cbc")
+    return SolverResult("no_solution", None, "cbc")
+
+
+def _cbc_gap(log: str) -> float | None:
+    """Relative gap from CBC's closing lines `Objective value:` and `Lower bound:`, if printed."""
+    objective = re.search(r"Objective value:\s+(\S+)", log)
+    bound = re.search(r"Lower bound:\s+(\S+)", log)
+    if not (objective and bound):
+        return None
+    try:
+        obj, low = float(objective.group(1)), float(bound.group(1))
+    except ValueError:
+        return None
+    return abs(obj - low) / max(abs(obj), 1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# Read
+
+
+def _read_choices(ilp: IntraOpIlp) -> dict[str, int]:
+    by_rep = {}
+    for rep, s in ilp.strategy_vars.items():
+        values = [var.value() or 0.0 for var in s]
+        by_rep[rep] = max(range(len(values)), key=lambda i: values[i])
+    return {name: by_rep[rep] for name, rep in ilp.group_of.items()}
+
+
+def read_solution(
+    problem: ShardingProblem, ilp: IntraOpIlp, result: SolverResult, *, solve_time_s: float
+) -> Solution:
+    """The Solution for a solved `ilp`; cost and peak recomputed exactly with `evaluate`."""
+    choices = _read_choices(ilp)
+    objective_s, peak_bytes = evaluate(problem, choices)
+    return Solution(
+        choices=choices,
+        objective_s=objective_s,
+        peak_memory_bytes=peak_bytes,
+        status=result.status,
+        gap=result.gap,
+        solver=result.solver,
+        solve_time_s=solve_time_s,
+    )
