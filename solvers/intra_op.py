@@ -36,8 +36,9 @@ strategy and edge families (so forbidden pairs stay forbidden), no memory[p] row
 That peak is reported in `InfeasibleProblem.min_peak_bytes`.
 
 Names in brackets above are written with parentheses in the model (pulp rewrites brackets), e.g.
-`one_strategy(mm_1)`, `edge_row(mm_1,relu_2)(0)`, `memory(relu_2)`; node names are reduced to
-letters, digits, `_` and `.`, and made unique.
+`one_strategy(mm_1)`, `edge_row(mm_1,relu_2)(0)`, `memory(relu_2)`; names are reduced to
+letters, digits, `_` and `.` and made unique (`.2`, `.3`; a repeated edge gets `#2`). A memory
+point that fits whatever is chosen gets no row.
 
 The three steps are `build_intra_op_ilp`, `run_solver` and `read_solution`; `solve_intra_op` runs
 them in order.
@@ -56,6 +57,7 @@ from dataclasses import dataclass, field
 import pulp
 
 from solvers.problem import (
+    Node,
     NoSolutionFound,
     ShardingProblem,
     Solution,
@@ -213,7 +215,8 @@ def build_intra_op_ilp(problem: ShardingProblem, *, minimise: str = "time") -> I
         "intra_op_sharding" if minimise == "time" else "intra_op_min_peak", pulp.LpMinimize
     )
     ilp = IntraOpIlp(lp=lp, group_of=tie_groups(problem))
-    tokens = _tokens([node.name for node in problem.nodes])
+    names = [node.name for node in problem.nodes]
+    tokens = dict(zip(names, _tokens(names)))
     _add_strategy_vars(ilp, problem, tokens)
     diagonal = _add_edges(ilp, problem, tokens)
     if minimise == "time":
@@ -281,11 +284,14 @@ def _add_edges(
             for j, cost in enumerate(row)
             if not math.isinf(cost)
         }
-        for i, s in enumerate(s_src):
-            row = [var for (a, _), var in e.items() if a == i]
+        rows: list[list[pulp.LpVariable]] = [[] for _ in s_src]
+        cols: list[list[pulp.LpVariable]] = [[] for _ in s_dst]
+        for (i, j), var in e.items():
+            rows[i].append(var)
+            cols[j].append(var)
+        for i, (row, s) in enumerate(zip(rows, s_src)):
             ilp.lp += (pulp.lpSum(row) == s, f"edge_row({tok})({i})")
-        for j, s in enumerate(s_dst):
-            col = [var for (_, b), var in e.items() if b == j]
+        for j, (col, s) in enumerate(zip(cols, s_dst)):
             ilp.lp += (pulp.lpSum(col) == s, f"edge_col({tok})({j})")
         terms.extend(edge.costs_s[i][j] * var for (i, j), var in e.items())
     return terms
@@ -304,12 +310,18 @@ def _set_time_objective(
     ilp.lp.setObjective(objective / scale)
 
 
-def _live_bytes(ilp: IntraOpIlp, problem: ShardingProblem, live: tuple[str, ...]):
+def _live_bytes(
+    ilp: IntraOpIlp, by_name: dict[str, Node], live: tuple[str, ...]
+) -> tuple[pulp.LpAffineExpression, float]:
+    """The bytes live at a point as an expression of s, and their largest possible value."""
     terms = []
+    most_bytes = 0.0
     for name in live:
         s = ilp.strategy_vars[ilp.group_of[name]]
-        terms.extend(mem * var for mem, var in zip(problem.node(name).memory_bytes, s) if mem)
-    return pulp.lpSum(terms)
+        memory_bytes = by_name[name].memory_bytes
+        terms.extend(mem * var for mem, var in zip(memory_bytes, s) if mem)
+        most_bytes += max(memory_bytes)
+    return pulp.lpSum(terms), most_bytes
 
 
 def _memory_scale(problem: ShardingProblem) -> float:
@@ -317,23 +329,32 @@ def _memory_scale(problem: ShardingProblem) -> float:
 
 
 def _add_memory(ilp: IntraOpIlp, problem: ShardingProblem) -> None:
-    """memory[p] rows, in units of the largest memory_bytes entry (numbers near 1)."""
+    """memory[p] rows, in units of the largest memory_bytes entry (numbers near 1).
+
+    A point that fits whatever is chosen gets no row.
+    """
     budget = problem.memory_budget_bytes
     if math.isinf(budget):
         return
     scale = _memory_scale(problem)
-    for k, point in enumerate(problem.memory_points):
-        live = _live_bytes(ilp, problem, point.live)
-        ilp.lp += (live / scale <= budget / scale, f"memory({_token(point.name)})#{k}")
+    by_name = {node.name: node for node in problem.nodes}
+    tokens = _tokens([point.name for point in problem.memory_points])
+    for point, tok in zip(problem.memory_points, tokens):
+        live, most_bytes = _live_bytes(ilp, by_name, point.live)
+        if most_bytes <= budget:
+            continue
+        ilp.lp += (live / scale <= budget / scale, f"memory({tok})")
 
 
 def _set_peak_objective(ilp: IntraOpIlp, problem: ShardingProblem) -> None:
     """peak >= live bytes at every point; min peak (in units of the largest memory entry)."""
     scale = _memory_scale(problem)
     peak = ilp.lp.add_variable("peak", lowBound=0)
-    for k, point in enumerate(problem.memory_points):
-        live = _live_bytes(ilp, problem, point.live)
-        ilp.lp += (live / scale <= peak, f"peak({_token(point.name)})#{k}")
+    by_name = {node.name: node for node in problem.nodes}
+    tokens = _tokens([point.name for point in problem.memory_points])
+    for point, tok in zip(problem.memory_points, tokens):
+        live, _ = _live_bytes(ilp, by_name, point.live)
+        ilp.lp += (live / scale <= peak, f"peak({tok})")
     ilp.lp.setObjective(pulp.lpSum([peak]))
 
 
@@ -341,9 +362,9 @@ def _token(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.]", "_", name)[:64]
 
 
-def _tokens(names: list[str]) -> dict[str, str]:
-    """Readable, unique, pulp-safe tokens for node names."""
-    out: dict[str, str] = {}
+def _tokens(names: list[str]) -> list[str]:
+    """Readable, unique, pulp-safe tokens for `names`, in order (repeats get `.2`, `.3`, ...)."""
+    out: list[str] = []
     used: set[str] = set()
     for name in names:
         tok, k = _token(name), 1
@@ -351,7 +372,7 @@ def _tokens(names: list[str]) -> dict[str, str]:
             k += 1
             tok = f"{_token(name)}.{k}"
         used.add(tok)
-        out[name] = tok
+        out.append(tok)
     return out
 
 

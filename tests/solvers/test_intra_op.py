@@ -279,7 +279,7 @@ class TestSolveIntraOp:
 
     def test_odd_names_are_sanitised(self):
         names = ["layers.0/mm", "layers.0[mm]", "layers.0-mm", "a->b", "a b"]
-        nodes = tuple(node(name, (1.0, 0.5)) for name in names)
+        nodes = tuple(node(name, (1.0, 0.5), (2.0, 0.0)) for name in names)
         edges = tuple(edge(names[k], names[k + 1], ((0.0, 1.0), (1.0, 0.0))) for k in range(4))
         p = ShardingProblem(
             nodes=nodes,
@@ -292,11 +292,22 @@ class TestSolveIntraOp:
             "one_strategy(layers.0_mm)",
             "one_strategy(layers.0_mm.2)",
             "edge_row(layers.0_mm_,layers.0_mm.2)(1)",
-            "memory(x_0_)#0",
+            "memory(x_0_)",
         ):
             assert ilp.lp.get_constraint_by_name(name) is not None, name
         assert solve_intra_op(p, solver="cbc").choices == {name: 1 for name in names}
         assert solve_intra_op(p).choices == {name: 1 for name in names}
+
+    def test_memory_rows_only_where_they_bind(self):
+        nodes = (node("a", (1.0, 2.0), (4.0, 1.0)), node("b", (1.0, 2.0), (1.0, 1.0)))
+        points = (point("p", "a"), point("p", "a", "b"), point("q", "b"))
+        p = ShardingProblem(nodes=nodes, memory_points=points, memory_budget_bytes=3.0)
+        ilp = build_intra_op_ilp(p)
+        assert ilp.lp.get_constraint_by_name("memory(p)") is not None
+        assert ilp.lp.get_constraint_by_name("memory(p.2)") is not None
+        assert ilp.lp.get_constraint_by_name("memory(q)") is None  # 1 byte always fits
+        sol = solve_intra_op(p)
+        assert sol.choices == {"a": 1, "b": 0} and sol.peak_memory_bytes == 2.0
 
     def test_parallel_edges_both_count(self):
         p = ShardingProblem(
@@ -339,14 +350,14 @@ class TestSolveIntraOp:
             if b < 60
         )
         p = ShardingProblem(nodes=nodes, edges=edges)
-        sol = solve_intra_op(p, time_limit_s=0.1)  # HiGHS finds a plan at the root at once
+        sol = solve_intra_op(p, time_limit_s=0.5)  # HiGHS finds a plan at the root at once
         assert sol.status in {"optimal", "feasible"}
         assert sol.gap == 0.0 if sol.status == "optimal" else sol.gap is None or sol.gap > 0.0
         assert_valid(p, sol)
         try:
-            sol = solve_intra_op(p, solver="cbc", time_limit_s=0.1)
+            sol = solve_intra_op(p, solver="cbc", time_limit_s=0.5)
         except NoSolutionFound as err:  # CBC may stop before its first plan: also correct
-            assert "time_limit_s=0.1" in str(err)
+            assert "time_limit_s=0.5" in str(err)
         else:
             assert sol.status in {"optimal", "feasible"}
             assert_valid(p, sol)
@@ -369,7 +380,7 @@ class TestAgainstBruteForce:
 
     def test_cbc_random(self):
         rng = random.Random(99)
-        for _ in range(100):
+        for _ in range(60):
             assert_agrees_with_brute_force(random_problem(rng), "cbc")
 
 
