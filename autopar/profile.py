@@ -1,0 +1,434 @@
+"""Per-op costs of a traced training graph: FLOPs, bytes moved, output and saved-activation sizes.
+
+`profile_graph(gm)` runs the graph once with an `fx.Interpreter` on meta tensors built from each
+node's `meta["val"]` (nothing real is allocated), and stores an `OpProfile` on every placeholder
+and `call_function` node under `node.meta[PROFILE_KEY]`:
+
+- FLOPs come from `torch.utils.flop_counter.FlopCounterMode`: forward around the op, backward
+  around `torch.autograd.grad` of the op alone, with the same inputs requiring grad as in training.
+- Saved activations are observed, not modelled: the op runs inside
+  `torch.autograd.graph.saved_tensors_hooks`, whose `pack` sees every tensor autograd keeps for
+  backward. Each saved tensor is charged to the node whose output owns its storage (a view of a
+  parameter counts at the parameter's placeholder; a temporary no node returns, such as attention's
+  log-sum-exp, counts at the node that made it), and each storage is counted once, in full.
+
+Scaled-dot-product attention runs as the fused kernel `_scaled_dot_product_flash_attention_for_cpu`
+on both meta and CPU tensors. On meta, plain SDPA would take the math path and save the (B, H, T, T)
+attention matrix; GPUs run a fused kernel, which saves q, k, v, the output and an fp32
+log-sum-exp (B, H, T), exactly what the fused CPU kernel saves, plus two int64 RNG scalars we
+leave out (seen on an H200, torch 2.11: cuDNN attention in bf16, memory-efficient in fp32).
+
+The same code runs on real CPU tensors (`profile_graph(gm, args=...)`), which is how the tests
+check that the meta numbers are the ones a real run gives.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils.flop_counter import FlopCounterMode
+
+PROFILE_KEY = "autopar_profile"  # node.meta[PROFILE_KEY] -> OpProfile
+
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True, kw_only=True)
+class SavedTensor:
+    """One tensor autograd saved for backward while a node ran."""
+
+    owner: str  # node whose output owns the storage (the saving node itself for temporaries)
+    shape: tuple[int, ...]
+    dtype: str
+    storage_bytes: float  # nbytes of the whole storage (a saved view keeps all of it alive)
+
+
+@dataclass(frozen=True, kw_only=True)
+class OpProfile:
+    """Costs of one graph node (placeholders: a parameter, buffer or input; all FLOPs 0)."""
+
+    fwd_flops: float  # FlopCounterMode's count of the op (0 for views and elementwise ops)
+    bwd_flops: float  # FlopCounterMode's count of the op's backward, measured on the op alone
+    fwd_bytes: float  # bytes read + written: input tensors + output tensors (0 for views)
+    bwd_bytes: float  # assumed 2 x fwd_bytes (see _BWD_BYTES_PER_FWD_BYTE)
+    output_bytes: float  # bytes of the output tensor(s); 0 for views and getitem (they alias)
+    saved_bytes: float  # bytes of saved-for-backward storages this node's output owns
+    is_view: bool  # the output aliases an input (view ops, and getitem of a multi-output op)
+    saves: tuple[SavedTensor, ...] = field(default=())  # what autograd saved while this ran
+
+
+# Backward traffic per forward byte. Backward of y = f(x) reads dy and what forward saved and
+# writes dx (and dW): about twice the forward's reads + writes for matmuls (two GEMMs, one per
+# input) and 1.5-2x for elementwise ops. We take 2x; it is an assumption, not a measurement.
+_BWD_BYTES_PER_FWD_BYTE = 2.0
+
+# When an op's backward cannot be run on meta tensors we fall back to the usual rule of thumb
+# (Kaplan et al. 2020, "Scaling Laws", sec. 2.1): a matmul's backward is two matmuls of the same
+# size (2 x forward); any other op's backward is taken to cost its forward.
+_MATMUL_LIKE = {
+    aten.mm.default,
+    aten.bmm.default,
+    aten.addmm.default,
+    aten.baddbmm.default,
+    aten.convolution.default,
+    aten.scaled_dot_product_attention.default,
+}
+
+
+def profile_graph(
+    gm: fx.GraphModule,
+    *,
+    args: Sequence[object] | None = None,
+    no_grad: Collection[str] = (),
+) -> dict[str, OpProfile]:
+    """Profile every placeholder and call_function node of `gm`; also store on node.meta.
+
+    Parameters
+    ----------
+    gm : an exported ATen graph whose nodes carry `meta["val"]`.
+    args : placeholder values in graph order. Default: meta tensors shaped like `meta["val"]`
+        (allocates nothing). Real CPU tensors run the same code, to check the meta result.
+    no_grad : placeholder names that do not require grad (buffers, frozen weights). Every other
+        floating-point placeholder requires grad, as parameters do in training.
+
+    Returns
+    -------
+    dict mapping node name -> OpProfile (the output node is left out).
+    """
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if args is None:
+        args = [_meta_like(n.meta["val"]) for n in placeholders]
+    if len(args) != len(placeholders):
+        raise ValueError(
+            f"profile_graph: the graph has {len(placeholders)} placeholders "
+            f"but {len(args)} args were given."
+        )
+    leaves = [_leaf(a, n.name not in no_grad) for a, n in zip(args, placeholders)]
+    device = next((a.device for a in leaves if isinstance(a, torch.Tensor)), torch.device("meta"))
+    interp = _ProfileInterpreter(gm, device)
+    with torch.enable_grad():
+        interp.run(*leaves, enable_io_processing=False)
+    profiles = interp.finish()
+    for n in gm.graph.nodes:
+        if n.name in profiles:
+            n.meta[PROFILE_KEY] = profiles[n.name]
+    return profiles
+
+
+def saved_bytes_by_kind(
+    gm: fx.GraphModule, profiles: dict[str, OpProfile], parameters: Collection[str]
+) -> dict[str, float]:
+    """Split the saved bytes of a profile by who owns them.
+
+    `parameters` names the placeholders held as model state (parameters and buffers, e.g.
+    `TracedModel.parameters | TracedModel.buffers`): their saved bytes cost no extra memory,
+    since the planner counts parameters separately.
+
+    Returns {"activations": owned by ops, "parameters": ..., "inputs": other placeholders}.
+    """
+    out = {"activations": 0.0, "parameters": 0.0, "inputs": 0.0}
+    for n in gm.graph.nodes:
+        if n.name not in profiles:
+            continue
+        kind = "activations"
+        if n.op == "placeholder":
+            kind = "parameters" if n.name in parameters else "inputs"
+        out[kind] += profiles[n.name].saved_bytes
+    return out
+
+
+class _ProfileInterpreter(fx.Interpreter):
+    """Runs the graph with autograd on, timing nothing: records FLOPs, bytes and saved tensors."""
+
+    def __init__(self, gm: fx.GraphModule, device: torch.device):
+        super().__init__(gm, garbage_collect_values=False)
+        self.device = device  # where ops that make tensors (arange, _to_copy, ...) put them
+        self.owner: dict[StorageWeakRef, str] = {}  # storage -> node whose output made it
+        self.keep: list[torch.UntypedStorage] = []  # keeps storages alive so keys stay unique
+        self.partial: dict[str, dict] = {}  # node name -> OpProfile fields, saved bytes pending
+        self.saved: dict[str, list[torch.Tensor]] = {}  # node name -> tensors packed while it ran
+
+    def run_node(self, n: fx.Node):
+        if n.op == "placeholder":
+            out = super().run_node(n)
+            self._own(n.name, out)
+            size = _nbytes(out)
+            self.partial[n.name] = dict(
+                fwd_flops=0.0,
+                bwd_flops=0.0,
+                fwd_bytes=0.0,
+                bwd_bytes=0.0,
+                output_bytes=float(size),
+                is_view=False,
+            )
+            self.saved[n.name] = []
+            return out
+        if n.op != "call_function":
+            return super().run_node(n)
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        if "device" in kwargs:  # the graph remembers the tracing device; run on ours
+            kwargs = {**kwargs, "device": self.device}
+        fn = _runnable(n.target)
+        is_view = n.target is operator.getitem or bool(getattr(n.target, "is_view", False))
+        fwd_flops, bwd_flops = (0.0, 0.0) if is_view else _op_flops(n, fn, args, kwargs)
+        packed: list[torch.Tensor] = []
+
+        def pack(t):
+            packed.append(t)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = fn(*args, **kwargs)
+        self._own(n.name, out)
+        moved = 0.0 if is_view else float(_nbytes((args, kwargs)) + _nbytes(out))
+        self.partial[n.name] = dict(
+            fwd_flops=fwd_flops,
+            bwd_flops=bwd_flops,
+            fwd_bytes=moved,
+            bwd_bytes=_BWD_BYTES_PER_FWD_BYTE * moved,
+            output_bytes=0.0 if is_view else float(_nbytes(out)),
+            is_view=is_view,
+        )
+        self.saved[n.name] = packed
+        return out
+
+    def _own(self, name: str, value) -> None:
+        """Record `name` as the owner of every storage in `value` no earlier node owns."""
+        for t in _tensors(value):
+            storage = t.untyped_storage()
+            key = StorageWeakRef(storage)
+            if key not in self.owner:
+                self.owner[key] = name
+                self.keep.append(storage)
+
+    def finish(self) -> dict[str, OpProfile]:
+        """Charge each saved storage, once, to its owner (temporaries to the node that saved it)."""
+        saved_bytes = dict.fromkeys(self.partial, 0.0)
+        counted: set[StorageWeakRef] = set()
+        saves: dict[str, list[SavedTensor]] = {name: [] for name in self.partial}
+        for name, packed in self.saved.items():
+            for t in packed:
+                if not isinstance(t, torch.Tensor):
+                    continue
+                storage = t.untyped_storage()
+                key = StorageWeakRef(storage)
+                owner = self.owner.get(key, name)
+                size = float(storage.nbytes())
+                saves[name].append(
+                    SavedTensor(
+                        owner=owner, shape=tuple(t.shape), dtype=str(t.dtype), storage_bytes=size
+                    )
+                )
+                if key not in counted:
+                    counted.add(key)
+                    self.keep.append(storage)
+                    saved_bytes[owner] += size
+        return {
+            name: OpProfile(**fields, saved_bytes=saved_bytes[name], saves=tuple(saves[name]))
+            for name, fields in self.partial.items()
+        }
+
+
+def _op_flops(n: fx.Node, fn, args, kwargs) -> tuple[float, float]:
+    """(forward, backward) FLOPs of one op, run alone on detached copies of its inputs."""
+    args, kwargs = tree_map(_detach_keep_grad, (args, kwargs))
+    with FlopCounterMode(display=False, custom_mapping=_FLOP_FORMULAS) as counter:
+        out = fn(*args, **kwargs)
+    fwd = float(counter.get_total_flops())
+    inputs = [t for t in _tensors((args, kwargs)) if t.requires_grad]
+    outs = [t for t in _used_outputs(n, out) if t.requires_grad]
+    if not inputs or not outs:
+        return fwd, 0.0
+    try:
+        with FlopCounterMode(display=False, custom_mapping=_FLOP_FORMULAS) as counter:
+            torch.autograd.grad(
+                outs, inputs, grad_outputs=[torch.ones_like(o) for o in outs], allow_unused=True
+            )
+        return fwd, float(counter.get_total_flops())
+    except (RuntimeError, NotImplementedError):
+        # Backward not runnable here (e.g. no meta kernel): rule of thumb, see _MATMUL_LIKE.
+        return fwd, (2.0 if n.target in _MATMUL_LIKE else 1.0) * fwd
+
+
+def _used_outputs(n: fx.Node, out) -> list[torch.Tensor]:
+    """The outputs the graph reads: of a multi-output op, only the indices some getitem takes."""
+    if isinstance(out, (tuple, list)):
+        used = {u.args[1] for u in n.users if u.target is operator.getitem}
+        return [t for i, t in enumerate(out) if i in used and isinstance(t, torch.Tensor)]
+    return _tensors(out)
+
+
+# --- scaled-dot-product attention as the fused kernel ----------------------------------------
+
+
+def _runnable(target):
+    """What to call for a node's target: fused attention for SDPA, the target otherwise."""
+    if target is aten.scaled_dot_product_attention.default:
+        return _sdpa_fused
+    return target
+
+
+def _sdpa_fused(
+    query,
+    key,
+    value,
+    attn_mask=None,
+    dropout_p=0.0,
+    is_causal=False,
+    *,
+    scale=None,
+    enable_gqa=False,
+):
+    """SDPA through the fused CPU flash kernel (which has a meta kernel), so that meta and CPU
+    save the same tensors as GPU flash attention: q, k, v, output and log-sum-exp."""
+    if enable_gqa or query.device.type not in ("cpu", "meta"):
+        # The CPU flash kernel has no GQA; fall back to whatever SDPA picks (math on meta).
+        return aten.scaled_dot_product_attention.default(
+            query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa
+        )
+    try:
+        out, _logsumexp = aten._scaled_dot_product_flash_attention_for_cpu.default(
+            query, key, value, dropout_p, is_causal, attn_mask=attn_mask, scale=scale
+        )
+    except RuntimeError:  # arguments the fused kernel rejects (e.g. a mask it cannot take)
+        return aten.scaled_dot_product_attention.default(
+            query, key, value, attn_mask, dropout_p, is_causal, scale=scale
+        )
+    return out
+
+
+def _sdpa_fwd_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    # Same count as torch.utils.flop_counter.sdpa_flop_count: the two matmuls q @ k^T and
+    # p @ v, 2 FLOPs per multiply-add; causal masking is not discounted (as FlopCounterMode).
+    b, h, s_q, d_q = query_shape
+    s_k, d_v = key_shape[-2], value_shape[-1]
+    return 2 * b * h * s_q * s_k * (d_q + d_v)
+
+
+def _sdpa_bwd_flops(
+    grad_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs
+) -> int:
+    # Same count as torch.utils.flop_counter.sdpa_backward_flop_count: five matmuls, the
+    # scores recomputed (q k^T), dP = dO v^T, dV = P^T dO, dQ = dS k, dK = dS^T q.
+    b, h, s_q, d_q = query_shape
+    s_k, d_v = key_shape[-2], value_shape[-1]
+    return 2 * b * h * s_q * s_k * (3 * d_q + 2 * d_v)
+
+
+# FlopCounterMode has no formula for the CPU flash kernel; count it as its GPU siblings.
+_FLOP_FORMULAS = {
+    aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_fwd_flops,
+    aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_bwd_flops,
+}
+
+
+# --- tensors ---------------------------------------------------------------------------------
+
+
+def _tensors(value) -> list[torch.Tensor]:
+    return [t for t in tree_flatten(value)[0] if isinstance(t, torch.Tensor)]
+
+
+def _nbytes(value) -> int:
+    return sum(t.numel() * t.element_size() for t in _tensors(value))
+
+
+def _meta_like(val):
+    if isinstance(val, torch.Tensor):
+        return torch.empty_strided(val.shape, val.stride(), dtype=val.dtype, device="meta")
+    return val
+
+
+def _leaf(value, wants_grad: bool):
+    """A fresh autograd leaf; floating-point ones require grad when `wants_grad`."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    leaf = value.detach()
+    if wants_grad and (leaf.is_floating_point() or leaf.is_complex()):
+        leaf.requires_grad_(True)
+    return leaf
+
+
+def _detach_keep_grad(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach().requires_grad_(value.requires_grad)
+    return value
+
+
+# --- parameter, gradient and optimizer state -------------------------------------------------
+
+
+_OPTIMIZER_STATE_BYTES = {  # fp32 state per parameter element
+    "adamw": 8,  # exp_avg + exp_avg_sq
+    "adam": 8,
+    "sgd_momentum": 4,  # momentum_buffer
+    "sgd": 0,
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainingPrecision:
+    """How parameters, gradients and optimizer state are held, in bytes per parameter element.
+
+    Defaults are fp32 AdamW: 4 + 4 + 8 = 16 bytes per parameter.
+    """
+
+    param_bytes: int = 4  # the persistent (possibly sharded) parameter
+    grad_bytes: int = 4  # the gradient
+    optimizer_bytes: int = 8  # optimizer state, including any fp32 master copy of the weights
+    compute_bytes: int = 4  # the copy matmuls read (bf16: 2); FSDP all-gathers in this dtype
+
+    @classmethod
+    def fp32(cls, optimizer: str = "adamw") -> TrainingPrecision:
+        """fp32 params, grads and state: AdamW 16, SGD+momentum 12, SGD 8 bytes per param."""
+        return cls(
+            param_bytes=4,
+            grad_bytes=4,
+            optimizer_bytes=_optimizer_bytes(optimizer),
+            compute_bytes=4,
+        )
+
+    @classmethod
+    def mixed_bf16(cls, optimizer: str = "adamw") -> TrainingPrecision:
+        """Mixed precision as in ZeRO (Rajbhandari et al. 2020, "ZeRO: Memory Optimizations
+        Toward Training Trillion Parameter Models", sec. 3.1): 16-bit params (2) and grads (2);
+        the optimizer holds an fp32 master copy (4) plus its fp32 state (AdamW 8): 2 + 2 + 12 =
+        16 bytes per parameter, the paper's 16 Psi.
+
+        FSDP2 with `MixedPrecisionPolicy(param_dtype=bf16)` instead keeps the sharded params and
+        grads in fp32 and casts a bf16 copy per layer for compute: 4 + 4 + 8, the same 16 bytes
+        in total; its bf16 unsharded copies are temporaries, sized with `compute_bytes`.
+        """
+        return cls(
+            param_bytes=2,
+            grad_bytes=2,
+            optimizer_bytes=4 + _optimizer_bytes(optimizer),
+            compute_bytes=2,
+        )
+
+
+def _optimizer_bytes(optimizer: str) -> int:
+    if optimizer not in _OPTIMIZER_STATE_BYTES:
+        raise ValueError(
+            f"unknown optimizer {optimizer!r}; choose one of {sorted(_OPTIMIZER_STATE_BYTES)}."
+        )
+    return _OPTIMIZER_STATE_BYTES[optimizer]
+
+
+def parameter_state_bytes(numel: int, precision: TrainingPrecision) -> dict[str, float]:
+    """Bytes of parameters, gradients and optimizer state for `numel` parameter elements.
+
+    >>> parameter_state_bytes(10, TrainingPrecision.fp32())
+    {'parameters': 40.0, 'gradients': 40.0, 'optimizer': 80.0}
+    """
+    return {
+        "parameters": float(numel * precision.param_bytes),
+        "gradients": float(numel * precision.grad_bytes),
+        "optimizer": float(numel * precision.optimizer_bytes),
+    }

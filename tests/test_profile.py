@@ -1,0 +1,223 @@
+"""Per-op profiles: FLOPs and bytes checked by hand, saved activations on meta against real CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from autopar.models.gpt import GPT, GPTConfig
+from autopar.profile import (
+    PROFILE_KEY,
+    TrainingPrecision,
+    parameter_state_bytes,
+    profile_graph,
+    saved_bytes_by_kind,
+)
+from autopar.trace import trace
+
+aten = torch.ops.aten
+
+
+def _export(module: nn.Module, *args) -> torch.fx.GraphModule:
+    """The planner's tracing recipe, inline: export on meta, core ATen, SDPA kept whole."""
+    ep = torch.export.export(module.to("meta"), tuple(a.to("meta") for a in args), strict=False)
+    table = torch.export.default_decompositions()
+    del table[aten.scaled_dot_product_attention.default]
+    return ep.run_decompositions(table).graph_module
+
+
+def _only(gm: torch.fx.GraphModule, target) -> torch.fx.Node:
+    (node,) = [n for n in gm.graph.nodes if n.target == target]
+    return node
+
+
+class _MatmulViewSum(nn.Module):
+    def __init__(self, k: int, n: int):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(k, n))
+
+    def forward(self, x):
+        return (x @ self.w).view(-1).sum()
+
+
+class TestFlopsAndBytes:
+    M, K, N = 8, 16, 4
+
+    def _profiles(self):
+        gm = _export(_MatmulViewSum(self.K, self.N), torch.randn(self.M, self.K))
+        return gm, profile_graph(gm)
+
+    def test_mm_flops_forward_and_backward(self):
+        gm, profiles = self._profiles()
+        mm = profiles[_only(gm, aten.mm.default).name]
+        assert mm.fwd_flops == 2 * self.M * self.N * self.K
+        assert mm.bwd_flops == 4 * self.M * self.N * self.K  # dX = dY W^T and dW = X^T dY
+        assert mm.fwd_bytes == 4 * (self.M * self.K + self.K * self.N + self.M * self.N)
+        assert mm.bwd_bytes == 2 * mm.fwd_bytes
+        assert mm.output_bytes == 4 * self.M * self.N
+        assert not mm.is_view
+
+    def test_view_moves_nothing(self):
+        gm, profiles = self._profiles()
+        view = profiles[_only(gm, aten.view.default).name]
+        assert view.is_view
+        assert (view.fwd_flops, view.bwd_flops, view.fwd_bytes, view.output_bytes) == (0, 0, 0, 0)
+        assert view.saved_bytes == 0
+
+    def test_mm_saves_its_inputs_at_their_placeholders(self):
+        gm, profiles = self._profiles()
+        x, w = [n.name for n in gm.graph.nodes if n.op == "placeholder"][::-1]
+        mm = profiles[_only(gm, aten.mm.default).name]
+        assert {s.owner for s in mm.saves} == {x, w}
+        assert mm.saved_bytes == 0  # mm's output is not needed by sum's backward
+        assert profiles[x].saved_bytes == 4 * self.M * self.K
+        assert profiles[w].saved_bytes == 4 * self.K * self.N
+
+    def test_stored_on_node_meta(self):
+        gm, profiles = self._profiles()
+        for n in gm.graph.nodes:
+            if n.op != "output":
+                assert n.meta[PROFILE_KEY] is profiles[n.name]
+
+
+class TestLayerNorm:
+    def test_saves_input_weight_bias_mean_rstd(self):
+        B, T, C = 2, 3, 8
+        gm = _export(nn.LayerNorm(C), torch.randn(B, T, C))
+        profiles = profile_graph(gm)
+        ln = _only(gm, aten.native_layer_norm.default)
+        weight, bias, x = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+        saves = sorted((s.owner, s.shape) for s in profiles[ln.name].saves)
+        assert saves == sorted(
+            [
+                (x, (B, T, C)),
+                (weight, (C,)),
+                (bias, (C,)),
+                (ln.name, (B, T, 1)),
+                (ln.name, (B, T, 1)),  # mean, rstd
+            ]
+        )
+        assert profiles[ln.name].saved_bytes == 2 * 4 * B * T  # mean + rstd; the output is not
+        assert profiles[x].saved_bytes == 4 * B * T * C
+        assert profiles[ln.name].output_bytes == 4 * (B * T * C + 2 * B * T)
+
+
+def _loss(logits, targets):
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+CFG = GPTConfig(vocab_size=64, seq_len=16, n_layer=2, n_head=2, d_model=32)
+BATCH = 2
+
+
+def _traced_gpt():
+    torch.manual_seed(0)
+    model = GPT(CFG)
+    idx = torch.randint(0, CFG.vocab_size, (BATCH, CFG.seq_len))
+    target = torch.randint(0, CFG.vocab_size, (BATCH, CFG.seq_len))
+    traced = trace(model, (idx,), loss_fn=_loss, target=target)
+    return model, traced, idx, target
+
+
+def _real_args(model, traced, idx, target):
+    """Real CPU tensors for the placeholders. Each parameter is cloned: the traced graph has
+    one placeholder per name (tied weights included), each its own storage, as on meta."""
+    state = dict(model.named_parameters(remove_duplicate=False))
+    state.update(model.named_buffers())
+    names = {**traced.parameters, **traced.buffers}
+    user = dict(zip(traced.inputs, (idx, target)))
+    gm = traced.graph_module
+    return [
+        state[names[n.name]].detach().clone() if n.name in names else user[n.name]
+        for n in gm.graph.nodes
+        if n.op == "placeholder"
+    ]
+
+
+class TestGPT:
+    def test_meta_profile_equals_real_cpu_profile(self):
+        model, traced, idx, target = _traced_gpt()
+        gm = traced.graph_module
+        meta = profile_graph(gm)
+        real = profile_graph(gm, args=_real_args(model, traced, idx, target))
+        assert meta == real  # every field of every node, saved tensors included
+        kinds = saved_bytes_by_kind(gm, meta, set(traced.parameters) | set(traced.buffers))
+        assert kinds["activations"] > 0 and kinds["parameters"] > 0
+        assert sum(kinds.values()) == sum(p.saved_bytes for p in meta.values())
+
+    def test_forward_flops_equal_flop_counter_on_the_whole_model(self):
+        _, traced, idx, target = _traced_gpt()
+        profiles = profile_graph(traced.graph_module)
+        with torch.device("meta"):
+            model = GPT(CFG)
+        with FlopCounterMode(display=False) as counter:
+            _loss(model(idx.to("meta")), target.to("meta"))
+        assert sum(p.fwd_flops for p in profiles.values()) == counter.get_total_flops()
+
+    def test_backward_flops_equal_whole_model_backward_but_attention(self):
+        # Whole-model backward on meta runs SDPA's math path: 4 matmuls, 8 B H T^2 D FLOPs;
+        # per-op we count the fused kernel: 5 matmuls (scores recomputed), 10 B H T^2 D.
+        _, traced, idx, target = _traced_gpt()
+        gm = traced.graph_module
+        profiles = profile_graph(gm)
+        with torch.device("meta"):
+            model = GPT(CFG)
+        loss = _loss(model(idx.to("meta")), target.to("meta"))
+        with FlopCounterMode(display=False) as counter:
+            loss.backward()
+        sdpa = [
+            n.name for n in gm.graph.nodes if n.target == aten.scaled_dot_product_attention.default
+        ]
+        d_head = CFG.d_model // CFG.n_head
+        per_layer = BATCH * CFG.n_head * CFG.seq_len**2 * d_head
+        assert len(sdpa) == CFG.n_layer
+        assert all(profiles[s].bwd_flops == 10 * per_layer for s in sdpa)
+        others = sum(p.bwd_flops for name, p in profiles.items() if name not in sdpa)
+        assert others + CFG.n_layer * 8 * per_layer == counter.get_total_flops()
+
+    def test_attention_saves_what_cpu_sdpa_saves(self):
+        # Our fused stand-in must save what F.scaled_dot_product_attention saves on CPU.
+        shape = (BATCH, CFG.n_head, CFG.seq_len, CFG.d_model // CFG.n_head)
+        q, k, v = (torch.randn(shape, requires_grad=True) for _ in range(3))
+        packed = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
+            F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        _, traced, _, _ = _traced_gpt()
+        gm = traced.graph_module
+        profiles = profile_graph(gm)
+        node = next(
+            n for n in gm.graph.nodes if n.target == aten.scaled_dot_product_attention.default
+        )
+        expected = sorted(tuple(t.shape) for t in packed)
+        assert sorted(s.shape for s in profiles[node.name].saves) == expected
+
+
+class TestParameterStateBytes:
+    def test_fp32_adamw_is_16_bytes_per_param(self):
+        state = parameter_state_bytes(1000, TrainingPrecision.fp32())
+        assert state == {"parameters": 4000.0, "gradients": 4000.0, "optimizer": 8000.0}
+        assert TrainingPrecision() == TrainingPrecision.fp32()
+
+    def test_mixed_bf16_adamw_is_zero_papers_2_2_12(self):
+        state = parameter_state_bytes(1000, TrainingPrecision.mixed_bf16())
+        assert state == {"parameters": 2000.0, "gradients": 2000.0, "optimizer": 12000.0}
+        assert TrainingPrecision.mixed_bf16().compute_bytes == 2
+
+    @pytest.mark.parametrize(
+        "precision, per_param",
+        [
+            (TrainingPrecision.fp32("sgd"), 8),
+            (TrainingPrecision.fp32("sgd_momentum"), 12),
+            (TrainingPrecision.mixed_bf16("sgd"), 8),  # 2 + 2 + fp32 master 4
+            (TrainingPrecision.mixed_bf16("sgd_momentum"), 12),
+        ],
+    )
+    def test_sgd(self, precision, per_param):
+        assert sum(parameter_state_bytes(10, precision).values()) == 10 * per_param
+
+    def test_unknown_optimizer_says_which_exist(self):
+        with pytest.raises(ValueError, match="adamw"):
+            TrainingPrecision.fp32("lion")
