@@ -1,0 +1,140 @@
+"""Run a function on N CPU processes joined by a gloo process group, for tests.
+
+    def _sum_ranks():
+        t = torch.tensor([float(dist.get_rank())])
+        dist.all_reduce(t)
+        return t.item()
+
+    assert run_on_ranks(_sum_ranks, 4) == [6.0] * 4
+
+`fn` must be importable by the child processes (a module-level function) and its arguments and
+return value picklable. Each child sets the environment torchrun would (MASTER_ADDR, MASTER_PORT,
+RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE), uses one intra-op thread, and joins a gloo group
+before calling `fn`. If a rank raises, the parent raises with that rank and its traceback and
+stops the others; if the ranks do not finish within `timeout_s`, it stops them all and says which
+were still running.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import socket
+import time
+import traceback
+from datetime import timedelta
+from typing import Any
+
+
+def run_on_ranks(fn, world_size: int, *args: Any, timeout_s: float = 300) -> list:
+    """Call `fn(*args)` on `world_size` gloo ranks; return their results in rank order."""
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    ctx = mp.get_context("spawn")
+    results_q = ctx.Queue()
+    port = _free_port()
+    procs = [
+        ctx.Process(
+            target=_child,
+            args=(fn, args, rank, world_size, port, timeout_s, results_q),
+            name=f"rank{rank}",
+            daemon=True,
+        )
+        for rank in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    try:
+        results = _collect(procs, results_q, world_size, timeout_s)
+    except BaseException:
+        _stop(procs, grace_s=0.0)  # a rank failed or hung: the others would wait forever
+        raise
+    else:
+        _stop(procs, grace_s=10.0)  # all returned: let them exit on their own
+    finally:
+        results_q.close()
+    return results
+
+
+def _collect(procs, results_q, world_size: int, timeout_s: float) -> list:
+    deadline = time.monotonic() + timeout_s
+    results: dict[int, Any] = {}
+    while len(results) < world_size:
+        try:
+            rank, ok, value = results_q.get(timeout=0.1)
+        except queue.Empty:
+            pass
+        else:
+            if not ok:
+                raise RuntimeError(f"rank {rank} of {world_size} raised:\n{value}")
+            results[rank] = value
+            continue
+        # A rank that died without reporting (killed, segfault) never will: say so now.
+        for rank, p in enumerate(procs):
+            if rank not in results and p.exitcode is not None:
+                # Its message may still be in flight: give the queue one last chance.
+                try:
+                    r, ok, value = results_q.get(timeout=1.0)
+                except queue.Empty:
+                    raise RuntimeError(
+                        f"rank {rank} of {world_size} exited with code {p.exitcode} "
+                        "without returning a result"
+                    ) from None
+                if not ok:
+                    raise RuntimeError(f"rank {r} of {world_size} raised:\n{value}")
+                results[r] = value
+                break
+        if time.monotonic() > deadline:
+            running = [r for r in range(world_size) if r not in results]
+            raise TimeoutError(
+                f"ranks {running} of {world_size} did not finish within {timeout_s:g} s "
+                "(a hung collective? a rank that skipped one?)"
+            )
+    return [results[r] for r in range(world_size)]
+
+
+def _stop(procs, *, grace_s: float) -> None:
+    """Give the ranks `grace_s` to exit; terminate, then kill, any still running."""
+    deadline = time.monotonic() + grace_s
+    for p in procs:
+        p.join(timeout=max(0.0, deadline - time.monotonic()))
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    for p in procs:
+        p.join(timeout=2.0)
+        if p.is_alive():
+            p.kill()
+            p.join()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _child(fn, args, rank: int, world_size: int, port: int, timeout_s: float, results_q) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world_size),
+    )
+    try:
+        import torch
+        import torch.distributed as dist
+
+        torch.set_num_threads(1)  # up to 8 ranks share a small CPU
+        dist.init_process_group("gloo", timeout=timedelta(seconds=timeout_s))
+        try:
+            result = fn(*args)
+        finally:
+            dist.destroy_process_group()
+    except BaseException:
+        results_q.put((rank, False, traceback.format_exc()))
+    else:
+        results_q.put((rank, True, result))

@@ -1,0 +1,45 @@
+"""`run_on_ranks` runs a function on N gloo ranks and surfaces a failing rank's traceback."""
+
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from tests.helpers.distributed import run_on_ranks
+
+
+def _sum_of_ranks() -> tuple[int, int, float]:
+    t = torch.tensor([float(dist.get_rank())])
+    dist.all_reduce(t)
+    return dist.get_rank(), dist.get_world_size(), t.item()
+
+
+def _fail_on_rank(bad_rank: int) -> int:
+    if dist.get_rank() == bad_rank:
+        raise ValueError(f"boom from the test on rank {bad_rank}")
+    return dist.get_rank()
+
+
+def _hang_on_rank_0() -> None:
+    if dist.get_rank() == 0:
+        time.sleep(120)  # far past the timeout: the parent must stop it
+
+
+def test_all_reduce_of_rank_ids_on_4_ranks():
+    assert run_on_ranks(_sum_of_ranks, 4) == [(r, 4, 6.0) for r in range(4)]
+
+
+def test_exception_on_rank_2_names_the_rank_and_the_original_message():
+    with pytest.raises(RuntimeError) as info:
+        run_on_ranks(_fail_on_rank, 4, 2)
+    message = str(info.value)
+    assert "rank 2" in message
+    assert "ValueError: boom from the test on rank 2" in message
+    assert "_fail_on_rank" in message  # the child's traceback, not just the message
+
+
+def test_timeout_names_the_ranks_still_running():
+    # Rank 1 may still be starting on a slow machine, so only rank 0 is certain to be named.
+    with pytest.raises(TimeoutError, match=r"ranks \[0[,\]].* of 2 did not finish within 6 s"):
+        run_on_ranks(_hang_on_rank_0, 2, timeout_s=6)
