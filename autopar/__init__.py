@@ -1,0 +1,32 @@
+"""autopar: plan how to spread a PyTorch model's training over a cluster, and run that plan.
+
+    autopar.plan(model, cluster, example_inputs, ...)          -> Plan      (offline, no GPU)
+    autopar.autoparallelize(model, cluster, example_inputs)    -> ParallelModel (in torchrun)
+"""
+
+from autopar.api import autoparallelize, plan
+from autopar.cluster import Cluster
+from autopar.compile import ParallelModel
+from autopar.errors import (
+    AutoparError,
+    ClusterSpecError,
+    InfeasibleError,
+    MeshError,
+    PlanMismatchError,
+    TraceError,
+)
+from autopar.plan import Plan
+
+__all__ = [
+    "AutoparError",
+    "Cluster",
+    "ClusterSpecError",
+    "InfeasibleError",
+    "MeshError",
+    "ParallelModel",
+    "Plan",
+    "PlanMismatchError",
+    "TraceError",
+    "autoparallelize",
+    "plan",
+]

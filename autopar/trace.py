@@ -152,6 +152,10 @@ def _traced_model(ep, model: nn.Module, *, has_loss: bool) -> TracedModel:
             f"({', '.join(sig.inputs_to_lifted_tensor_constants.values())}); register them as buffers."
         )
     gm = ep.graph_module
+    # tied weights: export keeps one placeholder per name; only the one the graph uses counts
+    used = {n.name for n in gm.graph.nodes if n.op == "placeholder" and n.users}
+    params = {k: v for k, v in params.items() if k in used}
+    buffers = {k: v for k, v in buffers.items() if k in used}
     out = next(n for n in gm.graph.nodes if n.op == "output")
     results = out.args[0]
     loss = results[0]

@@ -1,0 +1,227 @@
+"""Turn a traced graph and its Plan into a program that runs on a DeviceMesh.
+
+    make_mesh           the DeviceMesh the plan names (NCCL on GPUs, gloo on CPU)
+    shard_parameters    every parameter becomes a DTensor with its planned placements
+    ParallelModel       runs the graph op by op: inputs of each op are redistributed to the
+                        placements the plan chose, then the op runs on DTensors (or on local
+                        shards, for ops with our own rule)
+
+Running the same ATen graph the planner saw, with the same DTensor propagation, is what makes
+the predicted communication the communication that happens.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from torch import fx, nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
+from torch.utils._pytree import tree_map
+
+from autopar.errors import MeshError
+from autopar.plan import Plan, placement_from_str
+from autopar.strategies import tensor_inputs
+from autopar.trace import TracedModel, is_getitem
+
+
+def make_mesh(plan: Plan):
+    """The plan's mesh over the running job's ranks."""
+    if not dist.is_initialized():
+        raise MeshError(
+            "autoparallelize needs a process group: launch with torchrun "
+            "(torchrun --nproc_per_node N train.py) or call torch.distributed.init_process_group."
+        )
+    world = dist.get_world_size()
+    if world != plan.world_size:
+        mesh = " x ".join(f"{k}={v}" for k, v in plan.mesh.items())
+        raise MeshError(
+            f"the plan's mesh ({mesh}) needs {plan.world_size} processes, this job has {world}: "
+            f"launch with --nproc_per_node {plan.world_size} or give a mesh whose sizes multiply "
+            f"to {world}."
+        )
+    device_type = plan.cluster.get("device_type", "cpu")
+    if device_type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", dist.get_rank())))
+    return init_device_mesh(device_type, tuple(plan.mesh.values()), mesh_dim_names=tuple(plan.mesh))
+
+
+def _placements(strings):
+    return tuple(placement_from_str(s) for s in strings)
+
+
+class ParallelModel(nn.Module):
+    """The user's model, sharded as `plan` says. `train_step` runs forward and backward."""
+
+    def __init__(self, model: nn.Module, traced: TracedModel, plan: Plan, mesh):
+        super().__init__()
+        self.plan = plan
+        self.mesh = mesh
+        self._traced = traced
+        self._graph = traced.graph_module.graph
+        self._device = _mesh_device(mesh)
+        self._params = nn.ParameterDict()
+        self._names: dict[str, str] = {}  # placeholder name -> key in self._params
+        for node_name, fqn in traced.parameters.items():
+            param = model.get_parameter(fqn)
+            key = fqn.replace(".", "__")
+            placements = _placements(plan.parameters[fqn])
+            dt = distribute_tensor(param.detach().to(self._device), mesh, placements)
+            self._params[key] = nn.Parameter(dt, requires_grad=param.requires_grad)
+            self._names[node_name] = key
+        self._buffers_by_node = {
+            node_name: distribute_tensor(
+                model.get_buffer(fqn).detach().to(self._device), mesh, (Replicate(),) * mesh.ndim
+            )
+            for node_name, fqn in traced.buffers.items()
+        }
+        self._nodes = {n.name: n for n in self._graph.nodes}
+
+    # -- public ---------------------------------------------------------------------------
+
+    def train_step(self, inputs, target=None) -> torch.Tensor:
+        """Forward and backward on one global batch; returns the loss (equal on every rank).
+
+        Gradients land in `p.grad` of `self.parameters()` with the parameters' own placements,
+        so any torch.optim optimizer can step them.
+        """
+        loss = self._run(_as_tuple(inputs), target, self._traced.loss_node)
+        loss = loss.redistribute(self.mesh, (Replicate(),) * self.mesh.ndim)
+        loss.backward()
+        self._settle_gradients()
+        return loss.to_local().detach()
+
+    def forward(self, *inputs):
+        """Evaluation: the model's output for `inputs`, as a full tensor on every rank."""
+        out = self._run(inputs, None, self._traced.output_node)
+        return out.full_tensor() if isinstance(out, DTensor) else out
+
+    # -- the interpreter ------------------------------------------------------------------
+
+    def _run(self, inputs: tuple, target, want: str):
+        values = list(inputs) + ([target] if target is not None else [])
+        user = dict(zip(self._traced.inputs, values))
+        needed = _ancestors(self._nodes[want])
+        env: dict[fx.Node, object] = {}
+        for node in self._graph.nodes:
+            if node not in needed:
+                continue
+            if node.op == "placeholder":
+                env[node] = self._placeholder(node, user)
+            elif is_getitem(node):
+                env[node] = env[node.args[0]][node.args[1]]
+            elif node.op == "call_function":
+                try:
+                    env[node] = self._call(node, env)
+                except Exception as e:
+                    e.add_note(f"while running node {node.name} ({node.target}) planned as "
+                               f"{self.plan.ops[node.name]}")
+                    raise
+        return env[self._nodes[want]]
+
+    def _placeholder(self, node: fx.Node, user: dict):
+        if node.name in self._names:
+            return self._params[self._names[node.name]]
+        if node.name in self._buffers_by_node:
+            return self._buffers_by_node[node.name]
+        if node.name not in user:
+            raise ValueError(
+                f"missing input '{node.name}': train_step needs the inputs and the target the "
+                f"model was planned with ({', '.join(self._traced.inputs)})"
+            )
+        value = torch.as_tensor(user[node.name]).to(self._device)
+        expected = tuple(node.meta["val"].shape)
+        if tuple(value.shape) != expected:
+            raise ValueError(
+                f"input '{node.name}' has shape {tuple(value.shape)}, the plan was made for "
+                f"{expected}: pass one global batch of the planned shape, or re-plan."
+            )
+        return _shard_local(value, self.mesh, _placements(self.plan.inputs[node.name]))
+
+    def _call(self, node: fx.Node, env: dict):
+        op = self.plan.ops[node.name]
+        wanted = [_placements(p) for p in op.inputs]
+        refs = iter(wanted)
+
+        def arg(a):
+            if isinstance(a, fx.Node):
+                value = env[a]
+                target_pl = next(refs)
+                if tuple(value.placements) != target_pl:
+                    value = value.redistribute(self.mesh, target_pl)
+                return value
+            if isinstance(a, torch.device):
+                return self._device
+            return a
+
+        args, kwargs = tree_map(arg, (node.args, node.kwargs))
+        if node.target is torch.ops.aten.view.default and not _contiguous(args[0]):
+            # The traced view was valid for the single-device strides; a redistributed local
+            # shard may be laid out differently (all-gathers return fresh contiguous buffers of
+            # the logical shape, local ops keep theirs), so give view a contiguous shard.
+            args = (_make_contiguous(args[0]), *args[1:])
+        if op.rule == "dtensor":
+            return node.target(*args, **kwargs)
+        outputs = [_placements(p) for p in op.outputs]
+        local_args, local_kwargs = tree_map(
+            lambda v: v.to_local() if isinstance(v, DTensor) else v, (args, kwargs)
+        )
+        result = node.target(*local_args, **local_kwargs)
+        if isinstance(result, (tuple, list)):
+            return type(result)(
+                DTensor.from_local(r, self.mesh, pl, run_check=False) if pl else r
+                for r, pl in zip(result, outputs)
+            )
+        return DTensor.from_local(result, self.mesh, outputs[0], run_check=False)
+
+    def _settle_gradients(self):
+        """Reduce partial gradients (e.g. of replicated weights under a split batch) so every
+        gradient has its parameter's placements."""
+        for p in self._params.values():
+            if p.grad is not None and tuple(p.grad.placements) != tuple(p.placements):
+                p.grad = p.grad.redistribute(self.mesh, p.placements)
+
+
+def _contiguous(x: DTensor) -> bool:
+    return x.is_contiguous() and x.to_local().is_contiguous()
+
+
+def _make_contiguous(x: DTensor) -> DTensor:
+    x = x.contiguous()  # fixes the global strides; a no-op when they already are
+    local = x.to_local()
+    if local.is_contiguous():
+        return x
+    return DTensor.from_local(
+        local.contiguous(), x.device_mesh, x.placements, run_check=False,
+        shape=x.shape, stride=x.stride(),
+    )
+
+
+def _as_tuple(x):
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+def _mesh_device(mesh) -> torch.device:
+    if mesh.device_type == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(mesh.device_type)
+
+
+def _shard_local(value: torch.Tensor, mesh, placements) -> DTensor:
+    """Every rank holds the whole global batch: keep this rank's slice, no communication."""
+    replicated = DTensor.from_local(value, mesh, (Replicate(),) * mesh.ndim, run_check=False)
+    return replicated.redistribute(mesh, placements)
+
+
+def _ancestors(node: fx.Node) -> set[fx.Node]:
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        stack.extend(tensor_inputs(n) if n.op != "output" else [])
+        stack.extend(a for a in n.all_input_nodes if a not in seen)
+    return seen

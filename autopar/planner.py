@@ -1,0 +1,422 @@
+"""From a traced graph to a Plan: strategies, costs and memory as a ShardingProblem, solved.
+
+    build_problem   per decision node: strategies, seconds and bytes per strategy; per edge a
+                    resharding-seconds matrix; memory points from forward liveness; ties between
+                    repeated layers
+    solve           solvers.solve_intra_op (HiGHS, or CBC)
+    to_plan         choices -> placements keyed by parameter FQNs and node names
+
+A *decision node* is a placeholder (parameter, buffer, input) or an op; `getitem` nodes only pick
+one output of a multi-output op and take no decision of their own.
+
+Step time is modelled as the sum of every op's forward+backward time and every collective, with
+no overlap (a conservative serial model); backward communication is mirrored from forward.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+from torch.distributed.tensor import Partial, Replicate, Shard
+
+import solvers
+from autopar import _dtensor, cost
+from autopar.cluster import Cluster
+from autopar.errors import InfeasibleError, MeshError
+from autopar.plan import SCHEMA_VERSION, OpSharding, Plan, placement_to_str
+from autopar.profile import OpProfile, TrainingPrecision, parameter_state_bytes, profile_graph
+from autopar.strategies import (
+    Placements,
+    Strategy,
+    node_strategies,
+    output_vals,
+    placement_options,
+    shard_factor,
+    tensor_inputs,
+    work_factor,
+)
+from autopar.trace import TracedModel, is_getitem, layer_of
+
+
+@dataclass
+class Decisions:
+    """The planning problem for one mesh, with what is needed to read its solution back."""
+
+    mesh: dict[str, int]
+    strategies: dict[str, list[Strategy]]  # decision node name -> its strategies
+    problem: solvers.ShardingProblem
+    compute_s: dict[str, list[float]] = field(default_factory=dict)
+    unsupported_ops: list[str] = field(default_factory=list)  # ops that fell back to replicate
+
+
+def source_of(arg: fx.Node) -> tuple[fx.Node, int]:
+    """(decision node, output index) that produces the value `arg` stands for."""
+    if is_getitem(arg):
+        return arg.args[0], arg.args[1]
+    return arg, 0
+
+
+def decision_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    return [
+        n
+        for n in gm.graph.nodes
+        if n.op == "placeholder" or (n.op == "call_function" and not is_getitem(n))
+    ]
+
+
+def build_problem(
+    traced: TracedModel,
+    profiles: dict[str, OpProfile],
+    cluster: Cluster,
+    mesh: dict[str, int],
+    *,
+    precision: TrainingPrecision,
+    memory_budget_bytes: float,
+    share_layers: bool = True,
+) -> Decisions:
+    shape = tuple(mesh.values())
+    pmesh = _dtensor.planning_mesh(shape, tuple(mesh), "cpu")
+    links = cluster.axis_links(shape)
+    gm = traced.graph_module
+    strategies: dict[str, list[Strategy]] = {}
+    nodes, compute = [], {}
+    unsupported = []
+    for n in decision_nodes(gm):
+        if n.op == "placeholder":
+            sts = [Strategy((), (pl,), "input") for pl in _placeholder_options(n, traced, mesh)]
+        else:
+            options = [_output_options(a, strategies) for a in tensor_inputs(n)]
+            sts = node_strategies(n, pmesh, options)
+            if sts[0].rule == "replicate":
+                unsupported.append(str(n.target))
+        strategies[n.name] = sts
+        secs = [_node_time_s(n, s, profiles, cluster, shape, links) for s in sts]
+        compute[n.name] = secs
+        mem = [_node_memory_bytes(n, s, traced, profiles, shape, precision) for s in sts]
+        nodes.append(solvers.Node(name=n.name, costs_s=tuple(secs), memory_bytes=tuple(mem)))
+    edges = _edges(gm, strategies, shape, links)
+    problem = solvers.ShardingProblem(
+        nodes=tuple(nodes),
+        edges=tuple(edges),
+        memory_points=_memory_points(gm, traced, profiles),
+        memory_budget_bytes=memory_budget_bytes,
+        ties=_layer_ties(gm, traced, strategies) if share_layers else (),
+    )
+    return Decisions(mesh, strategies, problem, compute, sorted(set(unsupported)))
+
+
+# What each named mesh axis means. "dp": the batch is split (inputs Shard(0)) and parameters are
+# replicated, their gradients all-reduced. "tp" and any other name: the solver decides freely,
+# except that inputs arrive replicated (splitting the batch is dp's job).
+DATA_PARALLEL_AXES = frozenset({"dp"})
+
+
+def _placeholder_options(n: fx.Node, traced: TracedModel, mesh: dict[str, int]) -> list[Placements]:
+    shape = tuple(mesh.values())
+    options = placement_options(_val(n).shape, shape)
+    is_param = n.name in traced.parameters or n.name in traced.buffers
+    for a, axis in enumerate(mesh):
+        if axis in DATA_PARALLEL_AXES:
+            wanted = Replicate() if is_param else Shard(0)
+        elif not is_param:
+            wanted = Replicate()
+        else:
+            continue
+        options = [pl for pl in options if pl[a] == wanted]
+    if not options:
+        v = _val(n)
+        raise MeshError(
+            f"input '{n.name}' of shape {tuple(v.shape)} cannot be split over the data-parallel "
+            f"axis of mesh {mesh}: its batch dimension {v.shape[0] if v.ndim else 1} must divide "
+            f"by {mesh.get('dp')}. Use a batch that divides, or a smaller dp."
+        )
+    return options
+
+
+def _val(n: fx.Node):
+    return output_vals(n)[0]
+
+
+def _output_options(arg: fx.Node, strategies) -> list[Placements]:
+    src, k = source_of(arg)
+    return list(dict.fromkeys(s.outputs[k] for s in strategies[src.name] if s.outputs[k]))
+
+
+def _node_time_s(n, s: Strategy, profiles, cluster: Cluster, shape, links) -> float:
+    """Forward + backward compute of an op on its local shard, plus the gradient all-reduces
+    its strategy implies (a replicated input feeding a sharded output gets a partial gradient)."""
+    if n.op == "placeholder":
+        return 0.0
+    prof = profiles[n.name]
+    split = work_factor(s, shape)
+    val = _val(n)
+    dtype = val.dtype if isinstance(val, torch.Tensor) else torch.float32
+    flops = (prof.fwd_flops + prof.bwd_flops) / split
+    moved = (prof.fwd_bytes + prof.bwd_bytes) / split
+    seconds = cost.compute_time_s(flops, moved, cluster.device, dtype) if flops or moved else 0.0
+    out = s.outputs[0]
+    for arg, pl in zip(tensor_inputs(n), s.inputs):
+        v = arg.meta["val"]
+        if out is None or not v.dtype.is_floating_point:
+            continue
+        local_bytes = v.numel() * v.element_size() / shard_factor(pl, shape)
+        for a, (p_in, p_out) in enumerate(zip(pl, out)):
+            if isinstance(p_in, Replicate) and isinstance(p_out, Shard):
+                seconds += cost.collective_time_s("all_reduce", local_bytes, shape[a], links[a])
+    return seconds
+
+
+def _node_memory_bytes(n, s: Strategy, traced, profiles, shape, precision) -> float:
+    """Bytes one device holds for this node: parameter state, or saved activations / output."""
+    val = _val(n)
+    if n.op == "placeholder":
+        if n.name in traced.parameters:
+            state = parameter_state_bytes(val.numel(), precision)
+            return sum(state.values()) / shard_factor(s.outputs[0], shape)
+        if n.name in traced.buffers:
+            return val.numel() * val.element_size() / shard_factor(s.outputs[0], shape)
+        return val.numel() * val.element_size() / shard_factor(s.outputs[0], shape)
+    prof = profiles[n.name]
+    held = max(prof.saved_bytes, prof.output_bytes)
+    return held / shard_factor(s.outputs[0], shape)
+
+
+def _edges(gm, strategies, shape, links) -> list[solvers.Edge]:
+    edges = []
+    for n in gm.graph.nodes:
+        if n.op != "call_function" or is_getitem(n):
+            continue
+        for slot, arg in enumerate(tensor_inputs(n)):
+            src, k = source_of(arg)
+            val = arg.meta["val"]
+            matrix = tuple(
+                tuple(_edge_time_s(si.outputs[k], dj.inputs[slot], val, shape, links)
+                      for dj in strategies[n.name])
+                for si in strategies[src.name]
+            )
+            if any(any(c > 0 for c in row) for row in matrix) or len(matrix) > 1:
+                edges.append(solvers.Edge(src=src.name, dst=n.name, costs_s=matrix))
+    return _merge_parallel_edges(edges)
+
+
+def _edge_time_s(src: Placements, dst: Placements, val, shape, links) -> float:
+    """Forward resharding src -> dst, plus its mirror in backward: the gradient goes back from
+    dst to src, with Partial turned into Replicate (DTensor's backward of a redistribute)."""
+    if src == dst:
+        return 0.0
+    if any(isinstance(d, Partial) and d != s for s, d in zip(src, dst)):
+        return math.inf  # DTensor cannot redistribute into a Partial; only ops produce them
+    size = tuple(val.shape)
+    item = val.element_size()
+    fwd = cost.reshard_time_s(src, dst, size, item, shape, links)
+    if not val.dtype.is_floating_point:
+        return fwd
+    unpartial = lambda pl: tuple(Replicate() if isinstance(p, Partial) else p for p in pl)  # noqa: E731
+    return fwd + cost.reshard_time_s(unpartial(dst), unpartial(src), size, item, shape, links)
+
+
+def _merge_parallel_edges(edges):
+    """One edge per (src, dst) pair: an op reading a tensor twice pays both reshardings."""
+    merged: dict[tuple[str, str], solvers.Edge] = {}
+    for e in edges:
+        key = (e.src, e.dst)
+        if key in merged:
+            old = merged[key].costs_s
+            summed = tuple(tuple(a + b for a, b in zip(r1, r2)) for r1, r2 in zip(old, e.costs_s))
+            merged[key] = solvers.Edge(src=e.src, dst=e.dst, costs_s=summed)
+        else:
+            merged[key] = e
+    return list(merged.values())
+
+
+def _memory_points(gm, traced: TracedModel, profiles) -> tuple[solvers.MemoryPoint, ...]:
+    """Live sets over the forward pass: parameter state always; an activation from the op that
+    makes it until its last forward use, or to the end of forward if backward saved it.
+    Only maximal live sets are kept (a subset can never be the peak)."""
+    order = decision_nodes(gm)
+    index = {n.name: i for i, n in enumerate(order)}
+    last_use = {n.name: index[n.name] for n in order}
+    for n in gm.graph.nodes:
+        if n.op != "call_function" or is_getitem(n):
+            continue
+        for arg in tensor_inputs(n):
+            src, _ = source_of(arg)
+            last_use[src.name] = max(last_use[src.name], index[n.name])
+    always = [n.name for n in order if n.op == "placeholder"]
+    ops = [n for n in order if n.op == "call_function"]
+    saved = {n.name for n in ops if profiles[n.name].saved_bytes > 0}
+    points, live_sets = [], []
+    for t, n in enumerate(order):
+        if n.op != "call_function":
+            continue
+        live = [m.name for m in ops if index[m.name] <= t and (m.name in saved or last_use[m.name] >= t)]
+        live_sets.append((n.name, frozenset(live)))
+    maximal = [
+        (name, s)
+        for i, (name, s) in enumerate(live_sets)
+        if not any(s < other for _, other in live_sets)
+        and not any(s == other for _, other in live_sets[i + 1:])
+    ]
+    for name, s in maximal:
+        live = tuple(always) + tuple(m for m in (x.name for x in ops) if m in s)
+        points.append(solvers.MemoryPoint(name=name, live=live))
+    return tuple(points)
+
+
+_INDEXED = re.compile(r"^(.*?\.\d+)(\.|$)")
+
+
+def _block_of(n: fx.Node, traced: TracedModel) -> str | None:
+    """'blocks.3' for anything inside the 4th element of a module list, else None."""
+    fqn = traced.parameters.get(n.name) or traced.buffers.get(n.name) if n.op == "placeholder" else layer_of(n)
+    m = _INDEXED.match(fqn or "")
+    return m.group(1) if m else None
+
+
+def _layer_ties(gm, traced: TracedModel, strategies) -> tuple[tuple[str, ...], ...]:
+    """Tie the i-th decision of every identical repeated block, so depth adds no variables."""
+    blocks: dict[str, list[fx.Node]] = {}
+    for n in decision_nodes(gm):
+        b = _block_of(n, traced)
+        if b is not None:
+            blocks.setdefault(b, []).append(n)
+    by_shape: dict[tuple, list[list[fx.Node]]] = {}
+    for b, members in blocks.items():
+        template = re.sub(r"\.\d+$", ".*", b)
+        sig = (template, tuple(_node_signature(m, strategies) for m in members))
+        by_shape.setdefault(sig, []).append(members)
+    ties = []
+    for groups in by_shape.values():
+        if len(groups) < 2:
+            continue
+        for position in zip(*groups):
+            ties.append(tuple(m.name for m in position))
+    return tuple(ties)
+
+
+def _node_signature(n: fx.Node, strategies) -> tuple:
+    v = _val(n)
+    shape = tuple(v.shape) if isinstance(v, torch.Tensor) else None
+    return (n.op, str(n.target) if n.op != "placeholder" else "", shape, tuple(strategies[n.name]))
+
+
+def candidate_meshes(world_size: int) -> list[dict[str, int]]:
+    """Every dp x tp factorisation of the world size (tp innermost, so it lands inside a node)."""
+    meshes = []
+    for tp in range(1, world_size + 1):
+        if world_size % tp == 0:
+            dp = world_size // tp
+            if tp == 1:
+                meshes.append({"dp": dp})
+            elif dp == 1:
+                meshes.append({"tp": tp})
+            else:
+                meshes.append({"dp": dp, "tp": tp})
+    return meshes
+
+
+def make_plan(
+    traced: TracedModel,
+    cluster: Cluster,
+    *,
+    mesh: dict[str, int] | None = None,
+    memory_limit_bytes: float | None = None,
+    precision: TrainingPrecision | None = None,
+    solver: str = "highs",
+    time_limit_s: float | None = None,
+    share_layers: bool = True,
+) -> Plan:
+    """Solve every candidate mesh (or the one given) and keep the fastest plan that fits."""
+    precision = precision or TrainingPrecision()
+    budget = memory_limit_bytes if memory_limit_bytes is not None else cluster.device.memory_bytes
+    meshes = [mesh] if mesh else candidate_meshes(cluster.world_size)
+    for m in meshes:
+        _check_mesh(m, cluster)
+    profiles = profile_graph(traced.graph_module)
+    best, min_peaks = None, []
+    for m in meshes:
+        decisions = build_problem(
+            traced, profiles, cluster, m, precision=precision, memory_budget_bytes=budget,
+            share_layers=share_layers,
+        )
+        try:
+            solution = solvers.solve_intra_op(
+                decisions.problem, solver=solver, time_limit_s=time_limit_s
+            )
+        except solvers.InfeasibleProblem as e:
+            min_peaks.append((e.min_peak_bytes, m))
+            continue
+        if best is None or solution.objective_s < best[1].objective_s:
+            best = (decisions, solution)
+    if best is None:
+        peak, m = min(min_peaks, key=lambda x: x[0])
+        raise InfeasibleError(
+            f"no plan fits the memory limit of {budget / 2**30:.3f} GiB per device: the smallest "
+            f"peak found is {peak / 2**30:.3f} GiB (mesh {m}). Raise memory_limit, use more "
+            f"devices, or shrink the batch.",
+            min_peak_bytes=peak,
+            budget_bytes=budget,
+        )
+    decisions, solution = best
+    if decisions.unsupported_ops:
+        warnings.warn(
+            "autopar has no sharding rule for these ops; they run replicated: "
+            + ", ".join(decisions.unsupported_ops),
+            stacklevel=2,
+        )
+    return to_plan(traced, cluster, decisions, solution)
+
+
+def _check_mesh(mesh: dict[str, int], cluster: Cluster) -> None:
+    if not mesh or not all(isinstance(v, int) and v >= 1 for v in mesh.values()):
+        raise MeshError(f"mesh must map axis names to positive sizes, got {mesh!r}")
+    size = math.prod(mesh.values())
+    if size != cluster.world_size:
+        raise MeshError(
+            f"mesh {mesh} has {size} devices but the cluster has {cluster.world_size}: "
+            f"the axis sizes must multiply to the world size."
+        )
+
+
+def to_plan(traced: TracedModel, cluster: Cluster, decisions: Decisions, solution) -> Plan:
+    chosen = {name: decisions.strategies[name][i] for name, i in solution.choices.items()}
+    strs = lambda pl: [placement_to_str(p) for p in pl]  # noqa: E731
+    parameters = {fqn: strs(chosen[node].outputs[0]) for node, fqn in traced.parameters.items()}
+    inputs = {name: strs(chosen[name].outputs[0]) for name in traced.inputs}
+    ops = {}
+    for name, s in chosen.items():
+        if s.rule == "input":
+            continue
+        ops[name] = OpSharding(
+            inputs=[strs(pl) for pl in s.inputs],
+            outputs=[strs(pl) if pl is not None else [] for pl in s.outputs],
+            rule=s.rule,
+        )
+    compute_s = sum(decisions.compute_s[n][i] for n, i in solution.choices.items())
+    return Plan(
+        schema_version=SCHEMA_VERSION,
+        model=traced.model_name,
+        graph_fingerprint=traced.fingerprint,
+        cluster=cluster.to_dict(),
+        mesh=dict(decisions.mesh),
+        parameters=parameters,
+        inputs=inputs,
+        ops=ops,
+        predicted={
+            "step_time_s": solution.objective_s,
+            "ops_s": compute_s,
+            "resharding_s": solution.objective_s - compute_s,
+            "peak_memory_bytes": solution.peak_memory_bytes,
+        },
+        solver={
+            "name": solution.solver,
+            "status": solution.status,
+            "gap": solution.gap,
+            "objective_s": solution.objective_s,
+        },
+    )
