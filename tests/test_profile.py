@@ -130,8 +130,14 @@ def _real_args(model, traced, idx, target):
     names = {**traced.parameters, **traced.buffers}
     user = dict(zip(traced.inputs, (idx, target)))
     gm = traced.graph_module
+    # a placeholder nothing reads (the unused name of a tied weight) gets a stand-in
+    unused = {
+        n.name: torch.zeros(n.meta["val"].shape)
+        for n in gm.graph.nodes
+        if n.op == "placeholder" and not n.users
+    }
     return [
-        state[names[n.name]].detach().clone() if n.name in names else user[n.name]
+        state[names[n.name]].detach().clone() if n.name in names else {**unused, **user}[n.name]
         for n in gm.graph.nodes
         if n.op == "placeholder"
     ]
