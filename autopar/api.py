@@ -9,7 +9,7 @@ from torch import nn
 
 from autopar.cluster import Cluster
 from autopar.compile import ParallelModel, make_mesh
-from autopar.errors import AutoparError
+from autopar.errors import AutoparError, MeshError
 from autopar.plan import Plan
 from autopar.planner import make_plan
 from autopar.profile import TrainingPrecision
@@ -80,6 +80,12 @@ def autoparallelize(
         raise AutoparError("autoparallelize needs example_inputs: one global batch.")
     if cluster is None:
         cluster = Cluster.detect()
+    if dist.is_initialized() and plan is None and cluster.world_size != dist.get_world_size():
+        raise MeshError(
+            f"cluster {cluster.name!r} has {cluster.world_size} devices but this job has "
+            f"{dist.get_world_size()} processes: describe the devices the job runs on "
+            f"(Cluster.detect() does) or launch {cluster.world_size} processes."
+        )
     traced = _trace(model, example_inputs, loss_fn)
     if plan is None:
         plan = _plan_on_rank0(traced, cluster, mesh, _planner_options(options))

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import fx, nn
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
+from torch.distributed.tensor import DTensor, Partial, Replicate, distribute_tensor
 from torch.utils._pytree import tree_map
 
 from autopar.errors import MeshError
@@ -147,11 +147,7 @@ class ParallelModel(nn.Module):
 
         def arg(a):
             if isinstance(a, fx.Node):
-                value = env[a]
-                target_pl = next(refs)
-                if tuple(value.placements) != target_pl:
-                    value = value.redistribute(self.mesh, target_pl)
-                return value
+                return _redistribute(env[a], self.mesh, next(refs))
             if isinstance(a, torch.device):
                 return self._device
             return a
@@ -186,6 +182,33 @@ class ParallelModel(nn.Module):
 
 def _contiguous(x: DTensor) -> bool:
     return x.is_contiguous() and x.to_local().is_contiguous()
+
+
+def _redistribute(x: DTensor, mesh, placements) -> DTensor:
+    """x with `placements`; Partial(sum) targets are reached from Replicate by `to_partial`."""
+    if tuple(x.placements) == tuple(placements):
+        return x
+    partial_axes = [a for a, p in enumerate(placements)
+                    if isinstance(p, Partial) and x.placements[a] != p]
+    if not partial_axes:
+        return x.redistribute(mesh, placements)
+    staged = tuple(Replicate() if a in partial_axes else p for a, p in enumerate(placements))
+    return to_partial(x.redistribute(mesh, staged), partial_axes)
+
+
+def to_partial(x: DTensor, axes: list[int]) -> DTensor:
+    """Replicate -> Partial(sum) on `axes` without communication: the rank at coordinate 0 of
+    each axis keeps the value, the others hold zeros, so the sum is the value. Its gradient is
+    the incoming one as Partial(sum) on those axes (DTensor's public redistribute refuses to
+    target Partial, which ops such as addmm with a row-split weight need for the bias)."""
+    mesh = x.device_mesh
+    target = tuple(Partial("sum") if a in axes else p for a, p in enumerate(x.placements))
+    local = x.to_local(grad_placements=target)
+    coord = mesh.get_coordinate()
+    keep = all(coord[a] == 0 for a in axes)
+    local = local if keep else local * 0
+    return DTensor.from_local(local, mesh, target, run_check=False, shape=x.shape,
+                              stride=x.stride())
 
 
 def _make_contiguous(x: DTensor) -> DTensor:

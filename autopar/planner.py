@@ -210,7 +210,11 @@ def _edge_time_s(src: Placements, dst: Placements, val, shape, links) -> float:
     if src == dst:
         return 0.0
     if any(isinstance(d, Partial) and d != s for s, d in zip(src, dst)):
-        return math.inf  # DTensor cannot redistribute into a Partial; only ops produce them
+        # Into a Partial only from Replicate and only as a sum (compile.to_partial does it
+        # locally: one rank keeps the value, the others hold zeros); other pairs are not run.
+        if not all(d == s or (d == Partial("sum") and isinstance(s, Replicate))
+                   for s, d in zip(src, dst)):
+            return math.inf
     size = tuple(val.shape)
     item = val.element_size()
     fwd = cost.reshard_time_s(src, dst, size, item, shape, links)

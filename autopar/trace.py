@@ -123,21 +123,37 @@ def _explain_export_failure(e: Exception, model: nn.Module) -> str:
     return f"could not trace {_model_name(model)}{where}: {type(e).__name__}: {reason}\n{fix}"
 
 
-def _failing_module(e: Exception, model: nn.Module) -> str:
-    """Best effort: the innermost module of `model` whose forward appears in the traceback."""
-    files = {}
+def _failing_module(e: BaseException, model: nn.Module) -> str:
+    """Best effort: the innermost module of `model` whose forward was running when export
+    failed, searched through the whole chain of causes (export re-raises its own errors)."""
+    forwards = {}
     for fqn, mod in model.named_modules():
         code = getattr(type(mod).forward, "__code__", None)
         if code is not None:
-            files.setdefault((code.co_filename, code.co_name), fqn or "<root>")
-    tb = e.__traceback__
+            forwards.setdefault(code, fqn)
     found = None
-    while tb is not None:
-        key = (tb.tb_frame.f_code.co_filename, tb.tb_frame.f_code.co_name)
-        if key in files:
-            found = f" in module '{files[key]}' ({type(model.get_submodule(files[key]) if files[key] != '<root>' else model).__name__}.forward, {key[0]}:{tb.tb_lineno})"
-        tb = tb.tb_next
-    return found or ""
+    for exc in _exception_chain(e):  # outermost first; a deeper cause overrides
+        tb = exc.__traceback__
+        while tb is not None:
+            code = tb.tb_frame.f_code
+            if code in forwards:
+                found = (forwards[code], code.co_filename, tb.tb_lineno)
+            tb = tb.tb_next
+    if found is None:
+        return ""
+    fqn, file, line = found
+    mod = model.get_submodule(fqn)
+    name = f"module '{fqn}'" if fqn else "the root module"
+    return f" in {name} ({type(mod).__name__}.forward, {file}:{line})"
+
+
+def _exception_chain(e: BaseException) -> list[BaseException]:
+    chain, seen = [], set()
+    while e is not None and id(e) not in seen:
+        chain.append(e)
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return chain
 
 
 def _traced_model(ep, model: nn.Module, *, has_loss: bool) -> TracedModel:

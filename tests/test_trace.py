@@ -1,0 +1,130 @@
+"""trace: meta-tensor export, layer mapping, fingerprints, and clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from autopar.errors import TraceError
+from autopar.models.gpt import GPT, GPTConfig
+from autopar.trace import graph_fingerprint, layer_of, trace
+
+CFG = GPTConfig(vocab_size=64, seq_len=8, n_layer=2, n_head=4, d_model=32)
+
+
+def lm_loss(logits, target):
+    return F.cross_entropy(logits.flatten(0, 1), target.flatten())
+
+
+def gpt_batch(batch=2, device="cpu"):
+    x = torch.randint(0, CFG.vocab_size, (batch, CFG.seq_len), device=device)
+    return x, torch.randint(0, CFG.vocab_size, (batch, CFG.seq_len), device=device)
+
+
+class TestTrace:
+    def test_meta_model_traces_without_memory(self):
+        with torch.device("meta"):
+            model = GPT(GPTConfig(vocab_size=50304, seq_len=2048, n_layer=4, n_head=32,
+                                  d_model=4096))
+        x, y = gpt_batch(device="meta")
+        traced = trace(model, (x,), loss_fn=lm_loss, target=y)
+        val = traced.node(traced.loss_node).meta["val"]
+        assert val.numel() == 1
+
+    def test_parameters_keyed_by_fqn_and_tied_weight_once(self):
+        model = GPT(CFG)
+        x, y = gpt_batch()
+        traced = trace(model, (x,), loss_fn=lm_loss, target=y)
+        fqns = set(traced.parameters.values())
+        assert "blocks.1.mlp.fc.weight" in fqns
+        # wte.weight and lm_head.weight are one tensor: it appears once
+        assert len({"wte.weight", "lm_head.weight"} & fqns) == 1
+        assert len(traced.inputs) == 2  # idx, target
+
+    def test_every_op_maps_to_its_layer(self):
+        model = GPT(CFG)
+        x, y = gpt_batch()
+        traced = trace(model, (x,), loss_fn=lm_loss, target=y)
+        layers = {layer_of(n) for n in traced.graph_module.graph.nodes if n.op == "call_function"}
+        assert {"blocks.0.attn.qkv", "blocks.1.mlp.fc", "wte", "lm_head"} <= layers
+        assert not any(layer.startswith("_autopar") for layer in layers)
+
+    def test_attention_stays_whole(self):
+        x, y = gpt_batch()
+        traced = trace(GPT(CFG), (x,), loss_fn=lm_loss, target=y)
+        ops = {str(n.target) for n in traced.graph_module.graph.nodes}
+        assert "aten.scaled_dot_product_attention.default" in ops
+        assert "aten.bmm.default" not in ops
+
+    def test_model_output_is_loss_without_loss_fn(self):
+        class WithLoss(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.lin = nn.Linear(4, 4)
+
+            def forward(self, x):
+                return self.lin(x).square().mean()
+
+        traced = trace(WithLoss(), (torch.randn(2, 4),))
+        assert traced.loss_node == traced.output_node
+
+
+class TestFingerprint:
+    def test_same_model_same_fingerprint_other_shape_other(self):
+        def fingerprint(batch):
+            x, y = gpt_batch(batch)
+            return trace(GPT(CFG), (x,), loss_fn=lm_loss, target=y).fingerprint
+
+        a, b, c = fingerprint(2), fingerprint(2), fingerprint(4)
+        assert a == b != c
+        assert len(a) == 64
+
+    def test_fingerprint_function_matches_field(self):
+        x, y = gpt_batch()
+        traced = trace(GPT(CFG), (x,), loss_fn=lm_loss, target=y)
+        assert graph_fingerprint(traced.graph_module.graph) == traced.fingerprint
+
+
+class DataDependent(nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:  # Python control flow on a tensor value: export cannot trace this
+            return x * 2
+        return x
+
+
+class Outer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.gate = DataDependent()
+
+    def forward(self, x):
+        return self.gate(self.lin(x)).sum()
+
+
+class TestErrors:
+    def test_untraceable_model_names_module_reason_and_fix(self):
+        with pytest.raises(TraceError) as err:
+            trace(Outer(), (torch.randn(2, 4),))
+        msg = str(err.value)
+        assert "module 'gate'" in msg and "DataDependent" in msg
+        assert "data-dependent" in msg.lower() or "guard" in msg.lower()
+        assert "torch.where" in msg  # what to change
+
+    def test_not_a_module(self):
+        with pytest.raises(TraceError, match="needs a torch.nn.Module"):
+            trace(lambda x: x, (torch.randn(2),))
+
+    def test_non_scalar_loss(self):
+        with pytest.raises(TraceError, match="scalar loss"):
+            trace(nn.Linear(4, 4), (torch.randn(2, 4),))
+
+    def test_loss_fn_without_target(self):
+        with pytest.raises(TraceError, match="target"):
+            trace(GPT(CFG), gpt_batch()[:1], loss_fn=lm_loss)
+
+    def test_model_output_that_is_not_a_loss(self):
+        with pytest.raises(TraceError, match="no loss_fn was given"):
+            trace(GPT(CFG), gpt_batch()[:1])
