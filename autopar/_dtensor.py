@@ -9,12 +9,13 @@ internals between releases (checked on 2.11 and 2.13); a torch upgrade should to
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 from collections.abc import Sequence
 
 import torch
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Partial, Placement
+from torch.distributed.tensor import DTensor, Partial, Placement, Replicate
 from torch.utils._pytree import tree_leaves, tree_map
 
 Placements = tuple[Placement, ...]
@@ -77,7 +78,9 @@ def propagate(op, args, kwargs, vals_and_placements, mesh: DeviceMesh):
     schema = sharding.redistribute_schema or info.schema
     in_pl = [s.placements for s in schema.args_spec]
     if len(in_pl) != len(vals_and_placements):  # kwargs tensors are not in args_spec
-        in_pl = [s.placements for s in tree_leaves(schema.kwargs_schema) if hasattr(s, "placements")]
+        in_pl = [
+            s.placements for s in tree_leaves(schema.kwargs_schema) if hasattr(s, "placements")
+        ]
         in_pl = [s.placements for s in schema.args_spec] + in_pl
     return tuple(in_pl), _output_placements(sharding.output_spec)
 
@@ -117,3 +120,21 @@ def is_plain_partial(p: Placement) -> bool:
     """Partial(sum/avg/...) itself, not one of DTensor's private subclasses (e.g. masked partials
     of vocab-parallel embedding), which carry state a plan cannot name."""
     return type(p) is Partial
+
+
+def for_grad(placements) -> tuple[Placement, ...]:
+    """The placements of a gradient flowing back into a tensor with `placements`: a Partial
+    value has a whole (replicated) gradient. Said explicitly at every to_local/from_local
+    because torch changed the default between releases."""
+    return tuple(Replicate() if p.is_partial() else p for p in placements)
+
+
+_FROM_LOCAL_TAKES_GRAD = "grad_placements" in inspect.signature(DTensor.from_local).parameters
+
+
+def from_local(local, mesh, placements, *, shape, stride) -> DTensor:
+    """DTensor.from_local whose backward hands back gradients as `for_grad(placements)`."""
+    kwargs = dict(run_check=False, shape=shape, stride=stride)
+    if _FROM_LOCAL_TAKES_GRAD:
+        kwargs["grad_placements"] = for_grad(placements)
+    return DTensor.from_local(local, mesh, placements, **kwargs)

@@ -21,6 +21,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, distribute_tensor
 from torch.utils._pytree import tree_map
 
+from autopar import _dtensor
 from autopar.errors import MeshError
 from autopar.plan import Plan, placement_from_str
 from autopar.strategies import tensor_inputs
@@ -116,8 +117,10 @@ class ParallelModel(nn.Module):
                 try:
                     env[node] = self._call(node, env)
                 except Exception as e:
-                    e.add_note(f"while running node {node.name} ({node.target}) planned as "
-                               f"{self.plan.ops[node.name]}")
+                    e.add_note(
+                        f"while running node {node.name} ({node.target}) planned as "
+                        f"{self.plan.ops[node.name]}"
+                    )
                     raise
         return env[self._nodes[want]]
 
@@ -188,8 +191,9 @@ def _redistribute(x: DTensor, mesh, placements) -> DTensor:
     """x with `placements`; Partial(sum) targets are reached from Replicate by `to_partial`."""
     if tuple(x.placements) == tuple(placements):
         return x
-    partial_axes = [a for a, p in enumerate(placements)
-                    if isinstance(p, Partial) and x.placements[a] != p]
+    partial_axes = [
+        a for a, p in enumerate(placements) if isinstance(p, Partial) and x.placements[a] != p
+    ]
     if not partial_axes:
         return x.redistribute(mesh, placements)
     staged = tuple(Replicate() if a in partial_axes else p for a, p in enumerate(placements))
@@ -198,28 +202,35 @@ def _redistribute(x: DTensor, mesh, placements) -> DTensor:
 
 def to_partial(x: DTensor, axes: list[int]) -> DTensor:
     """Replicate -> Partial(sum) on `axes` without communication: the rank at coordinate 0 of
-    each axis keeps the value, the others hold zeros, so the sum is the value. Its gradient is
-    the incoming one as Partial(sum) on those axes (DTensor's public redistribute refuses to
-    target Partial, which ops such as addmm with a row-split weight need for the bias)."""
+    each axis keeps the value, the others hold zeros, so the sum is the value. (DTensor's public
+    redistribute refuses to target Partial, which ops such as addmm with a row-split weight need
+    for the bias.) The gradient comes back masked the same way: a Partial(sum) on `axes`."""
     mesh = x.device_mesh
     target = tuple(Partial("sum") if a in axes else p for a, p in enumerate(x.placements))
-    local = x.to_local(grad_placements=target)
+    whole = _dtensor.for_grad(x.placements)
+    grad = tuple(Partial("sum") if a in axes else p for a, p in enumerate(whole))
+    local = x.to_local(grad_placements=grad)
     coord = mesh.get_coordinate()
     keep = all(coord[a] == 0 for a in axes)
     local = local if keep else local * 0
-    return DTensor.from_local(local, mesh, target, run_check=False, shape=x.shape,
-                              stride=x.stride())
+    return _dtensor.from_local(local, mesh, target, shape=x.shape, stride=x.stride())
 
 
 def _make_contiguous(x: DTensor) -> DTensor:
-    x = x.contiguous()  # fixes the global strides; a no-op when they already are
-    local = x.to_local()
-    if local.is_contiguous():
-        return x
-    return DTensor.from_local(
-        local.contiguous(), x.device_mesh, x.placements, run_check=False,
-        shape=x.shape, stride=x.stride(),
+    """x with a contiguous local shard and contiguous global strides, placements unchanged
+    (DTensor's own contiguous() turns a Partial into a Replicate: an all-reduce)."""
+    local = x.to_local(grad_placements=_dtensor.for_grad(x.placements)).contiguous()
+    return _dtensor.from_local(
+        local, x.device_mesh, x.placements, shape=x.shape, stride=_contiguous_strides(x.shape)
     )
+
+
+def _contiguous_strides(shape) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
 
 
 def _as_tuple(x):

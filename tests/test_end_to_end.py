@@ -9,9 +9,13 @@ import torch.nn.functional as F
 import autopar
 from autopar.cluster import Cluster, DeviceSpec, Link
 from autopar.models.gpt import GPT, GPTConfig
+from autopar.models.llama import Llama, LlamaConfig
 from tests.helpers.distributed import run_on_ranks
 
 CONFIG = GPTConfig(vocab_size=64, seq_len=8, n_layer=2, n_head=4, d_model=64)
+LLAMA = LlamaConfig(vocab_size=64, seq_len=8, n_layer=2, n_head=4, n_kv_head=2, d_model=64,
+                    ffn_hidden=128)
+MODELS = {"gpt": lambda: GPT(CONFIG), "llama": lambda: Llama(LLAMA)}
 STEPS = 4
 LR = 0.5
 
@@ -50,9 +54,9 @@ def batches(batch_size: int = 4):
     ]
 
 
-def reference_losses() -> list[float]:
+def reference_losses(model_name: str) -> list[float]:
     torch.manual_seed(0)
-    model = GPT(CONFIG)
+    model = MODELS[model_name]()
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     losses = []
     for x, y in batches():
@@ -64,10 +68,10 @@ def reference_losses() -> list[float]:
     return losses
 
 
-def train_parallel(mesh: dict[str, int]):
+def train_parallel(model_name: str, mesh: dict[str, int]):
     """Runs on every rank: plan, shard, train; report losses and which weights were split."""
     torch.manual_seed(0)
-    model = GPT(CONFIG)
+    model = MODELS[model_name]()
     data = batches()
     pm = autopar.autoparallelize(
         model, fast_cpu_cluster(4), example_inputs=data[0], loss_fn=lm_loss, mesh=mesh
@@ -82,14 +86,11 @@ def train_parallel(mesh: dict[str, int]):
     return losses, split, pm.plan.to_json()
 
 
-@pytest.fixture(scope="module")
-def reference():
-    return reference_losses()
-
-
+@pytest.mark.parametrize("model_name", list(MODELS))
 @pytest.mark.parametrize("mesh", [{"dp": 4}, {"tp": 4}, {"dp": 2, "tp": 2}], ids=str)
-def test_losses_match_single_process(mesh, reference):
-    results = run_on_ranks(train_parallel, 4, mesh)
+def test_losses_match_single_process(model_name, mesh):
+    reference = reference_losses(model_name)
+    results = run_on_ranks(train_parallel, 4, model_name, mesh)
     losses = [r[0] for r in results]
     for rank_losses in losses:  # the same loss on every rank ...
         assert rank_losses == losses[0]
