@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from autopar.models.gpt import GPT, GPTConfig
+from autopar.models.llama import Llama, LlamaConfig
 from autopar.strategies import _signature
 from autopar.trace import trace
 from tests.helpers.simulate import (
@@ -73,6 +74,14 @@ def _gpt():
     return GPT(cfg), (idx,), target, _cross_entropy
 
 
+def _llama():
+    cfg = LlamaConfig(vocab_size=64, seq_len=8, n_layer=1, n_head=4, n_kv_head=2, d_model=32,
+                      ffn_hidden=48)
+    idx = torch.randint(0, cfg.vocab_size, (4, cfg.seq_len))
+    target = torch.randint(0, cfg.vocab_size, (4, cfg.seq_len))
+    return Llama(cfg), (idx,), target, _cross_entropy
+
+
 def _mlp():
     return _MLP(), (torch.randn(8, 16),), torch.randn(8, 16), F.mse_loss
 
@@ -84,7 +93,7 @@ def _functional():
     return _Functional(), (x, mask), torch.randn(4, 8, 16), F.mse_loss
 
 
-MODELS = {"gpt": _gpt, "mlp": _mlp, "functional": _functional}
+MODELS = {"gpt": _gpt, "llama": _llama, "mlp": _mlp, "functional": _functional}
 
 
 @functools.cache

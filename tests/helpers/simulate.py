@@ -209,7 +209,10 @@ def _exact(x):
     sums in, so the tolerances only ever catch wrong strategies, never rounding."""
     if not (isinstance(x, torch.Tensor) and x.dtype.is_floating_point):
         return x
-    # keep the strides: a non-contiguous input takes other paths (compile's view fix)
+    # keep the strides: a non-contiguous input takes other paths (compile's view fix);
+    # an expanded value (stride 0) cannot be written with its strides, so it becomes dense
+    if any(st == 0 and n > 1 for st, n in zip(x.stride(), x.shape)):
+        return x.to(torch.float64)
     return torch.empty_strided(x.shape, x.stride(), dtype=torch.float64).copy_(x)
 
 
