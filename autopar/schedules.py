@@ -17,8 +17,8 @@ Shapes and conventions
   (Qi et al. 2023 count a microbatch's memory the same way).
 * Timeline model (:func:`_timeline`): an action starts when its rank has finished the previous
   action in its list and its input is done (forward of stage s-1, backward of stage s+1, same
-  microbatch); communication takes no time. Unit times: F = 1, B = 2 (I = W = 1 when split), equal for every
-  stage. ``bubble_fraction`` = idle rank-time / (pp * step time).
+  microbatch); communication takes no time. Unit times: F = 1, B = 2 (I = W = 1 when split),
+  equal for every stage. ``bubble_fraction`` = idle rank-time / (pp * step time).
 
 Closed forms and where they hold (checked against torch's actions by tests/test_schedules.py):
 
