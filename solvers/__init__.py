@@ -5,6 +5,15 @@ Imports no torch, so every solver can be tested with hand-built instances.
 
 from solvers.brute_force import solve_brute_force
 from solvers.intra_op import solve_intra_op
+from solvers.pipeline import (
+    Layer,
+    LayerOption,
+    PipelineProblem,
+    PipelineSolution,
+    evaluate_pipeline,
+    solve_pipeline,
+    solve_pipeline_brute_force,
+)
 from solvers.problem import (
     Edge,
     InfeasibleProblem,
@@ -19,12 +28,19 @@ from solvers.problem import (
 __all__ = [
     "Edge",
     "InfeasibleProblem",
+    "Layer",
+    "LayerOption",
     "MemoryPoint",
     "Node",
     "NoSolutionFound",
+    "PipelineProblem",
+    "PipelineSolution",
     "ShardingProblem",
     "Solution",
     "evaluate",
+    "evaluate_pipeline",
     "solve_brute_force",
     "solve_intra_op",
+    "solve_pipeline",
+    "solve_pipeline_brute_force",
 ]
