@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import fx, nn
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import DTensor, Partial, Replicate, distribute_tensor
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 from torch.utils._pytree import tree_map
 
 from autopar import _dtensor
@@ -156,24 +156,12 @@ class ParallelModel(nn.Module):
             return a
 
         args, kwargs = tree_map(arg, (node.args, node.kwargs))
-        if node.target is torch.ops.aten.view.default and not _contiguous(args[0]):
-            # The traced view was valid for the single-device strides; a redistributed local
-            # shard may be laid out differently (all-gathers return fresh contiguous buffers of
-            # the logical shape, local ops keep theirs), so give view a contiguous shard.
-            args = (_make_contiguous(args[0]), *args[1:])
+        outputs = [_placements(p) if p else None for p in op.outputs]
+        if node.target in _VIEWS:
+            return _view_locally(node, args[0], outputs[0], self.mesh)
         if op.rule == "dtensor":
             return node.target(*args, **kwargs)
-        outputs = [_placements(p) for p in op.outputs]
-        local_args, local_kwargs = tree_map(
-            lambda v: v.to_local() if isinstance(v, DTensor) else v, (args, kwargs)
-        )
-        result = node.target(*local_args, **local_kwargs)
-        if isinstance(result, (tuple, list)):
-            return type(result)(
-                DTensor.from_local(r, self.mesh, pl, run_check=False) if pl else r
-                for r, pl in zip(result, outputs)
-            )
-        return DTensor.from_local(result, self.mesh, outputs[0], run_check=False)
+        return _call_locally(node, args, kwargs, outputs, self.mesh)
 
     def _settle_gradients(self):
         """Reduce partial gradients (e.g. of replicated weights under a split batch) so every
@@ -181,10 +169,6 @@ class ParallelModel(nn.Module):
         for p in self._params.values():
             if p.grad is not None and tuple(p.grad.placements) != tuple(p.placements):
                 p.grad = p.grad.redistribute(self.mesh, p.placements)
-
-
-def _contiguous(x: DTensor) -> bool:
-    return x.is_contiguous() and x.to_local().is_contiguous()
 
 
 def _redistribute(x: DTensor, mesh, placements) -> DTensor:
@@ -216,21 +200,70 @@ def to_partial(x: DTensor, axes: list[int]) -> DTensor:
     return _dtensor.from_local(local, mesh, target, shape=x.shape, stride=x.stride())
 
 
-def _make_contiguous(x: DTensor) -> DTensor:
-    """x with a contiguous local shard and contiguous global strides, placements unchanged
-    (DTensor's own contiguous() turns a Partial into a Replicate: an all-reduce)."""
-    local = x.to_local(grad_placements=_dtensor.for_grad(x.placements)).contiguous()
-    return _dtensor.from_local(
-        local, x.device_mesh, x.placements, shape=x.shape, stride=_contiguous_strides(x.shape)
-    )
-
-
 def _contiguous_strides(shape) -> tuple[int, ...]:
     strides, step = [], 1
     for size in reversed(shape):
         strides.append(step)
         step *= max(size, 1)
     return tuple(reversed(strides))
+
+
+def _view_locally(node: fx.Node, x: DTensor, out_placements, mesh) -> DTensor:
+    """A view on local shards, as DTensor's own view rule runs it, but with reshape: the
+    traced view was valid for single-device strides, and a shard that a redistribution or
+    a local kernel laid out differently may need a copy (in forward or in backward)."""
+    out = node.meta["val"]
+    local_shape = _local_shape(out.shape, out_placements, mesh.shape)
+    local = x.to_local(grad_placements=_dtensor.for_grad(x.placements))
+    return _dtensor.from_local(
+        local.reshape(local_shape),
+        mesh,
+        out_placements,
+        shape=out.shape,
+        stride=_contiguous_strides(out.shape),
+    )
+
+
+def _call_locally(node: fx.Node, args, kwargs, outputs, mesh):
+    """Ops with our own rule (and replicated fallbacks) run on local shards: each rank calls
+    the op on its pieces and the results are rewrapped with the rule's output placements.
+    A replicated input feeding outputs split over an axis gets a partial gradient there."""
+    split = {a for pl in outputs if pl for a, p in enumerate(pl) if not isinstance(p, Replicate)}
+
+    def local(v):
+        if not isinstance(v, DTensor):
+            return v
+        grad = tuple(
+            Partial("sum") if a in split and isinstance(p, Replicate) else p
+            for a, p in enumerate(_dtensor.for_grad(v.placements))
+        )
+        return v.to_local(grad_placements=grad)
+
+    local_args, local_kwargs = tree_map(local, (args, kwargs))
+    result = node.target(*local_args, **local_kwargs)
+    vals = node.meta["val"]
+    results = result if isinstance(result, (tuple, list)) else (result,)
+    vals = vals if isinstance(vals, (tuple, list)) else (vals,)
+    wrapped = [
+        _dtensor.from_local(r, mesh, pl, shape=v.shape, stride=_contiguous_strides(v.shape))
+        if pl is not None and isinstance(r, torch.Tensor)
+        else r
+        for r, pl, v in zip(results, outputs, vals)
+    ]
+    return type(result)(wrapped) if isinstance(result, (tuple, list)) else wrapped[0]
+
+
+# Ops that only reinterpret their input's shape: run on local shards (see _view_locally).
+_VIEWS = {torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default}
+
+
+def _local_shape(shape, placements, mesh_shape) -> tuple[int, ...]:
+    """A shard's shape: every Shard(d) divides dim d by its axis size (plans shard evenly)."""
+    local = list(shape)
+    for p, n in zip(placements, mesh_shape):
+        if isinstance(p, Shard):
+            local[p.dim] //= n
+    return tuple(local)
 
 
 def _as_tuple(x):

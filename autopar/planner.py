@@ -283,7 +283,9 @@ def _block_of(n: fx.Node, traced: TracedModel) -> str | None:
 
 
 def _layer_ties(gm, traced: TracedModel, strategies) -> tuple[tuple[str, ...], ...]:
-    """Tie the i-th decision of every identical repeated block, so depth adds no variables."""
+    """Tie the i-th decision of every repeated block of the same shape, so depth adds no
+    variables. Position i is tied only across blocks where its strategy list is the same (the
+    first block reads the embedding, not a block, so some of its early choices may differ)."""
     blocks: dict[str, list[fx.Node]] = {}
     for n in decision_nodes(gm):
         b = _block_of(n, traced)
@@ -292,21 +294,22 @@ def _layer_ties(gm, traced: TracedModel, strategies) -> tuple[tuple[str, ...], .
     by_shape: dict[tuple, list[list[fx.Node]]] = {}
     for b, members in blocks.items():
         template = re.sub(r"\.\d+$", ".*", b)
-        sig = (template, tuple(_node_signature(m, strategies) for m in members))
+        sig = (template, tuple(_node_signature(m) for m in members))
         by_shape.setdefault(sig, []).append(members)
     ties = []
     for groups in by_shape.values():
-        if len(groups) < 2:
-            continue
         for position in zip(*groups):
-            ties.append(tuple(m.name for m in position))
+            same: dict[tuple, list[str]] = {}
+            for m in position:
+                same.setdefault(tuple(strategies[m.name]), []).append(m.name)
+            ties.extend(tuple(names) for names in same.values() if len(names) > 1)
     return tuple(ties)
 
 
-def _node_signature(n: fx.Node, strategies) -> tuple:
+def _node_signature(n: fx.Node) -> tuple:
     v = _val(n)
     shape = tuple(v.shape) if isinstance(v, torch.Tensor) else None
-    return (n.op, str(n.target) if n.op != "placeholder" else "", shape, tuple(strategies[n.name]))
+    return (n.op, str(n.target) if n.op != "placeholder" else "", shape)
 
 
 def candidate_meshes(world_size: int) -> list[dict[str, int]]:
@@ -360,8 +363,8 @@ def make_plan(
     if best is None:
         peak, m = min(min_peaks, key=lambda x: x[0])
         raise InfeasibleError(
-            f"no plan fits the memory limit of {budget / 2**30:.3f} GiB per device: the smallest "
-            f"peak found is {peak / 2**30:.3f} GiB (mesh {m}). Raise memory_limit, use more "
+            f"no plan fits the memory limit of {format_bytes(budget)} per device: the smallest "
+            f"peak found is {format_bytes(peak)} (mesh {m}). Raise memory_limit, use more "
             f"devices, or shrink the batch.",
             min_peak_bytes=peak,
             budget_bytes=budget,
@@ -374,6 +377,14 @@ def make_plan(
             stacklevel=2,
         )
     return to_plan(traced, cluster, decisions, solution)
+
+
+def format_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB': binary units, three significant digits."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n:.0f} B"
 
 
 def _check_mesh(mesh: dict[str, int], cluster: Cluster) -> None:
