@@ -9,7 +9,6 @@ internals between releases (checked on 2.11 and 2.13); a torch upgrade should to
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 from collections.abc import Sequence
 
@@ -129,12 +128,78 @@ def for_grad(placements) -> tuple[Placement, ...]:
     return tuple(Replicate() if p.is_partial() else p for p in placements)
 
 
-_FROM_LOCAL_TAKES_GRAD = "grad_placements" in inspect.signature(DTensor.from_local).parameters
+def local_call(fn, inputs, *, mesh, input_grad_placements, output_placements, output_vals):
+    """Run `fn` on the local shards of DTensor `inputs`; wrap its results as DTensors.
+
+    Gradients are handled here, not by DTensor's to_local/from_local, whose treatment of
+    Partial gradients changed between torch releases: in backward, each output gradient is
+    brought to `for_grad(output_placements)` (a Partial output has a whole gradient), the local
+    backward of `fn` runs, and input i's local gradient is declared `input_grad_placements[i]`.
+    `output_vals` are example tensors with each output's global shape.
+    """
+    return _LocalCall.apply(
+        fn,
+        mesh,
+        tuple(input_grad_placements),
+        tuple(output_placements),
+        tuple(output_vals),
+        *inputs,
+    )
 
 
-def from_local(local, mesh, placements, *, shape, stride) -> DTensor:
-    """DTensor.from_local whose backward hands back gradients as `for_grad(placements)`."""
-    kwargs = dict(run_check=False, shape=shape, stride=stride)
-    if _FROM_LOCAL_TAKES_GRAD:
-        kwargs["grad_placements"] = for_grad(placements)
-    return DTensor.from_local(local, mesh, placements, **kwargs)
+def _wrap(local, mesh, placements, val) -> DTensor:
+    return DTensor.from_local(
+        local,
+        mesh,
+        placements,
+        run_check=False,
+        shape=val.shape,
+        stride=contiguous_strides(val.shape),
+    )
+
+
+class _LocalCall(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, fn, mesh, in_grad, out_placements, out_vals, *inputs):
+        local_in = [x.to_local().detach().requires_grad_(x.requires_grad) for x in inputs]
+        with torch.enable_grad():  # record fn's local graph for backward
+            result = fn(*local_in)
+        outs = result if isinstance(result, (tuple, list)) else (result,)
+        ctx.mesh, ctx.in_grad, ctx.out_placements = mesh, in_grad, out_placements
+        ctx.local_in, ctx.outs = local_in, outs
+        ctx.in_vals = [x for x in inputs]
+        wrapped = tuple(
+            _wrap(o.detach(), mesh, pl, v) for o, pl, v in zip(outs, out_placements, out_vals)
+        )
+        ctx.mark_non_differentiable(*[w for w, o in zip(wrapped, outs) if not o.requires_grad])
+        return wrapped if isinstance(result, (tuple, list)) else wrapped[0]
+
+    @staticmethod
+    def backward(ctx, *grads):
+        pairs = [
+            (o, g.redistribute(ctx.mesh, for_grad(pl)).to_local())
+            for o, g, pl in zip(ctx.outs, grads, ctx.out_placements)
+            if g is not None and o.requires_grad
+        ]
+        wanted = [t for t in ctx.local_in if t.requires_grad]
+        local_grads = (
+            torch.autograd.grad(
+                [o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True
+            )
+            if pairs and wanted
+            else [None] * len(wanted)
+        )
+        by_input = iter(local_grads)
+        out = []
+        for t, x, pl in zip(ctx.local_in, ctx.in_vals, ctx.in_grad):
+            g = next(by_input) if t.requires_grad else None
+            out.append(None if g is None else _wrap(g, ctx.mesh, pl, x))
+        return (None, None, None, None, None, *out)
+
+
+def contiguous_strides(shape) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(tuple(shape)):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))

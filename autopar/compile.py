@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import fx, nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from autopar import _dtensor
 from autopar.errors import MeshError
@@ -193,19 +193,16 @@ def to_partial(x: DTensor, axes: list[int]) -> DTensor:
     target = tuple(Partial("sum") if a in axes else p for a, p in enumerate(x.placements))
     whole = _dtensor.for_grad(x.placements)
     grad = tuple(Partial("sum") if a in axes else p for a, p in enumerate(whole))
-    local = x.to_local(grad_placements=grad)
     coord = mesh.get_coordinate()
     keep = all(coord[a] == 0 for a in axes)
-    local = local if keep else local * 0
-    return _dtensor.from_local(local, mesh, target, shape=x.shape, stride=x.stride())
-
-
-def _contiguous_strides(shape) -> tuple[int, ...]:
-    strides, step = [], 1
-    for size in reversed(shape):
-        strides.append(step)
-        step *= max(size, 1)
-    return tuple(reversed(strides))
+    return _dtensor.local_call(
+        lambda t: t if keep else t * 0,
+        [x],
+        mesh=mesh,
+        input_grad_placements=[grad],
+        output_placements=[target],
+        output_vals=[x],
+    )
 
 
 def _view_locally(node: fx.Node, x: DTensor, out_placements, mesh) -> DTensor:
@@ -214,13 +211,13 @@ def _view_locally(node: fx.Node, x: DTensor, out_placements, mesh) -> DTensor:
     a local kernel laid out differently may need a copy (in forward or in backward)."""
     out = node.meta["val"]
     local_shape = _local_shape(out.shape, out_placements, mesh.shape)
-    local = x.to_local(grad_placements=_dtensor.for_grad(x.placements))
-    return _dtensor.from_local(
-        local.reshape(local_shape),
-        mesh,
-        out_placements,
-        shape=out.shape,
-        stride=_contiguous_strides(out.shape),
+    return _dtensor.local_call(
+        lambda t: t.reshape(local_shape),
+        [x],
+        mesh=mesh,
+        input_grad_placements=[_dtensor.for_grad(x.placements)],
+        output_placements=[out_placements],
+        output_vals=[out],
     )
 
 
@@ -228,29 +225,41 @@ def _call_locally(node: fx.Node, args, kwargs, outputs, mesh):
     """Ops with our own rule (and replicated fallbacks) run on local shards: each rank calls
     the op on its pieces and the results are rewrapped with the rule's output placements.
     A replicated input feeding outputs split over an axis gets a partial gradient there."""
+    leaves, spec = tree_flatten((args, kwargs))
+    slots = [i for i, v in enumerate(leaves) if isinstance(v, DTensor)]
+
+    def run(*local):
+        filled = list(leaves)
+        for i, t in zip(slots, local):
+            filled[i] = t
+        a, k = tree_unflatten(filled, spec)
+        return node.target(*a, **k)
+
+    val = node.meta["val"]
+    vals = tuple(val) if isinstance(val, (tuple, list)) else (val,)
+    if not slots:  # a factory: nothing to differentiate
+        result = run()
+        results = result if isinstance(result, (tuple, list)) else (result,)
+        wrapped = [
+            DTensor.from_local(r, mesh, pl, run_check=False) for r, pl in zip(results, outputs)
+        ]
+        return type(result)(wrapped) if isinstance(result, (tuple, list)) else wrapped[0]
     split = {a for pl in outputs if pl for a, p in enumerate(pl) if not isinstance(p, Replicate)}
-
-    def local(v):
-        if not isinstance(v, DTensor):
-            return v
-        grad = tuple(
+    in_grad = [
+        tuple(
             Partial("sum") if a in split and isinstance(p, Replicate) else p
-            for a, p in enumerate(_dtensor.for_grad(v.placements))
+            for a, p in enumerate(_dtensor.for_grad(leaves[i].placements))
         )
-        return v.to_local(grad_placements=grad)
-
-    local_args, local_kwargs = tree_map(local, (args, kwargs))
-    result = node.target(*local_args, **local_kwargs)
-    vals = node.meta["val"]
-    results = result if isinstance(result, (tuple, list)) else (result,)
-    vals = vals if isinstance(vals, (tuple, list)) else (vals,)
-    wrapped = [
-        _dtensor.from_local(r, mesh, pl, shape=v.shape, stride=_contiguous_strides(v.shape))
-        if pl is not None and isinstance(r, torch.Tensor)
-        else r
-        for r, pl, v in zip(results, outputs, vals)
+        for i in slots
     ]
-    return type(result)(wrapped) if isinstance(result, (tuple, list)) else wrapped[0]
+    return _dtensor.local_call(
+        run,
+        [leaves[i] for i in slots],
+        mesh=mesh,
+        input_grad_placements=in_grad,
+        output_placements=outputs,
+        output_vals=vals,
+    )
 
 
 # Ops that only reinterpret their input's shape: run on local shards (see _view_locally).
