@@ -72,8 +72,10 @@ def propagate(op, args, kwargs, vals_and_placements, mesh: DeviceMesh):
     dispatcher = DTensor._op_dispatcher
     info = dispatcher.unwrap_to_op_info(op, d_args, d_kwargs)
     with _quiet_fake_tensor_log():  # rejected combinations log a traceback before raising
-        _propagator().propagate(info)
-    sharding = info.output_sharding
+        # The non-cached entry: the cached one would remember answers for our planning mesh,
+        # and DeviceMesh equality ignores process groups, so a later run on a real mesh of the
+        # same shape could be handed specs that point at the planning mesh.
+        sharding = _propagator().propagate_op_sharding_non_cached(info.schema)
     schema = sharding.redistribute_schema or info.schema
     in_pl = [s.placements for s in schema.args_spec]
     if len(in_pl) != len(vals_and_placements):  # kwargs tensors are not in args_spec
