@@ -100,3 +100,21 @@ def test_losses_match_single_process(model_name, mesh):
     assert len(plans) == 1, "every rank must plan the same"
     if "tp" in mesh:
         assert results[0][1], "under tp at least one weight must be split"
+
+
+def plan_for_four_on_two():
+    """Runs on 2 ranks with a cluster that says 4 devices: must fail clearly, not hang."""
+    try:
+        autopar.autoparallelize(
+            GPT(CONFIG), fast_cpu_cluster(4), example_inputs=batches()[0], loss_fn=lm_loss
+        )
+    except autopar.AutoparError as e:
+        return type(e).__name__, str(e)
+    return None
+
+
+def test_cluster_that_does_not_match_the_job():
+    results = run_on_ranks(plan_for_four_on_two, 2)
+    for name, message in results:
+        assert name == "MeshError"
+        assert "has 4 devices but this job has 2 processes" in message
