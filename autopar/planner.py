@@ -28,6 +28,7 @@ import solvers
 from autopar import _dtensor, cost
 from autopar.cluster import Cluster
 from autopar.errors import InfeasibleError, MeshError
+from autopar.layers import block_of, decision_nodes
 from autopar.plan import SCHEMA_VERSION, OpSharding, Plan, placement_to_str
 from autopar.profile import OpProfile, TrainingPrecision, parameter_state_bytes, profile_graph
 from autopar.strategies import (
@@ -40,7 +41,7 @@ from autopar.strategies import (
     tensor_inputs,
     work_factor,
 )
-from autopar.trace import TracedModel, is_getitem, layer_of
+from autopar.trace import TracedModel, is_getitem
 
 
 @dataclass
@@ -59,14 +60,6 @@ def source_of(arg: fx.Node) -> tuple[fx.Node, int]:
     if is_getitem(arg):
         return arg.args[0], arg.args[1]
     return arg, 0
-
-
-def decision_nodes(gm: fx.GraphModule) -> list[fx.Node]:
-    return [
-        n
-        for n in gm.graph.nodes
-        if n.op == "placeholder" or (n.op == "call_function" and not is_getitem(n))
-    ]
 
 
 def build_problem(
@@ -272,23 +265,13 @@ def _memory_points(gm, traced: TracedModel, profiles) -> tuple[solvers.MemoryPoi
     return tuple(points)
 
 
-_INDEXED = re.compile(r"^(.*?\.\d+)(\.|$)")
-
-
-def _block_of(n: fx.Node, traced: TracedModel) -> str | None:
-    """'blocks.3' for anything inside the 4th element of a module list, else None."""
-    fqn = traced.parameters.get(n.name) or traced.buffers.get(n.name) if n.op == "placeholder" else layer_of(n)
-    m = _INDEXED.match(fqn or "")
-    return m.group(1) if m else None
-
-
 def _layer_ties(gm, traced: TracedModel, strategies) -> tuple[tuple[str, ...], ...]:
     """Tie the i-th decision of every repeated block of the same shape, so depth adds no
     variables. Position i is tied only across blocks where its strategy list is the same (the
     first block reads the embedding, not a block, so some of its early choices may differ)."""
     blocks: dict[str, list[fx.Node]] = {}
     for n in decision_nodes(gm):
-        b = _block_of(n, traced)
+        b = block_of(n, traced)
         if b is not None:
             blocks.setdefault(b, []).append(n)
     by_shape: dict[tuple, list[list[fx.Node]]] = {}
