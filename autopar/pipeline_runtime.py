@@ -1,0 +1,330 @@
+"""Run a plan with pipeline stages on torch.distributed.pipelining.
+
+The traced graph (of ONE microbatch) is cut where the plan's stages are cut: every stage becomes
+a `StageModule` that runs its ops exactly as `compile.ParallelModel` does, on the dp x tp
+submesh, and exchanges plain local tensors with its neighbours through `PipelineStage`. The loss
+(the ops that read the target) runs as the schedule's `loss_fn` on the last stage.
+
+    split_stages      node -> stage; each stage's boundary values in and out
+    StageModule       one stage's ops, parameters and checkpointed layers
+    PipelinedModel    the stages of this rank + the schedule; `train_step` like ParallelModel
+
+Values crossing a stage boundary travel as Replicate or Shard (a Partial one is reduced first),
+so that to_local/from_local have one meaning in every torch release.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.distributed as dist
+from torch import fx, nn
+from torch.distributed.pipelining import PipelineStage
+from torch.distributed.pipelining.schedules import PipelineScheduleMulti, get_schedule_class
+from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
+from torch.utils.checkpoint import checkpoint
+
+from autopar.compile import ParallelModel, _mesh_device, _placements, _shard_local
+from autopar.errors import MeshError
+from autopar.layers import assign_layers
+from autopar.plan import Plan
+from autopar.trace import TracedModel, is_getitem
+
+PP = "pp"
+_STEP_RETURNS_OUTPUTS = "return_outputs" in inspect.signature(PipelineScheduleMulti.step).parameters
+
+
+def _loss_nodes(traced: TracedModel) -> set[str]:
+    """Ops that read the target, directly or not: they run in the schedule's loss_fn."""
+    gm = traced.graph_module
+    target = traced.inputs[-1]
+    tainted = {target}
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and any(a.name in tainted for a in n.all_input_nodes):
+            tainted.add(n.name)
+    tainted.discard(target)
+    return tainted
+
+
+def split_stages(traced: TracedModel, plan: Plan, *, has_target: bool):
+    """(stage of every op node, inputs of each stage, outputs of each stage, loss-part inputs).
+
+    A stage's inputs are the values made before it and read by it or after it; its outputs are
+    the next stage's inputs (values read two stages later pass through the stage between).
+    Parameters and buffers are not boundary values: each stage holds the ones it reads.
+    """
+    gm = traced.graph_module
+    layer = assign_layers(traced)
+    stages = plan.pipeline["stages"]
+    stage_of_layer = {name: s for s, st in enumerate(stages) for name in st["layers"]}
+    missing = sorted(set(layer.values()) - set(stage_of_layer))
+    if missing:
+        raise MeshError(f"the plan's pipeline stages do not place the layers {missing}")
+    loss = _loss_nodes(traced) if has_target else set()
+    states = set(traced.parameters) | set(traced.buffers)
+    stage_of: dict[str, int] = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.name not in loss:
+            stage_of[n.name] = stage_of_layer[layer[n.name]]
+    first_input_stage = {name: 0 for name in traced.inputs}
+    n_stages = len(stages)
+    last_use: dict[str, int] = {}
+    for n in gm.graph.nodes:
+        if n.op != "call_function":
+            continue
+        user_stage = n_stages if n.name in loss else stage_of[n.name]  # loss: after the last
+        for a in n.all_input_nodes:
+            if a.name in states:
+                continue
+            last_use[a.name] = max(last_use.get(a.name, -1), user_stage)
+    made_in = {**first_input_stage, **stage_of}
+    boundary = []  # boundary[s]: values live between stage s-1 and stage s (s = 0..n_stages)
+    order = [n.name for n in gm.graph.nodes]
+    for s in range(n_stages + 1):
+        live = [
+            v for v in order
+            if v in made_in and v not in loss and made_in[v] < s <= last_use.get(v, -1)
+            and v not in (traced.inputs[-1:] if has_target else [])
+        ]
+        boundary.append(live)
+    user_inputs = [i for i in traced.inputs[: len(traced.inputs) - has_target]]
+    boundary[0] = user_inputs
+    return stage_of, boundary, loss
+
+
+class StageModule(nn.Module):
+    """One pipeline stage: its ops, run op by op like ParallelModel, on local tensors in and out."""
+
+    _call = ParallelModel._call  # the same op runner (reads self.plan, self.mesh, self._device)
+
+    def __init__(self, *, nodes, inputs, outputs, plan, mesh, device, params, buffers, placements,
+                 checkpointed, layer, first):
+        super().__init__()
+        self.plan, self.mesh, self._device = plan, mesh, device
+        self._nodes, self._in, self._out = nodes, inputs, outputs
+        self._params = params  # placeholder name -> nn.Parameter (shared between this rank's stages)
+        reads = {a.name for n in nodes for a in n.all_input_nodes}
+        self._held = nn.ParameterList([p for name, p in params.items() if name in reads])
+        self._buffers_by_node = buffers
+        self._placements = placements  # value name -> placements it travels with
+        self._checkpointed, self._layer, self._first = checkpointed, layer, first
+
+    def forward(self, *locals_in):
+        env: dict[str, object] = {}
+        for name, value in zip(self._in, locals_in):
+            pl = self._placements[name]
+            if self._first:
+                env[name] = _shard_local(value.to(self._device), self.mesh, pl)
+            else:
+                env[name] = DTensor.from_local(value, self.mesh, pl, run_check=False)
+        for group in _layer_groups(self._nodes, self._layer):
+            if self._layer[group[0].name] in self._checkpointed:
+                self._run_checkpointed(group, env)
+            else:
+                self._run(group, env)
+        outs = []
+        for name in self._out:
+            v = env[name]
+            outs.append(v.redistribute(self.mesh, self._placements[name]).to_local())
+        return tuple(outs)
+
+    def _value(self, a: fx.Node, env):
+        if a.name in env:
+            return env[a.name]
+        if a.name in self._params:
+            return self._params[a.name]
+        return self._buffers_by_node[a.name]
+
+    def _run(self, nodes, env):
+        for n in nodes:
+            if is_getitem(n):
+                env[n.name] = env[n.args[0].name][n.args[1]]
+                continue
+            local_env = {a: self._value(a, env) for a in n.all_input_nodes}
+            env[n.name] = self._call(n, local_env)
+
+    def _run_checkpointed(self, nodes, env):
+        """Run a layer under torch.utils.checkpoint: keep its inputs, recompute the rest."""
+        inside = {n.name for n in nodes}
+        reads = list(dict.fromkeys(
+            a.name for n in nodes for a in n.all_input_nodes
+            if a.name not in inside and a.name in env
+        ))
+        writes = [n.name for n in nodes]
+
+        def layer_fn(*values):
+            local = dict(zip(reads, values))
+            self._run(nodes, local)
+            return tuple(local[w] for w in writes)
+
+        results = checkpoint(layer_fn, *[env[r] for r in reads], use_reentrant=False)
+        env.update(zip(writes, results))
+
+
+def _layer_groups(nodes, layer):
+    groups: list[list[fx.Node]] = []
+    for n in nodes:
+        if groups and layer[groups[-1][0].name] == layer[n.name]:
+            groups[-1].append(n)
+        else:
+            groups.append([n])
+    return groups
+
+
+class PipelinedModel(nn.Module):
+    """The stages of this rank and their schedule. `train_step(inputs, target)` runs one global
+    batch (num_microbatches x microbatch_size) and returns the mean loss on every rank."""
+
+    def __init__(self, model: nn.Module, traced: TracedModel, plan: Plan, mesh):
+        super().__init__()
+        if list(plan.mesh)[0] != PP:
+            raise MeshError(f"a pipelined plan's mesh starts with 'pp', got {plan.mesh}")
+        self.plan = plan
+        self.mesh = mesh
+        names = [a for a in plan.mesh if a != PP]
+        self.sub = mesh[tuple(names)] if len(names) > 1 else mesh[names[0]]
+        self.pp_group = mesh.get_group(PP)
+        self.pp_rank = mesh.get_local_rank(PP)
+        self.pp = plan.mesh[PP]
+        device = _mesh_device(mesh)
+        has_target = traced.loss_node != traced.output_node
+        stage_of, boundary, loss = split_stages(traced, plan, has_target=has_target)
+        self._traced, self._loss = traced, loss
+        layer = assign_layers(traced)
+        placements = self._travel_placements(traced, boundary)
+        self._placements = placements
+        gm = traced.graph_module
+        mine = [s for s, st in enumerate(plan.pipeline["stages"]) if st["rank"] == self.pp_rank]
+        n_stages = len(plan.pipeline["stages"])
+        self._params = self._make_params(model, traced, stage_of, loss, mine, device)
+        buffers = {
+            node: distribute_tensor(model.get_buffer(fqn).detach().to(device), self.sub,
+                                    (Replicate(),) * self.sub.ndim)
+            for node, fqn in traced.buffers.items()
+        }
+        checkpointed = {name for name, how in (plan.checkpoint or {}).items() if how != "none"}
+        self.stage_modules = nn.ModuleList()
+        self.stages = []
+        for s in mine:
+            nodes = [n for n in gm.graph.nodes if stage_of.get(n.name) == s]
+            module = StageModule(
+                nodes=nodes, inputs=boundary[s], outputs=boundary[s + 1], plan=plan,
+                mesh=self.sub, device=device, params=self._params, buffers=buffers,
+                placements=placements, checkpointed=checkpointed, layer=layer, first=s == 0,
+            )
+            self.stage_modules.append(module)
+            self.stages.append(PipelineStage(module, s, n_stages, device, group=self.pp_group))
+        self._loss_module = StageModule(
+            nodes=[n for n in gm.graph.nodes if n.name in loss], inputs=boundary[n_stages],
+            outputs=[], plan=plan, mesh=self.sub, device=device, params=self._params,
+            buffers=buffers, placements=placements, checkpointed=set(), layer=layer,
+            first=False,
+        )
+        cls = get_schedule_class(plan.pipeline["schedule"])
+        m = plan.pipeline["num_microbatches"]
+        # Gradients are divided by m once per parameter in _settle_gradients: the schedule would
+        # divide per stage, twice for a parameter two stages of this rank share.
+        stages = self.stages if issubclass(cls, PipelineScheduleMulti) else self.stages[0]
+        self.schedule = cls(stages, n_microbatches=m, loss_fn=self._loss_fn, scale_grads=False)
+        self._num_microbatches = m
+        self._has_first = 0 in mine
+        self._has_last = (n_stages - 1) in mine
+        self._target_name = traced.inputs[-1] if has_target else None
+
+    def _travel_placements(self, traced, boundary):
+        """Boundary values travel with their producer's output placements, Partial made whole;
+        user inputs with the plan's input placements."""
+        out = {}
+        for name in traced.inputs:
+            out[name] = _placements(self.plan.inputs[name])
+        for values in boundary:
+            for v in values:
+                if v in out:
+                    continue
+                node = traced.node(v)
+                src, k = (node.args[0], node.args[1]) if is_getitem(node) else (node, 0)
+                pl = _placements(self.plan.ops[src.name].outputs[k])
+                out[v] = tuple(Replicate() if p.is_partial() else p for p in pl)
+        return out
+
+    def _make_params(self, model, traced, stage_of, loss, mine, device):
+        """This rank's parameters: those its stages (or, on the last stage, the loss) read."""
+        gm = traced.graph_module
+        used_by: dict[str, set[int]] = {}
+        n_stages = len(self.plan.pipeline["stages"])
+        for n in gm.graph.nodes:
+            if n.op != "call_function":
+                continue
+            s = n_stages - 1 if n.name in loss else stage_of[n.name]
+            for a in n.all_input_nodes:
+                if a.name in traced.parameters:
+                    used_by.setdefault(a.name, set()).add(s)
+        self._shared = {  # parameters read on several pp ranks: their grads are summed over pp
+            name for name, stages in used_by.items()
+            if len({self.plan.pipeline["stages"][s]["rank"] for s in stages}) > 1
+        }
+        params = {}
+        for name, fqn in traced.parameters.items():
+            if not used_by.get(name, set()) & set(mine):
+                continue
+            p = model.get_parameter(fqn)
+            dt = distribute_tensor(p.detach().to(device), self.sub, _placements(self.plan.parameters[fqn]))
+            params[name] = nn.Parameter(dt, requires_grad=p.requires_grad)
+        self._all_params = {name: fqn for name, fqn in traced.parameters.items()}
+        return params
+
+    def _loss_fn(self, output, target):
+        values = output if isinstance(output, tuple) else (output,)
+        env = {}
+        for name, value in zip(self._loss_module._in, values):
+            env[name] = DTensor.from_local(value, self.sub, self._placements[name], run_check=False)
+        env[self._target_name] = _shard_local(target.to(value.device), self.sub,
+                                              self._placements[self._target_name])
+        self._loss_module._run(self._loss_module._nodes, env)
+        loss = env[self._traced.loss_node]
+        return loss.redistribute(self.sub, (Replicate(),) * self.sub.ndim).to_local()
+
+    def train_step(self, inputs, target=None) -> torch.Tensor:
+        inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+        losses: list = []
+        kwargs = {}
+        if self._has_last:
+            kwargs = {"target": target, "losses": losses}
+            if _STEP_RETURNS_OUTPUTS:  # the stage outputs feed our loss_fn; nothing to merge
+                kwargs["return_outputs"] = False
+        args = inputs if self._has_first else ()
+        self.schedule.step(*args, **kwargs)
+        self._settle_gradients()
+        mean = torch.stack(losses).mean() if losses else torch.zeros((), device=_mesh_device(self.mesh))
+        total = mean.detach().clone()
+        dist.all_reduce(total, group=self.pp_group)  # only the last stage's rank adds a loss
+        return total
+
+    def _settle_gradients(self):
+        for p in self._params.values():
+            if p.grad is None:
+                continue
+            if tuple(p.grad.placements) != tuple(p.placements):
+                p.grad = p.grad.redistribute(self.sub, p.placements)
+            p.grad.div_(self._num_microbatches)  # the loss is the mean over microbatches
+        for name in sorted(self._shared):  # every pp rank takes part, in the same order
+            p = self._params.get(name)
+            if p is not None and p.grad is not None:
+                local = p.grad.to_local()
+            elif p is not None:
+                local = torch.zeros_like(p.to_local())
+            else:
+                local = torch.zeros(self._local_shape(name), device=_mesh_device(self.mesh))
+            dist.all_reduce(local, group=self.pp_group)
+            if p is not None:
+                p.grad = DTensor.from_local(local, self.sub, p.placements, run_check=False)
+
+    def _local_shape(self, name):
+        fqn = self._all_params[name]
+        val = self._traced.node(name).meta["val"]
+        shape = list(val.shape)
+        for pl, n in zip(_placements(self.plan.parameters[fqn]), self.sub.shape):
+            if pl.is_shard():
+                shape[pl.dim] //= n
+        return shape
