@@ -20,6 +20,7 @@ from torch import fx, nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+from torch.utils.checkpoint import checkpoint
 
 from autopar import _dtensor
 from autopar.errors import MeshError
@@ -148,9 +149,17 @@ class ParallelModel(nn.Module):
         wanted = [_placements(p) for p in op.inputs]
         refs = iter(wanted)
 
+        zero3 = getattr(self.plan, "data_parallel", "replicate") == "zero3"
+
         def arg(a):
             if isinstance(a, fx.Node):
-                return _redistribute(env[a], self.mesh, next(refs))
+                value, target = env[a], next(refs)
+                if zero3 and a.op == "placeholder" and tuple(value.placements) != target:
+                    # ZeRO-3 / FSDP's reshard-after-forward: gather the sharded parameter for
+                    # this op, keep only the shard for backward and gather again there
+                    return checkpoint(_redistribute, value, self.mesh, target,
+                                      use_reentrant=False)
+                return _redistribute(value, self.mesh, target)
             if isinstance(a, torch.device):
                 return self._device
             return a
