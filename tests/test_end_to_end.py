@@ -54,18 +54,28 @@ def batches(batch_size: int = 4):
     ]
 
 
-def reference_losses(model_name: str) -> list[float]:
-    torch.manual_seed(0)
-    model = MODELS[model_name]()
-    opt = torch.optim.SGD(model.parameters(), lr=LR)
+def sgd_losses(parameters, train_step, data) -> list[float]:
+    """Loss of every SGD step; `train_step(x, y)` runs forward and backward, returns the loss."""
+    opt = torch.optim.SGD(parameters, lr=LR)
     losses = []
-    for x, y in batches():
-        loss = lm_loss(model(x), y)
-        loss.backward()
+    for x, y in data:
+        losses.append(float(train_step(x, y)))
         opt.step()
         opt.zero_grad()
-        losses.append(loss.item())
     return losses
+
+
+def reference_losses(model_name: str, batch_size: int = 4) -> list[float]:
+    """The same model, seed and batches, trained in this one process."""
+    torch.manual_seed(0)
+    model = MODELS[model_name]()
+
+    def step(x, y):
+        loss = lm_loss(model(x), y)
+        loss.backward()
+        return loss.item()
+
+    return sgd_losses(model.parameters(), step, batches(batch_size))
 
 
 def train_parallel(model_name: str, mesh: dict[str, int]):
@@ -76,12 +86,7 @@ def train_parallel(model_name: str, mesh: dict[str, int]):
     pm = autopar.autoparallelize(
         model, fast_cpu_cluster(4), example_inputs=data[0], loss_fn=lm_loss, mesh=mesh
     )
-    opt = torch.optim.SGD(pm.parameters(), lr=LR)
-    losses = []
-    for x, y in data:
-        losses.append(pm.train_step(x, y).item())
-        opt.step()
-        opt.zero_grad()
+    losses = sgd_losses(pm.parameters(), pm.train_step, data)
     split = sorted(name for name, p in pm.named_parameters() if p.to_local().numel() < p.numel())
     return losses, split, pm.plan.to_json()
 

@@ -17,7 +17,14 @@ from autopar.pipeline_runtime import PipelinedModel
 from autopar.planner import make_plan
 from autopar.trace import trace
 from tests.helpers.distributed import run_on_ranks
-from tests.test_end_to_end import LR, MODELS, batches, fast_cpu_cluster, lm_loss
+from tests.test_end_to_end import (
+    MODELS,
+    batches,
+    fast_cpu_cluster,
+    lm_loss,
+    reference_losses,
+    sgd_losses,
+)
 
 
 def pipelined_plan(model, batch, *, pp, sub_mesh, microbatches, schedule, v=1, checkpoint=()):
@@ -44,33 +51,13 @@ def pipelined_plan(model, batch, *, pp, sub_mesh, microbatches, schedule, v=1, c
     return traced, plan
 
 
-def reference(model_name, batch_size):
-    torch.manual_seed(0)
-    model = MODELS[model_name]()
-    opt = torch.optim.SGD(model.parameters(), lr=LR)
-    losses = []
-    for x, y in batches(batch_size):
-        loss = lm_loss(model(x), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return losses
-
-
 def train_pipelined(model_name, batch_size, config):
     torch.manual_seed(0)
     model = MODELS[model_name]()
     data = batches(batch_size)
     traced, plan = pipelined_plan(model, data[0], **config)
     pm = PipelinedModel(model, traced, plan, make_mesh(plan))
-    opt = torch.optim.SGD(pm.parameters(), lr=LR)
-    losses = []
-    for x, y in data:
-        losses.append(pm.train_step(x, y).item())
-        opt.step()
-        opt.zero_grad()
-    return losses
+    return sgd_losses(pm.parameters(), pm.train_step, data)
 
 
 CASES = {
@@ -98,4 +85,4 @@ def test_pipelined_losses_match_single_process(case):
     results = run_on_ranks(train_pipelined, world, model_name, batch_size, config)
     for losses in results:  # the same loss on every rank, each step
         assert losses == results[0]
-    assert results[0] == pytest.approx(reference(model_name, batch_size), rel=1e-5)
+    assert results[0] == pytest.approx(reference_losses(model_name, batch_size), rel=1e-5)

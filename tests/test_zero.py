@@ -10,7 +10,14 @@ from autopar.compile import ParallelModel, make_mesh
 from autopar.planner import make_plan
 from autopar.trace import trace
 from tests.helpers.distributed import run_on_ranks
-from tests.test_end_to_end import LR, MODELS, batches, fast_cpu_cluster, lm_loss, reference_losses
+from tests.test_end_to_end import (
+    MODELS,
+    batches,
+    fast_cpu_cluster,
+    lm_loss,
+    reference_losses,
+    sgd_losses,
+)
 
 
 def zero_plan(model, batch, mesh, flavour):
@@ -37,12 +44,7 @@ def train_zero(model_name, mesh, flavour):
     data = batches()
     traced, plan = zero_plan(model, data[0], mesh, flavour)
     pm = ParallelModel(model, traced, plan, make_mesh(plan))
-    opt = torch.optim.SGD(pm.parameters(), lr=LR)
-    losses = []
-    for x, y in data:
-        losses.append(pm.train_step(x, y).item())
-        opt.step()
-        opt.zero_grad()
+    losses = sgd_losses(pm.parameters(), pm.train_step, data)
     held = sum(p.to_local().numel() for p in pm.parameters())
     return losses, held, sum(p.numel() for p in pm.parameters())
 
