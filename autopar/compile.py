@@ -24,7 +24,9 @@ from torch.utils.checkpoint import checkpoint
 
 from autopar import _dtensor
 from autopar.errors import MeshError
+from autopar.layers import assign_layers
 from autopar.plan import Plan, placement_from_str
+from autopar.runner import check_policies, run_layers
 from autopar.strategies import tensor_inputs
 from autopar.trace import TracedModel, is_getitem
 
@@ -80,6 +82,8 @@ class ParallelModel(nn.Module):
             for node_name, fqn in traced.buffers.items()
         }
         self._nodes = {n.name: n for n in self._graph.nodes}
+        self._layer = assign_layers(traced)
+        check_policies(getattr(plan, "checkpoint", None) or {})
 
     # -- public ---------------------------------------------------------------------------
 
@@ -107,23 +111,31 @@ class ParallelModel(nn.Module):
         user = dict(zip(self._traced.inputs, values))
         needed = _ancestors(self._nodes[want])
         env: dict[fx.Node, object] = {}
+        ops = []
         for node in self._graph.nodes:
             if node not in needed:
                 continue
             if node.op == "placeholder":
                 env[node] = self._placeholder(node, user)
-            elif is_getitem(node):
-                env[node] = env[node.args[0]][node.args[1]]
             elif node.op == "call_function":
-                try:
-                    env[node] = self._call(node, env)
-                except Exception as e:
-                    e.add_note(
-                        f"while running node {node.name} ({node.target}) planned as "
-                        f"{self.plan.ops[node.name]}"
-                    )
-                    raise
+                ops.append(node)
+        training = torch.is_grad_enabled() and want == self._traced.loss_node
+        checkpointing = (getattr(self.plan, "checkpoint", None) or {}) if training else {}
+        run_layers(ops, env, self._run_node, self._layer, checkpointing)
         return env[self._nodes[want]]
+
+    def _run_node(self, node: fx.Node, env: dict) -> None:
+        if is_getitem(node):
+            env[node] = env[node.args[0]][node.args[1]]
+            return
+        try:
+            env[node] = self._call(node, env)
+        except Exception as e:
+            e.add_note(
+                f"while running node {node.name} ({node.target}) planned as "
+                f"{self.plan.ops[node.name]}"
+            )
+            raise
 
     def _placeholder(self, node: fx.Node, user: dict):
         if node.name in self._names:

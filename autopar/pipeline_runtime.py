@@ -23,12 +23,12 @@ from torch import fx, nn
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import PipelineScheduleMulti, get_schedule_class
 from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
-from torch.utils.checkpoint import checkpoint
 
 from autopar.compile import ParallelModel, _mesh_device, _placements, _shard_local
 from autopar.errors import MeshError
 from autopar.layers import assign_layers
 from autopar.plan import Plan
+from autopar.runner import check_policies, run_layers
 from autopar.trace import TracedModel, is_getitem
 
 PP = "pp"
@@ -97,79 +97,38 @@ class StageModule(nn.Module):
     """One pipeline stage: its ops, run op by op like ParallelModel, on local tensors in and out."""
 
     _call = ParallelModel._call  # the same op runner (reads self.plan, self.mesh, self._device)
+    _run_node = ParallelModel._run_node
 
     def __init__(self, *, nodes, inputs, outputs, plan, mesh, device, params, buffers, placements,
-                 checkpointed, layer, first):
+                 layer, first):
         super().__init__()
         self.plan, self.mesh, self._device = plan, mesh, device
-        self._nodes, self._in, self._out = nodes, inputs, outputs
+        self._nodes, self._in, self._out = nodes, inputs, outputs  # in/out: fx.Nodes
         self._params = params  # placeholder name -> nn.Parameter (shared between this rank's stages)
         reads = {a.name for n in nodes for a in n.all_input_nodes}
         self._held = nn.ParameterList([p for name, p in params.items() if name in reads])
-        self._buffers_by_node = buffers
+        self._states = {**params, **buffers}  # placeholder name -> DTensor
         self._placements = placements  # value name -> placements it travels with
-        self._checkpointed, self._layer, self._first = checkpointed, layer, first
+        self._layer, self._first = layer, first
 
     def forward(self, *locals_in):
-        env: dict[str, object] = {}
-        for name, value in zip(self._in, locals_in):
-            pl = self._placements[name]
+        env: dict[fx.Node, object] = {}
+        for node, value in zip(self._in, locals_in):
+            pl = self._placements[node.name]
             if self._first:
-                env[name] = _shard_local(value.to(self._device), self.mesh, pl)
+                env[node] = _shard_local(value.to(self._device), self.mesh, pl)
             else:
-                env[name] = DTensor.from_local(value, self.mesh, pl, run_check=False)
-        for group in _layer_groups(self._nodes, self._layer):
-            if self._layer[group[0].name] in self._checkpointed:
-                self._run_checkpointed(group, env)
-            else:
-                self._run(group, env)
-        outs = []
-        for name in self._out:
-            v = env[name]
-            outs.append(v.redistribute(self.mesh, self._placements[name]).to_local())
-        return tuple(outs)
+                env[node] = DTensor.from_local(value, self.mesh, pl, run_check=False)
+        self.run(env)
+        return tuple(
+            env[n].redistribute(self.mesh, self._placements[n.name]).to_local() for n in self._out
+        )
 
-    def _value(self, a: fx.Node, env):
-        if a.name in env:
-            return env[a.name]
-        if a.name in self._params:
-            return self._params[a.name]
-        return self._buffers_by_node[a.name]
-
-    def _run(self, nodes, env):
-        for n in nodes:
-            if is_getitem(n):
-                env[n.name] = env[n.args[0].name][n.args[1]]
-                continue
-            local_env = {a: self._value(a, env) for a in n.all_input_nodes}
-            env[n.name] = self._call(n, local_env)
-
-    def _run_checkpointed(self, nodes, env):
-        """Run a layer under torch.utils.checkpoint: keep its inputs, recompute the rest."""
-        inside = {n.name for n in nodes}
-        reads = list(dict.fromkeys(
-            a.name for n in nodes for a in n.all_input_nodes
-            if a.name not in inside and a.name in env
-        ))
-        writes = [n.name for n in nodes]
-
-        def layer_fn(*values):
-            local = dict(zip(reads, values))
-            self._run(nodes, local)
-            return tuple(local[w] for w in writes)
-
-        results = checkpoint(layer_fn, *[env[r] for r in reads], use_reentrant=False)
-        env.update(zip(writes, results))
-
-
-def _layer_groups(nodes, layer):
-    groups: list[list[fx.Node]] = []
-    for n in nodes:
-        if groups and layer[groups[-1][0].name] == layer[n.name]:
-            groups[-1].append(n)
-        else:
-            groups.append([n])
-    return groups
+    def run(self, env: dict[fx.Node, object]) -> None:
+        for n in {a for m in self._nodes for a in m.all_input_nodes}:
+            if n not in env and n.name in self._states:
+                env[n] = self._states[n.name]
+        run_layers(self._nodes, env, self._run_node, self._layer, self.plan.checkpoint or {})
 
 
 class PipelinedModel(nn.Module):
@@ -180,6 +139,7 @@ class PipelinedModel(nn.Module):
         super().__init__()
         if list(plan.mesh)[0] != PP:
             raise MeshError(f"a pipelined plan's mesh starts with 'pp', got {plan.mesh}")
+        check_policies(plan.checkpoint or {})
         self.plan = plan
         self.mesh = mesh
         names = [a for a in plan.mesh if a != PP]
@@ -203,23 +163,23 @@ class PipelinedModel(nn.Module):
                                     (Replicate(),) * self.sub.ndim)
             for node, fqn in traced.buffers.items()
         }
-        checkpointed = {name for name, how in (plan.checkpoint or {}).items() if how != "none"}
         self.stage_modules = nn.ModuleList()
         self.stages = []
         for s in mine:
             nodes = [n for n in gm.graph.nodes if stage_of.get(n.name) == s]
             module = StageModule(
-                nodes=nodes, inputs=boundary[s], outputs=boundary[s + 1], plan=plan,
-                mesh=self.sub, device=device, params=self._params, buffers=buffers,
-                placements=placements, checkpointed=checkpointed, layer=layer, first=s == 0,
+                nodes=nodes, inputs=[traced.node(v) for v in boundary[s]],
+                outputs=[traced.node(v) for v in boundary[s + 1]], plan=plan, mesh=self.sub,
+                device=device, params=self._params, buffers=buffers, placements=placements,
+                layer=layer, first=s == 0,
             )
             self.stage_modules.append(module)
             self.stages.append(PipelineStage(module, s, n_stages, device, group=self.pp_group))
         self._loss_module = StageModule(
-            nodes=[n for n in gm.graph.nodes if n.name in loss], inputs=boundary[n_stages],
-            outputs=[], plan=plan, mesh=self.sub, device=device, params=self._params,
-            buffers=buffers, placements=placements, checkpointed=set(), layer=layer,
-            first=False,
+            nodes=[n for n in gm.graph.nodes if n.name in loss],
+            inputs=[traced.node(v) for v in boundary[n_stages]], outputs=[], plan=plan,
+            mesh=self.sub, device=device, params=self._params, buffers=buffers,
+            placements=placements, layer=layer, first=False,
         )
         cls = get_schedule_class(plan.pipeline["schedule"])
         m = plan.pipeline["num_microbatches"]
@@ -277,12 +237,14 @@ class PipelinedModel(nn.Module):
     def _loss_fn(self, output, target):
         values = output if isinstance(output, tuple) else (output,)
         env = {}
-        for name, value in zip(self._loss_module._in, values):
-            env[name] = DTensor.from_local(value, self.sub, self._placements[name], run_check=False)
-        env[self._target_name] = _shard_local(target.to(value.device), self.sub,
-                                              self._placements[self._target_name])
-        self._loss_module._run(self._loss_module._nodes, env)
-        loss = env[self._traced.loss_node]
+        for node, value in zip(self._loss_module._in, values):
+            pl = self._placements[node.name]
+            env[node] = DTensor.from_local(value, self.sub, pl, run_check=False)
+        target_node = self._traced.node(self._target_name)
+        env[target_node] = _shard_local(target.to(value.device), self.sub,
+                                        self._placements[self._target_name])
+        self._loss_module.run(env)
+        loss = env[self._traced.node(self._traced.loss_node)]
         return loss.redistribute(self.sub, (Replicate(),) * self.sub.ndim).to_local()
 
     def train_step(self, inputs, target=None) -> torch.Tensor:

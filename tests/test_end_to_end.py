@@ -123,3 +123,29 @@ def test_cluster_that_does_not_match_the_job():
     for name, message in results:
         assert name == "MeshError"
         assert "has 4 devices but this job has 2 processes" in message
+
+
+def train_checkpointed(model_name: str):
+    """dp=2 x tp=2 with the first layer checkpointed."""
+    torch.manual_seed(0)
+    model = MODELS[model_name]()
+    data = batches()
+    cluster = fast_cpu_cluster(4)
+    plan = autopar.plan(model, cluster, data[0], loss_fn=lm_loss, mesh={"dp": 2, "tp": 2})
+    first = "blocks" if hasattr(model, "blocks") else "layers"
+    plan.checkpoint = {f"{first}.0": "full"}
+    pm = autopar.autoparallelize(model, cluster, data[0], loss_fn=lm_loss, plan=plan)
+    return sgd_losses(pm.parameters(), pm.train_step, data)
+
+
+@pytest.mark.parametrize("model_name", list(MODELS))
+def test_checkpointed_layers_match_single_process(model_name):
+    results = run_on_ranks(train_checkpointed, 4, model_name)
+    assert results[0] == pytest.approx(reference_losses(model_name), rel=1e-5)
+
+
+def test_selective_checkpointing_is_refused_clearly():
+    from autopar.runner import check_policies
+
+    with pytest.raises(autopar.AutoparError, match="selective checkpointing"):
+        check_policies({"blocks.0": "selective"})

@@ -27,7 +27,7 @@ from tests.test_end_to_end import (
 )
 
 
-def pipelined_plan(model, batch, *, pp, sub_mesh, microbatches, schedule, v=1, checkpoint=()):
+def pipelined_plan(model, batch, *, pp, sub_mesh, microbatches, schedule, v=1, checkpoint=None):
     """The planner's sharding of one microbatch on the dp x tp submesh, cut evenly into
     pp * v stages (stage s on pp rank s % pp)."""
     x, y = batch
@@ -47,7 +47,7 @@ def pipelined_plan(model, batch, *, pp, sub_mesh, microbatches, schedule, v=1, c
         "num_microbatches": microbatches,
         "stages": [{"rank": s % pp, "layers": cuts[s]} for s in range(n)],
     }
-    plan.checkpoint = {layer: "full" for layer in checkpoint}
+    plan.checkpoint = dict(checkpoint or {})
     return traced, plan
 
 
@@ -65,7 +65,7 @@ CASES = {
                                         schedule="1F1B")),
     "llama-pp2xtp2-1F1B-checkpoint": ("llama", 4, dict(
         pp=2, sub_mesh={"tp": 2}, microbatches=2, schedule="1F1B",
-        checkpoint=("layers.0", "layers.1"))),
+        checkpoint={"layers.0": "full", "layers.1": "full"})),
     "llama-pp2xdp2-interleaved": ("llama", 4, dict(pp=2, sub_mesh={"dp": 2}, microbatches=2,
                                                    schedule="Interleaved1F1B", v=2)),
     "gpt-pp2xdp2xtp2-1F1B": ("gpt", 4, dict(pp=2, sub_mesh={"dp": 2, "tp": 2}, microbatches=2,
@@ -74,7 +74,7 @@ CASES = {
                                             schedule="1F1B")),
     "gpt-pp2xtp4-GPipe-checkpoint": ("gpt", 4, dict(pp=2, sub_mesh={"tp": 4}, microbatches=2,
                                                     schedule="GPipe",
-                                                    checkpoint=("blocks.0",))),
+                                                    checkpoint={"blocks.0": "full"})),
 }
 
 
