@@ -9,6 +9,24 @@ placement is written as a short string per mesh axis:
     "P(sum)"   Partial("sum")      each rank holds a partial sum
     "P(avg)"   Partial("avg")
 
+Schema version 2 adds pipeline parallelism, the data-parallel flavour and checkpointing (all
+optional; a version 1 file loads as a plan without them):
+
+    pipeline        None without a "pp" mesh axis, else
+                    {"schedule": name in autopar.schedules.SCHEDULES, "stages_per_rank": v,
+                     "microbatch_size": int, "num_microbatches": int,
+                     "stages": [{"rank": r, "layers": [layer names]}, ...]}
+                    stages in pipeline order; every layer of `layers.layer_order` in exactly one
+                    stage, contiguously. The traced graph is of ONE microbatch (batch dim 0 =
+                    microbatch_size), and so are `inputs` and `ops`.
+    data_parallel   "replicate" | "zero2" | "zero3": gradient all-reduce over "dp", or FSDP2
+                    sharding of parameters (and their gradients and optimizer state) over "dp"
+                    without / with reshard after forward. ZeRO plans show S(d) on the dp axis of
+                    the sharded parameters.
+    checkpoint      layer name -> "full" (absent: none).
+
+A "pp" mesh axis is always the first; placement lists have one entry per axis OTHER than "pp".
+
 `Plan.to_json()` is deterministic: the same plan gives byte-identical text whatever order its
 dicts were built in (mesh axes keep their order, which means something; every other mapping is
 sorted, names with numbers in natural order so `blocks.2` comes before `blocks.10`).
@@ -25,7 +43,10 @@ from typing import Any
 
 from autopar.errors import PlanMismatchError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+DATA_PARALLEL = ("replicate", "zero2", "zero3")
+PP = "pp"
 
 _PLACEMENT_RE = re.compile(r"^(?:R|S\((\d+)\)|P\((sum|avg)\))$")
 _PLACEMENT_HELP = 'expected "R", "S(<dim>)", "P(sum)" or "P(avg)"'
@@ -112,12 +133,15 @@ class Plan:
     ops: dict[str, OpSharding]  # graph node name -> chosen strategy
     predicted: dict[str, float]  # step_time_s, compute_s, communication_s, peak_memory_bytes, ...
     solver: dict  # name, status, gap, objective_s, solve_time_s
+    pipeline: dict | None = None  # see the module docstring; None without a "pp" axis
+    data_parallel: str = "replicate"  # "replicate", "zero2" or "zero3"
+    checkpoint: dict[str, str] = field(default_factory=dict)  # layer name -> "full"
     source_path: str | None = field(
         default=None, compare=False, repr=False
     )  # set by load(); not saved
 
     def __post_init__(self) -> None:
-        raw = {key: getattr(self, key) for key in _FIELDS}
+        raw = {key: getattr(self, key) for key in (*_FIELDS, *_OPTIONAL)}
         raw["ops"] = (
             {k: _op_to_dict(v) for k, v in self.ops.items()}
             if isinstance(self.ops, dict)
@@ -130,6 +154,11 @@ class Plan:
     def world_size(self) -> int:
         """Number of devices the plan runs on: the product of the mesh axis sizes."""
         return math.prod(self.mesh.values())
+
+    @property
+    def sharding_mesh(self) -> dict[str, int]:
+        """The mesh without its "pp" axis: what placement lists index."""
+        return {a: n for a, n in self.mesh.items() if a != PP}
 
     # -- dict / JSON --------------------------------------------------------------------------
 
@@ -146,6 +175,9 @@ class Plan:
             "ops": {k: _op_to_dict(self.ops[k]) for k in _natural_sorted(self.ops)},
             "predicted": {k: float(self.predicted[k]) for k in sorted(self.predicted)},
             "solver": _sorted_deep(self.solver),
+            "pipeline": _pipeline_to_dict(self.pipeline),
+            "data_parallel": self.data_parallel,
+            "checkpoint": {k: self.checkpoint[k] for k in _natural_sorted(self.checkpoint)},
         }
 
     @classmethod
@@ -170,6 +202,9 @@ class Plan:
             },
             predicted={k: float(v) for k, v in d["predicted"].items()},
             solver=dict(d["solver"]),
+            pipeline=_pipeline_to_dict(d.get("pipeline")),
+            data_parallel=d.get("data_parallel", "replicate"),
+            checkpoint=dict(d.get("checkpoint") or {}),
         )
 
     def to_json(self) -> str:
@@ -239,10 +274,22 @@ class Plan:
         lines.append(f"  cluster    {_cluster_str(self.cluster)}")
         lines.append(f"  predicted  {_predicted_str(self.predicted)}")
         lines.append(f"  solver     {_solver_str(self.solver)}")
+        if self.pipeline:
+            p = self.pipeline
+            lines.append(
+                f"  pipeline   {p['schedule']}, {p['num_microbatches']} microbatches of "
+                f"{p['microbatch_size']}, {len(p['stages'])} stages ({p['stages_per_rank']} per rank)"
+            )
+            for s, st in enumerate(p["stages"]):
+                lines.append(f"    stage {s} on pp rank {st['rank']}: {_layers_str(st['layers'])}")
+        lines.append(f"  data par.  {self.data_parallel}")
+        if self.checkpoint:
+            lines.append(f"  checkpoint {_layers_str(sorted(self.checkpoint, key=_natural_key))} "
+                         f"({', '.join(sorted(set(self.checkpoint.values())))})")
         rows = _collapse(
             [(_split_fqn(fqn), tuple(p)) for fqn, p in _natural_items(self.parameters)]
         )
-        header = ("parameter", *self.mesh.keys())
+        header = ("parameter", *self.sharding_mesh.keys())
         table = [header] + [(_join_fqn(parts), *placements) for parts, placements in rows]
         widths = [max(len(r[i]) for r in table) for i in range(len(header))]
         lines.append("")
@@ -292,8 +339,8 @@ def _validate(d: Any, *, where: str) -> None:
     for key, typ in _FIELDS.items():
         if not isinstance(d[key], typ) or isinstance(d[key], bool):
             fail(f"field {key!r} should be {typ.__name__}, got {type(d[key]).__name__}")
-    if version != SCHEMA_VERSION:
-        fail(f"unknown plan schema version {version} (this autopar reads {SCHEMA_VERSION})")
+    if version not in READABLE_VERSIONS:
+        fail(f"unknown plan schema version {version} (this autopar reads {READABLE_VERSIONS})")
     if not d["graph_fingerprint"]:
         fail("field 'graph_fingerprint' is empty")
 
@@ -303,7 +350,10 @@ def _validate(d: Any, *, where: str) -> None:
     for axis, size in mesh.items():
         if not isinstance(size, int) or isinstance(size, bool) or size < 1:
             fail(f"mesh axis {axis!r} has size {size!r}: sizes are integers >= 1")
-    n_axes = len(mesh)
+    if PP in mesh and list(mesh)[0] != PP:
+        fail(f"mesh {mesh}: the 'pp' axis must come first (outermost)")
+    n_axes = len(mesh) - (PP in mesh)
+    _validate_pipeline(d, mesh, fail)
 
     for group in ("parameters", "inputs"):
         for name, placements in d[group].items():
@@ -329,6 +379,70 @@ def _validate(d: Any, *, where: str) -> None:
 
 _OP_KEYS = {"inputs", "outputs", "rule"}
 
+_OPTIONAL = ("pipeline", "data_parallel", "checkpoint")
+_PIPELINE_KEYS = ("schedule", "stages_per_rank", "microbatch_size", "num_microbatches", "stages")
+
+
+def _pipeline_to_dict(p: Any) -> Any:
+    if not isinstance(p, dict):
+        return p
+    out = {k: p[k] for k in _PIPELINE_KEYS if k in p}
+    if isinstance(out.get("stages"), list):
+        out["stages"] = [
+            {"rank": st["rank"], "layers": list(st["layers"])} if isinstance(st, dict) else st
+            for st in out["stages"]
+        ]
+    return out
+
+
+def _validate_pipeline(d: dict, mesh: dict, fail) -> None:
+    """pipeline / data_parallel / checkpoint: types, and a pipeline exactly when there is pp."""
+    dp = d.get("data_parallel", "replicate")
+    if dp not in DATA_PARALLEL:
+        fail(f"data_parallel is {dp!r}; use one of {DATA_PARALLEL}")
+    ckpt = d.get("checkpoint") or {}
+    if not isinstance(ckpt, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in ckpt.items()
+    ):
+        fail(f"checkpoint should map layer names to policies like 'full', got {ckpt!r}")
+    p = d.get("pipeline")
+    if p is None:
+        if PP in mesh and mesh[PP] > 1:
+            fail(f"mesh {mesh} has a 'pp' axis but the plan has no pipeline section")
+        return
+    if not isinstance(p, dict) or set(p) != set(_PIPELINE_KEYS):
+        fail(f"pipeline should be an object with keys {list(_PIPELINE_KEYS)}, got {p!r}")
+    if PP not in mesh:
+        fail(f"the plan has a pipeline but its mesh {mesh} has no 'pp' axis")
+    for key in ("stages_per_rank", "microbatch_size", "num_microbatches"):
+        if not isinstance(p[key], int) or isinstance(p[key], bool) or p[key] < 1:
+            fail(f"pipeline.{key} should be an int >= 1, got {p[key]!r}")
+    if not isinstance(p["schedule"], str):
+        fail(f"pipeline.schedule should be a schedule name, got {p['schedule']!r}")
+    stages = p["stages"]
+    if not isinstance(stages, list) or len(stages) != mesh[PP] * p["stages_per_rank"]:
+        fail(
+            f"pipeline.stages should list pp x stages_per_rank = "
+            f"{mesh[PP] * p['stages_per_rank']} stages, got {stages!r}"
+        )
+    seen: set[str] = set()
+    for s, st in enumerate(stages):
+        if (
+            not isinstance(st, dict)
+            or set(st) != {"rank", "layers"}
+            or not isinstance(st["rank"], int)
+            or not 0 <= st["rank"] < mesh[PP]
+            or not isinstance(st["layers"], list)
+            or not st["layers"]
+            or not all(isinstance(x, str) for x in st["layers"])
+        ):
+            fail(f"pipeline.stages[{s}] should be {{'rank': 0..{mesh[PP] - 1}, 'layers': "
+                 f"[layer names, at least one]}}, got {st!r}")
+        twice = seen & set(st["layers"])
+        if twice:
+            fail(f"pipeline.stages[{s}]: layer(s) {sorted(twice)} are in more than one stage")
+        seen |= set(st["layers"])
+
 
 def _check_sharding(placements: Any, n_axes: int, where: str, fail) -> None:
     """One placement per mesh axis; an op's non-tensor input or output has [] instead."""
@@ -350,6 +464,12 @@ def _op_to_dict(op: OpSharding | dict) -> dict:
     if isinstance(op, OpSharding):
         return op.to_dict()
     return op  # left for _validate to reject with a message
+
+
+def _layers_str(layers: list[str]) -> str:
+    """['pre', 'blocks.0', 'blocks.1', 'blocks.2'] -> 'pre, blocks.{0..2}'."""
+    rows = _collapse([(_split_fqn(x), ()) for x in layers])
+    return ", ".join(_join_fqn(parts) for parts, _ in rows)
 
 
 def _natural_key(name: str) -> tuple:
