@@ -138,10 +138,10 @@ def train_checkpointed(model_name: str):
     return sgd_losses(pm.parameters(), pm.train_step, data)
 
 
-@pytest.mark.parametrize("model_name", list(MODELS))
-def test_checkpointed_layers_match_single_process(model_name):
-    results = run_on_ranks(train_checkpointed, 4, model_name)
-    assert results[0] == pytest.approx(reference_losses(model_name), rel=1e-5)
+def test_checkpointed_layers_match_single_process():
+    # GPT here; the pipeline tests checkpoint Llama layers
+    results = run_on_ranks(train_checkpointed, 4, "gpt")
+    assert results[0] == pytest.approx(reference_losses("gpt"), rel=1e-5)
 
 
 def test_selective_checkpointing_is_refused_clearly():
