@@ -1,10 +1,12 @@
 """autopar: plan how to spread a PyTorch model's training over a cluster, and run that plan.
 
     autopar.plan(model, cluster, example_inputs, ...)          -> Plan      (offline, no GPU)
+    autopar.simulate(plan)                                      -> Report    (predictions)
+    autopar.manual_plan(model, cluster, inputs, tp=, pp=, dp=, ...) -> Plan  (hand configs)
     autopar.autoparallelize(model, cluster, example_inputs)    -> ParallelModel (in torchrun)
 """
 
-from autopar.api import autoparallelize, plan
+from autopar.api import autoparallelize, manual_plan, plan
 from autopar.cluster import Cluster
 from autopar.compile import ParallelModel
 from autopar.errors import (
@@ -16,6 +18,7 @@ from autopar.errors import (
     TraceError,
 )
 from autopar.plan import Plan
+from autopar.simulate import Report, simulate
 
 __all__ = [
     "AutoparError",
@@ -25,8 +28,11 @@ __all__ = [
     "MeshError",
     "ParallelModel",
     "Plan",
+    "Report",
     "PlanMismatchError",
     "TraceError",
     "autoparallelize",
+    "manual_plan",
     "plan",
+    "simulate",
 ]

@@ -11,8 +11,9 @@ from autopar.cluster import Cluster
 from autopar.compile import ParallelModel, make_mesh
 from autopar.errors import AutoparError, MeshError
 from autopar.plan import Plan
+from autopar.schedules import get_schedule
 from autopar.planner import make_plan
-from autopar.profile import TrainingPrecision
+from autopar.profile import TrainingPrecision, profile_graph
 from autopar.trace import TracedModel, trace
 
 
@@ -40,24 +41,218 @@ def plan(
     precision: TrainingPrecision | None = None,
     solver: str = "highs",
     time_limit: float | None = None,
+    schedule: str | None = None,
+    microbatch_size: int | None = None,
+    data_parallel: str | None = None,
+    checkpoint: bool = True,
+    log=None,
 ) -> Plan:
     """Plan `model` for `cluster` offline: no process group, no GPU, meta-device models fine.
 
     `example_inputs` is one global batch as `train_step` takes it: the inputs, or
-    `(inputs, target)` when `loss_fn` is given. `mesh` fixes the mesh shape (e.g.
-    `{"dp": 2, "tp": 2}`); without it every dp x tp shape is tried. `memory_limit` is bytes per
-    device (default: the device's memory).
+    `(inputs, target)` when `loss_fn` is given. Searched (autopar.search): every pp x dp x tp
+    mesh, microbatch size, schedule (1F1B and Interleaved1F1B), data-parallel flavour
+    (replicate, zero2, zero3) and per-layer checkpointing, with stage cuts solved exactly.
+
+    Options fix parts of the search: `mesh` (e.g. `{"pp": 2, "dp": 2, "tp": 2}`; missing axes
+    are 1), `schedule` (a name in `autopar.schedules.SCHEDULES`), `microbatch_size` (samples per
+    data-parallel rank, as Megatron-LM's --micro-batch-size; the plan's
+    `pipeline["microbatch_size"]` is the traced microbatch, dp times that), `data_parallel`
+    ("replicate", "zero2", "zero3"), `checkpoint=False` (never checkpoint). `memory_limit` is
+    bytes per device (default: the device's memory). A pipelined plan's graph is that of
+    `autopar.search.microbatch_inputs(example_inputs, plan.pipeline["microbatch_size"])`.
     """
-    traced = _trace(model, example_inputs, loss_fn)
-    return make_plan(
-        traced,
-        cluster,
-        mesh=mesh,
-        memory_limit_bytes=memory_limit,
-        precision=precision,
-        solver=solver,
-        time_limit_s=time_limit,
+    from autopar import search
+
+    inputs_only = example_inputs[0] if loss_fn is not None else example_inputs
+    trace_fn = _tracer(model, loss_fn)
+    probe = trace_fn(example_inputs)
+    n_layers = len(_layer_names(probe))
+    if mesh is not None:
+        meshes = [_full_mesh(mesh, cluster)]
+    else:
+        meshes = search.candidate_meshes(cluster, n_layers)
+    batch = search.batch_size(inputs_only)
+    if mesh is not None or microbatch_size is not None:
+        for m in meshes:
+            _check_divides(probe, m, batch, microbatch_size or 1, n_layers, schedule)
+    space = search.SearchSpace(
+        meshes=meshes,
+        microbatch_sizes=[microbatch_size] if microbatch_size else None,
+        schedules=(search.check_schedule(schedule),) if schedule else search.DEFAULT_SCHEDULES,
+        flavours=(data_parallel,) if data_parallel else search.FLAVOURS,
+        checkpoint=("none", "full") if checkpoint else ("none",),
     )
+    return search.search(
+        trace_fn, example_inputs, cluster, space, memory_limit_bytes=memory_limit,
+        precision=precision, solver=solver, time_limit_s=time_limit, log=log,
+    )
+
+
+def manual_plan(
+    model: nn.Module,
+    cluster: Cluster,
+    example_inputs,
+    *,
+    loss_fn=None,
+    tp: int,
+    pp: int,
+    dp: int,
+    microbatch_size: int,
+    checkpoint: str = "none",
+    schedule: str = "1F1B",
+    zero: int = 0,
+    precision: TrainingPrecision | None = None,
+    solver: str = "highs",
+) -> Plan:
+    """A hand configuration (Megatron-LM / torchtitan style) as a Plan, scored by the same cost
+    model as `plan`, so the two can be compared with `simulate`.
+
+    tp, pp, dp: the mesh {"pp", "dp", "tp"} (pp outermost, tp innermost, so tp stays inside a
+    node). microbatch_size: samples per data-parallel rank per microbatch (Megatron's
+    --micro-batch-size); num_microbatches = batch / (dp * microbatch_size). Stages: the layers
+    ("pre", each block, "post") cut evenly into pp x v runs (v = 2 for interleaved schedules).
+    Tensor parallelism: the op shardings the intra-op ILP finds on the fixed dp x tp mesh for
+    one microbatch (Megatron's column/row split is what it finds for GPT blocks).
+    checkpoint: "none", or "full" for every block; "selective" is NOT modelled per op yet and is
+    planned as "full" (a warning says so). zero: 0 -> replicate, 1 and 2 -> "zero2" (gradients
+    and optimizer state sharded; ZeRO-1 is planned as ZeRO-2), 3 -> "zero3".
+    Without pp there is no gradient accumulation: microbatch_size must be batch / dp.
+    """
+    import warnings
+
+    import solvers
+    from autopar import search
+
+    if checkpoint not in ("none", "full", "selective"):
+        raise AutoparError(f"checkpoint={checkpoint!r}: use 'none', 'full' or 'selective'")
+    if checkpoint == "selective":
+        warnings.warn("selective checkpointing is not modelled per op yet; planned as 'full'",
+                      stacklevel=2)
+        checkpoint = "full"
+    if zero not in search.ZERO_FLAVOUR:
+        raise AutoparError(f"zero={zero!r}: use 0, 1, 2 or 3")
+    precision = precision or TrainingPrecision()
+    sched = get_schedule(schedule)
+    v = sched.default_v(None) if pp > 1 else 1
+    mesh = _full_mesh({"pp": pp, "dp": dp, "tp": tp}, cluster)
+    inputs_only = example_inputs[0] if loss_fn is not None else example_inputs
+    batch = search.batch_size(inputs_only)
+    trace_fn = _tracer(model, loss_fn)
+    probe = trace_fn(example_inputs)
+    order = _layer_names(probe)
+    _check_divides(probe, mesh, batch, microbatch_size, len(order), schedule)
+    mb = microbatch_size * dp
+    m = batch // mb
+    if pp == 1 and m != 1:
+        raise MeshError(
+            f"without pp there is no gradient accumulation: microbatch_size must be batch / dp "
+            f"= {batch // dp}, got {microbatch_size}"
+        )
+    if pp > 1:
+        try:
+            sched.check(pp, m, v)
+        except ValueError as e:
+            raise MeshError(f"{e} (batch {batch} / (dp {dp} x microbatch {microbatch_size}) "
+                            f"= {m} microbatches)") from None
+    traced = trace_fn(search.microbatch_inputs(example_inputs, mb))
+    profiles = profile_graph(traced.graph_module)
+    sub_mesh = {k: n for k, n in (("dp", dp), ("tp", tp)) if n > 1} or {"dp": 1}
+    solved = search.solve_layers(traced, profiles, cluster, sub_mesh, precision=precision,
+                                 solver=solver)
+    flavour = search.ZERO_FLAVOUR[zero] if dp > 1 else "replicate"
+    costs = search.layer_costs(traced, profiles, cluster, sub_mesh, flavour,
+                               precision=precision, solved=solved)
+    options = {x.name: checkpoint if checkpoint in [o.name for o in x.options] else "none"
+               for x in costs.layers}
+    c = search.Candidate(
+        pp=pp, dp=dp, tp=tp, microbatch_size=mb, num_microbatches=m,
+        schedule=sched.name if pp > 1 else "1F1B", v=v, flavour=flavour,
+        stages=search.even_stages(order, pp * v), options=options, costs=costs,
+    )
+    search.evaluate(c, cluster)
+    _ = solvers
+    return search.candidate_plan(c, cluster, precision, solver={"manual": 1})
+
+
+def _tracer(model, loss_fn):
+    return lambda inputs: _trace(model, inputs, loss_fn)
+
+
+def _layer_names(traced: TracedModel) -> list[str]:
+    from autopar.layers import assign_layers, layer_order
+
+    return layer_order(assign_layers(traced))
+
+
+def _full_mesh(mesh: dict[str, int], cluster: Cluster) -> dict[str, int]:
+    unknown = set(mesh) - {"pp", "dp", "tp"}
+    if unknown:
+        raise MeshError(f"mesh {mesh}: unknown axis name(s) {sorted(unknown)}; use pp, dp, tp")
+    full = {"pp": mesh.get("pp", 1), "dp": mesh.get("dp", 1), "tp": mesh.get("tp", 1)}
+    if any(not isinstance(n, int) or n < 1 for n in full.values()):
+        raise MeshError(f"mesh {mesh}: axis sizes must be positive integers")
+    if full["pp"] * full["dp"] * full["tp"] != cluster.world_size:
+        raise MeshError(
+            f"mesh {mesh} has {full['pp'] * full['dp'] * full['tp']} devices but the cluster has "
+            f"{cluster.world_size}: the axis sizes must multiply to the world size."
+        )
+    return full
+
+
+def _divisors_str(n: int, limit: int | None = None) -> str:
+    ds = [d for d in range(1, n + 1) if n % d == 0 and (limit is None or d <= limit)]
+    return ", ".join(map(str, ds))
+
+
+def _check_divides(traced, mesh, batch, microbatch_size, n_layers, schedule) -> None:
+    """Batch, heads and layers against a FIXED mesh / microbatch: a MeshError naming what would
+    divide."""
+    from autopar.schedules import get_schedule as _get
+
+    pp, dp, tp = mesh["pp"], mesh["dp"], mesh["tp"]
+    if batch % dp:
+        raise MeshError(
+            f"a batch of {batch} cannot be split over the data-parallel axis of mesh {mesh}: the "
+            f"batch must divide by {dp}. Use a batch that divides, or a dp that divides {batch} "
+            f"({_divisors_str(batch)})."
+        )
+    if batch % (dp * microbatch_size):
+        raise MeshError(
+            f"a batch of {batch} cannot be split into dp={dp} ranks x microbatches of "
+            f"{microbatch_size}: dp x microbatch_size must divide {batch} (microbatch sizes that "
+            f"divide {batch // dp if batch % dp == 0 else batch} per rank: "
+            f"{_divisors_str(batch // dp) if batch % dp == 0 else 'none: dp does not divide'}; "
+            f"dp values that divide the batch: {_divisors_str(batch)})"
+        )
+    v = _get(schedule).default_v(None) if (schedule and pp > 1) else 1
+    if pp * v > n_layers:
+        raise MeshError(
+            f"pp={pp} x {v} stage(s) per rank needs at least {pp * v} layers, the model has "
+            f"{n_layers} (pre, blocks, post): use pp <= {n_layers // v}"
+        )
+    heads = _head_counts(traced)
+    bad = sorted(h for h in heads if h % tp)
+    if tp > 1 and bad:
+        raise MeshError(
+            f"tp={tp} does not divide the {bad[0]} attention heads: use a tp that divides "
+            f"{bad[0]} ({_divisors_str(bad[0])})"
+        )
+
+
+def _head_counts(traced) -> set[int]:
+    """Attention heads: dim 2 of 4-D (B, T, H, D) views inside repeated blocks."""
+    import torch
+
+    from autopar.layers import block_of
+
+    heads = set()
+    for n in traced.graph_module.graph.nodes:
+        if n.op == "call_function" and "view" in str(n.target) and block_of(n, traced):
+            v = n.meta.get("val")
+            if isinstance(v, torch.Tensor) and v.ndim == 4:
+                heads.add(int(v.shape[2]))
+    return heads
 
 
 def autoparallelize(

@@ -71,7 +71,14 @@ def build_problem(
     precision: TrainingPrecision,
     memory_budget_bytes: float,
     share_layers: bool = True,
+    param_grad_sync: bool = True,
 ) -> Decisions:
+    """The intra-op ShardingProblem on `mesh` (no "pp" axis).
+
+    `param_grad_sync=False` leaves out the data-parallel all-reduce of parameter gradients
+    (a replicated parameter feeding an op whose output is split over "dp"): the pipeline search
+    (`autopar.search`) charges it once per step, after gradient accumulation, by flavour.
+    """
     shape = tuple(mesh.values())
     pmesh = _dtensor.planning_mesh(shape, tuple(mesh), "cpu")
     links = cluster.axis_links(shape)
@@ -88,7 +95,8 @@ def build_problem(
             if sts[0].rule == "replicate":
                 unsupported.append(str(n.target))
         strategies[n.name] = sts
-        secs = [_node_time_s(n, s, profiles, cluster, shape, links) for s in sts]
+        skip = _dp_axes(mesh) if not param_grad_sync and n.op != "placeholder" else ()
+        secs = [_node_time_s(n, s, profiles, cluster, shape, links, skip, traced) for s in sts]
         compute[n.name] = secs
         mem = [_node_memory_bytes(n, s, traced, profiles, shape, precision) for s in sts]
         nodes.append(solvers.Node(name=n.name, costs_s=tuple(secs), memory_bytes=tuple(mem)))
@@ -140,7 +148,12 @@ def _output_options(arg: fx.Node, strategies) -> list[Placements]:
     return list(dict.fromkeys(s.outputs[k] for s in strategies[src.name] if s.outputs[k]))
 
 
-def _node_time_s(n, s: Strategy, profiles, cluster: Cluster, shape, links) -> float:
+def _dp_axes(mesh: dict[str, int]) -> tuple[int, ...]:
+    return tuple(a for a, axis in enumerate(mesh) if axis in DATA_PARALLEL_AXES)
+
+
+def _node_time_s(n, s: Strategy, profiles, cluster: Cluster, shape, links, skip_axes=(),
+                 traced=None) -> float:
     """Forward + backward compute of an op on its local shard, plus the gradient all-reduces
     its strategy implies (a replicated input feeding a sharded output gets a partial gradient)."""
     if n.op == "placeholder":
@@ -158,7 +171,10 @@ def _node_time_s(n, s: Strategy, profiles, cluster: Cluster, shape, links) -> fl
         if out is None or not v.dtype.is_floating_point:
             continue
         local_bytes = v.numel() * v.element_size() / shard_factor(pl, shape)
+        is_param = traced is not None and source_of(arg)[0].name in traced.parameters
         for a, (p_in, p_out) in enumerate(zip(pl, out)):
+            if is_param and a in skip_axes:
+                continue
             if isinstance(p_in, Replicate) and isinstance(p_out, Shard):
                 seconds += cost.collective_time_s("all_reduce", local_bytes, shape[a], links[a])
     return seconds

@@ -1,0 +1,615 @@
+"""The outer search: mesh pp x dp x tp, microbatch size, schedule, data-parallel flavour and
+per-layer checkpointing, with stage cuts solved exactly for each candidate.
+
+    microbatch_inputs   example inputs sliced to one microbatch (what every pipelined plan traces)
+    layer_costs         ONE intra-op solve on the dp x tp submesh for one microbatch, split by
+                        layer into `solvers.Layer`s (options "none" / "full" checkpointing)
+    evaluate            step time and per-device memory of one cut + options (the only scorer:
+                        the search and `manual_plan` both use it)
+    search              every candidate; stage cut by `solvers.solve_pipeline`; the fastest plan
+                        that fits the memory limit
+
+Cost model of one candidate (all seconds per training step, per device):
+
+    pipeline_s   stage model of solvers.pipeline (Narayanan et al. SC'21): b * sum_s T_s
+                 + (m - b) * max_r T_rank_r, T_s = per-microbatch fwd + bwd of the stage's layers
+                 (intra-op compute + resharding on the dp x tp submesh) + p2p send of the
+                 boundary over the pp link; b = 1 (GPipe, 1F1B) or 1/v (interleaved).
+    dp_sync_s    once per step, after gradient accumulation, max over pp ranks of its layers':
+                 replicate: all-reduce of the gradients over dp; zero2: reduce-scatter of the
+                 gradients + all-gather of the parameters (ZeRO, Rajbhandari et al. 2020, sec. 5:
+                 same volume as all-reduce); zero3: reduce-scatter here, and its parameter
+                 all-gathers (forward and again backward, per microbatch) are in the layer times.
+    step_s       pipeline_s + dp_sync_s (no overlap: a conservative serial model).
+
+Memory per device (rank r): sum over its layers of state bytes (parameters + gradients +
+optimizer state, per ZeRO divided by dp: zero2 the gradients and optimizer state, plus the
+unsharded compute copy FSDP keeps without reshard-after-forward; zero3 all three) + in-flight
+microbatches x activation bytes (checkpoint "full": only the layer's input) + temporaries
+(zero3: the gathered parameters of the largest layer, twice for prefetch).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils._pytree import tree_map
+
+import solvers
+from autopar import cost
+from autopar.cluster import Cluster
+from autopar.errors import InfeasibleError, MeshError
+from autopar.layers import POST, PRE, assign_layers, layer_order
+from autopar.plan import PP, SCHEMA_VERSION, Plan
+from autopar.planner import build_problem, format_bytes, to_plan
+from autopar.profile import TrainingPrecision, parameter_state_bytes, profile_graph
+from autopar.schedules import SCHEDULES, get_schedule
+from autopar.strategies import shard_factor, work_factor
+from autopar.trace import TracedModel, is_getitem
+
+DEFAULT_SCHEDULES = ("1F1B", "Interleaved1F1B")
+FLAVOURS = ("replicate", "zero2", "zero3")
+ZERO_FLAVOUR = {0: "replicate", 1: "zero2", 2: "zero2", 3: "zero3"}
+
+
+def microbatch_inputs(example_inputs, microbatch_size: int):
+    """`example_inputs` (and target) with dim 0 of every tensor sliced to `microbatch_size`.
+
+    Pipelined plans are made for the graph of ONE microbatch: the planner, `autoparallelize` and
+    the pipeline runtime all trace `microbatch_inputs(example_inputs, plan.pipeline[
+    "microbatch_size"])`, so the graph fingerprint matches.
+    """
+    def cut(x):
+        if isinstance(x, torch.Tensor) and x.ndim >= 1:
+            if x.shape[0] % microbatch_size:
+                raise MeshError(
+                    f"a tensor of batch size {x.shape[0]} cannot be cut into microbatches of "
+                    f"{microbatch_size}: use a microbatch size that divides {x.shape[0]}"
+                )
+            return x[:microbatch_size]
+        return x
+
+    if isinstance(example_inputs, tuple):
+        return tuple(tree_map(cut, a) for a in example_inputs)
+    return tree_map(cut, example_inputs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-layer costs from one intra-op solve
+
+
+@dataclass
+class LayerCosts:
+    """One (dp, tp, microbatch) intra-op solution, split by layer. Per device, per microbatch."""
+
+    traced: TracedModel
+    sub_mesh: dict[str, int]
+    decisions: object
+    solution: object
+    layers: tuple[solvers.Layer, ...]  # options "none" (and "full" for blocks)
+    sync_s: dict[str, float]  # layer -> dp gradient sync seconds per step (by flavour)
+    gather_step_s: dict[str, float]  # layer -> zero2 parameter all-gather per step
+    param_numel: dict[str, float]  # layer -> parameter elements per device (sharded over tp)
+    state: dict[str, dict[str, float]]  # layer -> parameters/gradients/optimizer bytes
+    temporaries_bytes: float
+    flavour: str
+    comm_s: dict[str, float]  # intra-op resharding per microbatch, attributed to axes
+    model_flops: float  # forward + backward FLOPs of one microbatch, whole model
+
+
+def _sub_cluster(cluster: Cluster, sub_size: int) -> Cluster:
+    """The cluster the dp x tp submesh sees: its inner axes keep their link (intra-node iff they
+    fit in a node), as in the full pp x dp x tp mesh where pp is outermost."""
+    per_node = min(cluster.devices_per_node, sub_size)
+    return Cluster(
+        name=cluster.name, device=cluster.device, devices_per_node=per_node,
+        nodes=sub_size // per_node, intra_node=cluster.intra_node,
+        inter_node=cluster.inter_node, device_type=cluster.device_type,
+    )
+
+
+def solve_layers(traced, profiles, cluster, sub_mesh, *, precision, solver="highs",
+                 time_limit_s=None, least_memory=False):
+    """The intra-op ILP on the dp x tp submesh, memory left to the stage cut (budget inf); with
+    `least_memory`, the fastest of the plans with the smallest intra-op peak (used when the
+    fastest sharding fits nowhere)."""
+    sub = _sub_cluster(cluster, math.prod(sub_mesh.values()))
+    decisions = build_problem(
+        traced, profiles, sub, sub_mesh, precision=precision, memory_budget_bytes=math.inf,
+        param_grad_sync=False,
+    )
+    problem = decisions.problem
+    if least_memory:
+        try:
+            solvers.solve_intra_op(dataclasses.replace(problem, memory_budget_bytes=1.0),
+                                   solver=solver, time_limit_s=time_limit_s)
+        except solvers.InfeasibleProblem as e:
+            problem = dataclasses.replace(problem, memory_budget_bytes=e.min_peak_bytes * 1.000001)
+            decisions.problem = problem
+    solution = solvers.solve_intra_op(problem, solver=solver, time_limit_s=time_limit_s)
+    return sub, decisions, solution
+
+
+def layer_costs(traced, profiles, cluster, sub_mesh, flavour, *, precision, solved) -> LayerCosts:
+    """Split a solved intra-op plan into per-layer times and bytes (see module docstring)."""
+    sub, decisions, solution = solved
+    gm = traced.graph_module
+    shape = tuple(sub_mesh.values())
+    links = sub.axis_links(shape)
+    dp = sub_mesh.get("dp", 1)
+    dp_axis = list(sub_mesh).index("dp") if "dp" in sub_mesh else None
+    layer_of = assign_layers(traced)
+    order = layer_order(layer_of)
+    chosen = {n: decisions.strategies[n][i] for n, i in solution.choices.items()}
+    fwd = dict.fromkeys(order, 0.0)
+    bwd = dict.fromkeys(order, 0.0)
+    act = dict.fromkeys(order, 0.0)
+    out_bytes = dict.fromkeys(order, 0.0)
+    state = {name: {"parameters": 0.0, "gradients": 0.0, "optimizer": 0.0} for name in order}
+    numel = dict.fromkeys(order, 0.0)
+    sync = dict.fromkeys(order, 0.0)
+    gather = dict.fromkeys(order, 0.0)
+    zero3_gather = dict.fromkeys(order, 0.0)
+    model_flops = 0.0
+    nodes = {n.name: n for n in gm.graph.nodes}
+    comm_s = {axis: 0.0 for axis in sub_mesh}
+    reshard_axis = "tp" if "tp" in sub_mesh else next(iter(sub_mesh))
+    compute_dtype = torch.bfloat16 if precision.compute_bytes == 2 else torch.float32
+    for name, s in chosen.items():
+        n, layer = nodes[name], layer_of[name]
+        i = solution.choices[name]
+        if n.op == "placeholder":
+            if name in traced.parameters:
+                users = {layer_of[u.name] for u in _users(n)} or {layer}
+                local = n.meta["val"].numel() / shard_factor(_non_dp(s.outputs[0], dp_axis), shape)
+                parts = parameter_state_bytes(local, precision)
+                for owner in users:  # a tied weight lives on every stage that reads it
+                    _add_state(state[owner], parts, flavour, dp, local, precision)
+                    numel[owner] += local
+                    grad = local * precision.grad_bytes
+                    weights = local * precision.compute_bytes
+                    link = links[dp_axis] if dp_axis is not None else None
+                    if link is not None and dp > 1:
+                        if flavour == "replicate":
+                            sync[owner] += cost.collective_time_s("all_reduce", grad, dp, link)
+                        else:
+                            sync[owner] += cost.collective_time_s("reduce_scatter", grad, dp, link)
+                            ag = cost.collective_time_s("all_gather", weights, dp, link)
+                            if flavour == "zero2":
+                                gather[owner] += ag
+                            else:
+                                zero3_gather[owner] += ag
+            elif name in traced.inputs:
+                act[layer] += _nbytes(n) / shard_factor(s.outputs[0], shape)
+            continue
+        prof = profiles[name]
+        model_flops += prof.fwd_flops + prof.bwd_flops
+        split = work_factor(s, shape)
+        f = cost.compute_time_s(prof.fwd_flops / split, prof.fwd_bytes / split, sub.device,
+                                _dtype(n, compute_dtype)) if prof.fwd_flops or prof.fwd_bytes else 0.0
+        total = decisions.compute_s[name][i]
+        fwd[layer] += f
+        bwd[layer] += max(total - f, 0.0)
+        out = s.outputs[0]
+        act[layer] += prof.saved_bytes / (shard_factor(out, shape) if out else 1)
+        if any(layer_of.get(u.name, layer) != layer for u in _users(n)):
+            out_bytes[layer] += prof.output_bytes / (shard_factor(out, shape) if out else 1)
+    for e in decisions.problem.edges:
+        c = e.costs_s[solution.choices[e.src]][solution.choices[e.dst]]
+        layer = layer_of[e.dst]
+        fwd[layer] += c / 2
+        bwd[layer] += c / 2
+        comm_s[reshard_axis] += c
+    layers = []
+    for k, name in enumerate(order):
+        f, b = fwd[name] + zero3_gather[name], bwd[name] + zero3_gather[name]
+        options = [solvers.LayerOption(name="none", fwd_s=f, bwd_s=b, activation_bytes=act[name])]
+        if name not in (PRE, POST) and k > 0:
+            kept = out_bytes[order[k - 1]]  # the layer's input: the previous layer's output
+            options.append(solvers.LayerOption(name="full", fwd_s=f, bwd_s=b + f,
+                                               activation_bytes=min(kept, act[name])))
+        layers.append(solvers.Layer(
+            name=name, options=tuple(options), state_bytes=sum(state[name].values()),
+            boundary_bytes=out_bytes[name] if name != order[-1] else 0.0,
+        ))
+    temporaries = 0.0
+    if flavour == "zero3" and dp > 1:
+        temporaries = 2 * max(numel.values()) * precision.compute_bytes
+    if dp_axis is not None:
+        comm_s["dp"] = 0.0  # dp traffic is the per-step sync, reported separately
+    return LayerCosts(
+        traced=traced, sub_mesh=dict(sub_mesh), decisions=decisions, solution=solution,
+        layers=tuple(layers), sync_s=sync, gather_step_s=gather, param_numel=numel, state=state,
+        temporaries_bytes=temporaries, flavour=flavour, comm_s=comm_s, model_flops=model_flops,
+    )
+
+
+def _add_state(into, parts, flavour, dp, local_numel, precision):
+    div = {"replicate": (1, 1, 1), "zero2": (dp, dp, dp), "zero3": (dp, dp, dp)}[flavour]
+    into["parameters"] += parts["parameters"] / div[0]
+    into["gradients"] += parts["gradients"] / div[1]
+    into["optimizer"] += parts["optimizer"] / div[2]
+    if flavour == "zero2" and dp > 1:  # the unsharded copy kept from forward to backward
+        into["parameters"] += local_numel * precision.compute_bytes
+
+
+def _non_dp(placements, dp_axis):
+    if dp_axis is None:
+        return placements
+    from torch.distributed.tensor import Replicate
+
+    return tuple(Replicate() if a == dp_axis else p for a, p in enumerate(placements))
+
+
+def _users(n):
+    out = []
+    for u in n.users:
+        if is_getitem(u):
+            out.extend(_users(u))
+        elif u.op == "call_function":
+            out.append(u)
+    return out
+
+
+def _nbytes(n) -> float:
+    v = n.meta["val"]
+    return float(v.numel() * v.element_size())
+
+
+def _dtype(n, default):
+    v = n.meta.get("val")
+    v = v[0] if isinstance(v, (tuple, list)) and v else v
+    return v.dtype if isinstance(v, torch.Tensor) and v.dtype.is_floating_point else default
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring one candidate
+
+
+@dataclass
+class Candidate:
+    """One full configuration and what it costs (per device)."""
+
+    pp: int
+    dp: int
+    tp: int
+    microbatch_size: int  # the traced batch (over all dp ranks)
+    num_microbatches: int
+    schedule: str
+    v: int
+    flavour: str
+    stages: tuple[tuple[str, ...], ...]
+    options: dict[str, str]
+    costs: LayerCosts = field(repr=False)
+    step_time_s: float = math.inf
+    pipeline_s: float = 0.0
+    dp_sync_s: float = 0.0
+    peak_memory_bytes: float = math.inf
+    rank_memory: list[dict[str, float]] = field(default_factory=list)
+    bubble_fraction: float = 0.0
+    p2p_s: float = 0.0
+
+
+def pipeline_problem(costs: LayerCosts, cluster: Cluster, pp, m, schedule, v, budget):
+    sched = get_schedule(schedule)
+    n = pp * v
+    in_flight = sched.in_flight(pp, m, v) if pp > 1 else (1,)
+    full = (pp, *costs.sub_mesh.values())
+    link = cluster.axis_links(full)[0]
+    return solvers.PipelineProblem(
+        layers=costs.layers, num_stages=n, num_microbatches=m, in_flight=tuple(in_flight),
+        stage_of_rank=tuple(s % pp for s in range(n)),
+        memory_budget_bytes=max(budget - costs.temporaries_bytes, 0.0),
+        p2p_s_per_byte=1.0 / link.bandwidth_bytes_per_s if pp > 1 else 0.0,
+        p2p_latency_s=link.latency_s if pp > 1 else 0.0,
+        bubble_weight=1.0 / v if v > 1 else 1.0,
+    )
+
+
+def evaluate(c: Candidate, cluster: Cluster) -> Candidate:
+    """Fill in c's step time, memory and breakdown from its cut and options (the one scorer)."""
+    problem = pipeline_problem(c.costs, cluster, c.pp, c.num_microbatches, c.schedule, c.v,
+                               math.inf)
+    pipe_s, _ = solvers.evaluate_pipeline(problem, c.stages, c.options)
+    by_name = {layer.name: layer for layer in c.costs.layers}
+    ranks = [dict(parameters=0.0, gradients=0.0, optimizer=0.0, activations=0.0,
+                  temporaries=c.costs.temporaries_bytes) for _ in range(c.pp)]
+    sync = [0.0] * c.pp
+    for s, members in enumerate(c.stages):
+        r = s % c.pp
+        for name in members:
+            opt = next(o for o in by_name[name].options if o.name == c.options[name])
+            for k, val in c.costs.state[name].items():
+                ranks[r][k] += val
+            ranks[r]["activations"] += problem.in_flight[s] * opt.activation_bytes
+            sync[r] += c.costs.sync_s[name] + c.costs.gather_step_s[name]
+    c.pipeline_s = pipe_s
+    c.dp_sync_s = max(sync)
+    c.step_time_s = pipe_s + c.dp_sync_s
+    c.rank_memory = ranks
+    c.peak_memory_bytes = max(sum(r.values()) for r in ranks)
+    c.bubble_fraction = (get_schedule(c.schedule).bubble_fraction(c.pp, c.num_microbatches, c.v)
+                         if c.pp > 1 else 0.0)
+    c.p2p_s = sum(problem.p2p_latency_s + problem.p2p_s_per_byte * by_name[st[-1]].boundary_bytes
+                  for st in c.stages[:-1]) * c.num_microbatches
+    return c
+
+
+def even_stages(order: list[str], n: int) -> tuple[tuple[str, ...], ...]:
+    """Layers cut into n contiguous runs of (nearly) equal count, as Megatron does."""
+    return tuple(tuple(order[i * len(order) // n:(i + 1) * len(order) // n]) for i in range(n))
+
+
+# ---------------------------------------------------------------------------------------------
+# The search
+
+
+@dataclass
+class SearchSpace:
+    meshes: list[dict[str, int]]  # pp x dp x tp (every key present)
+    microbatch_sizes: list[int] | None  # per dp rank; None: every divisor of the per-dp batch
+    schedules: tuple[str, ...]
+    flavours: tuple[str, ...]
+    checkpoint: tuple[str, ...] = ("none", "full")  # options offered to blocks
+
+
+def candidate_meshes(cluster: Cluster, n_layers: int) -> list[dict[str, int]]:
+    """Every pp x dp x tp of the world size; tp within a node (unless nothing else divides);
+    pp at most the number of layers."""
+    world = cluster.world_size
+    out = []
+    for tp in _divisors(world):
+        if tp > cluster.devices_per_node and world > 1:
+            continue
+        for pp in _divisors(world // tp):
+            if pp <= n_layers:
+                out.append({"pp": pp, "dp": world // tp // pp, "tp": tp})
+    return out
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def batch_size(example_inputs) -> int:
+    flat = [x for x in torch.utils._pytree.tree_leaves(example_inputs)
+            if isinstance(x, torch.Tensor) and x.ndim >= 1]
+    if not flat:
+        raise MeshError("example_inputs hold no tensor with a batch dimension")
+    return flat[0].shape[0]
+
+
+def search(trace_fn, example_inputs, cluster: Cluster, space: SearchSpace, *,
+           memory_limit_bytes: float | None = None, precision: TrainingPrecision | None = None,
+           solver: str = "highs", time_limit_s: float | None = None, log=None) -> Plan:
+    """The fastest plan over `space` that fits; `trace_fn(inputs)` traces one microbatch."""
+    start = time.perf_counter()
+    precision = precision or TrainingPrecision()
+    budget = memory_limit_bytes if memory_limit_bytes is not None else cluster.device.memory_bytes
+    batch = batch_size(example_inputs)
+    traces: dict[int, tuple] = {}
+    solved: dict[tuple, tuple] = {}
+    best: Candidate | None = None
+    smallest: tuple[float, str] | None = None
+    tried = 0
+    for mesh in space.meshes:
+        pp, dp, tp = mesh["pp"], mesh["dp"], mesh["tp"]
+        if batch % dp:
+            continue
+        locals_ = space.microbatch_sizes or _divisors(batch // dp)
+        for local in locals_:
+            if (batch // dp) % local:
+                continue
+            mb = local * dp
+            m = batch // mb
+            if pp == 1 and m != 1:
+                continue  # without pp the plan has no microbatches (no pipeline section)
+            if mb not in traces:
+                traced = trace_fn(microbatch_inputs(example_inputs, mb))
+                traces[mb] = (traced, profile_graph(traced.graph_module))
+            traced, profiles = traces[mb]
+            order = layer_order(assign_layers(traced))
+            if pp > len(order):
+                continue
+            sub_mesh = {k: v for k, v in (("dp", dp), ("tp", tp)) if v > 1} or {"dp": 1}
+            fitted = False
+            for least in (False, True):
+                if least and fitted:
+                    break
+                key = (mb, tuple(sub_mesh.items()), least)
+                if key not in solved:
+                    try:
+                        solved[key] = solve_layers(traced, profiles, cluster, sub_mesh,
+                                                   precision=precision, solver=solver,
+                                                   time_limit_s=time_limit_s, least_memory=least)
+                    except MeshError:
+                        solved[key] = None
+                if solved[key] is None:
+                    break
+                flavours = space.flavours if dp > 1 else ("replicate",)
+                for c in _candidates(solved[key], traced, profiles, cluster, sub_mesh, flavours,
+                                     space, pp, dp, tp, mb, m, order, budget, solver,
+                                     time_limit_s, precision, best):
+                    tried += 1
+                    if c.peak_memory_bytes > budget:
+                        if smallest is None or c.peak_memory_bytes < smallest[0]:
+                            smallest = (c.peak_memory_bytes, _describe(c))
+                        continue
+                    fitted = True
+                    if best is None or c.step_time_s < best.step_time_s:
+                        best = c
+                        if log:
+                            log(f"best so far: {_describe(c)} step {c.step_time_s:.4g} s")
+    if best is None:
+        if smallest is None:
+            raise MeshError(
+                f"no mesh, microbatch size and schedule in the search space fits a batch of "
+                f"{batch} on {cluster.world_size} devices: check that the batch divides by dp"
+            )
+        raise InfeasibleError(
+            f"no plan fits the memory limit of {format_bytes(budget)} per device: the smallest "
+            f"peak found is {format_bytes(smallest[0])} ({smallest[1]}). Raise memory_limit, use "
+            "more devices, or shrink the batch.",
+            min_peak_bytes=smallest[0], budget_bytes=budget,
+        )
+    if log:
+        log(f"searched {tried} candidates in {time.perf_counter() - start:.1f} s")
+    return candidate_plan(best, cluster, precision, solver={"candidates": tried})
+
+
+def _candidates(solved, traced, profiles, cluster, sub_mesh, flavours, space, pp, dp, tp, mb,
+                m, order, budget, solver, time_limit_s, precision, best):
+    """Scored candidates of one intra-op solution: every flavour x schedule, pruned by bound."""
+    if True:
+        if True:
+            for flavour in flavours:
+                costs = layer_costs(traced, profiles, cluster, sub_mesh, flavour,
+                                    precision=precision, solved=solved)
+                if not _offer_checkpoint(costs, space):
+                    costs.layers = tuple(
+                        solvers.Layer(name=x.name, options=x.options[:1],
+                                      state_bytes=x.state_bytes, boundary_bytes=x.boundary_bytes)
+                        for x in costs.layers)
+                # lower bound: all compute spread over pp ranks, no bubble, no sync
+                work = m * sum(x.options[0].fwd_s + x.options[0].bwd_s for x in costs.layers)
+                if best is not None and work / pp >= best.step_time_s:
+                    continue
+                for schedule, v in _schedules(space, pp, m, len(order)):
+                    yield _best_cut(costs, cluster, pp, dp, tp, mb, m, schedule, v, flavour,
+                                    order, budget, solver, time_limit_s)
+
+
+def _offer_checkpoint(costs, space) -> bool:
+    return "full" in space.checkpoint
+
+
+def _schedules(space, pp, m, n_layers):
+    if pp == 1:
+        yield "1F1B", 1
+        return
+    for name in space.schedules:
+        sched = get_schedule(name)
+        v = sched.default_v(None)
+        if pp * v > n_layers:
+            continue
+        try:
+            sched.check(pp, m, v)
+        except ValueError:
+            continue
+        yield sched.name, v
+
+
+def _best_cut(costs, cluster, pp, dp, tp, mb, m, schedule, v, flavour, order, budget, solver,
+              time_limit_s) -> Candidate:
+    """The stage ILP's cut, and the even cut with the cheapest options that fit, scored by
+    `evaluate` (which also charges the per-step dp sync the ILP leaves out); the faster wins."""
+    base = dict(pp=pp, dp=dp, tp=tp, microbatch_size=mb, num_microbatches=m, schedule=schedule,
+                v=v, flavour=flavour, costs=costs)
+    found = []
+    problem = pipeline_problem(costs, cluster, pp, m, schedule, v, budget)
+    try:
+        sol = solvers.solve_pipeline(problem, solver=solver, time_limit_s=time_limit_s)
+        found.append(evaluate(Candidate(stages=sol.stages, options=dict(sol.options), **base),
+                              cluster))
+    except solvers.InfeasibleProblem as e:
+        found.append(Candidate(stages=(), options={}, peak_memory_bytes=e.min_peak_bytes
+                               + costs.temporaries_bytes, **base))
+    for how in ("none", "full"):
+        opts = {x.name: how if how in [o.name for o in x.options] else "none"
+                for x in costs.layers}
+        found.append(evaluate(Candidate(stages=even_stages(order, pp * v), options=opts, **base),
+                              cluster))
+    fits = [c for c in found if c.stages and c.peak_memory_bytes <= budget]
+    if fits:
+        return min(fits, key=lambda c: c.step_time_s)
+    return min(found, key=lambda c: c.peak_memory_bytes)
+
+
+def _describe(c: Candidate) -> str:
+    return (f"pp={c.pp} dp={c.dp} tp={c.tp}, {c.num_microbatches} x {c.microbatch_size}, "
+            f"{c.schedule}, {c.flavour}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Candidate -> Plan
+
+
+def candidate_plan(c: Candidate, cluster: Cluster, precision: TrainingPrecision, *,
+                   solver: dict) -> Plan:
+    """The Plan of a scored candidate, with everything `simulate` needs in `predicted`."""
+    costs = c.costs
+    sub = _sub_cluster(cluster, math.prod(costs.sub_mesh.values()))
+    plan = to_plan(costs.traced, sub, costs.decisions, costs.solution)
+    sub_mesh = dict(costs.sub_mesh)
+    if c.pp > 1:
+        plan.mesh = {PP: c.pp, **sub_mesh}
+        plan.pipeline = {
+            "schedule": c.schedule, "stages_per_rank": c.v, "microbatch_size": c.microbatch_size,
+            "num_microbatches": c.num_microbatches,
+            "stages": [{"rank": s % c.pp, "layers": list(st)} for s, st in enumerate(c.stages)],
+        }
+    plan.cluster = cluster.to_dict()
+    plan.schema_version = SCHEMA_VERSION
+    plan.data_parallel = c.flavour if c.dp > 1 else "replicate"
+    plan.checkpoint = {k: v for k, v in c.options.items() if v != "none"}
+    if plan.data_parallel != "replicate":
+        _shard_parameters_over_dp(plan, costs.traced, sub_mesh)
+    worst = max(range(c.pp), key=lambda r: sum(c.rank_memory[r].values()))
+    mem = c.rank_memory[worst]
+    batch = c.microbatch_size * c.num_microbatches
+    seq = _sequence_length(costs.traced)
+    predicted = {
+        "step_time_s": c.step_time_s,
+        "pipeline_s": c.pipeline_s,
+        "dp_sync_s": c.dp_sync_s,
+        "bubble_fraction": c.bubble_fraction,
+        "peak_memory_bytes": c.peak_memory_bytes,
+        "flops_per_step": costs.model_flops * c.num_microbatches,
+        "samples_per_step": float(batch),
+        "tokens_per_step": float(batch * seq) if seq else 0.0,
+        "peak_flops_per_device": cluster.device.peak_flops_for(
+            "bfloat16" if precision.compute_bytes == 2 else "float32"),
+        "world_size": float(cluster.world_size),
+        "communication_pp_s": c.p2p_s,
+        "communication_dp_s": c.dp_sync_s,
+    }
+    for axis, secs in costs.comm_s.items():
+        if axis != "dp":
+            predicted[f"communication_{axis}_s"] = secs * c.num_microbatches
+    for k, val in mem.items():
+        predicted[f"memory_{k}_bytes"] = val
+    plan.predicted = {k: float(v) for k, v in predicted.items()}
+    plan.solver = dict(plan.solver, **solver)
+    return Plan.from_dict(plan.to_dict())  # validates the assembled plan
+
+
+def _sequence_length(traced: TracedModel) -> int:
+    """Dim 1 of the first user input when it has one (B, T, ...), else 0."""
+    v = traced.node(traced.inputs[0]).meta["val"]
+    return int(v.shape[1]) if v.ndim >= 2 else 0
+
+
+def _shard_parameters_over_dp(plan: Plan, traced: TracedModel, sub_mesh: dict[str, int]) -> None:
+    """ZeRO: each parameter's dp placement becomes S(d) for its first dim that divides (the ops
+    still read it replicated over dp, so the runtime gathers it)."""
+    axes = list(sub_mesh)
+    a, n = axes.index("dp"), sub_mesh["dp"]
+    fqn_to_node = {fqn: node for node, fqn in traced.parameters.items()}
+    for fqn, placements in plan.parameters.items():
+        shape = traced.node(fqn_to_node[fqn]).meta["val"].shape
+        for d, size in enumerate(shape):
+            already = math.prod(sub_mesh[axes[b]] for b, p in enumerate(placements)
+                                if p == f"S({d})" and b != a)
+            if size % (n * already) == 0:
+                placements[a] = f"S({d})"
+                break
+
+
+def check_schedule(name: str) -> str:
+    if name not in SCHEDULES and name.lower() not in {s.lower() for s in SCHEDULES}:
+        get_schedule(name)  # raises with the list
+    return get_schedule(name).name
