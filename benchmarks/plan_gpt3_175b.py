@@ -35,7 +35,7 @@ def main() -> None:
     cfg = GPTConfig(vocab_size=51200, seq_len=2048, n_layer=args.layers, n_head=96,
                     d_model=12288)
     with torch.device("meta"):
-        model = GPT(cfg)
+        model = GPT(cfg).to(torch.bfloat16)  # compute in bf16 (mixed precision)
     x = torch.zeros(args.batch, 2048, dtype=torch.long, device="meta")
     cluster = autopar.Cluster.preset("a100-80g", nodes=args.nodes)
     precision = TrainingPrecision.mixed_bf16()
