@@ -11,9 +11,9 @@ from autopar.cluster import Cluster
 from autopar.compile import ParallelModel, make_mesh
 from autopar.errors import AutoparError, MeshError
 from autopar.plan import Plan
-from autopar.schedules import get_schedule
 from autopar.planner import make_plan
 from autopar.profile import TrainingPrecision, profile_graph
+from autopar.schedules import get_schedule
 from autopar.trace import TracedModel, trace
 
 
@@ -281,12 +281,26 @@ def autoparallelize(
             f"{dist.get_world_size()} processes: describe the devices the job runs on "
             f"(Cluster.detect() does) or launch {cluster.world_size} processes."
         )
+    if plan is not None and plan.pipeline:
+        return _pipelined(model, example_inputs, loss_fn, plan)
     traced = _trace(model, example_inputs, loss_fn)
     if plan is None:
         plan = _plan_on_rank0(traced, cluster, mesh, _planner_options(options))
     world = dist.get_world_size() if dist.is_initialized() else None
     plan.check_matches(graph_fingerprint=traced.fingerprint, world_size=world or plan.world_size)
     return ParallelModel(model, traced, plan, make_mesh(plan))
+
+
+def _pipelined(model: nn.Module, example_inputs, loss_fn, plan: Plan):
+    """A plan with pipeline stages: its graph is one microbatch's, so trace that."""
+    from autopar import search
+    from autopar.pipeline_runtime import PipelinedModel
+
+    micro = search.microbatch_inputs(example_inputs, plan.pipeline["microbatch_size"])
+    traced = _trace(model, micro, loss_fn)
+    world = dist.get_world_size() if dist.is_initialized() else plan.world_size
+    plan.check_matches(graph_fingerprint=traced.fingerprint, world_size=world)
+    return PipelinedModel(model, traced, plan, make_mesh(plan))
 
 
 def _plan_on_rank0(traced: TracedModel, cluster: Cluster, mesh, options: dict) -> Plan:

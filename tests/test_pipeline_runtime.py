@@ -86,3 +86,25 @@ def test_pipelined_losses_match_single_process(case):
     for losses in results:  # the same loss on every rank, each step
         assert losses == results[0]
     assert results[0] == pytest.approx(reference_losses(model_name, batch_size), rel=1e-5)
+
+
+def train_manual_pipeline(model_name, zero):
+    """A hand configuration from autopar.manual_plan, run through autoparallelize."""
+    import autopar
+
+    torch.manual_seed(0)
+    model = MODELS[model_name]()
+    data = batches(4)
+    cluster = fast_cpu_cluster(4)
+    plan = autopar.manual_plan(model, cluster, data[0], loss_fn=lm_loss, tp=1, pp=2, dp=2,
+                               microbatch_size=1, schedule="1F1B", zero=zero)
+    pm = autopar.autoparallelize(model, cluster, data[0], loss_fn=lm_loss, plan=plan)
+    return sgd_losses(pm.parameters(), pm.train_step, data), plan.data_parallel
+
+
+@pytest.mark.parametrize("zero", [0, 3])
+def test_manual_pipeline_plan_runs_through_autoparallelize(zero):
+    results = run_on_ranks(train_manual_pipeline, 4, "gpt", zero)
+    losses, flavour = results[0]
+    assert flavour == ("zero3" if zero == 3 else "replicate")
+    assert losses == pytest.approx(reference_losses("gpt", 4), rel=1e-5)
