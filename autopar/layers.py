@@ -56,7 +56,7 @@ def assign_layers(traced: TracedModel) -> dict[str, str]:
             layer[n.name] = POST if seen_block else PRE
     for n in gm.graph.nodes:
         if n.op == "placeholder":
-            users = [u for u in _decision_users(n)]
+            users = decision_users(n)
             layer[n.name] = layer[users[0].name] if users else PRE
     for n in gm.graph.nodes:  # getitems follow their op
         if is_getitem(n):
@@ -64,11 +64,12 @@ def assign_layers(traced: TracedModel) -> dict[str, str]:
     return {n.name: layer[n.name] for n in gm.graph.nodes if n.name in layer}
 
 
-def _decision_users(n: fx.Node) -> list[fx.Node]:
+def decision_users(n: fx.Node) -> list[fx.Node]:
+    """The ops reading `n`'s value, through getitems, in graph order."""
     out = []
     for u in n.users:
         if is_getitem(u):
-            out.extend(_decision_users(u))
+            out.extend(decision_users(u))
         elif u.op == "call_function":
             out.append(u)
     return sorted(out, key=lambda u: _position(u))

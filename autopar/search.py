@@ -43,13 +43,13 @@ import solvers
 from autopar import cost
 from autopar.cluster import Cluster
 from autopar.errors import InfeasibleError, MeshError
-from autopar.layers import POST, PRE, assign_layers, layer_order
+from autopar.layers import POST, PRE, assign_layers, decision_users, layer_order
 from autopar.plan import PP, SCHEMA_VERSION, Plan
 from autopar.planner import build_problem, format_bytes, to_plan
 from autopar.profile import TrainingPrecision, parameter_state_bytes, profile_graph
 from autopar.schedules import SCHEDULES, get_schedule
 from autopar.strategies import shard_factor, work_factor
-from autopar.trace import TracedModel, is_getitem
+from autopar.trace import TracedModel
 
 DEFAULT_SCHEDULES = ("1F1B", "Interleaved1F1B")
 FLAVOURS = ("replicate", "zero2", "zero3")
@@ -164,7 +164,7 @@ def layer_costs(traced, profiles, cluster, sub_mesh, flavour, *, precision, solv
         i = solution.choices[name]
         if n.op == "placeholder":
             if name in traced.parameters:
-                users = {layer_of[u.name] for u in _users(n)} or {layer}
+                users = {layer_of[u.name] for u in decision_users(n)} or {layer}
                 local = n.meta["val"].numel() / shard_factor(_non_dp(s.outputs[0], dp_axis), shape)
                 parts = parameter_state_bytes(local, precision)
                 for owner in users:  # a tied weight lives on every stage that reads it
@@ -196,7 +196,7 @@ def layer_costs(traced, profiles, cluster, sub_mesh, flavour, *, precision, solv
         bwd[layer] += max(total - f, 0.0)
         out = s.outputs[0]
         act[layer] += prof.saved_bytes / (shard_factor(out, shape) if out else 1)
-        if any(layer_of.get(u.name, layer) != layer for u in _users(n)):
+        if any(layer_of.get(u.name, layer) != layer for u in decision_users(n)):
             out_bytes[layer] += prof.output_bytes / (shard_factor(out, shape) if out else 1)
     for e in decisions.problem.edges:
         c = e.costs_s[solution.choices[e.src]][solution.choices[e.dst]]
@@ -243,16 +243,6 @@ def _non_dp(placements, dp_axis):
     from torch.distributed.tensor import Replicate
 
     return tuple(Replicate() if a == dp_axis else p for a, p in enumerate(placements))
-
-
-def _users(n):
-    out = []
-    for u in n.users:
-        if is_getitem(u):
-            out.extend(_users(u))
-        elif u.op == "call_function":
-            out.append(u)
-    return out
 
 
 def _nbytes(n) -> float:
