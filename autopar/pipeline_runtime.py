@@ -24,7 +24,13 @@ from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import PipelineScheduleMulti, get_schedule_class
 from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 
-from autopar.compile import ParallelModel, _mesh_device, _placements, _shard_local
+from autopar.compile import (
+    ParallelModel,
+    _local_shape,
+    _mesh_device,
+    _placements,
+    _shard_local,
+)
 from autopar.errors import MeshError
 from autopar.layers import assign_layers
 from autopar.plan import Plan
@@ -283,10 +289,5 @@ class PipelinedModel(nn.Module):
                 p.grad = DTensor.from_local(local, self.sub, p.placements, run_check=False)
 
     def _local_shape(self, name):
-        fqn = self._all_params[name]
-        val = self._traced.node(name).meta["val"]
-        shape = list(val.shape)
-        for pl, n in zip(_placements(self.plan.parameters[fqn]), self.sub.shape):
-            if pl.is_shard():
-                shape[pl.dim] //= n
-        return shape
+        placements = _placements(self.plan.parameters[self._all_params[name]])
+        return _local_shape(self._traced.node(name).meta["val"].shape, placements, self.sub.shape)
