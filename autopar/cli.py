@@ -296,6 +296,31 @@ def cmd_explain(args) -> int:
     return 0
 
 
+def cmd_simulate(args) -> int:
+    import dataclasses
+
+    from autopar.plan import Plan
+    from autopar.planner import format_bytes
+    from autopar.simulate import simulate
+
+    report = simulate(Plan.load(args.plan))
+    if args.json:
+        _print_json(dataclasses.asdict(report))
+        return 0
+    print(f"step time        {report.step_time_s * 1e3:.3f} ms")
+    print(
+        f"throughput       {report.samples_per_s:,.1f} samples/s, {report.tokens_per_s:,.0f} tokens/s"
+    )
+    print(f"per device       {report.tflops_per_gpu:.2f} TFLOP/s, MFU {report.mfu:.1%}")
+    print(f"peak memory      {format_bytes(report.peak_memory_bytes)} (worst device)")
+    for kind, n in report.memory_bytes.items():
+        print(f"  {kind:<14} {format_bytes(n)}")
+    for axis, t in report.communication_s.items():
+        print(f"communication {axis:<3} {t * 1e3:.3f} ms")
+    print(f"pipeline bubble  {report.bubble_fraction:.1%}")
+    return 0
+
+
 def _axes(plan) -> str:
     return "x".join(plan.mesh)
 
@@ -416,6 +441,17 @@ def make_parser() -> argparse.ArgumentParser:
         help="print the plan dict (with ops_by_layer when --model is given)",
     )
     p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser(
+        "simulate",
+        help="predict a saved plan's step time, throughput, MFU and memory",
+        description="Read a plan and print what the cost model predicts for it: step time, "
+        "throughput, TFLOP/s and MFU per device, peak memory and its breakdown, "
+        "communication per mesh axis, pipeline bubble. Needs no GPU.",
+    )
+    p.add_argument("plan", metavar="PLAN_JSON")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser(
         "demo",

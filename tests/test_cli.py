@@ -54,6 +54,21 @@ class TestPlan:
         assert Plan.from_dict(d).to_json() == (tmp_path / "p.json").read_text()
 
 
+class TestSimulate:
+    def test_report_text_and_json(self, capsys, plan_file):
+        rc, out, _ = run_cli(capsys, "simulate", str(plan_file))
+        assert rc == 0
+        assert "step time" in out and "MFU" in out and "peak memory" in out
+        rc, out, _ = run_cli(capsys, "simulate", str(plan_file), "--json")
+        report = json.loads(out)
+        assert rc == 0 and report["step_time_s"] > 0
+        assert report["step_time_s"] == pytest.approx(Plan.load(plan_file).predicted["step_time_s"])
+
+    def test_missing_plan_file(self, capsys, tmp_path):
+        rc, _, err = run_cli(capsys, "simulate", str(tmp_path / "none.json"))
+        assert rc == 2 and err.startswith("autopar: error:") and "Traceback" not in err
+
+
 class TestExplain:
     def test_summary_and_ops(self, capsys, plan_file):
         rc, out, _ = run_cli(capsys, "explain", str(plan_file))
