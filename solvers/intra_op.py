@@ -216,7 +216,7 @@ def build_intra_op_ilp(problem: ShardingProblem, *, minimise: str = "time") -> I
     )
     ilp = IntraOpIlp(lp=lp, group_of=tie_groups(problem))
     names = [node.name for node in problem.nodes]
-    tokens = dict(zip(names, _tokens(names)))
+    tokens = dict(zip(names, pulp_names(names)))
     _add_strategy_vars(ilp, problem, tokens)
     diagonal = _add_edges(ilp, problem, tokens)
     if minimise == "time":
@@ -338,7 +338,7 @@ def _add_memory(ilp: IntraOpIlp, problem: ShardingProblem) -> None:
         return
     scale = _memory_scale(problem)
     by_name = {node.name: node for node in problem.nodes}
-    tokens = _tokens([point.name for point in problem.memory_points])
+    tokens = pulp_names([point.name for point in problem.memory_points])
     for point, tok in zip(problem.memory_points, tokens):
         live, most_bytes = _live_bytes(ilp, by_name, point.live)
         if most_bytes <= budget:
@@ -351,7 +351,7 @@ def _set_peak_objective(ilp: IntraOpIlp, problem: ShardingProblem) -> None:
     scale = _memory_scale(problem)
     peak = ilp.lp.add_variable("peak", lowBound=0)
     by_name = {node.name: node for node in problem.nodes}
-    tokens = _tokens([point.name for point in problem.memory_points])
+    tokens = pulp_names([point.name for point in problem.memory_points])
     for point, tok in zip(problem.memory_points, tokens):
         live, _ = _live_bytes(ilp, by_name, point.live)
         ilp.lp += (live / scale <= peak, f"peak({tok})")
@@ -362,7 +362,7 @@ def _token(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.]", "_", name)[:64]
 
 
-def _tokens(names: list[str]) -> list[str]:
+def pulp_names(names: list[str]) -> list[str]:
     """Readable, unique, pulp-safe tokens for `names`, in order (repeats get `.2`, `.3`, ...)."""
     out: list[str] = []
     used: set[str] = set()

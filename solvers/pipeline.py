@@ -68,14 +68,13 @@ from __future__ import annotations
 
 import itertools
 import math
-import re
 import time
 import warnings
 from dataclasses import dataclass, field
 
 import pulp
 
-from solvers.intra_op import SolverResult, run_solver
+from solvers.intra_op import SolverResult, pulp_names, run_solver
 from solvers.problem import InfeasibleProblem, NoSolutionFound
 
 __all__ = [
@@ -596,7 +595,7 @@ def build_pipeline_ilp(problem: PipelineProblem, *, minimise: str = "time") -> P
     if minimise not in ("time", "peak"):
         raise ValueError(f"minimise must be 'time' or 'peak', got {minimise!r}")
     ilp = PipelineIlp(lp=pulp.LpProblem(f"pipeline_{minimise}", pulp.LpMinimize))
-    tokens = _tokens([layer.name for layer in problem.layers])
+    tokens = pulp_names([layer.name for layer in problem.layers])
     _add_cut_vars(ilp, problem, tokens)
     _add_option_vars(ilp, problem, tokens)
     _add_pairs(ilp, problem, tokens)
@@ -735,24 +734,6 @@ def _set_peak_objective(ilp: PipelineIlp, problem: PipelineProblem) -> None:
     for r in range(problem.num_ranks):
         ilp.lp += (_rank_memory(ilp, problem, r) / scale <= peak, f"peak({r})")
     ilp.lp.setObjective(pulp.lpSum([peak]))
-
-
-def _token(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.]", "_", name)[:64]
-
-
-def _tokens(names: list[str]) -> list[str]:
-    """Readable, unique, pulp-safe tokens for `names`, in order (repeats get `.2`, `.3`, ...)."""
-    out: list[str] = []
-    used: set[str] = set()
-    for name in names:
-        tok, k = _token(name), 1
-        while tok in used:
-            k += 1
-            tok = f"{_token(name)}.{k}"
-        used.add(tok)
-        out.append(tok)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
