@@ -12,7 +12,7 @@ from autopar.compile import ParallelModel, make_mesh
 from autopar.errors import AutoparError, MeshError
 from autopar.plan import Plan
 from autopar.planner import make_plan
-from autopar.profile import TrainingPrecision, profile_graph
+from autopar.profile import TrainingPrecision
 from autopar.schedules import get_schedule
 from autopar.trace import TracedModel, trace
 
@@ -155,13 +155,12 @@ def manual_plan(
         except ValueError as e:
             raise MeshError(f"{e} (batch {batch} / (dp {dp} x microbatch {microbatch_size}) "
                             f"= {m} microbatches)") from None
-    traced = trace_fn(search.microbatch_inputs(example_inputs, mb))
-    profiles = profile_graph(traced.graph_module)
+    stand, profiles = search.prepare(trace_fn(search.microbatch_inputs(example_inputs, mb)))
     sub_mesh = {k: n for k, n in (("dp", dp), ("tp", tp)) if n > 1} or {"dp": 1}
-    solved = search.solve_layers(traced, profiles, cluster, sub_mesh, precision=precision,
+    solved = search.solve_layers(stand, profiles, cluster, sub_mesh, precision=precision,
                                  solver=solver)
     flavour = search.ZERO_FLAVOUR[zero] if dp > 1 else "replicate"
-    costs = search.layer_costs(traced, profiles, cluster, sub_mesh, flavour,
+    costs = search.layer_costs(stand, profiles, cluster, sub_mesh, flavour,
                                precision=precision, solved=solved)
     options = {x.name: checkpoint if checkpoint in [o.name for o in x.options] else "none"
                for x in costs.layers}

@@ -152,6 +152,14 @@ def _dp_axes(mesh: dict[str, int]) -> tuple[int, ...]:
     return tuple(a for a, axis in enumerate(mesh) if axis in DATA_PARALLEL_AXES)
 
 
+def _is_parameter_value(n: fx.Node, traced: TracedModel) -> bool:
+    """A parameter, or a parameter through ops of one tensor input (t, permute, view, a cast):
+    its gradient is a parameter gradient, synchronised over dp once per step, not per op."""
+    while n.op == "call_function" and len(tensor_inputs(n)) == 1 and not is_getitem(n):
+        n = tensor_inputs(n)[0]
+    return n.op == "placeholder" and n.name in traced.parameters
+
+
 def _node_time_s(n, s: Strategy, profiles, cluster: Cluster, shape, links, skip_axes=(),
                  traced=None) -> float:
     """Forward + backward compute of an op on its local shard, plus the gradient all-reduces
@@ -171,7 +179,7 @@ def _node_time_s(n, s: Strategy, profiles, cluster: Cluster, shape, links, skip_
         if out is None or not v.dtype.is_floating_point:
             continue
         local_bytes = v.numel() * v.element_size() / shard_factor(pl, shape)
-        is_param = traced is not None and source_of(arg)[0].name in traced.parameters
+        is_param = traced is not None and _is_parameter_value(source_of(arg)[0], traced)
         for a, (p_in, p_out) in enumerate(zip(pl, out)):
             if is_param and a in skip_axes:
                 continue
@@ -397,8 +405,12 @@ def _check_mesh(mesh: dict[str, int], cluster: Cluster) -> None:
         )
 
 
-def to_plan(traced: TracedModel, cluster: Cluster, decisions: Decisions, solution) -> Plan:
-    chosen = {name: decisions.strategies[name][i] for name, i in solution.choices.items()}
+def to_plan(traced: TracedModel, cluster: Cluster, decisions: Decisions, solution,
+            chosen: dict[str, Strategy] | None = None) -> Plan:
+    """The Plan of a solution; `chosen` (every decision node of `traced` -> its strategy)
+    when the solution was found on a stand-in graph (`autopar.stand_in`)."""
+    if chosen is None:
+        chosen = {name: decisions.strategies[name][i] for name, i in solution.choices.items()}
     strs = lambda pl: [placement_to_str(p) for p in pl]  # noqa: E731
     parameters = {fqn: strs(chosen[node].outputs[0]) for node, fqn in traced.parameters.items()}
     inputs = {name: strs(chosen[name].outputs[0]) for name in traced.inputs}

@@ -48,6 +48,7 @@ from autopar.plan import PP, SCHEMA_VERSION, Plan
 from autopar.planner import build_problem, format_bytes, to_plan
 from autopar.profile import TrainingPrecision, parameter_state_bytes, profile_graph
 from autopar.schedules import SCHEDULES, get_schedule
+from autopar.stand_in import StandIn, stand_in
 from autopar.strategies import shard_factor, work_factor
 from autopar.trace import TracedModel
 
@@ -86,7 +87,8 @@ def microbatch_inputs(example_inputs, microbatch_size: int):
 class LayerCosts:
     """One (dp, tp, microbatch) intra-op solution, split by layer. Per device, per microbatch."""
 
-    traced: TracedModel
+    traced: TracedModel  # the full graph (layer names, the plan); solved on stand.traced
+    stand: StandIn
     sub_mesh: dict[str, int]
     decisions: object
     solution: object
@@ -112,17 +114,25 @@ def _sub_cluster(cluster: Cluster, sub_size: int) -> Cluster:
     )
 
 
-def solve_layers(traced, profiles, cluster, sub_mesh, *, precision, solver="highs",
+def prepare(traced: TracedModel) -> tuple[StandIn, dict]:
+    """What the search solves for one traced microbatch: its stand-in (see `autopar.stand_in`)
+    and the stand-in's op profiles."""
+    stand = stand_in(traced)
+    return stand, profile_graph(stand.traced.graph_module)
+
+
+def solve_layers(stand: StandIn, profiles, cluster, sub_mesh, *, precision, solver="highs",
                  time_limit_s=None, least_memory=False):
     """The intra-op ILP on the dp x tp submesh, memory left to the stage cut (budget inf); with
     `least_memory`, the fastest of the plans with the smallest intra-op peak (used when the
-    fastest sharding fits nowhere)."""
+    fastest sharding fits nowhere). Solved on the stand-in, each node weighted by how many
+    nodes of the full graph it stands for."""
     sub = _sub_cluster(cluster, math.prod(sub_mesh.values()))
     decisions = build_problem(
-        traced, profiles, sub, sub_mesh, precision=precision, memory_budget_bytes=math.inf,
-        param_grad_sync=False,
+        stand.traced, profiles, sub, sub_mesh, precision=precision,
+        memory_budget_bytes=math.inf, param_grad_sync=False,
     )
-    problem = decisions.problem
+    decisions.problem = problem = _weighted(decisions.problem, stand)
     if least_memory:
         try:
             solvers.solve_intra_op(dataclasses.replace(problem, memory_budget_bytes=1.0),
@@ -134,9 +144,27 @@ def solve_layers(traced, profiles, cluster, sub_mesh, *, precision, solver="high
     return sub, decisions, solution
 
 
-def layer_costs(traced, profiles, cluster, sub_mesh, flavour, *, precision, solved) -> LayerCosts:
-    """Split a solved intra-op plan into per-layer times and bytes (see module docstring)."""
+def _weighted(problem: solvers.ShardingProblem, stand: StandIn) -> solvers.ShardingProblem:
+    """Node costs, and the costs of edges into a node, times the node's weight: the objective
+    of the full graph under the ties between blocks."""
+    if not stand.is_shallow:
+        return problem
+    w = stand.weight_of
+    nodes = tuple(dataclasses.replace(n, costs_s=tuple(c * w(n.name) for c in n.costs_s))
+                  for n in problem.nodes)
+    edges = tuple(dataclasses.replace(e, costs_s=tuple(tuple(c * w(e.dst) for c in row)
+                                                       for row in e.costs_s))
+                  for e in problem.edges)
+    return dataclasses.replace(problem, nodes=nodes, edges=edges)
+
+
+def layer_costs(stand: StandIn, profiles, cluster, sub_mesh, flavour, *, precision,
+                solved) -> LayerCosts:
+    """Split a solved intra-op plan into per-layer times and bytes (see module docstring), per
+    layer of the full graph."""
     sub, decisions, solution = solved
+    traced = stand.traced
+    weight = stand.weight_of
     gm = traced.graph_module
     shape = tuple(sub_mesh.values())
     links = sub.axis_links(shape)
@@ -187,7 +215,7 @@ def layer_costs(traced, profiles, cluster, sub_mesh, flavour, *, precision, solv
                 act[layer] += _nbytes(n) / shard_factor(s.outputs[0], shape)
             continue
         prof = profiles[name]
-        model_flops += prof.fwd_flops + prof.bwd_flops
+        model_flops += (prof.fwd_flops + prof.bwd_flops) * weight(name)
         split = work_factor(s, shape)
         f = cost.compute_time_s(prof.fwd_flops / split, prof.fwd_bytes / split, sub.device,
                                 _dtype(n, compute_dtype)) if prof.fwd_flops or prof.fwd_bytes else 0.0
@@ -198,12 +226,12 @@ def layer_costs(traced, profiles, cluster, sub_mesh, flavour, *, precision, solv
         act[layer] += prof.saved_bytes / (shard_factor(out, shape) if out else 1)
         if any(layer_of.get(u.name, layer) != layer for u in decision_users(n)):
             out_bytes[layer] += prof.output_bytes / (shard_factor(out, shape) if out else 1)
-    for e in decisions.problem.edges:
-        c = e.costs_s[solution.choices[e.src]][solution.choices[e.dst]]
+    for e in decisions.problem.edges:  # weighted: one copy of each edge per full layer
+        c = e.costs_s[solution.choices[e.src]][solution.choices[e.dst]] / weight(e.dst)
         layer = layer_of[e.dst]
         fwd[layer] += c / 2
         bwd[layer] += c / 2
-        comm_s[reshard_axis] += c
+        comm_s[reshard_axis] += c * weight(e.dst)
     layers = []
     for k, name in enumerate(order):
         f, b = fwd[name] + zero3_gather[name], bwd[name] + zero3_gather[name]
@@ -212,19 +240,23 @@ def layer_costs(traced, profiles, cluster, sub_mesh, flavour, *, precision, solv
             kept = out_bytes[order[k - 1]]  # the layer's input: the previous layer's output
             options.append(solvers.LayerOption(name="full", fwd_s=f, bwd_s=b + f,
                                                activation_bytes=min(kept, act[name])))
-        layers.append(solvers.Layer(
-            name=name, options=tuple(options), state_bytes=sum(state[name].values()),
-            boundary_bytes=out_bytes[name] if name != order[-1] else 0.0,
-        ))
+        for full in stand.represents.get(name, (name,)):
+            layers.append(solvers.Layer(
+                name=full, options=tuple(options), state_bytes=sum(state[name].values()),
+                boundary_bytes=out_bytes[name] if name != order[-1] else 0.0,
+            ))
     temporaries = 0.0
     if flavour == "zero3" and dp > 1:
         temporaries = 2 * max(numel.values()) * precision.compute_bytes
     if dp_axis is not None:
         comm_s["dp"] = 0.0  # dp traffic is the per-step sync, reported separately
+    full = lambda per_layer: {f: per_layer[name] for name in order  # noqa: E731
+                              for f in stand.represents.get(name, (name,))}
     return LayerCosts(
-        traced=traced, sub_mesh=dict(sub_mesh), decisions=decisions, solution=solution,
-        layers=tuple(layers), sync_s=sync, gather_step_s=gather, param_numel=numel, state=state,
-        temporaries_bytes=temporaries, flavour=flavour, comm_s=comm_s, model_flops=model_flops,
+        traced=stand.full, stand=stand, sub_mesh=dict(sub_mesh), decisions=decisions,
+        solution=solution, layers=tuple(layers), sync_s=full(sync), gather_step_s=full(gather),
+        param_numel=full(numel), state=full(state), temporaries_bytes=temporaries,
+        flavour=flavour, comm_s=comm_s, model_flops=model_flops,
     )
 
 
@@ -399,10 +431,9 @@ def search(trace_fn, example_inputs, cluster: Cluster, space: SearchSpace, *,
             if pp == 1 and m != 1:
                 continue  # without pp the plan has no microbatches (no pipeline section)
             if mb not in traces:
-                traced = trace_fn(microbatch_inputs(example_inputs, mb))
-                traces[mb] = (traced, profile_graph(traced.graph_module))
-            traced, profiles = traces[mb]
-            order = layer_order(assign_layers(traced))
+                traces[mb] = prepare(trace_fn(microbatch_inputs(example_inputs, mb)))
+            stand, profiles = traces[mb]
+            order = layer_order(assign_layers(stand.full))
             if pp > len(order):
                 continue
             sub_mesh = {k: v for k, v in (("dp", dp), ("tp", tp)) if v > 1} or {"dp": 1}
@@ -413,7 +444,7 @@ def search(trace_fn, example_inputs, cluster: Cluster, space: SearchSpace, *,
                 key = (mb, tuple(sub_mesh.items()), least)
                 if key not in solved:
                     try:
-                        solved[key] = solve_layers(traced, profiles, cluster, sub_mesh,
+                        solved[key] = solve_layers(stand, profiles, cluster, sub_mesh,
                                                    precision=precision, solver=solver,
                                                    time_limit_s=time_limit_s, least_memory=least)
                     except MeshError:
@@ -421,7 +452,7 @@ def search(trace_fn, example_inputs, cluster: Cluster, space: SearchSpace, *,
                 if solved[key] is None:
                     break
                 flavours = space.flavours if dp > 1 else ("replicate",)
-                for c in _candidates(solved[key], traced, profiles, cluster, sub_mesh, flavours,
+                for c in _candidates(solved[key], stand, profiles, cluster, sub_mesh, flavours,
                                      space, pp, dp, tp, mb, m, order, budget, solver,
                                      time_limit_s, precision, best):
                     tried += 1
@@ -451,13 +482,13 @@ def search(trace_fn, example_inputs, cluster: Cluster, space: SearchSpace, *,
     return candidate_plan(best, cluster, precision, solver={"candidates": tried})
 
 
-def _candidates(solved, traced, profiles, cluster, sub_mesh, flavours, space, pp, dp, tp, mb,
+def _candidates(solved, stand, profiles, cluster, sub_mesh, flavours, space, pp, dp, tp, mb,
                 m, order, budget, solver, time_limit_s, precision, best):
     """Scored candidates of one intra-op solution: every flavour x schedule, pruned by bound."""
     if True:
         if True:
             for flavour in flavours:
-                costs = layer_costs(traced, profiles, cluster, sub_mesh, flavour,
+                costs = layer_costs(stand, profiles, cluster, sub_mesh, flavour,
                                     precision=precision, solved=solved)
                 if not _offer_checkpoint(costs, space):
                     costs.layers = tuple(
@@ -533,7 +564,8 @@ def candidate_plan(c: Candidate, cluster: Cluster, precision: TrainingPrecision,
     """The Plan of a scored candidate, with everything `simulate` needs in `predicted`."""
     costs = c.costs
     sub = _sub_cluster(cluster, math.prod(costs.sub_mesh.values()))
-    plan = to_plan(costs.traced, sub, costs.decisions, costs.solution)
+    plan = to_plan(costs.traced, sub, costs.decisions, costs.solution,
+                   chosen=costs.stand.expand(costs.decisions.strategies, costs.solution.choices))
     sub_mesh = dict(costs.sub_mesh)
     if c.pp > 1:
         plan.mesh = {PP: c.pp, **sub_mesh}

@@ -141,7 +141,8 @@ def _probe(node: fx.Node, mesh, options: list[list[Placements]]):
     """Ask DTensor about a set of input placements; keep each answer that is a fixed point.
 
     Probes: all inputs replicated; each input alone taking each of its options (others
-    replicated); every input taking the same option (pointwise ops keep a shared sharding).
+    replicated); every input taking the same option (pointwise ops keep a shared sharding);
+    then, on meshes of 2+ axes, every axis-wise combination of the answers.
     DTensor answers with the placements it would redistribute to, which is a valid strategy;
     asking again with those confirms it runs without redistribution.
     """
@@ -165,7 +166,32 @@ def _probe(node: fx.Node, mesh, options: list[list[Placements]]):
         confirmed = _ask(node.target, args, kwargs, vals, ins_pl, mesh)
         if confirmed is not None and tuple(confirmed[0]) == tuple(ins_pl):
             results.setdefault(tuple(ins_pl), confirmed[1])
+    for ins_pl in _axis_combinations(list(results), ndim):
+        if ins_pl in results:
+            continue
+        confirmed = _ask(node.target, args, kwargs, vals, ins_pl, mesh)
+        if confirmed is not None and tuple(confirmed[0]) == ins_pl:
+            results[ins_pl] = confirmed[1]
     return list(results.items())
+
+
+def _axis_combinations(found: list[tuple[Placements, ...]], ndim: int):
+    """Input placements that combine, axis by axis, the columns of strategies already found.
+
+    The probes above set one input at a time, so on a 2-D mesh they never ask for, say, the
+    batch split over dp while the weight is split over tp. DTensor builds multi-axis strategies
+    the same way (the product of one-axis strategies), so every combination of found columns is
+    a candidate; the caller keeps those DTensor confirms as fixed points.
+    """
+    if ndim < 2 or not found:
+        return []
+    columns = [list(dict.fromkeys(tuple(pl[a] for pl in ins) for ins in found))
+               for a in range(ndim)]
+    combos = []
+    for per_axis in itertools.product(*columns):
+        n_in = len(per_axis[0])
+        combos.append(tuple(tuple(per_axis[a][i] for a in range(ndim)) for i in range(n_in)))
+    return combos
 
 
 def _with_refs(node: fx.Node):

@@ -50,6 +50,11 @@ Constraints
     pair_stage[l,s]:     sum_k w[l,s,k] = x[l,s]                                  (`_add_pairs`)
     pair_option[l,k]:    sum_s w[l,s,k] = o[l,k]                                  (`_add_pairs`)
     cut[l,s]:            c[l,s] >= x[l,s] - x[l+1,s]                               (`_add_cuts`)
+    same_layer_order[l]: for identical adjacent layers l, l+1 (same options, state, boundary):
+                         sum_k k*o[l,k] <= sum_k k*o[l+1,k] + (K-1) * (stage(l+1) - stage(l)),
+                         stage(l) = sum_s s*x[l,s]: inside a stage their options are in order.
+                         Symmetry breaking only: it removes equal-cost copies of a plan, never
+                         the only optimum.                           (`_add_symmetry_breaking`)
     rank_time[r]:        sum_(s in S_r) T_s <= t_max                          (`_set_objective`)
     memory[r]:           sum_(s in S_r) sum_l (state_l * x[l,s]
                              + in_flight[s] * sum_k act_(l,k) * w[l,s,k]) <= budget (`_add_memory`)
@@ -599,6 +604,7 @@ def build_pipeline_ilp(problem: PipelineProblem, *, minimise: str = "time") -> P
     _add_cut_vars(ilp, problem, tokens)
     _add_option_vars(ilp, problem, tokens)
     _add_pairs(ilp, problem, tokens)
+    _add_symmetry_breaking(ilp, problem, tokens)
     if minimise == "time":
         _add_cuts(ilp, problem, tokens)
         _set_objective(ilp, problem)
@@ -635,6 +641,31 @@ def _add_option_vars(ilp: PipelineIlp, problem: PipelineProblem, tokens: list[st
             )
         option_vars = [ilp.o[i, k] for k in range(len(layer.options))]
         ilp.lp += (pulp.lpSum(option_vars) == 1, f"one_option({tok})")
+
+
+def _add_symmetry_breaking(ilp: PipelineIlp, problem: PipelineProblem,
+                           tokens: list[str]) -> None:
+    """same_layer_order[i]: two adjacent identical layers in one stage take options in order.
+
+    Swapping the options of identical layers within a stage changes neither its time nor its
+    memory, so a deep stack of identical blocks has a huge number of equal-cost optima, which
+    branch-and-bound would otherwise visit one by one. Requiring the option index to not decrease
+    inside a stage keeps one of each (the row is void across a cut: `cut_i` = stage(i+1) -
+    stage(i) is 0 or 1 and lifts it by the largest index).
+    """
+    S = problem.num_stages
+    for i in range(len(problem.layers) - 1):
+        a, b = problem.layers[i], problem.layers[i + 1]
+        if (a.options, a.state_bytes, a.boundary_bytes) != (b.options, b.state_bytes,
+                                                             b.boundary_bytes):
+            continue
+        K = len(a.options)
+        if K < 2:
+            continue
+        index = [pulp.lpSum(k * ilp.o[j, k] for k in range(1, K)) for j in (i, i + 1)]
+        stage = [pulp.lpSum(s * ilp.x[j, s] for s in range(1, S)) for j in (i, i + 1)]
+        ilp.lp += (index[0] <= index[1] + (K - 1) * (stage[1] - stage[0]),
+                   f"same_layer_order({tokens[i]})")
 
 
 def _add_pairs(ilp: PipelineIlp, problem: PipelineProblem, tokens: list[str]) -> None:

@@ -1,5 +1,6 @@
 """Tests for solvers.pipeline: hand instances with known answers, and brute-force agreement."""
 
+import dataclasses
 import math
 import random
 
@@ -273,6 +274,29 @@ def test_ilp_equals_brute_force(seed):
 @pytest.mark.parametrize("seed", range(10))
 def test_cbc_equals_brute_force(seed):
     agree(random_problem(random.Random(1000 + seed)), solver="cbc")
+
+
+def repeated_problem(rng: random.Random) -> PipelineProblem:
+    """A random problem whose layers come in runs of identical copies (a stack of equal
+    blocks), where the ILP's symmetry-breaking rows apply."""
+    p = random_problem(rng)
+    layers, k = [], 0
+    while len(layers) < 8:
+        template = rng.choice(p.layers)
+        for _ in range(rng.randint(1, 4)):
+            layers.append(dataclasses.replace(template, name=f"copy{k}"))
+            k += 1
+    layers = layers[:8]
+    S = min(p.num_stages + 1, 5)
+    return dataclasses.replace(
+        p, layers=tuple(layers), num_stages=S, stage_of_rank=(),
+        in_flight=tuple(min(S - s, p.num_microbatches) for s in range(S)), bubble_weight=1.0,
+    )
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_ilp_equals_brute_force_on_repeated_layers(seed):
+    agree(repeated_problem(random.Random(5000 + seed)))
 
 
 def test_random_instances_cover_the_cases():
