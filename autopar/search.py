@@ -314,6 +314,7 @@ class Candidate:
     rank_memory: list[dict[str, float]] = field(default_factory=list)
     bubble_fraction: float = 0.0
     p2p_s: float = 0.0
+    cut: str = ""  # how the stage cut was found: "ilp-optimal", "ilp-feasible, gap x%", "even"
 
 
 def pipeline_problem(costs: LayerCosts, cluster: Cluster, pp, m, schedule, v, budget):
@@ -479,7 +480,8 @@ def search(trace_fn, example_inputs, cluster: Cluster, space: SearchSpace, *,
         )
     if log:
         log(f"searched {tried} candidates in {time.perf_counter() - start:.1f} s")
-    return candidate_plan(best, cluster, precision, solver={"candidates": tried})
+    return candidate_plan(best, cluster, precision,
+                          solver={"candidates": tried, "stage_cut": best.cut or "single stage"})
 
 
 def _candidates(solved, stand, profiles, cluster, sub_mesh, flavours, space, pp, dp, tp, mb,
@@ -532,22 +534,49 @@ def _best_cut(costs, cluster, pp, dp, tp, mb, m, schedule, v, flavour, order, bu
                 v=v, flavour=flavour, costs=costs)
     found = []
     problem = pipeline_problem(costs, cluster, pp, m, schedule, v, budget)
-    try:
-        sol = solvers.solve_pipeline(problem, solver=solver, time_limit_s=time_limit_s)
-        found.append(evaluate(Candidate(stages=sol.stages, options=dict(sol.options), **base),
-                              cluster))
-    except solvers.InfeasibleProblem as e:
-        found.append(Candidate(stages=(), options={}, peak_memory_bytes=e.min_peak_bytes
-                               + costs.temporaries_bytes, **base))
+    if _least_peak_bound(problem) + costs.temporaries_bytes <= budget:
+        try:
+            sol = solvers.solve_pipeline(problem, solver=solver,
+                                         time_limit_s=time_limit_s or STAGE_TIME_LIMIT_S)
+            found.append(evaluate(Candidate(stages=sol.stages, options=dict(sol.options),
+                                            cut=_cut_status(sol), **base), cluster))
+        except solvers.InfeasibleProblem as e:
+            found.append(Candidate(stages=(), options={}, peak_memory_bytes=e.min_peak_bytes
+                                   + costs.temporaries_bytes, **base))
+        except solvers.NoSolutionFound:
+            pass  # the even cuts below still stand
     for how in ("none", "full"):
         opts = {x.name: how if how in [o.name for o in x.options] else "none"
                 for x in costs.layers}
-        found.append(evaluate(Candidate(stages=even_stages(order, pp * v), options=opts, **base),
-                              cluster))
+        found.append(evaluate(Candidate(stages=even_stages(order, pp * v), options=opts,
+                                        cut="even", **base), cluster))
     fits = [c for c in found if c.stages and c.peak_memory_bytes <= budget]
     if fits:
         return min(fits, key=lambda c: c.step_time_s)
     return min(found, key=lambda c: c.peak_memory_bytes)
+
+
+# The stage ILP of a deep model on many stages can take minutes to prove optimal; past this
+# limit (when the caller sets none) its best cut so far competes with the even cuts, and the
+# plan records that it is not proven optimal.
+STAGE_TIME_LIMIT_S = 20.0
+
+
+def _least_peak_bound(problem: solvers.PipelineProblem) -> float:
+    """A lower bound on the busiest rank's memory: every layer's state and its smallest
+    activations (at the smallest in-flight count), spread evenly over the ranks."""
+    ranks = len(set(problem.stage_of_rank)) if problem.stage_of_rank else problem.num_stages
+    total = sum(x.state_bytes + min(problem.in_flight) * min(o.activation_bytes
+                                                             for o in x.options)
+                for x in problem.layers)
+    return total / ranks
+
+
+def _cut_status(sol) -> str:
+    if sol.status == "optimal":
+        return "ilp-optimal"
+    gap = f", gap {sol.gap:.2%}" if sol.gap is not None else ""
+    return f"ilp-feasible{gap}"
 
 
 def _describe(c: Candidate) -> str:
