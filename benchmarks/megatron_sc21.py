@@ -56,8 +56,8 @@ TABLE_1 = [
 
 def megatron_flops(batch: int, layers: int, hidden: int) -> float:
     """FLOPs per step as the paper counts them (forward, backward and recomputation)."""
-    s, h, l = SEQ, hidden, layers
-    return 96 * batch * s * l * h * h * (1 + s / (6 * h) + VOCAB / (16 * l * h))
+    s, h, n = SEQ, hidden, layers
+    return 96 * batch * s * n * h * h * (1 + s / (6 * h) + VOCAB / (16 * n * h))
 
 
 def lm_loss(out, target):
