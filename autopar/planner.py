@@ -119,6 +119,8 @@ DATA_PARALLEL_AXES = frozenset({"dp"})
 
 def _placeholder_options(n: fx.Node, traced: TracedModel, mesh: dict[str, int]) -> list[Placements]:
     shape = tuple(mesh.values())
+    if not n.users:  # e.g. the second name of a tied weight: export reads it through the first
+        return [(Replicate(),) * len(shape)]
     options = placement_options(_val(n).shape, shape)
     is_param = n.name in traced.parameters or n.name in traced.buffers
     for a, axis in enumerate(mesh):

@@ -419,7 +419,9 @@ def search(trace_fn, example_inputs, cluster: Cluster, space: SearchSpace, *,
     best: Candidate | None = None
     smallest: tuple[float, str] | None = None
     tried = 0
-    for mesh in space.meshes:
+    # tp inside a node first: such meshes usually win at scale, and an early good plan lets the
+    # bound prune the rest
+    for mesh in sorted(space.meshes, key=lambda x: (-x["tp"], x["pp"])):
         pp, dp, tp = mesh["pp"], mesh["dp"], mesh["tp"]
         if batch % dp:
             continue
@@ -497,13 +499,22 @@ def _candidates(solved, stand, profiles, cluster, sub_mesh, flavours, space, pp,
                         solvers.Layer(name=x.name, options=x.options[:1],
                                       state_bytes=x.state_bytes, boundary_bytes=x.boundary_bytes)
                         for x in costs.layers)
-                # lower bound: all compute spread over pp ranks, no bubble, no sync
-                work = m * sum(x.options[0].fwd_s + x.options[0].bwd_s for x in costs.layers)
-                if best is not None and work / pp >= best.step_time_s:
-                    continue
                 for schedule, v in _schedules(space, pp, m, len(order)):
+                    if best is not None and _step_bound(costs, pp, m, v) >= best.step_time_s:
+                        continue
                     yield _best_cut(costs, cluster, pp, dp, tp, mb, m, schedule, v, flavour,
                                     order, budget, solver, time_limit_s)
+
+
+def _step_bound(costs: LayerCosts, pp: int, m: int, v: int) -> float:
+    """A lower bound on any cut's step time: with W one microbatch's work over all layers
+    (fastest options), sum_s T_s >= W and max_r T_rank >= W / pp, so the stage model's
+    b * sum_s T_s + (m - b) * max_r T_rank >= b W + (m - b) W / pp; plus the dp sync, whose
+    busiest rank holds at least 1/pp of it."""
+    work = sum(min(o.fwd_s + o.bwd_s for o in x.options) for x in costs.layers)
+    b = 1.0 / v if pp > 1 else 1.0
+    sync = sum(costs.sync_s.values()) + sum(costs.gather_step_s.values())
+    return b * work + (m - b) * work / pp + sync / pp
 
 
 def _offer_checkpoint(costs, space) -> bool:

@@ -101,6 +101,20 @@ class TestMeshes:
                          mesh={"dp": 4})
 
 
+def test_tied_weight_with_a_vocabulary_dp_cannot_divide():
+    """GPT ties wte to lm_head: export reads both through one placeholder and leaves the other
+    unused. The unused one is no input and must not be split over dp (vocab 100, dp 3)."""
+    model = GPT(GPTConfig(vocab_size=100, seq_len=8, n_layer=1, n_head=2, d_model=16))
+    x = torch.randint(0, 100, (3, 8))
+    plan = autopar.plan(model, fast_cpu_cluster(3), (x, x.clone()), loss_fn=lm_loss,
+                        mesh={"dp": 3})
+    assert plan.parameters["lm_head.weight"] == ["R"]
+
+
+def lm_loss(out, target):
+    return F.cross_entropy(out.flatten(0, 1), target.flatten())
+
+
 class TestRepeatedLayers:
     def test_identical_blocks_share_decisions(self):
         cfg = GPTConfig(vocab_size=64, seq_len=8, n_layer=4, n_head=4, d_model=32)
