@@ -144,11 +144,6 @@ def manual_plan(
     _check_divides(probe, mesh, batch, microbatch_size, len(order), schedule)
     mb = microbatch_size * dp
     m = batch // mb
-    if pp == 1 and m != 1:
-        raise MeshError(
-            f"without pp there is no gradient accumulation: microbatch_size must be batch / dp "
-            f"= {batch // dp}, got {microbatch_size}"
-        )
     if pp > 1:
         try:
             sched.check(pp, m, v)

@@ -431,8 +431,6 @@ def search(trace_fn, example_inputs, cluster: Cluster, space: SearchSpace, *,
                 continue
             mb = local * dp
             m = batch // mb
-            if pp == 1 and m != 1:
-                continue  # without pp the plan has no microbatches (no pipeline section)
             if mb not in traces:
                 traces[mb] = prepare(trace_fn(microbatch_inputs(example_inputs, mb)))
             stand, profiles = traces[mb]
@@ -607,7 +605,7 @@ def candidate_plan(c: Candidate, cluster: Cluster, precision: TrainingPrecision,
     plan = to_plan(costs.traced, sub, costs.decisions, costs.solution,
                    chosen=costs.stand.expand(costs.decisions.strategies, costs.solution.choices))
     sub_mesh = dict(costs.sub_mesh)
-    if c.pp > 1:
+    if c.pp > 1 or c.num_microbatches > 1:  # pp = 1 with microbatches: gradient accumulation
         plan.mesh = {PP: c.pp, **sub_mesh}
         plan.pipeline = {
             "schedule": c.schedule, "stages_per_rank": c.v, "microbatch_size": c.microbatch_size,

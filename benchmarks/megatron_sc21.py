@@ -4,9 +4,8 @@ Each row of the paper's table 1 (GPT, vocabulary 51200, sequence 2048, A100-80GB
 is built as a meta-device GPT and its published hand configuration (tensor parallel, pipeline
 parallel, data parallel = GPUs / (tp x pp), global batch) becomes an `autopar.manual_plan`, which
 `autopar.simulate` scores. Table 1 gives no microbatch size or schedule; we assume microbatch 1
-with 1F1B when pp > 1 (with pp = 1 there is no accumulation: the whole per-GPU batch at once),
-full activation recomputation (the paper trains with it, and its FLOP count assumes it), and
-no ZeRO.
+(gradient accumulation over batch / dp microbatches, also when pp = 1) with 1F1B, full
+activation recomputation (the paper trains with it, and its FLOP count assumes it), and no ZeRO.
 
 Throughput is compared the paper's way: its FLOPs per step (section 5.1, with recomputation)
     F = 96 B s l h^2 (1 + s / (6 h) + V / (16 l h))
@@ -14,8 +13,9 @@ over the step time and the GPU count. The published step time is F / (published 
 
     python benchmarks/megatron_sc21.py [--rows 0 1 ...] [--plan-rows ...] [--json PATH]
 
-`--plan-rows` also runs autopar's own planner on those rows (same cluster, batch and memory
-limit) and adds its plan beside the hand configuration.
+`--plan-rows` also runs autopar's own planner on those rows (same cluster, batch, memory limit
+and microbatch 1 per data-parallel rank; it chooses the mesh, schedule, ZeRO stage,
+checkpointing and stage cut) and adds its plan beside the hand configuration.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def simulate_row(row, *, plan_too: bool, log) -> dict:
     model, inputs, cluster = setup(row)
     precision = TrainingPrecision.mixed_bf16()
     dp = gpus // (tp * pp)
-    microbatch = 1 if pp > 1 else batch // dp
+    microbatch = 1
     flops = megatron_flops(batch, layers, hidden)
     published_step = flops / (tflops * 1e12 * gpus)
     start = time.perf_counter()
@@ -103,7 +103,7 @@ def simulate_row(row, *, plan_too: bool, log) -> dict:
     if plan_too:
         start = time.perf_counter()
         plan = autopar.plan(model, cluster, inputs, loss_fn=lm_loss, precision=precision,
-                            memory_limit=cluster.device.memory_bytes)
+                            memory_limit=cluster.device.memory_bytes, microbatch_size=1)
         mine = autopar.simulate(plan)
         pipe = plan.pipeline or {}
         out["planner"] = {
