@@ -431,10 +431,10 @@ def search(trace_fn, example_inputs, cluster: Cluster, space: SearchSpace, *,
                 continue
             mb = local * dp
             m = batch // mb
-            if mb not in traces:
-                traces[mb] = prepare(trace_fn(microbatch_inputs(example_inputs, mb)))
-            stand, profiles = traces[mb]
-            order = layer_order(assign_layers(stand.full))
+            if mb not in traces:  # one trace, stand-in and layer order per microbatch size
+                stand, profiles = prepare(trace_fn(microbatch_inputs(example_inputs, mb)))
+                traces[mb] = (stand, profiles, layer_order(assign_layers(stand.full)))
+            stand, profiles, order = traces[mb]
             if pp > len(order):
                 continue
             sub_mesh = {k: v for k, v in (("dp", dp), ("tp", tp)) if v > 1} or {"dp": 1}
@@ -481,27 +481,25 @@ def search(trace_fn, example_inputs, cluster: Cluster, space: SearchSpace, *,
     if log:
         log(f"searched {tried} candidates in {time.perf_counter() - start:.1f} s")
     return candidate_plan(best, cluster, precision,
-                          solver={"candidates": tried, "stage_cut": best.cut or "single stage"})
+                          solver={"candidates": tried, "stage_cut": best.cut})
 
 
 def _candidates(solved, stand, profiles, cluster, sub_mesh, flavours, space, pp, dp, tp, mb,
                 m, order, budget, solver, time_limit_s, precision, best):
     """Scored candidates of one intra-op solution: every flavour x schedule, pruned by bound."""
-    if True:
-        if True:
-            for flavour in flavours:
-                costs = layer_costs(stand, profiles, cluster, sub_mesh, flavour,
-                                    precision=precision, solved=solved)
-                if not _offer_checkpoint(costs, space):
-                    costs.layers = tuple(
-                        solvers.Layer(name=x.name, options=x.options[:1],
-                                      state_bytes=x.state_bytes, boundary_bytes=x.boundary_bytes)
-                        for x in costs.layers)
-                for schedule, v in _schedules(space, pp, m, len(order)):
-                    if best is not None and _step_bound(costs, pp, m, v) >= best.step_time_s:
-                        continue
-                    yield _best_cut(costs, cluster, pp, dp, tp, mb, m, schedule, v, flavour,
-                                    order, budget, solver, time_limit_s)
+    for flavour in flavours:
+        costs = layer_costs(stand, profiles, cluster, sub_mesh, flavour, precision=precision,
+                            solved=solved)
+        if not _offer_checkpoint(costs, space):
+            costs.layers = tuple(
+                solvers.Layer(name=x.name, options=x.options[:1], state_bytes=x.state_bytes,
+                              boundary_bytes=x.boundary_bytes)
+                for x in costs.layers)
+        for schedule, v in _schedules(space, pp, m, len(order)):
+            if best is not None and _step_bound(costs, pp, m, v) >= best.step_time_s:
+                continue
+            yield _best_cut(costs, cluster, pp, dp, tp, mb, m, schedule, v, flavour, order,
+                            budget, solver, time_limit_s)
 
 
 def _step_bound(costs: LayerCosts, pp: int, m: int, v: int) -> float:
