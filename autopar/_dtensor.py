@@ -138,65 +138,55 @@ def local_call(fn, inputs, *, mesh, input_grad_placements, output_placements, ou
     brought to `for_grad(output_placements)` (a Partial output has a whole gradient), the local
     backward of `fn` runs, and input i's local gradient is declared `input_grad_placements[i]`.
     `output_vals` are example tensors with each output's global shape.
+
+    `fn`'s local ops are recorded in the same autograd graph as everything else (no nested
+    backward): inside a checkpointed region their saved tensors are then recomputed once with
+    the region, and selective checkpointing's cache sees each op exactly once per backward.
     """
-    return _LocalCall.apply(
-        fn,
-        mesh,
-        tuple(input_grad_placements),
-        tuple(output_placements),
-        tuple(output_vals),
-        *inputs,
+    local_in = [_ToLocal.apply(x, tuple(g)) for x, g in zip(inputs, input_grad_placements)]
+    result = fn(*local_in)
+    outs = result if isinstance(result, (tuple, list)) else (result,)
+    wrapped = tuple(
+        _FromLocal.apply(o, mesh, tuple(pl), v)
+        for o, pl, v in zip(outs, output_placements, output_vals)
     )
+    return wrapped if isinstance(result, (tuple, list)) else wrapped[0]
 
 
-def _wrap(local, mesh, placements, val) -> DTensor:
+def _wrap(local, mesh, placements, shape) -> DTensor:
     return DTensor.from_local(
-        local,
-        mesh,
-        placements,
-        run_check=False,
-        shape=val.shape,
-        stride=contiguous_strides(val.shape),
+        local, mesh, placements, run_check=False, shape=shape, stride=contiguous_strides(shape)
     )
 
 
-class _LocalCall(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, fn, mesh, in_grad, out_placements, out_vals, *inputs):
-        local_in = [x.to_local().detach().requires_grad_(x.requires_grad) for x in inputs]
-        with torch.enable_grad():  # record fn's local graph for backward
-            result = fn(*local_in)
-        outs = result if isinstance(result, (tuple, list)) else (result,)
-        ctx.mesh, ctx.in_grad, ctx.out_placements = mesh, in_grad, out_placements
-        ctx.local_in, ctx.outs = local_in, outs
-        ctx.in_vals = [x for x in inputs]
-        wrapped = tuple(
-            _wrap(o.detach(), mesh, pl, v) for o, pl, v in zip(outs, out_placements, out_vals)
-        )
-        ctx.mark_non_differentiable(*[w for w, o in zip(wrapped, outs) if not o.requires_grad])
-        return wrapped if isinstance(result, (tuple, list)) else wrapped[0]
+class _ToLocal(torch.autograd.Function):
+    """DTensor -> its local shard; the local gradient comes back as a DTensor with the
+    declared `grad_placements`."""
 
     @staticmethod
-    def backward(ctx, *grads):
-        pairs = [
-            (o, g.redistribute(ctx.mesh, for_grad(pl)).to_local())
-            for o, g, pl in zip(ctx.outs, grads, ctx.out_placements)
-            if g is not None and o.requires_grad
-        ]
-        wanted = [t for t in ctx.local_in if t.requires_grad]
-        local_grads = (
-            torch.autograd.grad(
-                [o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True
-            )
-            if pairs and wanted
-            else [None] * len(wanted)
-        )
-        by_input = iter(local_grads)
-        out = []
-        for t, x, pl in zip(ctx.local_in, ctx.in_vals, ctx.in_grad):
-            g = next(by_input) if t.requires_grad else None
-            out.append(None if g is None else _wrap(g, ctx.mesh, pl, x))
-        return (None, None, None, None, None, *out)
+    def forward(ctx, x, grad_placements):
+        # the shape only, not x: a reference to x would keep its shard alive until backward
+        ctx.mesh, ctx.grad_placements, ctx.shape = x.device_mesh, grad_placements, x.shape
+        local = x.to_local()
+        return local.view_as(local)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _wrap(grad, ctx.mesh, ctx.grad_placements, ctx.shape), None
+
+
+class _FromLocal(torch.autograd.Function):
+    """A local result -> DTensor with `placements`; its gradient is brought to
+    `for_grad(placements)` before the local backward reads it."""
+
+    @staticmethod
+    def forward(ctx, local, mesh, placements, val):
+        ctx.mesh, ctx.placements = mesh, placements
+        return _wrap(local.view_as(local), mesh, placements, val.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.redistribute(ctx.mesh, for_grad(ctx.placements)).to_local(), None, None, None
 
 
 def contiguous_strides(shape) -> tuple[int, ...]:

@@ -58,11 +58,13 @@ def plan(
     are 1), `schedule` (a name in `autopar.schedules.SCHEDULES`), `microbatch_size` (samples per
     data-parallel rank, as Megatron-LM's --micro-batch-size; the plan's
     `pipeline["microbatch_size"]` is the traced microbatch, dp times that), `data_parallel`
-    ("replicate", "zero2", "zero3"), `checkpoint=False` (never checkpoint). `memory_limit` is
+    ("replicate", "zero2", "zero3"), `checkpoint=False` (never checkpoint; by default each block
+    may be checkpointed "full" or "selective"). `memory_limit` is
     bytes per device (default: the device's memory). A pipelined plan's graph is that of
     `autopar.search.microbatch_inputs(example_inputs, plan.pipeline["microbatch_size"])`.
     """
     from autopar import search
+    from autopar.runner import POLICIES
 
     inputs_only = example_inputs[0] if loss_fn is not None else example_inputs
     trace_fn = _tracer(model, loss_fn)
@@ -81,7 +83,7 @@ def plan(
         microbatch_sizes=[microbatch_size] if microbatch_size else None,
         schedules=(search.check_schedule(schedule),) if schedule else search.DEFAULT_SCHEDULES,
         flavours=(data_parallel,) if data_parallel else search.FLAVOURS,
-        checkpoint=("none", "full") if checkpoint else ("none",),
+        checkpoint=POLICIES if checkpoint else ("none",),
     )
     return search.search(
         trace_fn, example_inputs, cluster, space, memory_limit_bytes=memory_limit,
@@ -114,22 +116,17 @@ def manual_plan(
     ("pre", each block, "post") cut evenly into pp x v runs (v = 2 for interleaved schedules).
     Tensor parallelism: the op shardings the intra-op ILP finds on the fixed dp x tp mesh for
     one microbatch (Megatron's column/row split is what it finds for GPT blocks).
-    checkpoint: "none", or "full" for every block; "selective" is NOT modelled per op yet and is
-    planned as "full" (a warning says so). zero: 0 -> replicate, 1 and 2 -> "zero2" (gradients
+    checkpoint: "none", or "full" or "selective" for every block ("selective" keeps the outputs
+    of matmuls and attention and recomputes the rest, see `autopar.runner`).
+    zero: 0 -> replicate, 1 and 2 -> "zero2" (gradients
     and optimizer state sharded; ZeRO-1 is planned as ZeRO-2), 3 -> "zero3".
     Without pp there is no gradient accumulation: microbatch_size must be batch / dp.
     """
-    import warnings
-
-    import solvers
     from autopar import search
+    from autopar.runner import POLICIES
 
-    if checkpoint not in ("none", "full", "selective"):
-        raise AutoparError(f"checkpoint={checkpoint!r}: use 'none', 'full' or 'selective'")
-    if checkpoint == "selective":
-        warnings.warn("selective checkpointing is not modelled per op yet; planned as 'full'",
-                      stacklevel=2)
-        checkpoint = "full"
+    if checkpoint not in POLICIES:
+        raise AutoparError(f"checkpoint={checkpoint!r}: use one of {', '.join(POLICIES)}")
     if zero not in search.ZERO_FLAVOUR:
         raise AutoparError(f"zero={zero!r}: use 0, 1, 2 or 3")
     precision = precision or TrainingPrecision()
@@ -165,7 +162,6 @@ def manual_plan(
         stages=search.even_stages(order, pp * v), options=options, costs=costs,
     )
     search.evaluate(c, cluster)
-    _ = solvers
     return search.candidate_plan(c, cluster, precision, solver={"manual": 1})
 
 

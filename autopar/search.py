@@ -3,7 +3,8 @@ per-layer checkpointing, with stage cuts solved exactly for each candidate.
 
     microbatch_inputs   example inputs sliced to one microbatch (what every pipelined plan traces)
     layer_costs         ONE intra-op solve on the dp x tp submesh for one microbatch, split by
-                        layer into `solvers.Layer`s (options "none" / "full" checkpointing)
+                        layer into `solvers.Layer`s (checkpoint options "none" / "full" /
+                        "selective")
     evaluate            step time and per-device memory of one cut + options (the only scorer:
                         the search and `manual_plan` both use it)
     search              every candidate; stage cut by `solvers.solve_pipeline`; the fastest plan
@@ -25,7 +26,8 @@ Cost model of one candidate (all seconds per training step, per device):
 Memory per device (rank r): sum over its layers of state bytes (parameters + gradients +
 optimizer state, per ZeRO divided by dp: zero2 the gradients and optimizer state, plus the
 unsharded compute copy FSDP keeps without reshard-after-forward; zero3 all three) + in-flight
-microbatches x activation bytes (checkpoint "full": only the layer's input) + temporaries
+microbatches x activation bytes (checkpoint "full": only the layer's input; "selective": the
+input and the outputs of the matmuls and attention, `runner.KEEP_IN_GRAPH`) + temporaries
 (zero3: the gathered parameters of the largest layer, twice for prefetch).
 """
 
@@ -47,6 +49,7 @@ from autopar.layers import POST, PRE, assign_layers, decision_users, layer_order
 from autopar.plan import PP, SCHEMA_VERSION, Plan
 from autopar.planner import build_problem, format_bytes, to_plan
 from autopar.profile import TrainingPrecision, parameter_state_bytes, profile_graph
+from autopar.runner import KEEP_IN_GRAPH, POLICIES
 from autopar.schedules import SCHEDULES, get_schedule
 from autopar.stand_in import StandIn, stand_in
 from autopar.strategies import shard_factor, work_factor
@@ -92,7 +95,7 @@ class LayerCosts:
     sub_mesh: dict[str, int]
     decisions: object
     solution: object
-    layers: tuple[solvers.Layer, ...]  # options "none" (and "full" for blocks)
+    layers: tuple[solvers.Layer, ...]  # options "none" (and "full", "selective" for blocks)
     sync_s: dict[str, float]  # layer -> dp gradient sync seconds per step (by flavour)
     gather_step_s: dict[str, float]  # layer -> zero2 parameter all-gather per step
     param_numel: dict[str, float]  # layer -> parameter elements per device (sharded over tp)
@@ -177,6 +180,8 @@ def layer_costs(stand: StandIn, profiles, cluster, sub_mesh, flavour, *, precisi
     bwd = dict.fromkeys(order, 0.0)
     act = dict.fromkeys(order, 0.0)
     out_bytes = dict.fromkeys(order, 0.0)
+    kept_bytes = dict.fromkeys(order, 0.0)  # outputs selective checkpointing keeps
+    kept_fwd = dict.fromkeys(order, 0.0)  # ... and their forward time, not recomputed
     state = {name: {"parameters": 0.0, "gradients": 0.0, "optimizer": 0.0} for name in order}
     numel = dict.fromkeys(order, 0.0)
     sync = dict.fromkeys(order, 0.0)
@@ -224,6 +229,9 @@ def layer_costs(stand: StandIn, profiles, cluster, sub_mesh, flavour, *, precisi
         bwd[layer] += max(total - f, 0.0)
         out = s.outputs[0]
         act[layer] += prof.saved_bytes / (shard_factor(out, shape) if out else 1)
+        if n.target in KEEP_IN_GRAPH:
+            kept_bytes[layer] += prof.output_bytes / (shard_factor(out, shape) if out else 1)
+            kept_fwd[layer] += f
         if any(layer_of.get(u.name, layer) != layer for u in decision_users(n)):
             out_bytes[layer] += prof.output_bytes / (shard_factor(out, shape) if out else 1)
     for e in decisions.problem.edges:  # weighted: one copy of each edge per full layer
@@ -240,6 +248,9 @@ def layer_costs(stand: StandIn, profiles, cluster, sub_mesh, flavour, *, precisi
             kept = out_bytes[order[k - 1]]  # the layer's input: the previous layer's output
             options.append(solvers.LayerOption(name="full", fwd_s=f, bwd_s=b + f,
                                                activation_bytes=min(kept, act[name])))
+            options.append(solvers.LayerOption(
+                name="selective", fwd_s=f, bwd_s=b + f - kept_fwd[name],
+                activation_bytes=min(kept + kept_bytes[name], act[name])))
         for full in stand.represents.get(name, (name,)):
             layers.append(solvers.Layer(
                 name=full, options=tuple(options), state_bytes=sum(state[name].values()),
@@ -377,7 +388,7 @@ class SearchSpace:
     microbatch_sizes: list[int] | None  # per dp rank; None: every divisor of the per-dp batch
     schedules: tuple[str, ...]
     flavours: tuple[str, ...]
-    checkpoint: tuple[str, ...] = ("none", "full")  # options offered to blocks
+    checkpoint: tuple[str, ...] = POLICIES  # options offered to blocks
 
 
 def candidate_meshes(cluster: Cluster, n_layers: int) -> list[dict[str, int]]:
@@ -490,11 +501,7 @@ def _candidates(solved, stand, profiles, cluster, sub_mesh, flavours, space, pp,
     for flavour in flavours:
         costs = layer_costs(stand, profiles, cluster, sub_mesh, flavour, precision=precision,
                             solved=solved)
-        if not _offer_checkpoint(costs, space):
-            costs.layers = tuple(
-                solvers.Layer(name=x.name, options=x.options[:1], state_bytes=x.state_bytes,
-                              boundary_bytes=x.boundary_bytes)
-                for x in costs.layers)
+        costs.layers = _offered(costs.layers, space.checkpoint)
         for schedule, v in _schedules(space, pp, m, len(order)):
             if best is not None and _step_bound(costs, pp, m, v) >= best.step_time_s:
                 continue
@@ -513,8 +520,12 @@ def _step_bound(costs: LayerCosts, pp: int, m: int, v: int) -> float:
     return b * work + (m - b) * work / pp + sync / pp
 
 
-def _offer_checkpoint(costs, space) -> bool:
-    return "full" in space.checkpoint
+def _offered(layers, policies) -> tuple[solvers.Layer, ...]:
+    """Each layer with only the checkpoint options the search space allows ("none" always)."""
+    return tuple(
+        dataclasses.replace(x, options=tuple(o for o in x.options
+                                             if o.name == "none" or o.name in policies))
+        for x in layers)
 
 
 def _schedules(space, pp, m, n_layers):
@@ -552,7 +563,7 @@ def _best_cut(costs, cluster, pp, dp, tp, mb, m, schedule, v, flavour, order, bu
                                    + costs.temporaries_bytes, **base))
         except solvers.NoSolutionFound:
             pass  # the even cuts below still stand
-    for how in ("none", "full"):
+    for how in {o.name: None for x in costs.layers for o in x.options}:
         opts = {x.name: how if how in [o.name for o in x.options] else "none"
                 for x in costs.layers}
         found.append(evaluate(Candidate(stages=even_stages(order, pp * v), options=opts,

@@ -78,17 +78,18 @@ def plan_json(model_name, batch_size, config) -> str:
 
 
 # The three 8-rank meshes of the planner issue, each with GPT and Llama; between them 1F1B,
-# Interleaved1F1B and GPipe, with and without checkpointing, replicated and ZeRO-3 (FSDP) dp.
+# Interleaved1F1B and GPipe, with and without checkpointing (full and selective), replicated and
+# ZeRO-3 (FSDP) dp.
 CASES = {
     "gpt-pp2xdp2xtp2-interleaved-zero3": ("gpt", 4, dict(
         pp=2, sub_mesh={"dp": 2, "tp": 2}, microbatches=2, schedule="Interleaved1F1B", v=2,
         zero=3)),
     "llama-pp2xdp2xtp2-1F1B-checkpoint": ("llama", 4, dict(
         pp=2, sub_mesh={"dp": 2, "tp": 2}, microbatches=2, schedule="1F1B",
-        checkpoint={"layers.0": "full", "layers.1": "full"})),
+        checkpoint={"layers.0": "full", "layers.1": "selective"})),
     "gpt-pp4xdp2-1F1B-checkpoint": ("gpt", 8, dict(
         pp=4, sub_mesh={"dp": 2}, microbatches=4, schedule="1F1B",
-        checkpoint={"blocks.0": "full", "blocks.1": "full"})),
+        checkpoint={"blocks.0": "selective", "blocks.1": "full"})),
     "llama-pp4xdp2-1F1B-zero3": ("llama", 8, dict(
         pp=4, sub_mesh={"dp": 2}, microbatches=4, schedule="1F1B", zero=3)),
     "gpt-pp2xtp4-GPipe-checkpoint": ("gpt", 4, dict(

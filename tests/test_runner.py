@@ -1,0 +1,96 @@
+"""What each checkpoint policy recomputes in backward, on plain tensors (no process group).
+
+The graph of a tiny GPT runs op by op through `runner.run_layers`, as both runtimes run it;
+a dispatch mode counts the ops that backward executes. Recomputation shows up as forward ops
+(the matmuls of the layer, its GELU) running during backward.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import autopar
+from autopar.layers import assign_layers
+from autopar.runner import KEEP, check_policies, run_layers
+from autopar.trace import trace
+from tests.test_end_to_end import MODELS, batches, lm_loss
+
+aten = torch.ops.aten
+
+
+class _Count(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _backward_ops(policy: str) -> tuple[Counter, float, dict]:
+    """Ops run by backward when every block is checkpointed with `policy`; the loss; grads."""
+    torch.manual_seed(0)
+    model = MODELS["gpt"]()
+    x, y = batches(2)[0]
+    traced = trace(model, (x,), loss_fn=lm_loss, target=y)
+    gm = traced.graph_module
+    layer_of = assign_layers(traced)
+    params = {node: model.get_parameter(fqn) for node, fqn in traced.parameters.items()}
+    buffers = {node: model.get_buffer(fqn) for node, fqn in traced.buffers.items()}
+    env = {}
+    for n in gm.graph.nodes:
+        if n.op == "placeholder":
+            env[n] = params.get(n.name, buffers.get(n.name))
+    env[traced.node(traced.inputs[0])], env[traced.node(traced.inputs[1])] = x, y
+
+    def run_node(n, into):
+        args, kwargs = torch.fx.node.map_arg((n.args, n.kwargs), lambda a: into[a])
+        into[n] = n.target(*args, **kwargs)
+
+    blocks = {name for name in layer_of.values() if name.startswith("blocks.")}
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
+    run_layers(nodes, env, run_node, layer_of, {b: policy for b in blocks if policy != "none"})
+    loss = env[traced.node(traced.loss_node)]
+    with _Count() as count:
+        loss.backward()
+    return count.ops, loss.item(), {k: p.grad.clone() for k, p in params.items()}
+
+
+@pytest.fixture(scope="module")
+def runs():
+    return {policy: _backward_ops(policy) for policy in ("none", "full", "selective")}
+
+
+def test_every_policy_gives_the_same_loss_and_gradients(runs):
+    _, loss, grads = runs["none"]
+    for policy in ("full", "selective"):
+        assert runs[policy][1] == loss
+        for name, g in grads.items():
+            torch.testing.assert_close(runs[policy][2][name], g, rtol=0, atol=0)
+
+
+def test_full_recomputes_the_matmuls_selective_does_not(runs):
+    none, full, selective = (runs[p][0] for p in ("none", "full", "selective"))
+    for op in KEEP:
+        assert selective[op] == none[op], op
+    # the linears (addmm) and attention of both blocks run again; (the last linear of a block
+    # not: nothing saved needs its output, and torch stops recomputing early)
+    attention = aten._scaled_dot_product_flash_attention_for_cpu.default
+    assert full[aten.addmm.default] - none[aten.addmm.default] == 2 * 3
+    assert full[attention] - none[attention] == 2
+
+
+def test_selective_recomputes_the_cheap_ops(runs):
+    for op, per_block in ((aten.gelu.default, 1), (aten.native_layer_norm.default, 2)):
+        assert runs["none"][0][op] == 0
+        assert runs["full"][0][op] == runs["selective"][0][op] == 2 * per_block
+
+
+def test_unknown_policy_is_refused_clearly():
+    with pytest.raises(autopar.AutoparError, match="unknown checkpoint policy 'some'"):
+        check_policies({"blocks.0": "some"})
