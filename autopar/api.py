@@ -52,14 +52,15 @@ def plan(
     `example_inputs` is one global batch as `train_step` takes it: the inputs, or
     `(inputs, target)` when `loss_fn` is given. Searched (autopar.search): every pp x dp x tp
     mesh, microbatch size, schedule (1F1B and Interleaved1F1B), data-parallel flavour
-    (replicate, zero2, zero3) and per-layer checkpointing, with stage cuts solved exactly.
+    (replicate, zero2, zero3, hybrid sharding) and per-layer checkpointing, with stage cuts
+    solved exactly.
 
     Options fix parts of the search: `mesh` (e.g. `{"pp": 2, "dp": 2, "tp": 2}`; missing axes
     are 1), `schedule` (a name in `autopar.schedules.SCHEDULES`), `microbatch_size` (samples per
     data-parallel rank, as Megatron-LM's --micro-batch-size; the plan's
     `pipeline["microbatch_size"]` is the traced microbatch, dp times that), `data_parallel`
-    ("replicate", "zero2", "zero3"), `checkpoint=False` (never checkpoint; by default each block
-    may be checkpointed "full" or "selective"). `memory_limit` is
+    ("replicate", "zero2", "zero3", "hsdp"), `checkpoint=False` (never checkpoint; by default
+    each block may be checkpointed "full" or "selective"). `memory_limit` is
     bytes per device (default: the device's memory). A pipelined plan's graph is that of
     `autopar.search.microbatch_inputs(example_inputs, plan.pipeline["microbatch_size"])`.
     """
@@ -78,6 +79,8 @@ def plan(
     if mesh is not None or microbatch_size is not None:
         for m in meshes:
             _check_divides(probe, m, batch, microbatch_size or 1, n_layers, schedule)
+    if data_parallel is not None and data_parallel not in search.FLAVOURS:
+        raise AutoparError(f"data_parallel={data_parallel!r}: use one of {search.FLAVOURS}")
     space = search.SearchSpace(
         meshes=meshes,
         microbatch_sizes=[microbatch_size] if microbatch_size else None,
@@ -104,6 +107,7 @@ def manual_plan(
     checkpoint: str = "none",
     schedule: str = "1F1B",
     zero: int = 0,
+    dp_shard: int | None = None,
     precision: TrainingPrecision | None = None,
     solver: str = "highs",
 ) -> Plan:
@@ -120,6 +124,8 @@ def manual_plan(
     of matmuls and attention and recomputes the rest, see `autopar.runner`).
     zero: 0 -> replicate, 1 and 2 -> "zero2" (gradients
     and optimizer state sharded; ZeRO-1 is planned as ZeRO-2), 3 -> "zero3".
+    dp_shard: hybrid sharding (HSDP, torchtitan's data_parallel_shard_degree): parameters are
+    sharded as ZeRO-3 over groups of dp_shard ranks and replicated over dp / dp_shard groups.
     Without pp there is no gradient accumulation: microbatch_size must be batch / dp.
     """
     from autopar import search
@@ -129,6 +135,12 @@ def manual_plan(
         raise AutoparError(f"checkpoint={checkpoint!r}: use one of {', '.join(POLICIES)}")
     if zero not in search.ZERO_FLAVOUR:
         raise AutoparError(f"zero={zero!r}: use 0, 1, 2 or 3")
+    if dp_shard is not None and (not 1 < dp_shard < dp or dp % dp_shard or zero not in (0, 3)):
+        raise AutoparError(
+            f"dp_shard={dp_shard} with dp={dp}, zero={zero}: hybrid sharding needs a shard group "
+            f"that divides dp and is neither 1 nor dp (here one of "
+            f"{[d for d in range(2, dp) if dp % d == 0] or 'none: dp has no such divisor'}), "
+            "and shards like ZeRO-3 (zero=3 or leave zero out)")
     precision = precision or TrainingPrecision()
     sched = get_schedule(schedule)
     v = sched.default_v(None) if pp > 1 else 1
@@ -152,8 +164,10 @@ def manual_plan(
     solved = search.solve_layers(stand, profiles, cluster, sub_mesh, precision=precision,
                                  solver=solver)
     flavour = search.ZERO_FLAVOUR[zero] if dp > 1 else "replicate"
+    if dp_shard is not None:
+        flavour = "hsdp"
     costs = search.layer_costs(stand, profiles, cluster, sub_mesh, flavour,
-                               precision=precision, solved=solved)
+                               precision=precision, solved=solved, dp_shard=dp_shard)
     options = {x.name: checkpoint if checkpoint in [o.name for o in x.options] else "none"
                for x in costs.layers}
     c = search.Candidate(

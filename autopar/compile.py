@@ -161,7 +161,8 @@ class ParallelModel(nn.Module):
         wanted = [_placements(p) for p in op.inputs]
         refs = iter(wanted)
 
-        zero3 = getattr(self.plan, "data_parallel", "replicate") == "zero3"
+        # reshard after forward: ZeRO-3, and hybrid sharding (ZeRO-3 inside each shard group)
+        zero3 = getattr(self.plan, "data_parallel", "replicate") in ("zero3", "hsdp")
 
         def arg(a):
             if isinstance(a, fx.Node):

@@ -19,10 +19,12 @@ optional; a version 1 file loads as a plan without them):
                     stages in pipeline order; every layer of `layers.layer_order` in exactly one
                     stage, contiguously. The traced graph is of ONE microbatch (batch dim 0 =
                     microbatch_size), and so are `inputs` and `ops`.
-    data_parallel   "replicate" | "zero2" | "zero3": gradient all-reduce over "dp", or FSDP2
-                    sharding of parameters (and their gradients and optimizer state) over "dp"
-                    without / with reshard after forward. ZeRO plans show S(d) on the dp axis of
-                    the sharded parameters.
+    data_parallel   "replicate" | "zero2" | "zero3" | "hsdp": gradient all-reduce over "dp", or
+                    FSDP2-style sharding of parameters (and their gradients and optimizer state)
+                    over "dp" without / with reshard after forward. ZeRO plans show S(d) on the
+                    dp axis of the sharded parameters. "hsdp" (hybrid sharding) has a 2-D data-
+                    parallel mesh, "dp_replicate" x "dp": sharded as ZeRO-3 over "dp" (ranks of
+                    one node), replicated over "dp_replicate" (across nodes).
     checkpoint      layer name -> "full" (absent: none).
 
 A "pp" mesh axis is always the first; placement lists have one entry per axis OTHER than "pp".
@@ -45,7 +47,7 @@ from autopar.errors import PlanMismatchError
 
 SCHEMA_VERSION = 2
 READABLE_VERSIONS = (1, 2)
-DATA_PARALLEL = ("replicate", "zero2", "zero3")
+DATA_PARALLEL = ("replicate", "zero2", "zero3", "hsdp")
 PP = "pp"
 
 _PLACEMENT_RE = re.compile(r"^(?:R|S\((\d+)\)|P\((sum|avg)\))$")
@@ -134,7 +136,7 @@ class Plan:
     predicted: dict[str, float]  # step_time_s, compute_s, communication_s, peak_memory_bytes, ...
     solver: dict  # name, status, gap, objective_s, solve_time_s
     pipeline: dict | None = None  # see the module docstring; None without a "pp" axis
-    data_parallel: str = "replicate"  # "replicate", "zero2" or "zero3"
+    data_parallel: str = "replicate"  # "replicate", "zero2", "zero3" or "hsdp"
     checkpoint: dict[str, str] = field(default_factory=dict)  # layer name -> "full"
     source_path: str | None = field(
         default=None, compare=False, repr=False

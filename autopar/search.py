@@ -56,7 +56,7 @@ from autopar.strategies import shard_factor, work_factor
 from autopar.trace import TracedModel
 
 DEFAULT_SCHEDULES = ("1F1B", "Interleaved1F1B")
-FLAVOURS = ("replicate", "zero2", "zero3")
+FLAVOURS = ("replicate", "zero2", "zero3", "hsdp")
 ZERO_FLAVOUR = {0: "replicate", 1: "zero2", 2: "zero2", 3: "zero3"}
 
 
@@ -104,6 +104,7 @@ class LayerCosts:
     flavour: str
     comm_s: dict[str, float]  # intra-op resharding per microbatch, attributed to axes
     model_flops: float  # forward + backward FLOPs of one microbatch, whole model
+    dp_shard: int = 1  # ranks one parameter is sharded over (dp, or hsdp's group in a node)
 
 
 def _sub_cluster(cluster: Cluster, sub_size: int) -> Cluster:
@@ -162,9 +163,9 @@ def _weighted(problem: solvers.ShardingProblem, stand: StandIn) -> solvers.Shard
 
 
 def layer_costs(stand: StandIn, profiles, cluster, sub_mesh, flavour, *, precision,
-                solved) -> LayerCosts:
+                solved, dp_shard: int | None = None) -> LayerCosts:
     """Split a solved intra-op plan into per-layer times and bytes (see module docstring), per
-    layer of the full graph."""
+    layer of the full graph. `dp_shard`: hybrid sharding's group size (default `hsdp_shard`)."""
     sub, decisions, solution = solved
     traced = stand.traced
     weight = stand.weight_of
@@ -173,6 +174,17 @@ def layer_costs(stand: StandIn, profiles, cluster, sub_mesh, flavour, *, precisi
     links = sub.axis_links(shape)
     dp = sub_mesh.get("dp", 1)
     dp_axis = list(sub_mesh).index("dp") if "dp" in sub_mesh else None
+    shard = dp  # the ranks that share one copy of the parameters and their state
+    if flavour == "hsdp":
+        shard = dp_shard or hsdp_shard(sub, dp, sub_mesh.get("tp", 1))
+        if shard is None or not 1 < shard < dp or dp % shard:
+            raise MeshError(f"hybrid sharding needs dp ({dp}) to span nodes in groups that fit in "
+                            f"one node; dp x tp = {dp} x {sub_mesh.get('tp', 1)} does not")
+    dp_links = None  # (link across replicas, link within a shard group)
+    if flavour == "hsdp":
+        dp_links = sub.axis_links((dp // shard, shard, sub.world_size // dp))[:2]
+    elif dp_axis is not None:
+        dp_links = (links[dp_axis],) * 2
     layer_of = assign_layers(traced)
     order = layer_order(layer_of)
     chosen = {n: decisions.strategies[n][i] for n, i in solution.choices.items()}
@@ -201,21 +213,14 @@ def layer_costs(stand: StandIn, profiles, cluster, sub_mesh, flavour, *, precisi
                 local = n.meta["val"].numel() / shard_factor(_non_dp(s.outputs[0], dp_axis), shape)
                 parts = parameter_state_bytes(local, precision)
                 for owner in users:  # a tied weight lives on every stage that reads it
-                    _add_state(state[owner], parts, flavour, dp, local, precision)
+                    _add_state(state[owner], parts, flavour, shard, local, precision)
                     numel[owner] += local
-                    grad = local * precision.grad_bytes
-                    weights = local * precision.compute_bytes
-                    link = links[dp_axis] if dp_axis is not None else None
-                    if link is not None and dp > 1:
-                        if flavour == "replicate":
-                            sync[owner] += cost.collective_time_s("all_reduce", grad, dp, link)
-                        else:
-                            sync[owner] += cost.collective_time_s("reduce_scatter", grad, dp, link)
-                            ag = cost.collective_time_s("all_gather", weights, dp, link)
-                            if flavour == "zero2":
-                                gather[owner] += ag
-                            else:
-                                zero3_gather[owner] += ag
+                    if dp > 1:
+                        step_s, step_gather_s, mb_gather_s = _dp_traffic(
+                            flavour, local, precision, dp, shard, dp_links)
+                        sync[owner] += step_s
+                        gather[owner] += step_gather_s
+                        zero3_gather[owner] += mb_gather_s
             elif name in traced.inputs:
                 act[layer] += _nbytes(n) / shard_factor(s.outputs[0], shape)
             continue
@@ -257,7 +262,7 @@ def layer_costs(stand: StandIn, profiles, cluster, sub_mesh, flavour, *, precisi
                 boundary_bytes=out_bytes[name] if name != order[-1] else 0.0,
             ))
     temporaries = 0.0
-    if flavour == "zero3" and dp > 1:
+    if flavour in ("zero3", "hsdp") and dp > 1:
         temporaries = 2 * max(numel.values()) * precision.compute_bytes
     if dp_axis is not None:
         comm_s["dp"] = 0.0  # dp traffic is the per-step sync, reported separately
@@ -267,16 +272,45 @@ def layer_costs(stand: StandIn, profiles, cluster, sub_mesh, flavour, *, precisi
         traced=stand.full, stand=stand, sub_mesh=dict(sub_mesh), decisions=decisions,
         solution=solution, layers=tuple(layers), sync_s=full(sync), gather_step_s=full(gather),
         param_numel=full(numel), state=full(state), temporaries_bytes=temporaries,
-        flavour=flavour, comm_s=comm_s, model_flops=model_flops,
+        flavour=flavour, comm_s=comm_s, model_flops=model_flops, dp_shard=shard,
     )
 
 
-def _add_state(into, parts, flavour, dp, local_numel, precision):
-    div = {"replicate": (1, 1, 1), "zero2": (dp, dp, dp), "zero3": (dp, dp, dp)}[flavour]
-    into["parameters"] += parts["parameters"] / div[0]
-    into["gradients"] += parts["gradients"] / div[1]
-    into["optimizer"] += parts["optimizer"] / div[2]
-    if flavour == "zero2" and dp > 1:  # the unsharded copy kept from forward to backward
+def hsdp_shard(cluster: Cluster, dp: int, tp: int) -> int | None:
+    """Hybrid sharding's shard group: the dp ranks of one node (devices_per_node / tp), when dp
+    spans several nodes in whole groups; None when hybrid sharding does not apply."""
+    if cluster.devices_per_node % tp:
+        return None
+    shard = min(cluster.devices_per_node // tp, dp)
+    return shard if 1 < shard < dp and dp % shard == 0 else None
+
+
+def _dp_traffic(flavour, local_numel, precision, dp, shard, links):
+    """(gradient sync per step, parameter all-gather per step, parameter all-gather per
+    microbatch, forward and again backward) of one parameter of `local_numel` elements.
+    links: (replica axis link, shard axis link)."""
+    grad = local_numel * precision.grad_bytes
+    weights = local_numel * precision.compute_bytes
+    across, within = links
+    if flavour == "replicate":
+        return cost.collective_time_s("all_reduce", grad, dp, within), 0.0, 0.0
+    scatter = cost.collective_time_s("reduce_scatter", grad, shard, within)
+    gather = cost.collective_time_s("all_gather", weights, shard, within)
+    if flavour == "zero2":
+        return scatter, gather, 0.0
+    if flavour == "hsdp":  # each shard is all-reduced across the replicas (other nodes)
+        scatter += cost.collective_time_s("all_reduce", grad / shard, dp // shard, across)
+    return scatter, 0.0, gather
+
+
+def _add_state(into, parts, flavour, shard, local_numel, precision):
+    """Parameters, gradients and optimizer state of one parameter: divided over its `shard`
+    ranks by ZeRO-2, ZeRO-3 and hybrid sharding."""
+    div = 1 if flavour == "replicate" else shard
+    into["parameters"] += parts["parameters"] / div
+    into["gradients"] += parts["gradients"] / div
+    into["optimizer"] += parts["optimizer"] / div
+    if flavour == "zero2" and shard > 1:  # the unsharded copy kept from forward to backward
         into["parameters"] += local_numel * precision.compute_bytes
 
 
@@ -499,6 +533,8 @@ def _candidates(solved, stand, profiles, cluster, sub_mesh, flavours, space, pp,
                 m, order, budget, solver, time_limit_s, precision, best):
     """Scored candidates of one intra-op solution: every flavour x schedule, pruned by bound."""
     for flavour in flavours:
+        if flavour == "hsdp" and hsdp_shard(_sub_cluster(cluster, dp * tp), dp, tp) is None:
+            continue
         costs = layer_costs(stand, profiles, cluster, sub_mesh, flavour, precision=precision,
                             solved=solved)
         costs.layers = _offered(costs.layers, space.checkpoint)
@@ -613,7 +649,9 @@ def candidate_plan(c: Candidate, cluster: Cluster, precision: TrainingPrecision,
     sub = _sub_cluster(cluster, math.prod(costs.sub_mesh.values()))
     plan = to_plan(costs.traced, sub, costs.decisions, costs.solution,
                    chosen=costs.stand.expand(costs.decisions.strategies, costs.solution.choices))
-    sub_mesh = dict(costs.sub_mesh)
+    if c.flavour == "hsdp":
+        split_dp_axis(plan, c.dp // costs.dp_shard)
+    sub_mesh = dict(plan.mesh)
     if c.pp > 1 or c.num_microbatches > 1:  # pp = 1 with microbatches: gradient accumulation
         plan.mesh = {PP: c.pp, **sub_mesh}
         plan.pipeline = {
@@ -654,6 +692,29 @@ def candidate_plan(c: Candidate, cluster: Cluster, precision: TrainingPrecision,
     plan.predicted = {k: float(v) for k, v in predicted.items()}
     plan.solver = dict(plan.solver, **solver)
     return Plan.from_dict(plan.to_dict())  # validates the assembled plan
+
+
+def split_dp_axis(plan: Plan, replicas: int) -> None:
+    """Hybrid sharding's 2-D data-parallel mesh: "dp" becomes "dp_replicate" (outer, across
+    nodes) x "dp" (inner, the shard group). Every placement on dp is repeated on both axes: a
+    batch split over dp is split over the two in the same row-major order (rank i * shard + j
+    holds the same slice as dp rank i * shard + j did), a partial sum stays a partial sum."""
+    axes = list(plan.mesh)
+    a = axes.index("dp")
+    mesh = dict(plan.mesh)
+    plan.mesh = {}
+    for axis in axes:
+        if axis == "dp":
+            plan.mesh["dp_replicate"] = replicas
+            plan.mesh["dp"] = mesh["dp"] // replicas
+        else:
+            plan.mesh[axis] = mesh[axis]
+    twice = lambda pl: [*pl[:a], pl[a], *pl[a:]] if pl else pl  # noqa: E731
+    plan.parameters = {k: twice(v) for k, v in plan.parameters.items()}
+    plan.inputs = {k: twice(v) for k, v in plan.inputs.items()}
+    for op in plan.ops.values():
+        op.inputs = [twice(p) for p in op.inputs]
+        op.outputs = [twice(p) for p in op.outputs]
 
 
 def _sequence_length(traced: TracedModel) -> int:

@@ -3,6 +3,8 @@ ZeRO-3, gathered again in backward instead of kept), against single-process trai
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -61,3 +63,55 @@ def test_zero_matches_single_process_and_shards_state(model_name, mesh, flavour)
     assert all(r[0] == losses for r in results)
     assert losses == pytest.approx(reference_losses(model_name), rel=1e-5)
     assert held < total / 2  # each rank holds a fraction of the parameters
+
+
+def two_nodes_of_two():
+    import dataclasses
+
+    return dataclasses.replace(fast_cpu_cluster(4), devices_per_node=2, nodes=2)
+
+
+def train_hsdp(model_name, plan_json):
+    import autopar
+    from autopar.plan import Plan
+
+    torch.manual_seed(0)
+    model = MODELS[model_name]()
+    data = batches()
+    plan = Plan.from_dict(json.loads(plan_json))
+    pm = autopar.autoparallelize(model, two_nodes_of_two(), data[0], loss_fn=lm_loss, plan=plan)
+    losses = sgd_losses(pm.parameters(), pm.train_step, data)
+    return losses, sum(p.to_local().numel() for p in pm.parameters()), \
+        sum(p.numel() for p in pm.parameters())
+
+
+def test_hybrid_sharding_matches_single_process_and_shards_within_a_node():
+    """HSDP on 2 nodes x 2: parameters sharded over the 2 ranks of a node (dp), replicated
+    over the nodes (dp_replicate); the batch split over all 4."""
+    import autopar
+
+    torch.manual_seed(0)
+    plan = autopar.manual_plan(MODELS["llama"](), two_nodes_of_two(), batches()[0],
+                               loss_fn=lm_loss, tp=1, pp=1, dp=4, microbatch_size=1, dp_shard=2)
+    assert plan.mesh == {"dp_replicate": 2, "dp": 2} and plan.data_parallel == "hsdp"
+    assert all(p[0] == "R" for p in plan.parameters.values())
+    results = run_on_ranks(train_hsdp, 4, "llama", plan.to_json())
+    losses, held, total = results[0]
+    assert all(r[0] == losses for r in results)
+    assert losses == pytest.approx(reference_losses("llama"), rel=1e-5)
+    assert total / 4 < held <= total / 2 + 64 * 4  # half of every divisible parameter
+
+
+def test_hybrid_sharding_shards_less_and_crosses_nodes_less_than_zero3():
+    import autopar
+
+    torch.manual_seed(0)
+    model, cluster = MODELS["gpt"](), two_nodes_of_two()
+    common = dict(loss_fn=lm_loss, tp=1, pp=1, dp=4, microbatch_size=1)
+    hsdp = autopar.simulate(autopar.manual_plan(model, cluster, batches()[0], dp_shard=2,
+                                                **common))
+    zero3 = autopar.simulate(autopar.manual_plan(model, cluster, batches()[0], zero=3, **common))
+    assert hsdp.memory_bytes["optimizer"] == pytest.approx(2 * zero3.memory_bytes["optimizer"])
+    assert hsdp.step_time_s < zero3.step_time_s  # gathers stay inside the node
+    with pytest.raises(autopar.AutoparError, match="dp_shard=3 with dp=4"):
+        autopar.manual_plan(model, cluster, batches()[0], dp_shard=3, **common)
