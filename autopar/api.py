@@ -51,7 +51,7 @@ def plan(
 
     `example_inputs` is one global batch as `train_step` takes it: the inputs, or
     `(inputs, target)` when `loss_fn` is given. Searched (autopar.search): every pp x dp x tp
-    mesh, microbatch size, schedule (1F1B and Interleaved1F1B), data-parallel flavour
+    mesh, microbatch size, schedule (`search.DEFAULT_SCHEDULES`), data-parallel flavour
     (replicate, zero2, zero3, hybrid sharding) and per-layer checkpointing, with stage cuts
     solved exactly.
 

@@ -11,6 +11,24 @@ submesh, and exchanges plain local tensors with its neighbours through `Pipeline
 
 Values crossing a stage boundary travel as Replicate or Shard (a Partial one is reduced first),
 so that to_local/from_local have one meaning in every torch release.
+
+Every schedule of `autopar.schedules` runs, with the stage-to-rank map torch uses (looped, or the
+V of ZBVZeroBubble; a plan whose stage ranks differ is refused). Zero-bubble schedules split each
+backward into input-grad I (`stage_backward_input`: autograd.grad to the stage inputs, hooks
+saving the gradient where a weight's path meets the inputs' path) and weight-grad W
+(`stage_backward_weight`: from those saved gradients to the weights). For that, a stage must
+    * return outputs (and the loss) that are not views: after I, torch detaches them in place;
+      `to_local()` is a view, so they are cloned;
+    * list every weight it differentiates in `parameters()`: the last stage also holds the
+      parameters its loss ops read;
+    * reach each weight only through values that also depend on a stage input: a stage output
+      that depends on weights alone never passes such a meeting point, and its gradient would be
+      lost. Such a stage (`_weight_only_outputs`) runs its whole backward at I and a no-op W.
+Full checkpointing runs unchanged: non-reentrant checkpointing recomputes per backward call, so a
+checkpointed layer is recomputed at I and again at W (the search charges that second forward).
+Selective checkpointing cannot: torch's cache of the outputs it keeps serves one backward, and
+I and W are two; such a plan is refused (`Schedule.checkpoint_problem`). Stage 0 needs nothing
+of this: torch skips its I and runs its whole backward at W.
 """
 
 from __future__ import annotations
@@ -31,10 +49,11 @@ from autopar.compile import (
     _placements,
     _shard_local,
 )
-from autopar.errors import MeshError
+from autopar.errors import AutoparError, MeshError
 from autopar.layers import assign_layers
 from autopar.plan import Plan
 from autopar.runner import check_policies, run_layers
+from autopar.schedules import Schedule, get_schedule
 from autopar.trace import TracedModel, is_getitem
 
 PP = "pp"
@@ -106,12 +125,15 @@ class StageModule(nn.Module):
     _run_node = ParallelModel._run_node
 
     def __init__(self, *, nodes, inputs, outputs, plan, mesh, device, params, buffers, placements,
-                 layer, first):
+                 layer, first, split=False, loss_nodes=()):
         super().__init__()
         self.plan, self.mesh, self._device = plan, mesh, device
         self._nodes, self._in, self._out = nodes, inputs, outputs  # in/out: fx.Nodes
         self._params = params  # placeholder name -> nn.Parameter (shared between this rank's stages)
-        reads = {a.name for n in nodes for a in n.all_input_nodes}
+        self._split = split  # the schedule splits backward: outputs must not be views
+        # the last stage holds the loss's parameters too: a split backward differentiates only
+        # the stage's parameters()
+        reads = {a.name for n in [*nodes, *loss_nodes] for a in n.all_input_nodes}
         self._held = nn.ParameterList([p for name, p in params.items() if name in reads])
         self._states = {**params, **buffers}  # placeholder name -> DTensor
         self._placements = placements  # value name -> placements it travels with
@@ -126,9 +148,10 @@ class StageModule(nn.Module):
             else:
                 env[node] = DTensor.from_local(value, self.mesh, pl, run_check=False)
         self.run(env)
-        return tuple(
+        outs = tuple(
             env[n].redistribute(self.mesh, self._placements[n.name]).to_local() for n in self._out
         )
+        return tuple(o.clone() for o in outs) if self._split else outs
 
     def run(self, env: dict[fx.Node, object]) -> None:
         for n in {a for m in self._nodes for a in m.all_input_nodes}:
@@ -146,6 +169,8 @@ class PipelinedModel(nn.Module):
         if list(plan.mesh)[0] != PP:
             raise MeshError(f"a pipelined plan's mesh starts with 'pp', got {plan.mesh}")
         check_policies(plan.checkpoint or {})
+        sched = _check_schedule(plan)
+        self._split = split = sched.split_backward
         self.plan = plan
         self.mesh = mesh
         names = [a for a in plan.mesh if a != PP]
@@ -171,18 +196,31 @@ class PipelinedModel(nn.Module):
         }
         self.stage_modules = nn.ModuleList()
         self.stages = []
+        loss_nodes = [n for n in gm.graph.nodes if n.name in loss]
+        self.whole_backward = []  # stages of a split schedule that run their backward whole
         for s in mine:
             nodes = [n for n in gm.graph.nodes if stage_of.get(n.name) == s]
+            last = s == n_stages - 1
             module = StageModule(
                 nodes=nodes, inputs=[traced.node(v) for v in boundary[s]],
                 outputs=[traced.node(v) for v in boundary[s + 1]], plan=plan, mesh=self.sub,
                 device=device, params=self._params, buffers=buffers, placements=placements,
-                layer=layer, first=s == 0,
+                layer=layer, first=s == 0, split=split, loss_nodes=loss_nodes if last else (),
             )
             self.stage_modules.append(module)
-            self.stages.append(PipelineStage(module, s, n_stages, device, group=self.pp_group))
+            dw_builder = None
+            if split and s > 0:
+                out = [traced.node(traced.loss_node)] if last and loss_nodes else module._out
+                if _weight_only_outputs([*nodes, *(loss_nodes if last else ())], module._in,
+                                        out, set(traced.parameters)):
+                    # torch's I would miss these weights' gradients: with a dw_builder, torch
+                    # runs the whole backward at I and calls what the builder returns at W
+                    dw_builder = _nothing_left
+                    self.whole_backward.append(s)
+            self.stages.append(PipelineStage(module, s, n_stages, device, group=self.pp_group,
+                                             dw_builder=dw_builder))
         self._loss_module = StageModule(
-            nodes=[n for n in gm.graph.nodes if n.name in loss],
+            nodes=loss_nodes,
             inputs=[traced.node(v) for v in boundary[n_stages]], outputs=[], plan=plan,
             mesh=self.sub, device=device, params=self._params, buffers=buffers,
             placements=placements, layer=layer, first=False,
@@ -251,7 +289,8 @@ class PipelinedModel(nn.Module):
                                         self._placements[self._target_name])
         self._loss_module.run(env)
         loss = env[self._traced.node(self._traced.loss_node)]
-        return loss.redistribute(self.sub, (Replicate(),) * self.sub.ndim).to_local()
+        loss = loss.redistribute(self.sub, (Replicate(),) * self.sub.ndim).to_local()
+        return loss.clone() if self._split else loss  # torch detaches it in place after I
 
     def train_step(self, inputs, target=None) -> torch.Tensor:
         inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
@@ -291,3 +330,60 @@ class PipelinedModel(nn.Module):
     def _local_shape(self, name):
         placements = _placements(self.plan.parameters[self._all_params[name]])
         return _local_shape(self._traced.node(name).meta["val"].shape, placements, self.sub.shape)
+
+
+def _check_schedule(plan: Plan) -> Schedule:
+    """The plan's schedule, if torch can run it at the plan's shape, checkpointing and stage
+    ranks; else an error naming what differs and how to fix it."""
+    p, pp = plan.pipeline, plan.mesh[PP]
+    try:
+        sched = get_schedule(p["schedule"])
+        sched.check(pp, p["num_microbatches"], p["stages_per_rank"])
+    except ValueError as e:
+        raise MeshError(f"the plan's pipeline cannot run: {e}") from None
+    refused = sched.checkpoint_problem(plan.checkpoint or {})
+    if refused:
+        raise AutoparError(refused)
+    want = list(sched.stage_ranks(pp, p["stages_per_rank"]))
+    have = [st["rank"] for st in p["stages"]]
+    if have != want:
+        raise MeshError(
+            f"the plan puts its stages on pp ranks {have}, but torch's {sched.torch_class} runs "
+            f"them on {want} ({'a V' if sched.placement == 'v' else 'stage s on rank s % pp'}): "
+            f"set the stages' 'rank' to {want}, or re-plan with autopar.plan / manual_plan"
+        )
+    return sched
+
+
+def _nothing_left():
+    """dw_builder of a stage whose whole backward ran at I: its W has nothing to do."""
+    return lambda: None
+
+
+# aten ops whose output carries no gradient back to their tensor inputs
+_NO_GRAD_OPS = {"detach", "lift_fresh_copy", "zeros_like", "ones_like", "empty_like",
+                "full_like", "rand_like", "randn_like", "randint_like", "new_zeros", "new_ones",
+                "new_empty", "new_full"}
+
+
+def _floating(n: fx.Node) -> bool:
+    val = n.meta.get("val")
+    vals = val if isinstance(val, (tuple, list)) else (val,)
+    return any(isinstance(v, torch.Tensor) and v.is_floating_point() for v in vals)
+
+
+def _weight_only_outputs(nodes, inputs, outputs, params: set[str]) -> list[str]:
+    """Outputs of a stage that carry gradient to parameters but depend on no floating stage
+    input: torch's split backward finds weight gradients only where a weight's path meets an
+    input's path, so theirs would be lost."""
+    from_input = {n for n in inputs if _floating(n)}
+    from_params: set[fx.Node] = set()
+    for n in nodes:
+        if not _floating(n) or getattr(n.target, "_opname", "") in _NO_GRAD_OPS:
+            continue
+        args = n.all_input_nodes
+        if any(a in from_input for a in args):
+            from_input.add(n)
+        elif any(a.name in params or a in from_params for a in args):
+            from_params.add(n)
+    return [o.name for o in outputs if o in from_params]

@@ -101,6 +101,7 @@ class Schedule:
         torch_class: class name in ``torch.distributed.pipelining``.
         stages_per_rank: 1 for single-stage schedules, 2 for ZBV, None when chosen (v >= 2).
         split_backward: the backward runs as input-grad I then weight-grad W (zero bubble).
+        placement: "loop" (stage s on rank s % pp) or "v" (ZBV; see the module docstring).
         microbatch_rule: returns None when torch accepts (pp, m, v), else what is wrong.
         bubble_formula: the paper's closed-form bubble fraction (unit times F=1, B=2).
         formula_holds: where ``bubble_formula`` equals the simulation of torch's actions.
@@ -111,6 +112,7 @@ class Schedule:
     torch_class: str
     stages_per_rank: int | None
     split_backward: bool = False
+    placement: str = "loop"
     microbatch_rule: Callable[[int, int, int], str | None] = _any_microbatches
     bubble_formula: Callable[[int, int, int], float]
     formula_holds: Callable[[int, int, int], bool] = lambda pp, m, v: True
@@ -140,6 +142,34 @@ class Schedule:
         problem = self.microbatch_rule(pp, num_microbatches, v)
         if problem:
             raise ValueError(f"{where}: {self.torch_class} {problem}")
+
+    def stage_ranks(self, pp: int, v: int | None = None) -> tuple[int, ...]:
+        """The pp rank of every stage (pp*v entries, by stage index), as torch places them
+        (``generate_stage_to_rank_mapping``): torch ignores any other placement, so a plan's
+        stages must follow this one."""
+        n = pp * self.default_v(v)
+        if self.placement == "v":
+            return tuple(s if s < pp else 2 * pp - 1 - s for s in range(n))
+        return tuple(s % pp for s in range(n))
+
+    def checkpoint_problem(self, checkpoint: dict[str, str]) -> str | None:
+        """What of a plan's checkpointing (layer -> policy) this schedule cannot run, or None.
+
+        torch's selective checkpointing keeps the outputs it saves for ONE backward through the
+        region and raises on a second; a split backward runs two through every stage but the
+        first (input-grad I, then weight-grad W). Full checkpointing recomputes per backward
+        and runs (twice). Stage 0, whose backward torch runs whole, could take selective too;
+        one rule for all stages keeps plans and the search simple."""
+        selective = sorted(k for k, v in checkpoint.items() if v == "selective")
+        if not (self.split_backward and selective):
+            return None
+        return (
+            f"{self.name} splits each backward into input-grad and weight-grad, two backward "
+            f"passes through every layer, but selective checkpointing allows one (torch raises "
+            f"'Trying to backward an extra time'); layers {selective} are planned selective: "
+            f"checkpoint them 'full' or 'none', or use a schedule without a split backward "
+            f"(1F1B, Interleaved1F1B)"
+        )
 
     def in_flight(self, pp: int, num_microbatches: int, v: int | None = None) -> tuple[int, ...]:
         """Per stage (pp*v entries, by stage index): microbatches whose activations the stage
@@ -232,6 +262,7 @@ _ENTRIES = [
         torch_class="ScheduleZBVZeroBubble",
         stages_per_rank=2,
         split_backward=True,
+        placement="v",
         bubble_formula=lambda pp, m, v: (pp - 1) / (3 * v * m + pp - 1),
         formula_holds=lambda pp, m, v: m >= 2 * pp - 1,
         source="Qi et al. 2023, Zero Bubble Pipeline Parallelism (ZB-V), arXiv:2401.10241",

@@ -15,7 +15,11 @@ Cost model of one candidate (all seconds per training step, per device):
     pipeline_s   stage model of solvers.pipeline (Narayanan et al. SC'21): b * sum_s T_s
                  + (m - b) * max_r T_rank_r, T_s = per-microbatch fwd + bwd of the stage's layers
                  (intra-op compute + resharding on the dp x tp submesh) + p2p send of the
-                 boundary over the pp link; b = 1 (GPipe, 1F1B) or 1/v (interleaved).
+                 boundary over the pp link; b = 1 (GPipe, 1F1B), 1/v (interleaved), about
+                 1/(3v) for zero bubble (`bubble_weight`). Stage s runs on the rank the schedule
+                 puts it (`Schedule.stage_ranks`: s % pp, or ZBV's V). With a split backward a
+                 "full" layer recomputes its forward twice (see pipeline_runtime), and
+                 "selective" is not offered (`Schedule.checkpoint_problem`).
     dp_sync_s    once per step, after gradient accumulation, max over pp ranks of its layers':
                  replicate: all-reduce of the gradients over dp; zero2: reduce-scatter of the
                  gradients + all-gather of the parameters (ZeRO, Rajbhandari et al. 2020, sec. 5:
@@ -44,7 +48,7 @@ from torch.utils._pytree import tree_map
 import solvers
 from autopar import cost
 from autopar.cluster import Cluster
-from autopar.errors import InfeasibleError, MeshError
+from autopar.errors import AutoparError, InfeasibleError, MeshError
 from autopar.layers import POST, PRE, assign_layers, decision_users, layer_order
 from autopar.plan import PP, SCHEMA_VERSION, Plan
 from autopar.planner import build_problem, format_bytes, to_plan
@@ -55,7 +59,10 @@ from autopar.stand_in import StandIn, stand_in
 from autopar.strategies import shard_factor, work_factor
 from autopar.trace import TracedModel
 
-DEFAULT_SCHEDULES = ("1F1B", "Interleaved1F1B")
+# Searched unless the user names one. GPipe is left out: 1F1B's bubble with more memory. The
+# zero-bubble schedules are in whenever the installed torch has them (the runtime runs them all).
+DEFAULT_SCHEDULES = tuple(name for name in ("1F1B", "Interleaved1F1B", "InterleavedZeroBubble",
+                                            "ZBVZeroBubble") if name in SCHEDULES)
 FLAVOURS = ("replicate", "zero2", "zero3", "hsdp")
 ZERO_FLAVOUR = {0: "replicate", 1: "zero2", 2: "zero2", 3: "zero3"}
 
@@ -362,24 +369,54 @@ class Candidate:
     cut: str = ""  # how the stage cut was found: "ilp-optimal", "ilp-feasible, gap x%", "even"
 
 
+def bubble_weight(schedule: str, pp: int, m: int, v: int) -> float:
+    """b of the stage model b * sum_s T_s + (m - b) * max_r T_rank (solvers.pipeline).
+
+    With equal stages (T_s = t, pp*v of them) the model gives v*t*(m + b*(pp-1)): an idle
+    fraction b*(pp-1) / (m + b*(pp-1)). 1F1B and GPipe idle (pp-1)/(m+pp-1), so b = 1;
+    interleaved 1F1B (pp-1)/(v*m+pp-1), so b = 1/v. Zero-bubble schedules fill the warm-up and
+    cool-down with the weight-grads W of other microbatches, so a hop costs F + I and not
+    F + B: a third of the time when F = I = W. Their b is the one whose idle fraction equals
+    `Schedule.bubble_fraction` (simulated on torch's actions, F = I = W): 1/(3v) where the
+    closed form (pp-1)/(3*v*m+pp-1) holds, larger with few microbatches, where it does not.
+    """
+    sched = get_schedule(schedule)
+    if pp == 1:
+        return 1.0
+    if not sched.split_backward:
+        return 1.0 / v if v > 1 else 1.0
+    f = sched.bubble_fraction(pp, m, v)
+    return min(f * m / ((1.0 - f) * (pp - 1)), float(m))
+
+
 def pipeline_problem(costs: LayerCosts, cluster: Cluster, pp, m, schedule, v, budget):
     sched = get_schedule(schedule)
     n = pp * v
     in_flight = sched.in_flight(pp, m, v) if pp > 1 else (1,)
     full = (pp, *costs.sub_mesh.values())
     link = cluster.axis_links(full)[0]
+    layers = costs.layers
+    if sched.split_backward and pp > 1:
+        # non-reentrant checkpointing recomputes once per backward call: at I and again at W
+        # (stage 0 runs one whole backward and recomputes once; charged twice all the same)
+        layers = tuple(dataclasses.replace(x, options=tuple(
+            dataclasses.replace(o, bwd_s=o.bwd_s + o.fwd_s) if o.name == "full" else o
+            for o in x.options)) for x in layers)
     return solvers.PipelineProblem(
-        layers=costs.layers, num_stages=n, num_microbatches=m, in_flight=tuple(in_flight),
-        stage_of_rank=tuple(s % pp for s in range(n)),
+        layers=layers, num_stages=n, num_microbatches=m, in_flight=tuple(in_flight),
+        stage_of_rank=sched.stage_ranks(pp, v),
         memory_budget_bytes=max(budget - costs.temporaries_bytes, 0.0),
         p2p_s_per_byte=1.0 / link.bandwidth_bytes_per_s if pp > 1 else 0.0,
         p2p_latency_s=link.latency_s if pp > 1 else 0.0,
-        bubble_weight=1.0 / v if v > 1 else 1.0,
+        bubble_weight=bubble_weight(schedule, pp, m, v),
     )
 
 
 def evaluate(c: Candidate, cluster: Cluster) -> Candidate:
     """Fill in c's step time, memory and breakdown from its cut and options (the one scorer)."""
+    refused = get_schedule(c.schedule).checkpoint_problem(c.options)
+    if refused:
+        raise AutoparError(refused)
     problem = pipeline_problem(c.costs, cluster, c.pp, c.num_microbatches, c.schedule, c.v,
                                math.inf)
     pipe_s, _ = solvers.evaluate_pipeline(problem, c.stages, c.options)
@@ -388,7 +425,7 @@ def evaluate(c: Candidate, cluster: Cluster) -> Candidate:
                   temporaries=c.costs.temporaries_bytes) for _ in range(c.pp)]
     sync = [0.0] * c.pp
     for s, members in enumerate(c.stages):
-        r = s % c.pp
+        r = problem.stage_of_rank[s]
         for name in members:
             opt = next(o for o in by_name[name].options if o.name == c.options[name])
             for k, val in c.costs.state[name].items():
@@ -538,20 +575,24 @@ def _candidates(solved, stand, profiles, cluster, sub_mesh, flavours, space, pp,
         costs = layer_costs(stand, profiles, cluster, sub_mesh, flavour, precision=precision,
                             solved=solved)
         costs.layers = _offered(costs.layers, space.checkpoint)
+        # a split backward cannot run selective checkpointing (Schedule.checkpoint_problem)
+        split = dataclasses.replace(costs, layers=_offered(
+            costs.layers, tuple(p for p in space.checkpoint if p != "selective")))
         for schedule, v in _schedules(space, pp, m, len(order)):
-            if best is not None and _step_bound(costs, pp, m, v) >= best.step_time_s:
+            runnable = split if get_schedule(schedule).split_backward else costs
+            if best is not None and _step_bound(runnable, pp, m, schedule, v) >= best.step_time_s:
                 continue
-            yield _best_cut(costs, cluster, pp, dp, tp, mb, m, schedule, v, flavour, order,
+            yield _best_cut(runnable, cluster, pp, dp, tp, mb, m, schedule, v, flavour, order,
                             budget, solver, time_limit_s)
 
 
-def _step_bound(costs: LayerCosts, pp: int, m: int, v: int) -> float:
+def _step_bound(costs: LayerCosts, pp: int, m: int, schedule: str, v: int) -> float:
     """A lower bound on any cut's step time: with W one microbatch's work over all layers
     (fastest options), sum_s T_s >= W and max_r T_rank >= W / pp, so the stage model's
     b * sum_s T_s + (m - b) * max_r T_rank >= b W + (m - b) W / pp; plus the dp sync, whose
     busiest rank holds at least 1/pp of it."""
     work = sum(min(o.fwd_s + o.bwd_s for o in x.options) for x in costs.layers)
-    b = 1.0 / v if pp > 1 else 1.0
+    b = bubble_weight(schedule, pp, m, v)
     sync = sum(costs.sync_s.values()) + sum(costs.gather_step_s.values())
     return b * work + (m - b) * work / pp + sync / pp
 
@@ -657,7 +698,8 @@ def candidate_plan(c: Candidate, cluster: Cluster, precision: TrainingPrecision,
         plan.pipeline = {
             "schedule": c.schedule, "stages_per_rank": c.v, "microbatch_size": c.microbatch_size,
             "num_microbatches": c.num_microbatches,
-            "stages": [{"rank": s % c.pp, "layers": list(st)} for s, st in enumerate(c.stages)],
+            "stages": [{"rank": r, "layers": list(st)} for st, r in
+                       zip(c.stages, get_schedule(c.schedule).stage_ranks(c.pp, c.v))],
         }
     plan.cluster = cluster.to_dict()
     plan.schema_version = SCHEMA_VERSION

@@ -6,21 +6,27 @@ layers), so that these tests check the runtime alone, whatever the planner would
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
 import pytest
 import torch
+from torch import nn
 
 from autopar.compile import make_mesh
+from autopar.errors import AutoparError, MeshError
 from autopar.layers import assign_layers, layer_order
-from autopar.pipeline_runtime import PipelinedModel
+from autopar.models.gpt import GPT
+from autopar.pipeline_runtime import PipelinedModel, _weight_only_outputs
 from autopar.plan import Plan
 from autopar.planner import make_plan
+from autopar.schedules import get_schedule
 from autopar.search import _shard_parameters_over_dp
 from autopar.trace import trace
 from tests.helpers.distributed import run_on_ranks
 from tests.test_end_to_end import (
+    CONFIG,
     MODELS,
     batches,
     fast_cpu_cluster,
@@ -33,7 +39,7 @@ from tests.test_end_to_end import (
 def pipelined_plan(model, batch, *, pp, sub_mesh, microbatches, schedule, v=1, checkpoint=None,
                    zero=0):
     """The planner's sharding of one microbatch on the dp x tp submesh, cut evenly into
-    pp * v stages (stage s on pp rank s % pp); with zero=3 parameters sharded over dp."""
+    pp * v stages (on the pp ranks the schedule places them); with zero=3 parameters sharded over dp."""
     x, y = batch
     mb = x.shape[0] // microbatches
     traced = trace(model, (x[:mb],), loss_fn=lm_loss, target=y[:mb])
@@ -49,7 +55,8 @@ def pipelined_plan(model, batch, *, pp, sub_mesh, microbatches, schedule, v=1, c
         "stages_per_rank": v,
         "microbatch_size": mb,
         "num_microbatches": microbatches,
-        "stages": [{"rank": s % pp, "layers": cuts[s]} for s in range(n)],
+        "stages": [{"rank": r, "layers": cuts[s]}
+                   for s, r in enumerate(get_schedule(schedule).stage_ranks(pp, v))],
     }
     plan.checkpoint = dict(checkpoint or {})
     if zero:
@@ -58,22 +65,62 @@ def pipelined_plan(model, batch, *, pp, sub_mesh, microbatches, schedule, v=1, c
     return traced, plan
 
 
-def train_pipelined(model_name, batch_size, plan_json):
+class _Block(nn.Module):
+    def __init__(self, d, makes_bias):
+        super().__init__()
+        self.lin = nn.Linear(d, d)
+        self.rel = nn.Parameter(torch.randn(d)) if makes_bias else None
+
+    def forward(self, x, bias):
+        if self.rel is not None:
+            bias = torch.sin(self.rel)  # from the weights alone, read by the next blocks
+        return x + torch.tanh(self.lin(x)) + bias, bias
+
+
+class BiasPassing(nn.Module):
+    """Block 0 makes a value from its weights alone that block 1 reads, as T5's position bias."""
+
+    def __init__(self, d=32):
+        super().__init__()
+        self.wte = nn.Embedding(CONFIG.vocab_size, d)
+        self.blocks = nn.ModuleList([_Block(d, True), _Block(d, False)])
+        self.head = nn.Linear(d, CONFIG.vocab_size)
+
+    def forward(self, idx):
+        x, bias = self.wte(idx), None
+        for block in self.blocks:
+            x, bias = block(x, bias)
+        return self.head(x)
+
+
+MORE_MODELS = {
+    "gpt6": lambda: GPT(dataclasses.replace(CONFIG, n_layer=6)),  # 8 layers: pp 4 x 2 stages
+    "bias-passing": BiasPassing,
+}
+
+
+def make_model(model_name):
+    return (MORE_MODELS.get(model_name) or MODELS[model_name])()
+
+
+def train_pipelined(model_name, batch_size, plan_json, *, whole_backward=False):
+    """Each step's loss; with `whole_backward`, also the stages that ran their backward whole."""
     torch.manual_seed(0)
-    model = MODELS[model_name]()
+    model = make_model(model_name)
     data = batches(batch_size)
     plan = Plan.from_dict(json.loads(plan_json))
     mb = plan.pipeline["microbatch_size"]
     x, y = data[0]
     traced = trace(model, (x[:mb],), loss_fn=lm_loss, target=y[:mb])
     pm = PipelinedModel(model, traced, plan, make_mesh(plan))
-    return sgd_losses(pm.parameters(), pm.train_step, data)
+    losses = sgd_losses(pm.parameters(), pm.train_step, data)
+    return (losses, pm.whole_backward) if whole_backward else losses
 
 
 def plan_json(model_name, batch_size, config) -> str:
     """Planned once here, not on every rank (8 ranks planning at once on 2 cores is slow)."""
     torch.manual_seed(0)
-    _, plan = pipelined_plan(MODELS[model_name](), batches(batch_size)[0], **config)
+    _, plan = pipelined_plan(make_model(model_name), batches(batch_size)[0], **config)
     return plan.to_json()
 
 
@@ -135,3 +182,109 @@ def test_manual_pipeline_plan_runs_through_autoparallelize(zero, pp):
     assert flavour == {0: "replicate", 2: "zero2", 3: "zero3"}[zero]
     assert pipeline["num_microbatches"] == 2 and len(pipeline["stages"]) == pp
     assert losses == pytest.approx(reference_losses("gpt", 4), rel=1e-5)
+
+
+# Zero-bubble schedules (backward split into input-grad I and weight-grad W). One 4-rank job runs
+# them all (each rank trains them one after the other): one start-up instead of four.
+ZERO_BUBBLE = {
+    # tied embedding: stages 0 and 3 both on rank 0 (the V); m >= 2pp - 1, ZB-V's steady state;
+    # a checkpointed layer recomputed at I and again at W
+    "gpt-pp2xtp2-ZBV-checkpoint": ("gpt", 4, dict(
+        pp=2, sub_mesh={"tp": 2}, microbatches=4, schedule="ZBVZeroBubble", v=2,
+        checkpoint={"blocks.0": "full"})),
+    "llama-pp2xdp2-InterleavedZeroBubble-zero3": ("llama", 4, dict(
+        pp=2, sub_mesh={"dp": 2}, microbatches=2, schedule="InterleavedZeroBubble", v=2,
+        zero=3)),
+    "gpt6-pp4-ZBV-checkpoint": ("gpt6", 4, dict(  # the V over 4 ranks
+        pp=4, sub_mesh={"dp": 1}, microbatches=4, schedule="ZBVZeroBubble", v=2,
+        checkpoint={"blocks.2": "full", "blocks.3": "full"})),
+    # stage 1 (blocks.0) sends on a value of its weights alone: it runs its backward whole
+    "bias-passing-pp2xdp2-ZBV": ("bias-passing", 4, dict(
+        pp=2, sub_mesh={"dp": 2}, microbatches=2, schedule="ZBVZeroBubble", v=2)),
+}
+WHOLE_BACKWARD = {"bias-passing-pp2xdp2-ZBV": [1]}  # stages; none in the other cases
+
+
+def train_pipelined_jobs(jobs):
+    return [train_pipelined(*job, whole_backward=True) for job in jobs]
+
+
+def single_process_losses(model_name, batch_size):
+    torch.manual_seed(0)
+    model = make_model(model_name)
+
+    def step(x, y):
+        loss = lm_loss(model(x), y)
+        loss.backward()
+        return loss.item()
+
+    return sgd_losses(model.parameters(), step, batches(batch_size))
+
+
+@pytest.fixture(scope="module")
+def zero_bubble_runs():
+    jobs = [(name, bs, plan_json(name, bs, config)) for name, bs, config in ZERO_BUBBLE.values()]
+    per_rank = run_on_ranks(train_pipelined_jobs, 4, jobs)
+    return {case: [rank[k] for rank in per_rank] for k, case in enumerate(ZERO_BUBBLE)}
+
+
+@pytest.mark.parametrize("case", list(ZERO_BUBBLE))
+def test_zero_bubble_losses_match_single_process(case, zero_bubble_runs):
+    model_name, batch_size, config = ZERO_BUBBLE[case]
+    assert config["pp"] * math.prod(config["sub_mesh"].values()) == 4
+    results = [losses for losses, _ in zero_bubble_runs[case]]
+    for losses in results:
+        assert losses == results[0]
+    assert results[0] == pytest.approx(single_process_losses(model_name, batch_size), rel=1e-5)
+    whole = sorted({s for _, stages in zero_bubble_runs[case] for s in stages})
+    assert whole == WHOLE_BACKWARD.get(case, [])
+
+
+def test_plan_torch_cannot_run_is_refused_at_load():
+    """torch's ZBVZeroBubble places stages in a V whatever the plan says: a plan with looped
+    ranks would build the wrong stages on each rank. Selective checkpointing serves one backward,
+    a split one runs two. 1F1B needs a microbatch per stage. Each fails and says the fix."""
+    model, data = MODELS["gpt"](), batches(4)[0]
+    traced, plan = pipelined_plan(model, data, pp=2, sub_mesh={"dp": 2}, microbatches=2,
+                                  schedule="ZBVZeroBubble", v=2)
+    assert [st["rank"] for st in plan.pipeline["stages"]] == [0, 1, 1, 0]
+    looped = Plan.from_dict(plan.to_dict())
+    for s, st in enumerate(looped.pipeline["stages"]):
+        st["rank"] = s % 2
+    with pytest.raises(MeshError, match=r"ranks \[0, 1, 0, 1\].*set the stages' 'rank' to "
+                                        r"\[0, 1, 1, 0\]"):
+        PipelinedModel(model, traced, looped, mesh=None)
+    selective = Plan.from_dict(plan.to_dict())
+    selective.checkpoint = {"blocks.1": "selective"}
+    with pytest.raises(AutoparError, match=r"allows one .* \['blocks.1'\] are planned selective"):
+        PipelinedModel(model, traced, selective, mesh=None)
+    few = Plan.from_dict(plan.to_dict())
+    few.pipeline["schedule"], few.pipeline["stages_per_rank"] = "1F1B", 1
+    few.pipeline["stages"] = [{"rank": r, "layers": ["pre", "blocks.0", "blocks.1", "post"][
+        2 * r:2 * r + 2]} for r in range(2)]
+    few.pipeline["num_microbatches"] = 1
+    with pytest.raises(MeshError, match=r"cannot run: 1F1B .* use m >= 2"):
+        PipelinedModel(model, traced, few, mesh=None)
+
+
+class _WeightOnlyOutput(nn.Module):
+    """A stage whose second and third outputs depend on its weights but on no input (as T5's
+    position bias, made once and passed on): a split backward would lose their gradient."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Parameter(torch.ones(4)), nn.Parameter(torch.ones(4))
+
+    def forward(self, x, ids):
+        return x * self.a, torch.sin(self.b), torch.zeros_like(x) * self.b + self.a[ids, None]
+
+
+def test_weight_only_outputs_are_found():
+    ep = torch.export.export(_WeightOnlyOutput(), (torch.ones(2, 4), torch.zeros(2).long()),
+                             strict=False)
+    graph = ep.graph_module.graph
+    params = set(ep.graph_signature.inputs_to_parameters)
+    nodes = [n for n in graph.nodes if n.op == "call_function"]
+    inputs = [n for n in graph.nodes if n.op == "placeholder" and n.name not in params]
+    outputs = list(next(n for n in graph.nodes if n.op == "output").args[0])
+    assert _weight_only_outputs(nodes, inputs, outputs, params) == [o.name for o in outputs[1:]]

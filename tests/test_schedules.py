@@ -91,8 +91,10 @@ class TestAgainstTorchActions:
         kinds = ("F", "I", "W") if SCHEDULES[name].split_backward else ("F", "B")
         expected = Counter((s, k, mb) for s in range(pp * v) for k in kinds for mb in range(m))
         assert Counter(a for rank in actions for a in rank) == expected
+        ranks = SCHEDULES[name].stage_ranks(pp, v)  # the placement plans and the runtime use
         for rank, rank_actions in enumerate(actions):
             assert {_rank_of(name, a.stage, pp) for a in rank_actions} == {rank}
+            assert {a.stage for a in rank_actions} == {s for s, r in enumerate(ranks) if r == rank}
 
     def test_torch_numbers_multi_stage_microbatches_in_order(self, name, pp, m, v):
         # _in_order is applied to single-stage schedules only; it is a no-op for the others.

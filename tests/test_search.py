@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import itertools
+import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import autopar
+import solvers
 from autopar.models.gpt import GPT, GPTConfig
-from autopar.search import microbatch_inputs
+from autopar.schedules import SCHEDULES, get_schedule
+from autopar.search import bubble_weight, microbatch_inputs, pipeline_problem
 
 BATCH = 8
 
@@ -106,3 +110,82 @@ def test_microbatch_inputs_slices_every_tensor():
     assert a.shape == (2, 3) and b.shape == (2,)
     with pytest.raises(autopar.MeshError, match="divides 8"):
         microbatch_inputs((x, y), 3)
+
+
+@pytest.fixture(scope="module")
+def compute_bound():
+    """A GPT whose stages compute for longer than their sends take (meta: no memory used)."""
+    with torch.device("meta"):
+        model = GPT(GPTConfig(vocab_size=1024, seq_len=256, n_layer=4, n_head=8, d_model=1024))
+    x = torch.randint(0, 1024, (BATCH, 256))
+    return model, (x, x.clone()), autopar.Cluster.preset("h100-80g", devices_per_node=4)
+
+
+def test_search_picks_zero_bubble_and_zbv_stages_follow_the_v(compute_bound):
+    model, batch, cluster = compute_bound
+    args = dict(loss_fn=lm_loss, mesh={"pp": 2, "dp": 2}, microbatch_size=1)
+    best = autopar.plan(model, cluster, batch, **args)
+    p = best.pipeline
+    schedule = get_schedule(p["schedule"])
+    assert schedule.split_backward and p["num_microbatches"] == 4
+    assert [st["rank"] for st in p["stages"]] == list(schedule.stage_ranks(2, 2))
+    assert best.predicted["bubble_fraction"] == schedule.bubble_fraction(2, 4, 2)
+    hand = dict(loss_fn=lm_loss, tp=1, pp=2, dp=2, microbatch_size=1)
+    one_f_one_b = autopar.manual_plan(model, cluster, batch, schedule="1F1B", **hand)
+    assert autopar.simulate(best).step_time_s < autopar.simulate(one_f_one_b).step_time_s
+
+    manual = autopar.manual_plan(model, cluster, batch, schedule="ZBVZeroBubble", **hand)
+    assert [st["layers"] for st in manual.pipeline["stages"]] == [
+        ["pre"], ["blocks.0", "blocks.1"], ["blocks.2"], ["blocks.3", "post"]]
+    # short of memory, 1F1B checkpoints some blocks "selective"; ZB-V cannot run that
+    limit = 0.7 * one_f_one_b.predicted["peak_memory_bytes"]
+    tight = autopar.plan(model, cluster, batch, schedule="1F1B", memory_limit=limit, **args)
+    assert "selective" in tight.checkpoint.values()
+    zbv = autopar.plan(model, cluster, batch, schedule="ZBVZeroBubble", memory_limit=limit, **args)
+    assert set(zbv.checkpoint.values()) == {"full"}
+    for plan in (zbv, manual):
+        assert plan.pipeline["schedule"] == "ZBVZeroBubble"
+        assert [st["rank"] for st in plan.pipeline["stages"]] == [0, 1, 1, 0]
+
+
+def test_selective_checkpointing_under_split_backward_is_refused(setup):
+    model, batch, cluster = setup
+    with pytest.raises(autopar.AutoparError, match=r"allows one .* layers \['blocks.0', .*"
+                                                   r"checkpoint them 'full' or 'none'"):
+        autopar.manual_plan(model, cluster, batch, loss_fn=lm_loss, tp=1, pp=2, dp=2,
+                            microbatch_size=1, schedule="ZBVZeroBubble", checkpoint="selective")
+
+
+@pytest.mark.parametrize("name", list(SCHEDULES))
+def test_bubble_weight_reproduces_the_schedule_bubble(name):
+    """Equal stages in the stage model idle b(pp-1) / (m + b(pp-1)) of the step: the schedule's
+    bubble_fraction (always for zero bubble; where the closed form holds for the others)."""
+    schedule = get_schedule(name)
+    for pp in (2, 4):
+        for m in (pp, 2 * pp - 1, 2 * pp, 8):
+            v = schedule.default_v(None)
+            try:
+                schedule.check(pp, m, v)
+            except ValueError:
+                continue
+            b = bubble_weight(name, pp, m, v)
+            if schedule.split_backward or schedule.formula_holds(pp, m, v):
+                idle = b * (pp - 1) / (m + b * (pp - 1))
+                assert idle == pytest.approx(schedule.bubble_fraction(pp, m, v)), (pp, m)
+            if schedule.split_backward and schedule.formula_holds(pp, m, v):
+                assert b == pytest.approx(1 / (3 * v))
+
+
+def test_split_backward_charges_a_second_recompute():
+    """Checkpointed layers recompute at I and again at W; the V places stage s on its rank."""
+    none = solvers.LayerOption(name="none", fwd_s=1.0, bwd_s=2.0, activation_bytes=4.0)
+    full = solvers.LayerOption(name="full", fwd_s=1.0, bwd_s=3.0, activation_bytes=1.0)
+    layers = tuple(solvers.Layer(name=f"l{i}", options=(none, full), state_bytes=0.0,
+                                 boundary_bytes=0.0) for i in range(4))
+    costs = SimpleNamespace(layers=layers, sub_mesh={"dp": 2}, temporaries_bytes=0.0)
+    cluster = autopar.Cluster.preset("h100-80g", devices_per_node=4)
+    for name, ranks, full_bwd in [("Interleaved1F1B", (0, 1, 0, 1), 3.0),
+                                  ("ZBVZeroBubble", (0, 1, 1, 0), 4.0)]:
+        problem = pipeline_problem(costs, cluster, 2, 4, name, 2, math.inf)
+        assert problem.stage_of_rank == ranks
+        assert [o.bwd_s for o in problem.layers[0].options] == [2.0, full_bwd]
