@@ -63,10 +63,24 @@ When nothing fits, a second ILP (`minimise="peak"`) keeps the cut, option and pa
 memory[r] and the time rows, and minimises a continuous `peak` with peak[r]: memory of r <= peak;
 that peak is `InfeasibleProblem.min_peak_bytes`.
 
+Runs of identical layers (the runs model)
+    The model above is the reference. Deep models are mostly runs of identical layers (same
+    options, state and boundary bytes), where it has one equal-cost copy of a plan per way of
+    permuting which identical layer sits where and runs which option; branch-and-bound then
+    cannot prove optimality for ~100 blocks on 16+ stages. `solvers.pipeline_runs` has the same
+    plans as counts: per stage and run, how many layers and how many per option, plus where each
+    stage ends; every integer solution is one contiguous cut and back, with the same T_s and
+    memory, and it shares this module's objective, rank_time, memory and peak rows
+    (`build_pipeline_runs_ilp`). It adds valid rank_bound rows (each rank's least time for the
+    number of layers of a run it holds, within the budget) that make tight-memory interleaved
+    cases fast to prove. `solve_pipeline(formulation="auto")` uses it when two adjacent layers
+    are identical.
+
 Names in brackets are written with parentheses in the model, e.g. `contiguous(block_3,2)`,
-`memory(1)`. The three steps are `build_pipeline_ilp`, `run_solver` (shared with the intra-op
-ILP) and `read_pipeline_solution`; `solve_pipeline` runs them in order.
-`solve_pipeline_brute_force` enumerates every cut and option and is the reference in tests.
+`memory(1)`. The three steps are `build_pipeline_ilp` (or `build_pipeline_runs_ilp`),
+`run_solver` (shared with the intra-op ILP) and `read_pipeline_solution`; `solve_pipeline` runs
+them in order. `solve_pipeline_brute_force` enumerates every cut and option and is the reference
+in tests.
 """
 
 from __future__ import annotations
@@ -80,6 +94,16 @@ from dataclasses import dataclass, field
 import pulp
 
 from solvers.intra_op import SolverResult, pulp_names, run_solver
+from solvers.pipeline_runs import (
+    RunsIlp,
+    add_rank_bounds,
+    build_runs_model,
+    layer_runs,
+    read_runs_plan,
+    same_kind,
+)
+from solvers.pipeline_runs import stage_memory as runs_stage_memory
+from solvers.pipeline_runs import stage_times as runs_stage_times
 from solvers.problem import InfeasibleProblem, NoSolutionFound
 
 __all__ = [
@@ -89,6 +113,7 @@ __all__ = [
     "PipelineProblem",
     "PipelineSolution",
     "build_pipeline_ilp",
+    "build_pipeline_runs_ilp",
     "evaluate_pipeline",
     "read_pipeline_solution",
     "solve_pipeline",
@@ -96,6 +121,7 @@ __all__ = [
 ]
 
 SOLVERS = ("highs", "cbc")
+FORMULATIONS = ("auto", "layers", "runs")
 _GIB = 1024.0**3
 _HIGHS_OPTIMAL_GAP = 1e-6  # a kOptimal HiGHS solve with a smaller residual gap is optimal
 
@@ -473,6 +499,7 @@ def solve_pipeline(
     time_limit_s: float | None = None,
     gap: float | None = None,
     msg: bool = False,
+    formulation: str = "auto",
 ) -> PipelineSolution:
     """Cut layers into stages and pick each layer's option, minimising step time (exact ILP).
 
@@ -488,6 +515,11 @@ def solve_pipeline(
         Relative MIP gap at which to stop; default 0 (prove optimality).
     msg : bool
         Print the solver's log.
+    formulation : {"auto", "layers", "runs"}
+        "layers": the per-layer model of the module docstring; "runs": the count model over runs
+        of identical layers (`solvers.pipeline_runs`), which has the same optimum and proves it
+        much faster on deep stacks of equal blocks; "auto" (default) takes "runs" when two
+        adjacent layers are identical and "layers" otherwise.
 
     Returns
     -------
@@ -501,7 +533,7 @@ def solve_pipeline(
     NoSolutionFound
         The time limit passed before any plan was found.
     ValueError
-        The problem is invalid, or `solver` is unknown.
+        The problem is invalid, or `solver` or `formulation` is unknown.
 
     Examples
     --------
@@ -519,12 +551,15 @@ def solve_pipeline(
     start = time.perf_counter()
     problem.validate()
     solver = _pick_solver(solver)
-    ilp = build_pipeline_ilp(problem)
+    formulation = _pick_formulation(problem, formulation)
+    ilp = _build(problem, formulation, minimise="time")
     result = _tolerant(
         ilp, run_solver(ilp, solver=solver, time_limit_s=time_limit_s, gap=gap, msg=msg)
     )
     if result.status == "infeasible":
-        raise _min_peak_error(problem, solver=solver, time_limit_s=time_limit_s, msg=msg)
+        raise _min_peak_error(
+            problem, formulation, solver=solver, time_limit_s=time_limit_s, msg=msg
+        )
     if result.status == "no_solution":
         raise NoSolutionFound(
             f"{solver} found no stage cut within time_limit_s={time_limit_s}; raise the limit"
@@ -532,7 +567,7 @@ def solve_pipeline(
     return read_pipeline_solution(problem, ilp, result, start=start)
 
 
-def _tolerant(ilp: PipelineIlp, result: SolverResult) -> SolverResult:
+def _tolerant(ilp: PipelineIlp | RunsIlp, result: SolverResult) -> SolverResult:
     """Call a HiGHS solve "optimal" when HiGHS says so with a gap within its tolerances.
 
     `run_solver` wants a gap <= 1e-9 for "optimal"; HiGHS, asked for gap 0, prunes nodes whose
@@ -559,11 +594,36 @@ def _pick_solver(solver: str) -> str:
     return solver
 
 
+def _pick_formulation(problem: PipelineProblem, formulation: str) -> str:
+    if formulation not in FORMULATIONS:
+        raise ValueError(f"formulation must be one of {FORMULATIONS}, got {formulation!r}")
+    if formulation == "auto":
+        # Without a repeated layer the runs model is the per-layer model in other clothes, and
+        # the per-layer one is the longer-tested reference.
+        repeats = len(layer_runs(problem.layers)) < len(problem.layers)
+        return "runs" if repeats else "layers"
+    return formulation
+
+
+def _build(problem: PipelineProblem, formulation: str, *, minimise: str) -> PipelineIlp | RunsIlp:
+    if formulation == "runs":
+        return build_pipeline_runs_ilp(problem, minimise=minimise)
+    return build_pipeline_ilp(problem, minimise=minimise)
+
+
 def _min_peak_error(
-    problem: PipelineProblem, *, solver: str, time_limit_s: float | None, msg: bool
+    problem: PipelineProblem,
+    formulation: str,
+    *,
+    solver: str,
+    time_limit_s: float | None,
+    msg: bool,
 ) -> Exception:
-    """The InfeasibleProblem to raise, with the smallest max-rank peak from a second ILP."""
-    ilp = build_pipeline_ilp(problem, minimise="peak")
+    """The InfeasibleProblem to raise, with the smallest max-rank peak from a second ILP.
+
+    Both formulations have the same plans, so their peak ILPs have the same optimum.
+    """
+    ilp = _build(problem, formulation, minimise="peak")
     result = run_solver(ilp, solver=solver, time_limit_s=time_limit_s, gap=None, msg=msg)
     if result.status in ("infeasible", "no_solution"):  # cannot be infeasible: S <= L
         return NoSolutionFound(
@@ -591,26 +651,51 @@ class PipelineIlp:
     c: dict[tuple[int, int], pulp.LpVariable] = field(default_factory=dict)  # (i, s)
 
 
+def _check_minimise(minimise: str) -> None:
+    if minimise not in ("time", "peak"):
+        raise ValueError(f"minimise must be 'time' or 'peak', got {minimise!r}")
+
+
 def build_pipeline_ilp(problem: PipelineProblem, *, minimise: str = "time") -> PipelineIlp:
     """Build the pulp model of the module docstring.
 
     `minimise="time"` gives the stage-cut ILP (objective: step seconds; memory[r] rows);
     `"peak"` the smallest-peak ILP (objective: the largest rank's memory; no budget).
     """
-    if minimise not in ("time", "peak"):
-        raise ValueError(f"minimise must be 'time' or 'peak', got {minimise!r}")
+    _check_minimise(minimise)
     ilp = PipelineIlp(lp=pulp.LpProblem(f"pipeline_{minimise}", pulp.LpMinimize))
     tokens = pulp_names([layer.name for layer in problem.layers])
     _add_cut_vars(ilp, problem, tokens)
     _add_option_vars(ilp, problem, tokens)
     _add_pairs(ilp, problem, tokens)
     _add_symmetry_breaking(ilp, problem, tokens)
+    rank_memory = _rank_memory(problem, _stage_memory(ilp, problem))
     if minimise == "time":
         _add_cuts(ilp, problem, tokens)
-        _set_objective(ilp, problem)
-        _add_memory(ilp, problem)
+        times = [_stage_time(ilp, problem, s) for s in range(problem.num_stages)]
+        _set_objective(ilp.lp, problem, times)
+        _add_memory(ilp.lp, problem, rank_memory)
     else:
-        _set_peak_objective(ilp, problem)
+        _set_peak_objective(ilp.lp, problem, rank_memory)
+    return ilp
+
+
+def build_pipeline_runs_ilp(problem: PipelineProblem, *, minimise: str = "time") -> RunsIlp:
+    """Build the runs model (`solvers.pipeline_runs`) with this module's objective and rows.
+
+    Same `minimise` choices as `build_pipeline_ilp`, same optimum, far fewer equal-cost copies
+    of each plan when layers repeat.
+    """
+    _check_minimise(minimise)
+    ilp = build_runs_model(pulp.LpProblem(f"pipeline_runs_{minimise}", pulp.LpMinimize), problem)
+    rank_memory = _rank_memory(problem, runs_stage_memory(ilp, problem))
+    if minimise == "time":
+        times = runs_stage_times(ilp, problem)
+        scale = _set_objective(ilp.lp, problem, times)
+        _add_memory(ilp.lp, problem, rank_memory)
+        add_rank_bounds(ilp, problem, times, scale)
+    else:
+        _set_peak_objective(ilp.lp, problem, rank_memory)
     return ilp
 
 
@@ -656,8 +741,7 @@ def _add_symmetry_breaking(ilp: PipelineIlp, problem: PipelineProblem,
     S = problem.num_stages
     for i in range(len(problem.layers) - 1):
         a, b = problem.layers[i], problem.layers[i + 1]
-        if (a.options, a.state_bytes, a.boundary_bytes) != (b.options, b.state_bytes,
-                                                             b.boundary_bytes):
+        if not same_kind(a, b):
             continue
         K = len(a.options)
         if K < 2:
@@ -712,32 +796,48 @@ def _stage_time(ilp: PipelineIlp, problem: PipelineProblem, s: int) -> pulp.LpAf
     return pulp.lpSum(terms)
 
 
-def _set_objective(ilp: PipelineIlp, problem: PipelineProblem) -> None:
-    """rank_time[r] rows; min b * sum_s T_s + (m - b) * t_max, scaled to coefficients <= 1."""
-    times = [_stage_time(ilp, problem, s) for s in range(problem.num_stages)]
+def _set_objective(
+    lp: pulp.LpProblem, problem: PipelineProblem, times: list[pulp.LpAffineExpression]
+) -> float:
+    """rank_time[r] rows; min b * sum_s T_s + (m - b) * t_max, scaled to coefficients <= 1.
+
+    `times` are the T_s of either model (per-layer or runs), so both share one objective.
+    Returns the scale (seconds per unit) for other rows in seconds.
+    """
     scale = max((abs(c) for t in times for c in t.values()), default=0.0) or 1.0
     scale = max(scale, problem.p2p_latency_s)
-    t_max = ilp.lp.add_variable("t_max", lowBound=0)
+    t_max = lp.add_variable("t_max", lowBound=0)
     for r in range(problem.num_ranks):
         rank_time = pulp.lpSum(t for t, rank in zip(times, problem.ranks) if rank == r)
-        ilp.lp += (rank_time / scale <= t_max, f"rank_time({r})")
+        lp += (rank_time / scale <= t_max, f"rank_time({r})")
     w, m = problem.bubble_weight, problem.num_microbatches
-    ilp.lp.setObjective(w * pulp.lpSum(times) / scale + (m - w) * t_max)
+    lp.setObjective(w * pulp.lpSum(times) / scale + (m - w) * t_max)
+    return scale
 
 
-def _rank_memory(ilp: PipelineIlp, problem: PipelineProblem, r: int) -> pulp.LpAffineExpression:
-    """Bytes held by rank r as an expression of x and w."""
-    terms = []
-    for s, rank in enumerate(problem.ranks):
-        if rank != r:
-            continue
+def _stage_memory(ilp: PipelineIlp, problem: PipelineProblem) -> list[pulp.LpAffineExpression]:
+    """Bytes held by each stage as expressions of x and w."""
+    memory = []
+    for s, flight in enumerate(problem.in_flight):
+        terms = []
         for i, layer in enumerate(problem.layers):
             if layer.state_bytes:
                 terms.append(layer.state_bytes * ilp.x[i, s])
             for k, option in enumerate(layer.options):
-                if problem.in_flight[s] * option.activation_bytes:
-                    terms.append(problem.in_flight[s] * option.activation_bytes * ilp.w[i, s, k])
-    return pulp.lpSum(terms)
+                if flight * option.activation_bytes:
+                    terms.append(flight * option.activation_bytes * ilp.w[i, s, k])
+        memory.append(pulp.lpSum(terms))
+    return memory
+
+
+def _rank_memory(
+    problem: PipelineProblem, stage_memory: list[pulp.LpAffineExpression]
+) -> list[pulp.LpAffineExpression]:
+    """Bytes held by each rank: the sum over its stages."""
+    return [
+        pulp.lpSum(mem for mem, rank in zip(stage_memory, problem.ranks) if rank == r)
+        for r in range(problem.num_ranks)
+    ]
 
 
 def _memory_scale(problem: PipelineProblem) -> float:
@@ -748,23 +848,27 @@ def _memory_scale(problem: PipelineProblem) -> float:
     return max(entries) or 1.0
 
 
-def _add_memory(ilp: PipelineIlp, problem: PipelineProblem) -> None:
+def _add_memory(
+    lp: pulp.LpProblem, problem: PipelineProblem, rank_memory: list[pulp.LpAffineExpression]
+) -> None:
     """memory[r] rows, in units of the largest memory coefficient."""
     budget = problem.memory_budget_bytes
     if math.isinf(budget):
         return
     scale = _memory_scale(problem)
-    for r in range(problem.num_ranks):
-        ilp.lp += (_rank_memory(ilp, problem, r) / scale <= budget / scale, f"memory({r})")
+    for r, memory in enumerate(rank_memory):
+        lp += (memory / scale <= budget / scale, f"memory({r})")
 
 
-def _set_peak_objective(ilp: PipelineIlp, problem: PipelineProblem) -> None:
+def _set_peak_objective(
+    lp: pulp.LpProblem, problem: PipelineProblem, rank_memory: list[pulp.LpAffineExpression]
+) -> None:
     """peak[r] rows: memory of rank r <= peak; min peak."""
     scale = _memory_scale(problem)
-    peak = ilp.lp.add_variable("peak", lowBound=0)
-    for r in range(problem.num_ranks):
-        ilp.lp += (_rank_memory(ilp, problem, r) / scale <= peak, f"peak({r})")
-    ilp.lp.setObjective(pulp.lpSum([peak]))
+    peak = lp.add_variable("peak", lowBound=0)
+    for r, memory in enumerate(rank_memory):
+        lp += (memory / scale <= peak, f"peak({r})")
+    lp.setObjective(pulp.lpSum([peak]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -772,9 +876,11 @@ def _set_peak_objective(ilp: PipelineIlp, problem: PipelineProblem) -> None:
 
 
 def _read_plan(
-    problem: PipelineProblem, ilp: PipelineIlp
+    problem: PipelineProblem, ilp: PipelineIlp | RunsIlp
 ) -> tuple[tuple[tuple[int, ...], ...], list[int]]:
-    """Stages (layer indices) and option indices from a solved model."""
+    """Stages (layer indices) and option indices from a solved model (either formulation)."""
+    if isinstance(ilp, RunsIlp):
+        return read_runs_plan(ilp, problem)
     S = problem.num_stages
     stage_of = []
     options = []
@@ -786,7 +892,7 @@ def _read_plan(
 
 
 def read_pipeline_solution(
-    problem: PipelineProblem, ilp: PipelineIlp, result: SolverResult, *, start: float
+    problem: PipelineProblem, ilp: PipelineIlp | RunsIlp, result: SolverResult, *, start: float
 ) -> PipelineSolution:
     """The PipelineSolution of a solved `ilp`; times and peaks recomputed from the plan."""
     stages, options = _read_plan(problem, ilp)
