@@ -65,11 +65,17 @@ def _loss_nodes(traced: TracedModel) -> set[str]:
     gm = traced.graph_module
     target = traced.inputs[-1]
     tainted = {target}
-    for n in gm.graph.nodes:
-        if n.op == "call_function" and any(a.name in tainted for a in n.all_input_nodes):
+    for n in _ops(gm):
+        if any(a.name in tainted for a in n.all_input_nodes):
             tainted.add(n.name)
     tainted.discard(target)
     return tainted
+
+
+def _ops(gm: fx.GraphModule) -> list[fx.Node]:
+    """The ops that compute something: not export's `_assert_tensor_metadata` checks (no users,
+    no value), which `ParallelModel` skips too (it runs only what the loss needs)."""
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.users]
 
 
 def split_stages(traced: TracedModel, plan: Plan, *, has_target: bool):
@@ -89,15 +95,13 @@ def split_stages(traced: TracedModel, plan: Plan, *, has_target: bool):
     loss = _loss_nodes(traced) if has_target else set()
     states = set(traced.parameters) | set(traced.buffers)
     stage_of: dict[str, int] = {}
-    for n in gm.graph.nodes:
-        if n.op == "call_function" and n.name not in loss:
+    for n in _ops(gm):
+        if n.name not in loss:
             stage_of[n.name] = stage_of_layer[layer[n.name]]
     first_input_stage = {name: 0 for name in traced.inputs}
     n_stages = len(stages)
     last_use: dict[str, int] = {}
-    for n in gm.graph.nodes:
-        if n.op != "call_function":
-            continue
+    for n in _ops(gm):
         user_stage = n_stages if n.name in loss else stage_of[n.name]  # loss: after the last
         for a in n.all_input_nodes:
             if a.name in states:
@@ -257,9 +261,7 @@ class PipelinedModel(nn.Module):
         gm = traced.graph_module
         used_by: dict[str, set[int]] = {}
         n_stages = len(self.plan.pipeline["stages"])
-        for n in gm.graph.nodes:
-            if n.op != "call_function":
-                continue
+        for n in _ops(gm):
             s = n_stages - 1 if n.name in loss else stage_of[n.name]
             for a in n.all_input_nodes:
                 if a.name in traced.parameters:
@@ -303,7 +305,9 @@ class PipelinedModel(nn.Module):
         args = inputs if self._has_first else ()
         self.schedule.step(*args, **kwargs)
         self._settle_gradients()
-        mean = torch.stack(losses).mean() if losses else torch.zeros((), device=_mesh_device(self.mesh))
+        # fp32 on every rank: the ranks without the loss cannot know its dtype (bf16 or not)
+        mean = (torch.stack(losses).float().mean() if losses
+                else torch.zeros((), device=_mesh_device(self.mesh)))
         total = mean.detach().clone()
         dist.all_reduce(total, group=self.pp_group)  # only the last stage's rank adds a loss
         return total
@@ -322,7 +326,8 @@ class PipelinedModel(nn.Module):
             elif p is not None:
                 local = torch.zeros_like(p.to_local())
             else:
-                local = torch.zeros(self._local_shape(name), device=_mesh_device(self.mesh))
+                local = torch.zeros(self._local_shape(name), device=_mesh_device(self.mesh),
+                                    dtype=self._traced.node(name).meta["val"].dtype)
             dist.all_reduce(local, group=self.pp_group)
             if p is not None:
                 p.grad = DTensor.from_local(local, self.sub, p.placements, run_check=False)

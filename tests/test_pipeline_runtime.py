@@ -288,3 +288,34 @@ def test_weight_only_outputs_are_found():
     inputs = [n for n in graph.nodes if n.op == "placeholder" and n.name not in params]
     outputs = list(next(n for n in graph.nodes if n.op == "output").args[0])
     assert _weight_only_outputs(nodes, inputs, outputs, params) == [o.name for o in outputs[1:]]
+
+
+def train_bf16_float_loss():
+    """bf16 model, loss upcast with .float() (export adds _assert_tensor_metadata checks)."""
+    import torch.nn.functional as F
+
+    import autopar
+
+    def loss(o, t):
+        return F.cross_entropy(o.flatten(0, 1).float(), t.flatten())
+
+    torch.manual_seed(0)
+    model = MODELS["gpt"]().to(torch.bfloat16)
+    x, y = batches(4)[0]
+    cluster = autopar.Cluster.preset("cpu", devices_per_node=2)
+    plan = autopar.manual_plan(model, cluster, (x, y), loss_fn=loss, tp=1, pp=2, dp=1,
+                               microbatch_size=2)
+    pm = autopar.autoparallelize(model, cluster, (x, y), loss_fn=loss, plan=plan)
+    got = pm.train_step(x, y)
+    with torch.no_grad():
+        want = loss(model(x), y)
+    return got.dtype, got.item(), want.item()
+
+
+def test_bf16_pipeline_with_an_upcast_loss():
+    """The ranks without the loss all-reduce fp32 zeros against it: the loss is fp32 too."""
+    results = run_on_ranks(train_bf16_float_loss, 2)
+    for dtype, got, want in results:
+        assert dtype == torch.float32
+        assert got == results[0][1]
+        assert got == pytest.approx(want, rel=1e-2)  # bf16 rounding, microbatches of 2
