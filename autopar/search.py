@@ -463,13 +463,15 @@ class SearchSpace:
 
 
 def candidate_meshes(cluster: Cluster, n_layers: int) -> list[dict[str, int]]:
-    """Every pp x dp x tp of the world size; tp within a node (unless nothing else divides);
-    pp at most the number of layers."""
+    """Every pp x dp x tp of the world size, pp at most the number of layers.
+
+    tp across nodes included: its collectives run over the slower inter-node link, yet where
+    the work is latency-bound (small layers, many ranks) it still beats the in-node meshes;
+    left out, a hand configuration with tp 4 on 2-GPU nodes was 2.2x faster than the plan
+    (tests/test_search_grid.py). `search` tries those meshes last."""
     world = cluster.world_size
     out = []
     for tp in _divisors(world):
-        if tp > cluster.devices_per_node and world > 1:
-            continue
         for pp in _divisors(world // tp):
             if pp <= n_layers:
                 out.append({"pp": pp, "dp": world // tp // pp, "tp": tp})
@@ -491,19 +493,43 @@ def batch_size(example_inputs) -> int:
 def search(trace_fn, example_inputs, cluster: Cluster, space: SearchSpace, *,
            memory_limit_bytes: float | None = None, precision: TrainingPrecision | None = None,
            solver: str = "highs", time_limit_s: float | None = None, log=None) -> Plan:
-    """The fastest plan over `space` that fits; `trace_fn(inputs)` traces one microbatch."""
+    """The fastest plan over `space` that fits; `trace_fn(inputs)` traces one microbatch.
+
+    Two passes. First every (mesh, microbatch) with the fastest intra-op sharding of its dp x tp
+    submesh; then, for those whose candidates all went over the memory limit, the sharding of
+    least memory, unless a lower bound shows it cannot beat the best plan of the first pass (its
+    min-peak ILPs are the slowest solves of a search under a tight limit)."""
     start = time.perf_counter()
     precision = precision or TrainingPrecision()
     budget = memory_limit_bytes if memory_limit_bytes is not None else cluster.device.memory_bytes
     batch = batch_size(example_inputs)
     traces: dict[int, tuple] = {}
     solved: dict[tuple, tuple] = {}
-    best: Candidate | None = None
-    smallest: tuple[float, str] | None = None
-    tried = 0
-    # tp inside a node first: such meshes usually win at scale, and an early good plan lets the
-    # bound prune the rest
-    for mesh in sorted(space.meshes, key=lambda x: (-x["tp"], x["pp"])):
+    found = _Found(budget, log)
+
+    def score(stand, profiles, order, pp, dp, tp, mb, m, least):
+        """Score the candidates of one intra-op sharding; None if it has none (MeshError)."""
+        sub_mesh = {k: v for k, v in (("dp", dp), ("tp", tp)) if v > 1} or {"dp": 1}
+        key = (mb, tuple(sub_mesh.items()), least)
+        if key not in solved:
+            try:
+                solved[key] = solve_layers(stand, profiles, cluster, sub_mesh, precision=precision,
+                                           solver=solver, time_limit_s=time_limit_s,
+                                           least_memory=least)
+            except MeshError:
+                solved[key] = None
+        if solved[key] is None:
+            return None
+        flavours = space.flavours if dp > 1 else ("replicate",)
+        return [found.add(c) for c in _candidates(
+            solved[key], stand, profiles, cluster, sub_mesh, flavours, space, pp, dp, tp, mb, m,
+            order, budget, solver, time_limit_s, precision, found.best)]
+
+    fallbacks = []
+    # tp inside a node first, widest first: such meshes usually win at scale, and an early good
+    # plan lets the bound prune the rest (tp across nodes last)
+    mesh_order = lambda x: (x["tp"] > cluster.devices_per_node, -x["tp"], x["pp"])  # noqa: E731
+    for mesh in sorted(space.meshes, key=mesh_order):
         pp, dp, tp = mesh["pp"], mesh["dp"], mesh["tp"]
         if batch % dp:
             continue
@@ -519,35 +545,17 @@ def search(trace_fn, example_inputs, cluster: Cluster, space: SearchSpace, *,
             stand, profiles, order = traces[mb]
             if pp > len(order):
                 continue
-            sub_mesh = {k: v for k, v in (("dp", dp), ("tp", tp)) if v > 1} or {"dp": 1}
-            fitted = False
-            for least in (False, True):
-                if least and fitted:
-                    break
-                key = (mb, tuple(sub_mesh.items()), least)
-                if key not in solved:
-                    try:
-                        solved[key] = solve_layers(stand, profiles, cluster, sub_mesh,
-                                                   precision=precision, solver=solver,
-                                                   time_limit_s=time_limit_s, least_memory=least)
-                    except MeshError:
-                        solved[key] = None
-                if solved[key] is None:
-                    break
-                flavours = space.flavours if dp > 1 else ("replicate",)
-                for c in _candidates(solved[key], stand, profiles, cluster, sub_mesh, flavours,
-                                     space, pp, dp, tp, mb, m, order, budget, solver,
-                                     time_limit_s, precision, best):
-                    tried += 1
-                    if c.peak_memory_bytes > budget:
-                        if smallest is None or c.peak_memory_bytes < smallest[0]:
-                            smallest = (c.peak_memory_bytes, _describe(c))
-                        continue
-                    fitted = True
-                    if best is None or c.step_time_s < best.step_time_s:
-                        best = c
-                        if log:
-                            log(f"best so far: {_describe(c)} step {c.step_time_s:.4g} s")
+            fits = score(stand, profiles, order, pp, dp, tp, mb, m, least=False)
+            # all over the limit (not merely pruned by the bound): the fallback may fit
+            if fits and not any(fits):
+                fallbacks.append((stand, profiles, order, pp, dp, tp, mb, m))
+    for stand, profiles, order, pp, dp, tp, mb, m in fallbacks:
+        sub_mesh = {k: v for k, v in (("dp", dp), ("tp", tp)) if v > 1} or {"dp": 1}
+        fastest = solved[(mb, tuple(sub_mesh.items()), False)]
+        if found.best is not None and _least_memory_bound(fastest, pp, m) >= found.best.step_time_s:
+            continue
+        score(stand, profiles, order, pp, dp, tp, mb, m, least=True)
+    best, smallest = found.best, found.smallest
     if best is None:
         if smallest is None:
             raise MeshError(
@@ -561,9 +569,45 @@ def search(trace_fn, example_inputs, cluster: Cluster, space: SearchSpace, *,
             min_peak_bytes=smallest[0], budget_bytes=budget,
         )
     if log:
-        log(f"searched {tried} candidates in {time.perf_counter() - start:.1f} s")
+        log(f"searched {found.tried} candidates in {time.perf_counter() - start:.1f} s")
     return candidate_plan(best, cluster, precision,
-                          solver={"candidates": tried, "stage_cut": best.cut})
+                          solver={"candidates": found.tried, "stage_cut": best.cut})
+
+
+@dataclass
+class _Found:
+    """The search so far: the fastest candidate that fits, the smallest peak of those that do
+    not (for the error when none fits), and how many candidates were scored."""
+
+    budget: float
+    log: object = None
+    best: Candidate | None = None
+    smallest: tuple[float, str] | None = None
+    tried: int = 0
+
+    def add(self, c: Candidate) -> bool:
+        """Keep `c` if it fits and is the fastest yet; say whether it fits."""
+        self.tried += 1
+        if c.peak_memory_bytes > self.budget:
+            if self.smallest is None or c.peak_memory_bytes < self.smallest[0]:
+                self.smallest = (c.peak_memory_bytes, _describe(c))
+            return False
+        if self.best is None or c.step_time_s < self.best.step_time_s:
+            self.best = c
+            if self.log:
+                self.log(f"best so far: {_describe(c)} step {c.step_time_s:.4g} s")
+        return True
+
+
+def _least_memory_bound(fastest, pp: int, m: int) -> float:
+    """A lower bound on the step time of any candidate of the least-memory sharding of a
+    (mesh, microbatch), from its fastest sharding's solve. The stage model gives step >=
+    b W + (m - b) W / pp >= m W / pp, W one microbatch's work over all layers; W is at least the
+    sharding's intra-op objective (checkpointing, ZeRO-3 gathers, p2p and dp sync only add), and
+    the least-memory objective is at least the fastest's when that one is proven optimal (no
+    bound otherwise: 0)."""
+    _, _, solution = fastest
+    return m * solution.objective_s / pp if solution.status == "optimal" else 0.0
 
 
 def _candidates(solved, stand, profiles, cluster, sub_mesh, flavours, space, pp, dp, tp, mb,

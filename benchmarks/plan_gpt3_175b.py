@@ -48,8 +48,10 @@ def main() -> None:
         return autopar.api._trace(model, inputs, loss)
 
     meshes = candidate_meshes(cluster, args.layers + 2)
-    if args.tp:
-        meshes = [m for m in meshes if m["tp"] in args.tp]
+    # tp within a node unless --tp says otherwise: the space of the dated report (the search
+    # itself also tries tp across nodes, last)
+    tps = args.tp or [t for t in range(1, cluster.devices_per_node + 1)]
+    meshes = [m for m in meshes if m["tp"] in tps]
     space = SearchSpace(meshes=meshes, microbatch_sizes=args.microbatch,
                         schedules=("1F1B", "Interleaved1F1B"),
                         flavours=("replicate", "zero2", "zero3"))
