@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 
 import torch.distributed as dist
@@ -11,7 +12,6 @@ from autopar.cluster import Cluster
 from autopar.compile import ParallelModel, make_mesh
 from autopar.errors import AutoparError, MeshError
 from autopar.plan import Plan
-from autopar.planner import make_plan
 from autopar.profile import TrainingPrecision
 from autopar.schedules import get_schedule
 from autopar.trace import TracedModel, trace
@@ -78,7 +78,10 @@ def plan(
     batch = search.batch_size(inputs_only)
     if mesh is not None or microbatch_size is not None:
         for m in meshes:
-            _check_divides(probe, m, batch, microbatch_size or 1, n_layers, schedule)
+            # heads=False: the intra-op ILP leaves heads whole where tp does not divide them
+            # (Llama's 2 kv heads on tp=4 train exactly); only hand configurations split them
+            _check_divides(probe, m, batch, microbatch_size or 1, n_layers, schedule,
+                           heads=False)
     if data_parallel is not None and data_parallel not in search.FLAVOURS:
         raise AutoparError(f"data_parallel={data_parallel!r}: use one of {search.FLAVOURS}")
     space = search.SearchSpace(
@@ -180,7 +183,28 @@ def manual_plan(
 
 
 def _tracer(model, loss_fn):
-    return lambda inputs: _trace(model, inputs, loss_fn)
+    """`trace_fn(inputs)` for one planning call: one trace per input shape, so the probe of
+    the whole batch is also the search's graph of a microbatch that size (a trace costs about
+    a second on CPU; the model does not change within one call)."""
+    traces: dict = {}
+
+    def trace_fn(inputs):
+        key = _shapes(inputs)
+        if key not in traces:
+            traces[key] = _trace(model, inputs, loss_fn)
+        return traces[key]
+
+    return trace_fn
+
+
+def _shapes(inputs) -> tuple:
+    """What a trace depends on besides the model: every leaf's shape and dtype (or value)."""
+    import torch
+    from torch.utils._pytree import tree_flatten
+
+    leaves, spec = tree_flatten(inputs)
+    return str(spec), tuple((tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else repr(x)
+                            for x in leaves)
 
 
 def _layer_names(traced: TracedModel) -> list[str]:
@@ -209,7 +233,8 @@ def _divisors_str(n: int, limit: int | None = None) -> str:
     return ", ".join(map(str, ds))
 
 
-def _check_divides(traced, mesh, batch, microbatch_size, n_layers, schedule) -> None:
+def _check_divides(traced, mesh, batch, microbatch_size, n_layers, schedule, *,
+                   heads: bool = True) -> None:
     """Batch, heads and layers against a FIXED mesh / microbatch: a MeshError naming what would
     divide."""
     from autopar.schedules import get_schedule as _get
@@ -235,8 +260,8 @@ def _check_divides(traced, mesh, batch, microbatch_size, n_layers, schedule) -> 
             f"pp={pp} x {v} stage(s) per rank needs at least {pp * v} layers, the model has "
             f"{n_layers} (pre, blocks, post): use pp <= {n_layers // v}"
         )
-    heads = _head_counts(traced)
-    bad = sorted(h for h in heads if h % tp)
+    counts = _head_counts(traced) if heads else set()
+    bad = sorted(h for h in counts if h % tp)
     if tp > 1 and bad:
         raise MeshError(
             f"tp={tp} does not divide the {bad[0]} attention heads: use a tp that divides "
@@ -271,12 +296,18 @@ def autoparallelize(
 ) -> ParallelModel:
     """Plan (or load `plan`) and shard `model` over this torchrun job's processes.
 
+    Without `plan`, rank 0 runs the full search of `autopar.plan` (pp x dp x tp mesh,
+    microbatches, schedule, data-parallel flavour, checkpointing) and sends the plan to the other
+    ranks; `mesh` and `options` are `autopar.plan`'s options (`memory_limit`, `schedule`,
+    `microbatch_size`, `data_parallel`, `checkpoint`, `solver`, `time_limit`, `precision`, ...).
     Every rank must call it with the same model (same initial weights: rank 0's are used) and
-    the same example inputs. Returns a ParallelModel whose `train_step(inputs, target)` runs one
-    forward and backward.
+    the same example inputs. Returns a ParallelModel, or for a plan with pipeline stages (or
+    gradient accumulation) a PipelinedModel; either's `train_step(inputs, target)` runs one
+    forward and backward of the whole batch.
     """
     if example_inputs is None:
         raise AutoparError("autoparallelize needs example_inputs: one global batch.")
+    options = _planning_options(mesh, options, have_plan=plan is not None)
     if cluster is None:
         cluster = Cluster.detect()
     if dist.is_initialized() and plan is None and cluster.world_size != dist.get_world_size():
@@ -285,11 +316,11 @@ def autoparallelize(
             f"{dist.get_world_size()} processes: describe the devices the job runs on "
             f"(Cluster.detect() does) or launch {cluster.world_size} processes."
         )
-    if plan is not None and plan.pipeline:
+    if plan is None:
+        plan = _plan_on_rank0(model, cluster, example_inputs, loss_fn, options)
+    if plan.pipeline:
         return _pipelined(model, example_inputs, loss_fn, plan)
     traced = _trace(model, example_inputs, loss_fn)
-    if plan is None:
-        plan = _plan_on_rank0(traced, cluster, mesh, _planner_options(options))
     world = dist.get_world_size() if dist.is_initialized() else None
     plan.check_matches(graph_fingerprint=traced.fingerprint, world_size=world or plan.world_size)
     return ParallelModel(model, traced, plan, make_mesh(plan))
@@ -307,28 +338,63 @@ def _pipelined(model: nn.Module, example_inputs, loss_fn, plan: Plan):
     return PipelinedModel(model, traced, plan, make_mesh(plan))
 
 
-def _plan_on_rank0(traced: TracedModel, cluster: Cluster, mesh, options: dict) -> Plan:
-    """Rank 0 plans, the others receive its plan: one solve, and every rank runs the same plan."""
+def _plan_on_rank0(model: nn.Module, cluster: Cluster, example_inputs, loss_fn,
+                   options: dict) -> Plan:
+    """Rank 0 runs the full search, the others receive its plan as JSON: one search, and every
+    rank runs the same plan. A failure is sent instead of the plan, so that no rank waits
+    forever and every rank raises the same error (rank 0 with its traceback)."""
+    def search() -> Plan:
+        return plan(model, cluster, example_inputs, loss_fn=loss_fn, **options)
+
     if not dist.is_initialized() or dist.get_world_size() == 1:
-        return make_plan(traced, cluster, mesh=mesh, **options)
+        return search()
     box: list = [None]
+    failure = None
     if dist.get_rank() == 0:
         try:
-            box[0] = make_plan(traced, cluster, mesh=mesh, **options).to_json()
-        except AutoparError as e:  # every rank raises the same clear error
-            box[0] = e
+            box[0] = search().to_json()
+        except Exception as e:  # an AutoparError (the user's to fix), a ValueError, or a bug
+            failure = e
+            box[0] = _portable(e)
     dist.broadcast_object_list(box, src=0)
+    if failure is not None:
+        raise failure
     if isinstance(box[0], Exception):
         raise box[0]
     return Plan.from_dict(json.loads(box[0]))
 
 
-def _planner_options(options: dict) -> dict:
-    renames = {"memory_limit": "memory_limit_bytes", "time_limit": "time_limit_s"}
-    allowed = {"memory_limit", "time_limit", "solver", "precision"}
-    unknown = set(options) - allowed
+def _portable(e: Exception) -> Exception:
+    """`e` if it survives pickling (it crosses to the other ranks), else a RuntimeError that
+    names it."""
+    import pickle
+
+    try:
+        pickle.loads(pickle.dumps(e))
+        return e
+    except Exception:
+        return RuntimeError(f"planning failed on rank 0 ({type(e).__name__}: {e}); rank 0's "
+                            "traceback has the details")
+
+
+# autopar.plan's own arguments, not options: autoparallelize takes them itself
+_NOT_OPTIONS = ("model", "cluster", "example_inputs", "loss_fn")
+
+
+def _planning_options(mesh, options: dict, *, have_plan: bool) -> dict:
+    """`options` (and `mesh`) as `autopar.plan` keywords; an unknown name, or options beside a
+    ready `plan` (which they could not change), is an AutoparError that says what to do."""
+    valid = [name for name in inspect.signature(plan).parameters if name not in _NOT_OPTIONS]
+    unknown = sorted(set(options) - set(valid))
     if unknown:
         raise AutoparError(
-            f"unknown option(s) {sorted(unknown)}; autoparallelize takes {sorted(allowed)}"
+            f"unknown option(s) {unknown} for autoparallelize: its planning options are those "
+            f"of autopar.plan: {', '.join(valid)}"
         )
-    return {renames.get(k, k): v for k, v in options.items()}
+    given = dict(options, mesh=mesh) if mesh is not None else dict(options)
+    if have_plan and given:
+        raise AutoparError(
+            f"autoparallelize got plan= and planning option(s) {sorted(given)}: a ready plan is "
+            "run as it is. Drop the options, or drop plan= to plan with them."
+        )
+    return given

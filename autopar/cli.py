@@ -411,7 +411,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--nodes", type=int, help="number of nodes (default: the preset's 1)")
     p.add_argument("--devices-per-node", type=int, help="devices per node (default: preset's)")
     p.add_argument(
-        "--mesh", help="fix the mesh shape, e.g. dp=2,tp=2 (default: try every dp x tp shape)"
+        "--mesh", help="fix the mesh shape, e.g. pp=2,dp=2,tp=2 (default: search every pp x dp x tp)"
     )
     _add_model_args(p)
     p.add_argument(

@@ -1,9 +1,10 @@
 """`autopar demo`: a small GPT trained on N CPU processes, step by step beside one process.
 
 The parent (`run`) launches N workers with torchrun (gloo, one thread each). Every worker builds
-the same GPT from the same seed and calls `autopar.autoparallelize`, which plans on rank 0 and
-shards the model as planned; they train a few SGD steps on the same global batches. Rank 0 then
-trains the unsharded model in one process on the same batches and prints both losses per step.
+the same GPT from the same seed and calls `autopar.autoparallelize`, which runs the planner's full
+search on rank 0 (the mesh fixed by --mesh, if given) and shards the model as planned, pipeline
+stages included; they train a few SGD steps on the same global batches. Rank 0 then trains the
+unsharded model in one process on the same batches and prints both losses per step.
 
 The cluster description is a CPU one (`device_type="cpu"`, so execution uses gloo) with fast,
 GPU-like links: with the real figures of CPU processes talking over loopback TCP, any
@@ -117,6 +118,7 @@ def worker(steps: int, mesh: dict[str, int] | None, json_output: bool) -> int:
             opt.zero_grad()
         train_s = time.perf_counter() - t0
         split = _split_parameters(pm)
+        held = (len(list(pm.parameters())), len(list(model.parameters())))
     finally:
         dist.destroy_process_group()
     if rank != 0:
@@ -137,7 +139,7 @@ def worker(steps: int, mesh: dict[str, int] | None, json_output: bool) -> int:
             )
         )
     else:
-        _report(pm.plan, world, split, losses, reference, agree, train_s)
+        _report(pm.plan, world, split, held, losses, reference, agree, train_s)
     return 0 if agree else 1
 
 
@@ -152,7 +154,7 @@ def _split_parameters(pm) -> dict[str, dict]:
     return split
 
 
-def _report(plan, world, split, losses, reference, agree, train_s) -> None:
+def _report(plan, world, split, held, losses, reference, agree, train_s) -> None:
     print(
         f"cluster: {world} CPU processes (gloo), described to the planner with GPU-like links\n"
         "(100 GB/s, 1 us) so that splitting work pays; with loopback-TCP figures this tiny model\n"
@@ -160,7 +162,9 @@ def _report(plan, world, split, losses, reference, agree, train_s) -> None:
     )
     print(plan.summary())
     print("\nparameters split across processes (local shard on rank 0 vs whole tensor):")
-    if not split:
+    if plan.pipeline and len(plan.pipeline["stages"]) > 1:  # the layers, not tensors, are split
+        print(f"  pipeline: rank 0 holds its stages' {held[0]} of the {held[1]} parameters")
+    elif not split:
         print("  (none: every parameter is replicated; the batch is split over dp)")
     width = max((len(n) for n in split), default=0)
     for name, shapes in split.items():

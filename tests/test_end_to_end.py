@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -144,3 +146,70 @@ def test_checkpointed_layers_match_single_process():
     assert results[0] == pytest.approx(reference_losses("gpt"), rel=1e-5)
 
 
+def train_searched():
+    """Every rank: autoparallelize with no mesh (rank 0 runs the full search), then with options
+    that fix a pipelined ZeRO-3 plan, then with a memory limit nothing fits and with a schedule
+    that does not exist. One job for them all: a 4-rank start-up costs more than any of them."""
+    runs = {}
+    for name, options in [
+        ("searched", {}),
+        ("fixed", dict(mesh={"pp": 2, "dp": 2}, schedule="1F1B", microbatch_size=1,
+                       data_parallel="zero3", checkpoint=False)),
+    ]:
+        torch.manual_seed(0)
+        model = MODELS["gpt"]()
+        data = batches()
+        pm = autopar.autoparallelize(model, fast_cpu_cluster(4), data[0], loss_fn=lm_loss,
+                                     **options)
+        losses = sgd_losses(pm.parameters(), pm.train_step, data)
+        runs[name] = (losses, type(pm).__name__, pm.plan.to_json())
+    for name, option in [("infeasible", {"memory_limit": 1000}),
+                         ("schedule", {"schedule": "2F2B"})]:
+        try:
+            autopar.autoparallelize(GPT(CONFIG), fast_cpu_cluster(4), batches()[0],
+                                    loss_fn=lm_loss, mesh={"dp": 4}, **option)
+        except Exception as e:  # rank 0 fails planning; every rank must raise the same
+            runs[name] = f"{type(e).__name__}: {e}"
+    return runs
+
+
+def test_autoparallelize_searches_and_passes_options_through():
+    results = run_on_ranks(train_searched, 4)
+    reference = reference_losses("gpt")
+    for name in ("searched", "fixed"):
+        runs = [r[name] for r in results]
+        assert len({plan for _, _, plan in runs}) == 1, "every rank must run rank 0's plan"
+        for losses, _, _ in runs:  # the same loss on every rank, each step
+            assert losses == runs[0][0]
+        assert runs[0][0] == pytest.approx(reference, rel=1e-5), name
+    searched = autopar.Plan.from_dict(json.loads(results[0]["searched"][2]))
+    # the full search's plan, not the intra-op one: it carries the search's record
+    assert searched.solver["candidates"] > 1 and "stage_cut" in searched.solver
+    kind = results[0]["searched"][1]
+    assert kind == ("PipelinedModel" if searched.pipeline else "ParallelModel")
+    fixed = autopar.Plan.from_dict(json.loads(results[0]["fixed"][2]))
+    assert results[0]["fixed"][1] == "PipelinedModel"
+    assert fixed.mesh == {"pp": 2, "dp": 2} and fixed.data_parallel == "zero3"
+    assert fixed.pipeline["schedule"] == "1F1B" and fixed.pipeline["num_microbatches"] == 2
+    assert fixed.checkpoint == {}
+    for name, message in [("infeasible", "InfeasibleError: no plan fits the memory limit"),
+                          ("schedule", "ValueError: unknown pipeline schedule '2F2B'")]:
+        errors = {r.get(name) for r in results}  # the same clear error on every rank
+        assert len(errors) == 1 and errors.pop().startswith(message)
+
+
+def test_unknown_option_names_the_valid_ones():
+    model, data = GPT(CONFIG), batches()[0]
+    with pytest.raises(autopar.AutoparError, match=r"unknown option\(s\) \['microbatches'\].*"
+                                                   r"memory_limit.*microbatch_size"):
+        autopar.autoparallelize(model, fast_cpu_cluster(1), data, loss_fn=lm_loss,
+                                microbatches=2)
+
+
+def test_planning_options_beside_a_ready_plan_are_refused():
+    from tests.test_plan import make_plan
+
+    with pytest.raises(autopar.AutoparError, match=r"plan= and planning option\(s\) "
+                                                   r"\['memory_limit', 'mesh'\]"):
+        autopar.autoparallelize(GPT(CONFIG), fast_cpu_cluster(4), batches()[0], loss_fn=lm_loss,
+                                plan=make_plan(), mesh={"dp": 4}, memory_limit=2**30)
