@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 import autopar
 from tests.test_search import BATCH, lm_loss, setup  # noqa: F401
