@@ -380,12 +380,11 @@ def bubble_weight(schedule: str, pp: int, m: int, v: int) -> float:
     `Schedule.bubble_fraction` (simulated on torch's actions, F = I = W): 1/(3v) where the
     closed form (pp-1)/(3*v*m+pp-1) holds, larger with few microbatches, where it does not.
     """
-    sched = get_schedule(schedule)
     if pp == 1:
         return 1.0
-    if not sched.split_backward:
-        return 1.0 / v if v > 1 else 1.0
-    f = sched.bubble_fraction(pp, m, v)
+    # every schedule from its simulated bubble, so that interleaved 1F1B with m < pp (torch's
+    # short round, a larger bubble than (pp-1)/(v*m+pp-1)) is charged what torch runs too
+    f = get_schedule(schedule).bubble_fraction(pp, m, v)
     return min(f * m / ((1.0 - f) * (pp - 1)), float(m))
 
 
@@ -695,9 +694,10 @@ def _best_cut(costs, cluster, pp, dp, tp, mb, m, schedule, v, flavour, order, bu
     return min(found, key=lambda c: c.peak_memory_bytes)
 
 
-# The stage ILP of a deep model on many stages can take minutes to prove optimal; past this
-# limit (when the caller sets none) its best cut so far competes with the even cuts, and the
-# plan records that it is not proven optimal.
+# A safety net: with runs of identical layers the stage ILP counts layers per run and proves
+# GPT-3-sized cuts in seconds, but a model whose layers all differ gets the per-layer ILP, which
+# can take minutes on many stages. Past this limit (when the caller sets none) its best cut so
+# far competes with the even cuts, and the plan records that it is not proven optimal.
 STAGE_TIME_LIMIT_S = 20.0
 
 
