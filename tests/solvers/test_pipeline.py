@@ -238,6 +238,11 @@ def random_problem(rng: random.Random) -> PipelineProblem:
     budget = INF
     if rng.random() < 0.85:  # never exactly on a peak: peaks are whole megabytes
         budget = float(rng.randint(0, int(total_bytes / 1e6 * 0.8))) * 1e6 + 0.5e6
+    return _with_random_links(rng, layers, S, m, in_flight, stage_of_rank, budget, bubble_weight)
+
+
+def _with_random_links(rng, layers, S, m, in_flight, stage_of_rank, budget, bubble_weight):
+    """The problem, with a random pp link (free, or a random bandwidth and latency)."""
     return PipelineProblem(
         layers=tuple(layers),
         num_stages=S,
@@ -388,17 +393,7 @@ def runs_problem(rng: random.Random) -> PipelineProblem:
     budget = INF
     if rng.random() < 0.85:  # never exactly on a peak: peaks are whole megabytes
         budget = float(int(total_bytes / 1e6 * rng.uniform(0.1, 0.9))) * 1e6 + 0.5e6
-    return PipelineProblem(
-        layers=tuple(layers),
-        num_stages=S,
-        num_microbatches=m,
-        in_flight=in_flight,
-        stage_of_rank=stage_of_rank,
-        memory_budget_bytes=budget,
-        p2p_s_per_byte=rng.choice((0.0, 1e-8 * rng.randint(1, 10))),
-        p2p_latency_s=rng.choice((0.0, round(rng.uniform(0.0, 1.0), 3))),
-        bubble_weight=bubble_weight,
-    )
+    return _with_random_links(rng, layers, S, m, in_flight, stage_of_rank, budget, bubble_weight)
 
 
 RUN_SEEDS = range(100)
