@@ -13,6 +13,7 @@ from autopar.compile import ParallelModel, make_mesh
 from autopar.errors import AutoparError, MeshError
 from autopar.plan import Plan
 from autopar.profile import TrainingPrecision
+from autopar.runner import check_runtime
 from autopar.schedules import get_schedule
 from autopar.trace import TracedModel, trace
 
@@ -292,6 +293,7 @@ def autoparallelize(
     loss_fn=None,
     mesh: dict[str, int] | None = None,
     plan: Plan | None = None,
+    runtime: str = "replay",
     **options,
 ) -> ParallelModel:
     """Plan (or load `plan`) and shard `model` over this torchrun job's processes.
@@ -304,7 +306,13 @@ def autoparallelize(
     the same example inputs. Returns a ParallelModel, or for a plan with pipeline stages (or
     gradient accumulation) a PipelinedModel; either's `train_step(inputs, target)` runs one
     forward and backward of the whole batch.
+
+    `runtime`: "replay" (default) traces each layer's local ops and collectives on the first
+    step and replays them after; "eager" runs every op through DTensor every step (several
+    times the host time per op; for debugging). Both run the same ops and collectives.
+    Zero-bubble schedules (split backward) always run eagerly.
     """
+    check_runtime(runtime)
     if example_inputs is None:
         raise AutoparError("autoparallelize needs example_inputs: one global batch.")
     options = _planning_options(mesh, options, have_plan=plan is not None)
@@ -319,14 +327,14 @@ def autoparallelize(
     if plan is None:
         plan = _plan_on_rank0(model, cluster, example_inputs, loss_fn, options)
     if plan.pipeline:
-        return _pipelined(model, example_inputs, loss_fn, plan)
+        return _pipelined(model, example_inputs, loss_fn, plan, runtime)
     traced = _trace(model, example_inputs, loss_fn)
     world = dist.get_world_size() if dist.is_initialized() else None
     plan.check_matches(graph_fingerprint=traced.fingerprint, world_size=world or plan.world_size)
-    return ParallelModel(model, traced, plan, make_mesh(plan))
+    return ParallelModel(model, traced, plan, make_mesh(plan), runtime=runtime)
 
 
-def _pipelined(model: nn.Module, example_inputs, loss_fn, plan: Plan):
+def _pipelined(model: nn.Module, example_inputs, loss_fn, plan: Plan, runtime: str):
     """A plan with pipeline stages: its graph is one microbatch's, so trace that."""
     from autopar import search
     from autopar.pipeline_runtime import PipelinedModel
@@ -335,7 +343,7 @@ def _pipelined(model: nn.Module, example_inputs, loss_fn, plan: Plan):
     traced = _trace(model, micro, loss_fn)
     world = dist.get_world_size() if dist.is_initialized() else plan.world_size
     plan.check_matches(graph_fingerprint=traced.fingerprint, world_size=world)
-    return PipelinedModel(model, traced, plan, make_mesh(plan))
+    return PipelinedModel(model, traced, plan, make_mesh(plan), runtime=runtime)
 
 
 def _plan_on_rank0(model: nn.Module, cluster: Cluster, example_inputs, loss_fn,

@@ -26,7 +26,7 @@ from autopar import _dtensor
 from autopar.errors import MeshError
 from autopar.layers import assign_layers
 from autopar.plan import Plan, placement_from_str
-from autopar.runner import check_policies, run_layers
+from autopar.runner import LayerRunner, check_policies, check_runtime
 from autopar.strategies import tensor_inputs
 from autopar.trace import TracedModel, is_getitem
 
@@ -59,9 +59,12 @@ def _placements(strings):
 class ParallelModel(nn.Module):
     """The user's model, sharded as `plan` says. `train_step` runs forward and backward."""
 
-    def __init__(self, model: nn.Module, traced: TracedModel, plan: Plan, mesh):
+    def __init__(self, model: nn.Module, traced: TracedModel, plan: Plan, mesh, *,
+                 runtime: str = "replay"):
         super().__init__()
         self.plan = plan
+        self._replay = check_runtime(runtime) == "replay"
+        self._runners: dict[tuple[str, bool], LayerRunner] = {}
         self.mesh = mesh
         self._traced = traced
         self._graph = traced.graph_module.graph
@@ -111,18 +114,24 @@ class ParallelModel(nn.Module):
         user = dict(zip(self._traced.inputs, values))
         needed = _ancestors(self._nodes[want])
         env: dict[fx.Node, object] = {}
-        ops = []
         for node in self._graph.nodes:
-            if node not in needed:
-                continue
-            if node.op == "placeholder":
+            if node in needed and node.op == "placeholder":
                 env[node] = self._placeholder(node, user)
-            elif node.op == "call_function":
-                ops.append(node)
         training = torch.is_grad_enabled() and want == self._traced.loss_node
-        checkpointing = (getattr(self.plan, "checkpoint", None) or {}) if training else {}
-        run_layers(ops, env, self._run_node, self._layer, checkpointing)
+        self._runner(want, needed, training).run(env)
         return env[self._nodes[want]]
+
+    def _runner(self, want: str, needed, training: bool) -> LayerRunner:
+        key = (want, training)
+        if key not in self._runners:
+            ops = [n for n in self._graph.nodes if n in needed and n.op == "call_function"]
+            checkpointing = (getattr(self.plan, "checkpoint", None) or {}) if training else {}
+            self._runners[key] = LayerRunner(
+                ops, self._run_node, self._layer, checkpointing,
+                traced=self._replay and training, wanted=[self._nodes[want]],
+                regather=set(self._names) if _reshards(self.plan) else frozenset(),
+            )
+        return self._runners[key]
 
     def _run_node(self, node: fx.Node, env: dict) -> None:
         if is_getitem(node):
@@ -161,8 +170,7 @@ class ParallelModel(nn.Module):
         wanted = [_placements(p) for p in op.inputs]
         refs = iter(wanted)
 
-        # reshard after forward: ZeRO-3, and hybrid sharding (ZeRO-3 inside each shard group)
-        zero3 = getattr(self.plan, "data_parallel", "replicate") in ("zero3", "hsdp")
+        zero3 = _reshards(self.plan)
 
         def arg(a):
             if isinstance(a, fx.Node):
@@ -191,6 +199,12 @@ class ParallelModel(nn.Module):
         for p in self._params.values():
             if p.grad is not None and tuple(p.grad.placements) != tuple(p.placements):
                 p.grad = p.grad.redistribute(self.mesh, p.placements)
+
+
+def _reshards(plan: Plan) -> bool:
+    """Whether parameters are gathered for each use and resharded after forward: ZeRO-3, and
+    hybrid sharding (ZeRO-3 inside each shard group)."""
+    return getattr(plan, "data_parallel", "replicate") in ("zero3", "hsdp")
 
 
 def _redistribute(x: DTensor, mesh, placements) -> DTensor:

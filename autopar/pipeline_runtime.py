@@ -47,12 +47,13 @@ from autopar.compile import (
     _local_shape,
     _mesh_device,
     _placements,
+    _reshards,
     _shard_local,
 )
 from autopar.errors import AutoparError, MeshError
 from autopar.layers import assign_layers
 from autopar.plan import Plan
-from autopar.runner import check_policies, run_layers
+from autopar.runner import LayerRunner, check_policies, check_runtime
 from autopar.schedules import Schedule, get_schedule
 from autopar.trace import TracedModel, is_getitem
 
@@ -129,7 +130,7 @@ class StageModule(nn.Module):
     _run_node = ParallelModel._run_node
 
     def __init__(self, *, nodes, inputs, outputs, plan, mesh, device, params, buffers, placements,
-                 layer, first, split=False, loss_nodes=()):
+                 layer, first, split=False, loss_nodes=(), replay=False, loss=None):
         super().__init__()
         self.plan, self.mesh, self._device = plan, mesh, device
         self._nodes, self._in, self._out = nodes, inputs, outputs  # in/out: fx.Nodes
@@ -142,6 +143,11 @@ class StageModule(nn.Module):
         self._states = {**params, **buffers}  # placeholder name -> DTensor
         self._placements = placements  # value name -> placements it travels with
         self._layer, self._first = layer, first
+        # a split backward (zero bubble) differentiates each op on its own: no traced layers
+        self._runner = LayerRunner(nodes, self._run_node, layer, plan.checkpoint or {},
+                                   traced=replay and not split,
+                                   wanted=[*outputs, *([loss] if loss is not None else [])],
+                                   regather=set(params) if _reshards(plan) else frozenset())
 
     def forward(self, *locals_in):
         env: dict[fx.Node, object] = {}
@@ -161,15 +167,17 @@ class StageModule(nn.Module):
         for n in {a for m in self._nodes for a in m.all_input_nodes}:
             if n not in env and n.name in self._states:
                 env[n] = self._states[n.name]
-        run_layers(self._nodes, env, self._run_node, self._layer, self.plan.checkpoint or {})
+        self._runner.run(env)
 
 
 class PipelinedModel(nn.Module):
     """The stages of this rank and their schedule. `train_step(inputs, target)` runs one global
     batch (num_microbatches x microbatch_size) and returns the mean loss on every rank."""
 
-    def __init__(self, model: nn.Module, traced: TracedModel, plan: Plan, mesh):
+    def __init__(self, model: nn.Module, traced: TracedModel, plan: Plan, mesh, *,
+                 runtime: str = "replay"):
         super().__init__()
+        replay = check_runtime(runtime) == "replay"
         if list(plan.mesh)[0] != PP:
             raise MeshError(f"a pipelined plan's mesh starts with 'pp', got {plan.mesh}")
         check_policies(plan.checkpoint or {})
@@ -210,6 +218,7 @@ class PipelinedModel(nn.Module):
                 outputs=[traced.node(v) for v in boundary[s + 1]], plan=plan, mesh=self.sub,
                 device=device, params=self._params, buffers=buffers, placements=placements,
                 layer=layer, first=s == 0, split=split, loss_nodes=loss_nodes if last else (),
+                replay=replay,
             )
             self.stage_modules.append(module)
             dw_builder = None
@@ -227,7 +236,8 @@ class PipelinedModel(nn.Module):
             nodes=loss_nodes,
             inputs=[traced.node(v) for v in boundary[n_stages]], outputs=[], plan=plan,
             mesh=self.sub, device=device, params=self._params, buffers=buffers,
-            placements=placements, layer=layer, first=False,
+            placements=placements, layer=layer, first=False, split=split, replay=replay,
+            loss=traced.node(traced.loss_node),
         )
         cls = get_schedule_class(plan.pipeline["schedule"])
         m = plan.pipeline["num_microbatches"]

@@ -21,12 +21,14 @@ from collections.abc import Callable
 
 import torch
 from torch import fx
+from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.checkpoint import (
     CheckpointPolicy,
     checkpoint,
     create_selective_checkpoint_contexts,
 )
 
+from autopar import _aot
 from autopar.errors import AutoparError
 
 aten = torch.ops.aten
@@ -51,6 +53,16 @@ KEEP_IN_GRAPH = frozenset(
 
 POLICIES = ("none", "full", "selective")
 
+# How a model's ops run: "replay" traces each layer once and replays it (LayerRunner);
+# "eager" runs every op through DTensor every step (slower on the host; for debugging).
+RUNTIMES = ("replay", "eager")
+
+
+def check_runtime(runtime: str) -> str:
+    if runtime not in RUNTIMES:
+        raise AutoparError(f"unknown runtime {runtime!r}; use one of {RUNTIMES}")
+    return runtime
+
 
 def check_policies(checkpointing: dict[str, str]) -> None:
     """Reject what the runtime cannot run, before any process starts training."""
@@ -69,13 +81,98 @@ def run_layers(
     checkpointing: dict[str, str],
 ) -> None:
     """Run `nodes` in order into `env` (node -> value); `run_node(n, env)` runs one op."""
-    for group in _groups(nodes, layer_of):
-        how = checkpointing.get(layer_of[group[0].name], "none")
-        if how == "none":
-            for n in group:
-                run_node(n, env)
+    LayerRunner(nodes, run_node, layer_of, checkpointing).run(env)
+
+
+class LayerRunner:
+    """Runs a fixed list of ops (a whole model, or one pipeline stage) layer by layer.
+
+    With `traced=True`, each layer that is not selectively checkpointed runs as one function
+    traced once (`_aot.trace_once`): the first step runs through DTensor op by op and records
+    the local ops and collectives it issued; later steps replay them, at a fraction of the
+    host time. The ops, placements and collectives are the same, so are the results. A
+    "full" layer is its traced function under torch's checkpoint: its forward reruns in
+    backward, as in eager. "selective" layers run op by op: torch's selective-checkpoint
+    cache works per op, below a traced function's single autograd node.
+    """
+
+    def __init__(self, nodes, run_node, layer_of, checkpointing, *, traced: bool = False,
+                 wanted=(), regather=frozenset()):
+        self._run_node = run_node
+        self._regather = regather  # names of ZeRO-3 parameters: gathered again in backward
+        # who reads each value: a later op of this runner, or the caller (`wanted`); a traced
+        # layer returns only such values (an output that nothing differentiates is an error)
+        self._readers: dict[fx.Node, set] = {n: {"caller"} for n in wanted}
+        for n in nodes:
+            for a in n.all_input_nodes:
+                self._readers.setdefault(a, set()).add(n)
+        self._groups = _groups(nodes, layer_of)
+        self._how = [checkpointing.get(layer_of[g[0].name], "none") for g in self._groups]
+        self._traced = traced
+        self._segments: dict[int, _Segment] = {}
+
+    def run(self, env: dict[fx.Node, object]) -> None:
+        for i, (group, how) in enumerate(zip(self._groups, self._how)):
+            if self._traced and how != "selective":
+                segment = self._segments.get(i)
+                if segment is None:
+                    segment = self._segments[i] = _Segment(
+                        group, env, self._run_node, self._readers, self._regather
+                    )
+                segment(env, checkpointed=how == "full")
+            elif how == "none":
+                for n in group:
+                    self._run_node(n, env)
+            else:
+                _run_checkpointed(group, env, self._run_node, how)
+
+
+class _Segment:
+    """One layer's ops as a traced function of the tensors it reads, returning the values that
+    later ops read (never its other intermediates: they would stay alive as outputs)."""
+
+    def __init__(self, group, env, run_node, readers, regather):
+        inside = set(group)
+        self.reads = list(dict.fromkeys(
+            a for n in group for a in n.all_input_nodes if a not in inside and a in env
+        ))
+        self.escapes = [n for n in group if readers.get(n, set()) - inside]
+        self._group, self._run_node = group, run_node
+        self._out_spec = None  # the escapes' pytree and non-tensor leaves, set while tracing
+        leaves = tree_flatten([env[a] for a in self.reads])[0]
+        owner = [a for a in self.reads for _ in tree_flatten(env[a])[0]]  # leaf -> read node
+        tensor_owners = [a for a, v in zip(owner, leaves) if _is_tensor(v)]
+        positions = [i for i, a in enumerate(tensor_owners) if a.name in regather]
+        self._fn = _aot.trace_once(self._body, regather=positions)
+
+    def _body(self, *tensors):
+        local = dict(zip(self.reads, tree_unflatten(self._fill(tensors), self._in_spec)))
+        for n in self._group:
+            self._run_node(n, local)
+        leaves, spec = tree_flatten([local[n] for n in self.escapes])
+        self._out_spec = spec, [None if _is_tensor(v) else v for v in leaves]
+        return tuple(v for v in leaves if _is_tensor(v))
+
+    def _fill(self, tensors):
+        it = iter(tensors)
+        return [next(it) if slot is None else slot for slot in self._in_consts]
+
+    def __call__(self, env, *, checkpointed: bool):
+        leaves, self._in_spec = tree_flatten([env[a] for a in self.reads])
+        self._in_consts = [None if _is_tensor(v) else v for v in leaves]
+        tensors = [v for v in leaves if _is_tensor(v)]
+        if checkpointed:
+            out = checkpoint(self._fn, *tensors, use_reentrant=False)
         else:
-            _run_checkpointed(group, env, run_node, how)
+            out = self._fn(*tensors)
+        spec, consts = self._out_spec
+        it = iter(out)
+        values = tree_unflatten([next(it) if c is None else c for c in consts], spec)
+        env.update(zip(self.escapes, values))
+
+
+def _is_tensor(v) -> bool:
+    return isinstance(v, torch.Tensor)
 
 
 def _groups(nodes, layer_of) -> list[list[fx.Node]]:

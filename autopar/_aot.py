@@ -1,0 +1,80 @@
+"""The one module that reaches into AOTAutograd (torch._functorch), which torch may move.
+
+`trace_once(fn)` traces `fn` (DTensors in, DTensors out) through DTensor's dispatch and
+autograd, once, into a forward and a backward graph of plain ATen ops on local shards, with
+DTensor's redistributions as functional collectives. Later calls replay those graphs: no
+DTensor dispatch, no sharding propagation, no Python per op beyond the graph's own code. This
+is what torch.compile does under DTensor, without Dynamo (our interpreter is plain Python over
+a fixed graph, so there is nothing to guard) and without Inductor (the kernels stay the eager
+ones the cost model prices).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection
+
+from torch import fx
+from torch._functorch.aot_autograd import aot_function, make_boxed_func
+from torch._functorch.partitioners import default_partition
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+from torch.utils.checkpoint import CheckpointPolicy
+
+
+def _as_is(graph_module, example_inputs):
+    return make_boxed_func(graph_module)
+
+
+def trace_once(fn: Callable, *, regather: Collection[int] = ()) -> Callable:
+    """`fn` traced on its first call and replayed after; every later call must pass tensors of
+    the same shapes, dtypes, placements and requires_grad (aot_function does not re-check).
+
+    `regather`: positions of arguments (ZeRO-3 parameter shards) whose forward-only uses, the
+    gathers, are recomputed in backward instead of saved: FSDP's reshard after forward.
+    """
+
+    primals: set[int] = set()  # the traced graph's inputs that are regathered arguments' parts
+
+    def partition(joint: fx.GraphModule, joint_inputs, **kwargs):
+        if primals:
+            _recompute_weight_only(joint, primals)
+        return default_partition(joint, joint_inputs, **kwargs)
+
+    traced = aot_function(fn, fw_compiler=_as_is, bw_compiler=_as_is, partition_fn=partition)
+
+    def call(*args):
+        if regather and not primals:
+            # AOTAutograd flattens each DTensor into its parts (local tensor, mesh)
+            start = 0
+            for i, a in enumerate(args):
+                n = _parts(a)
+                if i in regather:
+                    primals.update(range(start, start + n))
+                start += n
+        return traced(*args)
+
+    return call
+
+
+def _parts(x) -> int:
+    """How many graph inputs AOTAutograd makes of argument `x`."""
+    if not is_traceable_wrapper_subclass(x):
+        return 1
+    attrs, _ = x.__tensor_flatten__()
+    return sum(_parts(getattr(x, a)) for a in attrs)
+
+
+def _recompute_weight_only(joint: fx.GraphModule, primals: set[int]) -> None:
+    """Tag for recomputation every value computed from the `positions` arguments alone (no
+    activation, no gradient): the all-gathers of sharded weights and their reshapes."""
+    placeholders = [n for n in joint.graph.nodes if n.op == "placeholder"]
+    inputs = [n for n in placeholders if n.name.startswith("primals")]
+    weight_only = {p for i, p in enumerate(inputs) if i in primals}
+    others = set(placeholders) - weight_only
+    for n in joint.graph.nodes:
+        if n.op != "call_function":
+            continue
+        inputs = n.all_input_nodes
+        if inputs and all(a in weight_only for a in inputs) and not any(a in others for a in inputs):
+            weight_only.add(n)
+            n.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
+            n.meta["ac_graph_id"] = 0
