@@ -40,11 +40,8 @@ nothing else runs while a system is timed. The JSON is rewritten after every row
 stopped by a time limit keeps what it measured; --time-budget-s skips the systems that would
 start after that many seconds (a row says so), --max-timing-s shortens each system's timing.
 A rank that fails inside a step while the others wait in a collective stalls the job until
---collective-timeout-s; the rows written so far stay. An autopar plan with pipeline stages
-(pp > 1) under bf16 is not run (a row says why; --run-known-failures runs it): this autopar
-version's pipeline runtime all-reduces a bf16 loss against fp32 zeros (gloo aborts the job,
-NCCL reads garbage), and an upcast fp32 loss (--fp32-loss) trips over the
-`aten._assert_tensor_metadata` nodes it runs.
+--collective-timeout-s; the rows written so far stay. autopar runs with its default runtime
+("replay": each layer traced once, then replayed); --runtime eager runs it op by op.
 
 Single-GPU run of 2026-11-29 (docs/benchmarks/2026-11-29-single-h200.md):
 
@@ -581,15 +578,9 @@ def _fused(ctx: Ctx) -> bool:
 def build_autopar(ctx: Ctx, spec: ModelSpec, system: System, plan_json: str, example) -> Built:
     plan = autopar.Plan.from_dict(json.loads(plan_json))
     model = spec.build(ctx.device, torch.float32).to(ctx.dtype)
-    if plan.pipeline and plan.mesh.get("pp", 1) > 1 and ctx.dtype != torch.float32 \
-            and not ctx.args.run_known_failures:
-        raise KnownFailure(
-            f"not run: a pipelined plan (mesh {plan.mesh}) under {ctx.args.dtype} crashes or "
-            "hangs the job in autopar's pipeline runtime (a bf16 loss is all-reduced against "
-            "fp32 zeros; an fp32 loss hits aten._assert_tensor_metadata, which has no 'val'); "
-            "--run-known-failures runs it")
     pm = autopar.autoparallelize(model, autopar.Cluster.from_dict(plan.cluster),
-                                 example_inputs=example, loss_fn=ctx.loss, plan=plan)
+                                 example_inputs=example, loss_fn=ctx.loss, plan=plan,
+                                 runtime=ctx.args.runtime)
     del model
     opt = MasterAdamW(pm.parameters(), fused=_fused(ctx))
 
@@ -599,7 +590,7 @@ def build_autopar(ctx: Ctx, spec: ModelSpec, system: System, plan_json: str, exa
         opt.zero_grad()
         return loss
 
-    info = {"plan": _plan_brief(plan), "graph_ops": len(plan.ops),
+    info = {"plan": _plan_brief(plan), "graph_ops": len(plan.ops), "runtime": ctx.args.runtime,
             "plan_memory_limit_bytes": (ctx.args.memory_limit_gib * 2**30
                                         if ctx.args.memory_limit_gib else None)}
     return Built(step, dp_rank=0, dp=1, info=info, keep=[pm, opt])  # train_step takes it all
@@ -1351,6 +1342,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="compute dtype (bf16 mixed precision; fp32 for CPUs without bf16)")
     ap.add_argument("--fp32-loss", action="store_true",
                     help="upcast the logits before the cross-entropy (torchtitan's loss)")
+    ap.add_argument("--runtime", choices=("replay", "eager"), default="replay",
+                    help="autopar's runtime (autoparallelize(runtime=...)); default replay")
     ap.add_argument("--run-known-failures", action="store_true",
                     help="run autopar's pipelined bf16 plans, which crash or hang the job in "
                          "this autopar version (see KnownFailure)")

@@ -1,0 +1,270 @@
+"""Measure what the cost model assumes, on the machine it runs on: op times and host time.
+
+The cost model prices each graph op by a roofline on its profiled FLOPs and bytes
+(`autopar.cost.compute_time_s`) and the host's time to issue it (`autopar.cost.host_time_s`).
+This script measures both on one device, for the ops of real models, and writes every
+measurement as JSON; `--fit` turns those into the calibration a device file carries
+(`"calibration"` in `autopar/data/devices/*.json`).
+
+Part 1, op times. Each model is traced on meta (`autopar.trace`, bf16, one microbatch of
+--microbatch sequences) and profiled (`autopar.profile.profile_graph`). Every distinct op
+(target, argument shapes, dtypes and constants) with FLOPs or bytes is run on random tensors:
+forward + backward (autograd on random output gradients), the median of --repeats CUDA-event
+timings of --inner calls each, after warm-up. Each row carries the op's profiled fwd+bwd FLOPs
+and bytes, its count in the graph and its measured seconds.
+
+Part 2, host time per op. The same model family at a size where the device work is negligible
+(--host-seq tokens, batch 1) is trained by autopar on a job of one process, once per runtime
+(`replay`, `eager`); the wall time of a step (device synchronised) divided by the graph's ops is
+the host's time per op for forward + backward.
+
+    torchrun --standalone --nproc_per_node 1 benchmarks/calibrate_device.py \
+        --models gpt-1.3b gpt-6.7b --json $OUT/calibration.json
+    python benchmarks/calibrate_device.py --fit docs/benchmarks/data/calibration_h200.json
+        # prints the "calibration" block for the device file
+
+On a CPU (`--device cpu`, tiny models with --tiny) the same code runs end to end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+from torch import fx
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import autopar  # noqa: E402
+from autopar.profile import profile_graph  # noqa: E402
+from autopar.trace import is_getitem, trace  # noqa: E402
+from benchmarks.multigpu import MODELS, TINY, lm_loss, model_spec  # noqa: E402
+
+
+# ---- part 1: op times -----------------------------------------------------------------------
+
+def _key(n: fx.Node) -> str:
+    def show(a):
+        if isinstance(a, fx.Node):
+            v = a.meta.get("val")
+            if isinstance(v, torch.Tensor):
+                return f"T{tuple(v.shape)}:{str(v.dtype).removeprefix('torch.')}"
+            return repr(v)
+        if isinstance(a, (list, tuple)):
+            return "[" + ",".join(show(x) for x in a) + "]"
+        return repr(a)
+
+    return f"{n.target}({show(list(n.args))}, {show(sorted(n.kwargs.items()))})"
+
+
+def _real(v, device, vocab: int):
+    if not isinstance(v, torch.Tensor):
+        return v
+    if v.dtype.is_floating_point:
+        return (torch.randn(v.shape, device=device, dtype=v.dtype) * 0.02).requires_grad_()
+    if v.dtype == torch.bool:
+        return torch.rand(v.shape, device=device) > 0.5
+    return torch.randint(0, vocab, v.shape, device=device, dtype=v.dtype)
+
+
+def _materialise(n: fx.Node, device, vocab: int):
+    def conv(a):
+        if isinstance(a, fx.Node):
+            return _real(a.meta["val"], device, vocab)
+        if isinstance(a, torch.device):
+            return device
+        return a
+
+    return fx.node.map_aggregate(n.args, conv), fx.node.map_aggregate(n.kwargs, conv)
+
+
+def _timer(device):
+    if device.type == "cuda":
+        def measure(fn, inner):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(inner):
+                fn()
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end) / 1e3 / inner
+    else:
+        def measure(fn, inner):
+            t = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            return (time.perf_counter() - t) / inner
+    return measure
+
+
+def time_ops(spec, microbatch: int, device, *, repeats: int, inner: int) -> list[dict]:
+    with torch.device("meta"):
+        model = spec.build("meta", torch.float32).to(torch.bfloat16)
+    seq = spec.config["seq_len"]
+    x = torch.zeros(microbatch, seq, dtype=torch.long, device="meta")
+    traced = trace(model, (x,), loss_fn=lm_loss, target=x)
+    gm = traced.graph_module
+    profiles = profile_graph(gm, no_grad=set(traced.buffers) | set(traced.inputs))
+    vocab = min(spec.config["vocab_size"], seq)
+    groups: dict[str, dict] = {}
+    for n in gm.graph.nodes:
+        if n.op != "call_function" or is_getitem(n) or not n.users:
+            continue
+        p = profiles[n.name]
+        flops, moved = p.fwd_flops + p.bwd_flops, p.fwd_bytes + p.bwd_bytes
+        if not flops and not moved:
+            continue
+        k = _key(n)
+        row = groups.setdefault(k, {"op": str(n.target), "key": k, "count": 0, "node": n,
+                                    "flops": flops, "bytes": moved})
+        row["count"] += 1
+    measure = _timer(device)
+    rows = []
+    for row in groups.values():
+        n = row.pop("node")
+        try:
+            args, kwargs = _materialise(n, device, vocab)
+            out = n.target(*args, **kwargs)
+            outs = [o for o in (out if isinstance(out, (tuple, list)) else (out,))
+                    if isinstance(o, torch.Tensor) and o.requires_grad]
+            grads = [torch.randn_like(o) for o in outs]
+
+            def step():
+                o = n.target(*args, **kwargs)
+                os_ = [t for t in (o if isinstance(o, (tuple, list)) else (o,))
+                       if isinstance(t, torch.Tensor) and t.requires_grad]
+                if os_:
+                    torch.autograd.backward(os_, grads)
+
+            for _ in range(3):
+                step()
+            row["seconds"] = statistics.median(measure(step, inner) for _ in range(repeats))
+            row["backward"] = bool(outs)
+        except Exception as e:  # a row that says why, the rest goes on
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        rows.append(row)
+    return rows
+
+
+# ---- part 2: host time per op ---------------------------------------------------------------
+
+def host_time(spec, device, runtime: str, *, seq: int, steps: int) -> dict:
+    import torch.nn.functional as F  # noqa: F401
+
+    spec = type(spec)(spec.name, spec.family, dict(spec.config, seq_len=seq))
+    model = spec.build(device, torch.float32).to(torch.bfloat16)
+    x = torch.randint(0, 100, (1, seq), device=device)
+    cluster = autopar.Cluster.detect()
+    plan = autopar.manual_plan(model, cluster, (x, x), loss_fn=lm_loss, tp=1, pp=1, dp=1,
+                               microbatch_size=1)
+    pm = autopar.autoparallelize(model, cluster, (x, x), loss_fn=lm_loss, plan=plan,
+                                 runtime=runtime)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(3):
+        pm.train_step(x, x)
+    sync()
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        pm.train_step(x, x)
+        sync()
+        times.append(time.perf_counter() - t)
+    ops = len(plan.ops)
+    step_s = statistics.median(times)
+    return {"model": spec.name, "runtime": runtime, "seq": seq, "graph_ops": ops,
+            "step_s": step_s, "host_s_per_op": step_s / ops}
+
+
+# ---- fit ------------------------------------------------------------------------------------
+
+def fit(path: str) -> dict:
+    """Per-device efficiencies from part 1 and host seconds per op from part 2:
+
+    matmul, memory: the fraction of the datasheet peak FLOP/s and bandwidth that ops reach,
+        fitted so that sum_ops count x max(flops / (peak x matmul), bytes / (bw x memory))
+        matches the measured sum for each class (FLOP-bound, byte-bound by the roofline);
+    kernel_s: a floor per op (fwd + bwd): the median measured time of the byte-bound ops too
+        small to fill the device (below 1/10 of the byte-bound median).
+    """
+    data = json.load(open(path))
+    peak, bw = data["peak_flops"], data["hbm_bandwidth_bytes_per_s"]
+    rows = [r for r in data["ops"] if "seconds" in r]
+    flop_bound = [r for r in rows if r["flops"] / peak > r["bytes"] / bw]
+    byte_bound = [r for r in rows if r not in flop_bound]
+    mm = sum(r["count"] * r["flops"] / peak for r in flop_bound) / \
+        sum(r["count"] * r["seconds"] for r in flop_bound)
+    small_cut = statistics.median(r["bytes"] for r in byte_bound) / 10
+    small = [r["seconds"] for r in byte_bound if r["bytes"] < small_cut]
+    kernel = statistics.median(small) if small else 0.0
+    big = [r for r in byte_bound if r["bytes"] >= small_cut]
+    mem = sum(r["count"] * r["bytes"] / bw for r in big) / \
+        sum(r["count"] * max(r["seconds"] - kernel, 1e-9) for r in big)
+    host = {r["runtime"]: r["host_s_per_op"] for r in data.get("host", [])}
+    return {"matmul": round(min(mm, 1.0), 4), "memory": round(min(mem, 1.0), 4),
+            "kernel_s": kernel, "host_s_per_op": host,
+            "source": f"benchmarks/calibrate_device.py --fit {os.path.basename(path)}"}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=["gpt-1.3b"])
+    ap.add_argument("--microbatch", type=int, default=4)
+    ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    ap.add_argument("--tiny", action="store_true", help="CPU-sized models (--device cpu)")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--inner", type=int, default=5)
+    ap.add_argument("--host-seq", type=int, default=64)
+    ap.add_argument("--host-steps", type=int, default=10)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--fit", default=None, metavar="JSON", help="fit a measured JSON and print")
+    args = ap.parse_args(argv)
+    if args.fit:
+        print(json.dumps(fit(args.fit), indent=2))
+        return
+    unknown = [m for m in args.models if m not in MODELS]
+    if unknown:
+        ap.error(f"unknown model(s) {unknown}: choose from {', '.join(MODELS)}")
+    device = torch.device(args.device, 0) if args.device == "cuda" else torch.device("cpu")
+    if args.device == "cuda":
+        torch.cuda.set_device(device)
+    cluster = autopar.Cluster.detect()
+    out = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+           "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+           "torch": torch.__version__, "python": platform.python_version(),
+           "cluster": cluster.name, "peak_flops": cluster.device.peak_flops_for(torch.bfloat16),
+           "hbm_bandwidth_bytes_per_s": cluster.device.hbm_bandwidth_bytes_per_s,
+           "microbatch": args.microbatch, "ops": [], "host": []}
+    for name in args.models:
+        spec = model_spec(name, args.tiny, 32 if args.tiny else 2048)
+        t = time.time()
+        rows = time_ops(spec, args.microbatch, device, repeats=args.repeats, inner=args.inner)
+        for r in rows:
+            r["model"] = name
+        out["ops"] += rows
+        total = sum(r["count"] * r.get("seconds", 0.0) for r in rows)
+        print(f"{name}: {len(rows)} distinct ops, fwd+bwd sum {total * 1e3:.1f} ms "
+              f"({time.time() - t:.0f} s)", flush=True)
+    if not dist.is_initialized() and "RANK" in os.environ:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    for runtime in ("replay", "eager"):
+        spec = model_spec(args.models[0], args.tiny, args.host_seq)
+        r = host_time(spec, device, runtime, seq=args.host_seq, steps=args.host_steps)
+        out["host"].append(r)
+        print(f"host {runtime}: {r['step_s'] * 1e3:.1f} ms per step, {r['graph_ops']} ops, "
+              f"{r['host_s_per_op'] * 1e6:.1f} us per op", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+        print("fit:", json.dumps(fit(args.json)))
+
+
+if __name__ == "__main__":
+    main()
