@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection
 
+import torch
 from torch import fx
 from torch._functorch.aot_autograd import aot_function, make_boxed_func
 from torch._functorch.partitioners import default_partition
@@ -21,7 +22,40 @@ from torch.utils.checkpoint import CheckpointPolicy
 
 
 def _as_is(graph_module, example_inputs):
+    _fold_views(graph_module)
     return make_boxed_func(graph_module)
+
+
+_VIEWS = {torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default}
+
+
+def _fold_views(gm: fx.GraphModule) -> None:
+    """Fewer ops to issue, the same results: a view of a view of a contiguous tensor is one
+    view of it, and a view to the shape it already has is the tensor itself (the traced model
+    is full of both: every layer reshapes around its matmuls). Graph outputs stay as they are
+    (AOTAutograd tracks which outputs alias inputs)."""
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    returned = set(out.all_input_nodes)
+    for n in gm.graph.nodes:
+        if n.op != "call_function" or n.target not in _VIEWS or n in returned:
+            continue
+        src = n.args[0]
+        while (isinstance(src, fx.Node) and src.target in _VIEWS
+               and _contiguous(src.args[0])):
+            src = src.args[0]
+        if src is not n.args[0]:
+            n.args = (src, *n.args[1:])
+        val, src_val = n.meta.get("val"), getattr(src, "meta", {}).get("val")
+        if (isinstance(val, torch.Tensor) and isinstance(src_val, torch.Tensor)
+                and val.shape == src_val.shape and val.stride() == src_val.stride()):
+            n.replace_all_uses_with(src)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+
+
+def _contiguous(n) -> bool:
+    val = getattr(n, "meta", {}).get("val") if isinstance(n, fx.Node) else None
+    return isinstance(val, torch.Tensor) and val.is_contiguous()
 
 
 def trace_once(fn: Callable, *, regather: Collection[int] = ()) -> Callable:

@@ -64,7 +64,7 @@ class ParallelModel(nn.Module):
         super().__init__()
         self.plan = plan
         self._replay = check_runtime(runtime) == "replay"
-        self._runners: dict[tuple[str, bool], LayerRunner] = {}
+        self._runners: dict[tuple[str, bool], tuple[LayerRunner, list[fx.Node]]] = {}
         self.mesh = mesh
         self._traced = traced
         self._graph = traced.graph_module.graph
@@ -112,25 +112,26 @@ class ParallelModel(nn.Module):
     def _run(self, inputs: tuple, target, want: str):
         values = list(inputs) + ([target] if target is not None else [])
         user = dict(zip(self._traced.inputs, values))
-        needed = _ancestors(self._nodes[want])
-        env: dict[fx.Node, object] = {}
-        for node in self._graph.nodes:
-            if node in needed and node.op == "placeholder":
-                env[node] = self._placeholder(node, user)
         training = torch.is_grad_enabled() and want == self._traced.loss_node
-        self._runner(want, needed, training).run(env)
+        runner, placeholders = self._runner(want, training)
+        env: dict[fx.Node, object] = {node: self._placeholder(node, user) for node in placeholders}
+        runner.run(env)
         return env[self._nodes[want]]
 
-    def _runner(self, want: str, needed, training: bool) -> LayerRunner:
+    def _runner(self, want: str, training: bool) -> tuple[LayerRunner, list[fx.Node]]:
+        """The runner of the ops `want` needs, and the placeholders they read (made once)."""
         key = (want, training)
         if key not in self._runners:
+            needed = _ancestors(self._nodes[want])
             ops = [n for n in self._graph.nodes if n in needed and n.op == "call_function"]
             checkpointing = (getattr(self.plan, "checkpoint", None) or {}) if training else {}
-            self._runners[key] = LayerRunner(
+            runner = LayerRunner(
                 ops, self._run_node, self._layer, checkpointing,
                 traced=self._replay and training, wanted=[self._nodes[want]],
                 regather=set(self._names) if _reshards(self.plan) else frozenset(),
             )
+            placeholders = [n for n in self._graph.nodes if n in needed and n.op == "placeholder"]
+            self._runners[key] = runner, placeholders
         return self._runners[key]
 
     def _run_node(self, node: fx.Node, env: dict) -> None:

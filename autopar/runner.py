@@ -106,30 +106,38 @@ class LayerRunner:
         for n in nodes:
             for a in n.all_input_nodes:
                 self._readers.setdefault(a, set()).add(n)
-        self._groups = _groups(nodes, layer_of)
-        self._how = [checkpointing.get(layer_of[g[0].name], "none") for g in self._groups]
+        groups = _groups(nodes, layer_of)
+        how = [checkpointing.get(layer_of[g[0].name], "none") for g in groups]
+        # units run in turn; traced, consecutive layers without checkpointing form one unit
+        # (fewer traced calls, the same ops)
+        self._units: list[tuple[list[fx.Node], str]] = []
+        for group, h in zip(groups, how):
+            if traced and h == "none" and self._units and self._units[-1][1] == "none":
+                self._units[-1][0].extend(group)
+            else:
+                self._units.append((list(group), h))
         self._traced = traced
         self._segments: dict[int, _Segment] = {}
 
     def run(self, env: dict[fx.Node, object]) -> None:
-        for i, (group, how) in enumerate(zip(self._groups, self._how)):
+        for i, (nodes, how) in enumerate(self._units):
             if self._traced and how != "selective":
                 segment = self._segments.get(i)
                 if segment is None:
                     segment = self._segments[i] = _Segment(
-                        group, env, self._run_node, self._readers, self._regather
+                        nodes, env, self._run_node, self._readers, self._regather
                     )
                 segment(env, checkpointed=how == "full")
             elif how == "none":
-                for n in group:
+                for n in nodes:
                     self._run_node(n, env)
             else:
-                _run_checkpointed(group, env, self._run_node, how)
+                _run_checkpointed(nodes, env, self._run_node, how)
 
 
 class _Segment:
-    """One layer's ops as a traced function of the tensors it reads, returning the values that
-    later ops read (never its other intermediates: they would stay alive as outputs)."""
+    """Ops of one or more layers as a traced function of the tensors they read, returning the
+    values that later ops read (never other intermediates: they would stay alive as outputs)."""
 
     def __init__(self, group, env, run_node, readers, regather):
         inside = set(group)
