@@ -18,7 +18,7 @@ import json
 import math
 import os
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, field, fields
 from importlib import resources
 from pathlib import Path
 from typing import Any, ClassVar
@@ -110,15 +110,67 @@ def _build(cls, data: Any, path: str):
     if unknown:
         raise _fail(f"{path}{unknown[0]}", "is not a known field",
                     f"{where} takes exactly {names}")
-    missing = [n for n in names if n not in data]
+    required = [f.name for f in fields(cls)
+                if f.default is MISSING and f.default_factory is MISSING]
+    missing = [n for n in required if n not in data]
     if missing:
-        raise _fail(f"{path}{missing[0]}", "is missing", f"{where} needs all of {names}")
-    values = {n: data[n] for n in names}
+        raise _fail(f"{path}{missing[0]}", "is missing", f"{where} needs all of {required}")
+    values = {n: data[n] for n in names if n in data}
     for name, sub in cls._nested.items():
-        values[name] = _build(sub, data[name], f"{path}{name}.")
+        if values.get(name) is not None:
+            values[name] = _build(sub, data[name], f"{path}{name}.")
     for name, check in cls._checks.items():
-        values[name] = check(values[name], f"{path}{name}")
+        if name in values:
+            values[name] = check(values[name], f"{path}{name}")
     return cls(**values)
+
+
+def _fraction(value: Any, path: str) -> float:
+    v = _number(value, path)
+    if v > 1.0:
+        raise _fail(path, f"is {v}, a fraction of the peak must be in (0, 1]",
+                    "re-run benchmarks/calibrate_device.py --fit")
+    return v
+
+
+def _fractions(value: Any, path: str) -> dict[str, float]:
+    if not isinstance(value, dict):
+        raise _fail(path, "must be a mapping of names to numbers", "write a JSON object")
+    return {str(k): _fraction(v, f"{path}.{k}") for k, v in value.items()}
+
+
+def _seconds_table(value: Any, path: str) -> dict[str, float]:
+    if not isinstance(value, dict):
+        raise _fail(path, "must be a mapping of names to seconds", "write a JSON object")
+    return {str(k): _number(v, f"{path}.{k}") for k, v in value.items()}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Calibration:
+    """What the device really does, measured there (benchmarks/calibrate_device.py): the
+    fraction of the roofline its ops reach, and the host's time to issue them. Absent, the
+    cost model assumes datasheet peaks and a free host."""
+
+    matmul: float = 1.0  # fraction of the peak FLOP/s that FLOP-bound ops reach
+    memory: float = 1.0  # fraction of the memory bandwidth that byte-bound ops reach
+    kernel_s: float = 0.0  # the least time of any op (forward + backward): launch and latency
+    ops: dict[str, float] = field(default_factory=dict)  # op -> fraction of its own roofline
+    host_s_per_op: dict[str, float] = field(default_factory=dict)  # runtime -> host s per op
+    source: str = ""
+
+    _checks: ClassVar[dict] = {"matmul": _fraction, "memory": _fraction,
+                               "kernel_s": lambda v, p: _number(v, p, allow_zero=True),
+                               "ops": _fractions, "host_s_per_op": _seconds_table,
+                               "source": lambda v, p: str(v)}
+    _nested: ClassVar[dict] = {}
+
+    def __post_init__(self):
+        _check_fields(self, self._checks, "DeviceSpec.calibration.")
+
+    def to_dict(self) -> dict:
+        return {"matmul": self.matmul, "memory": self.memory, "kernel_s": self.kernel_s,
+                "ops": dict(self.ops), "host_s_per_op": dict(self.host_s_per_op),
+                "source": self.source}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -129,17 +181,22 @@ class DeviceSpec:
     memory_bytes: int  # memory one device can hold
     peak_flops: dict[str, float]  # dense FLOP/s per dtype name ("float32", "bfloat16", "float16")
     hbm_bandwidth_bytes_per_s: float  # device memory bandwidth
+    calibration: Calibration | None = None  # measured efficiencies and host time, if any
 
     _checks: ClassVar[dict] = {"name": _text, "memory_bytes": _count, "peak_flops": _flops_table,
                "hbm_bandwidth_bytes_per_s": _number}
-    _nested: ClassVar[dict] = {}
+    _nested: ClassVar[dict] = {"calibration": Calibration}
 
     def __post_init__(self):
         _check_fields(self, self._checks, "DeviceSpec.")
+        if isinstance(self.calibration, dict):
+            object.__setattr__(self, "calibration",
+                               _build(Calibration, self.calibration, "device.calibration."))
 
     def __hash__(self):
+        cal = json.dumps(self.calibration.to_dict(), sort_keys=True) if self.calibration else ""
         return hash((self.name, self.memory_bytes, tuple(sorted(self.peak_flops.items())),
-                     self.hbm_bandwidth_bytes_per_s))
+                     self.hbm_bandwidth_bytes_per_s, cal))
 
     def peak_flops_for(self, dtype: torch.dtype | str) -> float:
         """Peak dense FLOP/s for `dtype` (a torch.dtype or its name)."""
@@ -261,7 +318,9 @@ class Cluster:
             "name": self.name,
             "device": {"name": device.name, "memory_bytes": device.memory_bytes,
                        "peak_flops": dict(device.peak_flops),
-                       "hbm_bandwidth_bytes_per_s": device.hbm_bandwidth_bytes_per_s},
+                       "hbm_bandwidth_bytes_per_s": device.hbm_bandwidth_bytes_per_s,
+                       **({"calibration": device.calibration.to_dict()}
+                          if device.calibration else {})},
             "devices_per_node": self.devices_per_node,
             "nodes": self.nodes,
             "intra_node": _link_dict(self.intra_node),

@@ -19,17 +19,37 @@ COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")
 
 
 def compute_time_s(flops: float, bytes_moved: float, device: DeviceSpec,
-                   dtype: torch.dtype | str) -> float:
+                   dtype: torch.dtype | str, op: str | None = None) -> float:
     """Roofline time of one op: the slower of doing its FLOPs and moving its bytes.
 
     Williams, Waterman, Patterson, "Roofline: an insightful visual performance model for
     multicore architectures", CACM 52(4), 2009: attainable rate = min(peak, intensity x bandwidth),
     i.e. time = max(flops / peak_flops, bytes / memory_bandwidth).
+
+    A calibrated device (`DeviceSpec.calibration`) reaches only a measured fraction of each
+    peak: of its own roofline for an op it measured (`op`, e.g. "aten.native_layer_norm.default"),
+    else `matmul` of the peak FLOP/s and `memory` of the bandwidth; and no op takes less than
+    `kernel_s`.
     """
     if flops < 0 or bytes_moved < 0:
         raise ValueError(f"flops and bytes_moved must be >= 0, got {flops}, {bytes_moved}")
     compute_s = flops / device.peak_flops_for(dtype) if flops else 0.0
-    return max(compute_s, bytes_moved / device.hbm_bandwidth_bytes_per_s)
+    memory_s = bytes_moved / device.hbm_bandwidth_bytes_per_s
+    cal = device.calibration
+    if cal is None or not (flops or bytes_moved):
+        return max(compute_s, memory_s)
+    if op in cal.ops:
+        seconds = max(compute_s, memory_s) / cal.ops[op]
+    else:
+        seconds = max(compute_s / cal.matmul, memory_s / cal.memory)
+    return max(seconds, cal.kernel_s)
+
+
+def host_time_s(ops: float, device: DeviceSpec, runtime: str = "replay") -> float:
+    """The host's time to issue `ops` graph ops (forward + backward) in `runtime`: measured per
+    device (`Calibration.host_s_per_op`); 0 for an uncalibrated device."""
+    cal = device.calibration
+    return ops * cal.host_s_per_op.get(runtime, 0.0) if cal else 0.0
 
 
 def collective_time_s(kind: str, bytes_: float, group_size: int, link: Link) -> float:

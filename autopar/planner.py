@@ -174,7 +174,8 @@ def _node_time_s(n, s: Strategy, profiles, cluster: Cluster, shape, links, skip_
     dtype = val.dtype if isinstance(val, torch.Tensor) else torch.float32
     flops = (prof.fwd_flops + prof.bwd_flops) / split
     moved = (prof.fwd_bytes + prof.bwd_bytes) / split
-    seconds = cost.compute_time_s(flops, moved, cluster.device, dtype) if flops or moved else 0.0
+    seconds = (cost.compute_time_s(flops, moved, cluster.device, dtype, op=str(n.target))
+               if flops or moved else 0.0)
     out = s.outputs[0]
     for arg, pl in zip(tensor_inputs(n), s.inputs):
         v = arg.meta["val"]

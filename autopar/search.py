@@ -24,8 +24,15 @@ Cost model of one candidate (all seconds per training step, per device):
                  replicate: all-reduce of the gradients over dp; zero2: reduce-scatter of the
                  gradients + all-gather of the parameters (ZeRO, Rajbhandari et al. 2020, sec. 5:
                  same volume as all-reduce); zero3: reduce-scatter here, and its parameter
-                 all-gathers (forward and again backward, per microbatch) are in the layer times.
+                 all-gathers (forward and again backward, per microbatch) are in the layer times;
+                 plus the optimizer step, a memory-bound pass over the rank's local state.
     step_s       pipeline_s + dp_sync_s (no overlap: a conservative serial model).
+
+Layer times: per microbatch, the slower of the device's time (roofline per op, scaled by the
+device's calibration if it has one) and the host's time to issue the layer's ops
+(`cost.host_time_s`: the replay runtime's per-op time; the eager runtime's for "selective"
+layers and split backwards, which run op by op). The host works ahead of the device, so a layer
+costs whichever of the two is longer.
 
 Memory per device (rank r): sum over its layers of state bytes (parameters + gradients +
 optimizer state, per ZeRO divided by dp: zero2 the gradients and optimizer state, plus the
@@ -105,6 +112,8 @@ class LayerCosts:
     layers: tuple[solvers.Layer, ...]  # options "none" (and "full", "selective" for blocks)
     sync_s: dict[str, float]  # layer -> dp gradient sync seconds per step (by flavour)
     gather_step_s: dict[str, float]  # layer -> zero2 parameter all-gather per step
+    update_s: dict[str, float]  # layer -> optimizer step of its local state, per step
+    issued: dict[str, int]  # layer -> graph ops the host issues per microbatch
     param_numel: dict[str, float]  # layer -> parameter elements per device (sharded over tp)
     state: dict[str, dict[str, float]]  # layer -> parameters/gradients/optimizer bytes
     temporaries_bytes: float
@@ -203,6 +212,7 @@ def layer_costs(stand: StandIn, profiles, cluster, sub_mesh, flavour, *, precisi
     kept_fwd = dict.fromkeys(order, 0.0)  # ... and their forward time, not recomputed
     state = {name: {"parameters": 0.0, "gradients": 0.0, "optimizer": 0.0} for name in order}
     numel = dict.fromkeys(order, 0.0)
+    issued = dict.fromkeys(order, 0)  # graph ops the host issues per microbatch
     sync = dict.fromkeys(order, 0.0)
     gather = dict.fromkeys(order, 0.0)
     zero3_gather = dict.fromkeys(order, 0.0)
@@ -234,8 +244,10 @@ def layer_costs(stand: StandIn, profiles, cluster, sub_mesh, flavour, *, precisi
         prof = profiles[name]
         model_flops += (prof.fwd_flops + prof.bwd_flops) * weight(name)
         split = work_factor(s, shape)
+        issued[layer] += 1
         f = cost.compute_time_s(prof.fwd_flops / split, prof.fwd_bytes / split, sub.device,
-                                _dtype(n, compute_dtype)) if prof.fwd_flops or prof.fwd_bytes else 0.0
+                                _dtype(n, compute_dtype), op=str(n.target)
+                                ) if prof.fwd_flops or prof.fwd_bytes else 0.0
         total = decisions.compute_s[name][i]
         fwd[layer] += f
         bwd[layer] += max(total - f, 0.0)
@@ -255,13 +267,17 @@ def layer_costs(stand: StandIn, profiles, cluster, sub_mesh, flavour, *, precisi
     layers = []
     for k, name in enumerate(order):
         f, b = fwd[name] + zero3_gather[name], bwd[name] + zero3_gather[name]
-        options = [solvers.LayerOption(name="none", fwd_s=f, bwd_s=b, activation_bytes=act[name])]
+        hf, hb = _host_s(issued[name], sub.device, "replay")
+        options = [solvers.LayerOption(name="none", fwd_s=max(f, hf), bwd_s=max(b, hb),
+                                       activation_bytes=act[name])]
         if name not in (PRE, POST) and k > 0:
             kept = out_bytes[order[k - 1]]  # the layer's input: the previous layer's output
-            options.append(solvers.LayerOption(name="full", fwd_s=f, bwd_s=b + f,
+            options.append(solvers.LayerOption(name="full", fwd_s=max(f, hf),
+                                               bwd_s=max(b + f, hb + hf),
                                                activation_bytes=min(kept, act[name])))
+            ef, eb = _host_s(issued[name], sub.device, "eager")  # selective runs op by op
             options.append(solvers.LayerOption(
-                name="selective", fwd_s=f, bwd_s=b + f - kept_fwd[name],
+                name="selective", fwd_s=max(f, ef), bwd_s=max(b + f - kept_fwd[name], eb + ef),
                 activation_bytes=min(kept + kept_bytes[name], act[name])))
         for full in stand.represents.get(name, (name,)):
             layers.append(solvers.Layer(
@@ -275,12 +291,28 @@ def layer_costs(stand: StandIn, profiles, cluster, sub_mesh, flavour, *, precisi
         comm_s["dp"] = 0.0  # dp traffic is the per-step sync, reported separately
     full = lambda per_layer: {f: per_layer[name] for name in order  # noqa: E731
                               for f in stand.represents.get(name, (name,))}
+    update = {name: _update_s(state[name], sub.device) for name in order}
     return LayerCosts(
         traced=stand.full, stand=stand, sub_mesh=dict(sub_mesh), decisions=decisions,
         solution=solution, layers=tuple(layers), sync_s=full(sync), gather_step_s=full(gather),
+        update_s=full(update), issued=full(issued),
         param_numel=full(numel), state=full(state), temporaries_bytes=temporaries,
         flavour=flavour, comm_s=comm_s, model_flops=model_flops, dp_shard=shard,
     )
+
+
+def _host_s(ops: int, device, runtime: str) -> tuple[float, float]:
+    """(forward, backward) host time to issue a layer's `ops` in `runtime`: a third forward,
+    two thirds backward (backward issues about twice the kernels)."""
+    total = cost.host_time_s(ops, device, runtime)
+    return total / 3, 2 * total / 3
+
+
+def _update_s(state: dict[str, float], device) -> float:
+    """The optimizer step of a layer's local state: read parameters, gradients and optimizer
+    state, write parameters and optimizer state back (a memory-bound pass)."""
+    moved = 2 * (state["parameters"] + state["optimizer"]) + state["gradients"]
+    return cost.compute_time_s(0.0, moved, device, "float32")
 
 
 def hsdp_shard(cluster: Cluster, dp: int, tp: int) -> int | None:
@@ -397,10 +429,15 @@ def pipeline_problem(costs: LayerCosts, cluster: Cluster, pp, m, schedule, v, bu
     layers = costs.layers
     if sched.split_backward and pp > 1:
         # non-reentrant checkpointing recomputes once per backward call: at I and again at W
-        # (stage 0 runs one whole backward and recomputes once; charged twice all the same)
-        layers = tuple(dataclasses.replace(x, options=tuple(
-            dataclasses.replace(o, bwd_s=o.bwd_s + o.fwd_s) if o.name == "full" else o
-            for o in x.options)) for x in layers)
+        # (stage 0 runs one whole backward and recomputes once; charged twice all the same);
+        # and a split backward runs op by op (the eager runtime's host time)
+        def split(x, o):
+            hf, hb = _host_s(costs.issued[x.name], cluster.device, "eager")
+            f, b = max(o.fwd_s, hf), max(o.bwd_s, hb)
+            return dataclasses.replace(o, fwd_s=f, bwd_s=b + f if o.name == "full" else b)
+
+        layers = tuple(dataclasses.replace(x, options=tuple(split(x, o) for o in x.options))
+                       for x in layers)
     return solvers.PipelineProblem(
         layers=layers, num_stages=n, num_microbatches=m, in_flight=tuple(in_flight),
         stage_of_rank=sched.stage_ranks(pp, v),
@@ -430,7 +467,8 @@ def evaluate(c: Candidate, cluster: Cluster) -> Candidate:
             for k, val in c.costs.state[name].items():
                 ranks[r][k] += val
             ranks[r]["activations"] += problem.in_flight[s] * opt.activation_bytes
-            sync[r] += c.costs.sync_s[name] + c.costs.gather_step_s[name]
+            sync[r] += (c.costs.sync_s[name] + c.costs.gather_step_s[name]
+                        + c.costs.update_s[name])
     c.pipeline_s = pipe_s
     c.dp_sync_s = max(sync)
     c.step_time_s = pipe_s + c.dp_sync_s

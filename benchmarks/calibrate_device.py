@@ -86,6 +86,12 @@ def _materialise(n: fx.Node, device, vocab: int):
     return fx.node.map_aggregate(n.args, conv), fx.node.map_aggregate(n.kwargs, conv)
 
 
+def _tensors(tree) -> list[torch.Tensor]:
+    from torch.utils._pytree import tree_leaves
+
+    return [t for t in tree_leaves(tree) if isinstance(t, torch.Tensor)]
+
+
 def _timer(device):
     if device.type == "cuda":
         def measure(fn, inner):
@@ -136,13 +142,14 @@ def time_ops(spec, microbatch: int, device, *, repeats: int, inner: int) -> list
             outs = [o for o in (out if isinstance(out, (tuple, list)) else (out,))
                     if isinstance(o, torch.Tensor) and o.requires_grad]
             grads = [torch.randn_like(o) for o in outs]
+            leaves = [t for t in _tensors((args, kwargs)) if t.requires_grad]
 
             def step():
                 o = n.target(*args, **kwargs)
                 os_ = [t for t in (o if isinstance(o, (tuple, list)) else (o,))
                        if isinstance(t, torch.Tensor) and t.requires_grad]
-                if os_:
-                    torch.autograd.backward(os_, grads)
+                if os_:  # gradients returned, not accumulated into .grad (as in training)
+                    torch.autograd.grad(os_, leaves, grads, allow_unused=True)
 
             for _ in range(3):
                 step()
@@ -177,10 +184,15 @@ def host_time(spec, device, runtime: str, *, seq: int, steps: int) -> dict:
         pm.train_step(x, x)
         sync()
         times.append(time.perf_counter() - t)
-    ops = len(plan.ops)
+    ops = issued_ops(pm._traced.graph_module)
     step_s = statistics.median(times)
     return {"model": spec.name, "runtime": runtime, "seq": seq, "graph_ops": ops,
             "step_s": step_s, "host_s_per_op": step_s / ops}
+
+
+def issued_ops(gm) -> int:
+    """Graph ops as the cost model counts them for the host (search.layer_costs): every op."""
+    return sum(1 for n in gm.graph.nodes if n.op == "call_function")
 
 
 # ---- fit ------------------------------------------------------------------------------------
@@ -208,9 +220,31 @@ def fit(path: str) -> dict:
     mem = sum(r["count"] * r["bytes"] / bw for r in big) / \
         sum(r["count"] * max(r["seconds"] - kernel, 1e-9) for r in big)
     host = {r["runtime"]: r["host_s_per_op"] for r in data.get("host", [])}
+    # each op measured: the fraction of its own roofline it reaches (all its shapes together)
+    ops: dict[str, list[float]] = {}
+    for r in rows:
+        if r["seconds"] > kernel:
+            roof = max(r["flops"] / peak, r["bytes"] / bw)
+            acc = ops.setdefault(r["op"], [0.0, 0.0])
+            acc[0] += r["count"] * roof
+            acc[1] += r["count"] * r["seconds"]
+    per_op = {op: float(f"{min(a / b, 1.0):.4g}") for op, (a, b) in sorted(ops.items()) if a > 0}
     return {"matmul": round(min(mm, 1.0), 4), "memory": round(min(mem, 1.0), 4),
-            "kernel_s": kernel, "host_s_per_op": host,
-            "source": f"benchmarks/calibrate_device.py --fit {os.path.basename(path)}"}
+            "kernel_s": kernel, "ops": per_op, "host_s_per_op": host,
+            "source": f"benchmarks/calibrate_device.py --fit {os.path.basename(path)} "
+                      f"({data.get('date', '')}, {data.get('device', '')}, torch "
+                      f"{data.get('torch', '')})"}
+
+
+def write_device(path: str, calibration: dict) -> None:
+    """Set the "calibration" of a device file (autopar/data/devices/*.json), checked by loading."""
+    data = json.load(open(path))
+    data["device"]["calibration"] = calibration
+    autopar.Cluster.from_dict(data)
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+    print(f"wrote the calibration into {path}")
 
 
 def main(argv=None) -> None:
@@ -225,9 +259,13 @@ def main(argv=None) -> None:
     ap.add_argument("--host-steps", type=int, default=10)
     ap.add_argument("--json", default=None)
     ap.add_argument("--fit", default=None, metavar="JSON", help="fit a measured JSON and print")
+    ap.add_argument("--write-device", default=None, metavar="DEVICE_JSON",
+                    help="put the fit into this device file's calibration (with --fit or --json)")
     args = ap.parse_args(argv)
     if args.fit:
         print(json.dumps(fit(args.fit), indent=2))
+        if args.write_device:
+            write_device(args.write_device, fit(args.fit))
         return
     unknown = [m for m in args.models if m not in MODELS]
     if unknown:
@@ -264,6 +302,8 @@ def main(argv=None) -> None:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
         print("fit:", json.dumps(fit(args.json)))
+        if args.write_device:
+            write_device(args.write_device, fit(args.json))
 
 
 if __name__ == "__main__":

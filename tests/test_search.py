@@ -164,7 +164,8 @@ def test_split_backward_charges_a_second_recompute():
     full = solvers.LayerOption(name="full", fwd_s=1.0, bwd_s=3.0, activation_bytes=1.0)
     layers = tuple(solvers.Layer(name=f"l{i}", options=(none, full), state_bytes=0.0,
                                  boundary_bytes=0.0) for i in range(4))
-    costs = SimpleNamespace(layers=layers, sub_mesh={"dp": 2}, temporaries_bytes=0.0)
+    costs = SimpleNamespace(layers=layers, sub_mesh={"dp": 2}, temporaries_bytes=0.0,
+                            issued={x.name: 10 for x in layers})
     cluster = autopar.Cluster.preset("h100-80g", devices_per_node=4)
     for name, ranks, full_bwd in [("Interleaved1F1B", (0, 1, 0, 1), 3.0),
                                   ("ZBVZeroBubble", (0, 1, 1, 0), 4.0)]:
