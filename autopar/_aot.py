@@ -59,34 +59,47 @@ def _contiguous(n) -> bool:
 
 
 def trace_once(fn: Callable, *, regather: Collection[int] = ()) -> Callable:
-    """`fn` traced on its first call and replayed after; every later call must pass tensors of
-    the same shapes, dtypes, placements and requires_grad (aot_function does not re-check).
+    """`fn` traced on its first call with each signature (grad mode; each argument's type,
+    shape, dtype, device, placements and requires_grad) and replayed on later calls with it.
 
     `regather`: positions of arguments (ZeRO-3 parameter shards) whose forward-only uses, the
     gathers, are recomputed in backward instead of saved: FSDP's reshard after forward.
     """
+    traced: dict[tuple, Callable] = {}
 
-    primals: set[int] = set()  # the traced graph's inputs that are regathered arguments' parts
+    def call(*args):
+        key = (torch.is_grad_enabled(), *map(_signature, args))
+        f = traced.get(key)
+        if f is None:
+            f = traced[key] = _trace(fn, args, regather)
+        return f(*args)
+
+    return call
+
+
+def _signature(a) -> tuple:
+    if not isinstance(a, torch.Tensor):
+        return (type(a), a)
+    return (type(a), tuple(a.shape), a.dtype, a.device, a.requires_grad,
+            tuple(getattr(a, "placements", ())))
+
+
+def _trace(fn: Callable, args, regather: Collection[int]) -> Callable:
+    # AOTAutograd flattens each DTensor into its parts (local tensor, mesh): the graph inputs
+    # that come from regathered arguments
+    primals, start = set(), 0
+    for i, a in enumerate(args):
+        n = _parts(a)
+        if i in regather:
+            primals.update(range(start, start + n))
+        start += n
 
     def partition(joint: fx.GraphModule, joint_inputs, **kwargs):
         if primals:
             _recompute_weight_only(joint, primals)
         return default_partition(joint, joint_inputs, **kwargs)
 
-    traced = aot_function(fn, fw_compiler=_as_is, bw_compiler=_as_is, partition_fn=partition)
-
-    def call(*args):
-        if regather and not primals:
-            # AOTAutograd flattens each DTensor into its parts (local tensor, mesh)
-            start = 0
-            for i, a in enumerate(args):
-                n = _parts(a)
-                if i in regather:
-                    primals.update(range(start, start + n))
-                start += n
-        return traced(*args)
-
-    return call
+    return aot_function(fn, fw_compiler=_as_is, bw_compiler=_as_is, partition_fn=partition)
 
 
 def _parts(x) -> int:

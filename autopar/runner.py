@@ -120,8 +120,10 @@ class LayerRunner:
         self._segments: dict[int, _Segment] = {}
 
     def run(self, env: dict[fx.Node, object]) -> None:
+        # without grad (torch's shape inference, evaluation) nothing is traced: op by op
+        traced = self._traced and torch.is_grad_enabled()
         for i, (nodes, how) in enumerate(self._units):
-            if self._traced and how != "selective":
+            if traced and how != "selective":
                 segment = self._segments.get(i)
                 if segment is None:
                     segment = self._segments[i] = _Segment(

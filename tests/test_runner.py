@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import autopar
 from autopar.layers import assign_layers
-from autopar.runner import KEEP, check_policies, run_layers
+from autopar.runner import KEEP, LayerRunner, check_policies, run_layers
 from autopar.trace import trace
 from tests.test_end_to_end import MODELS, batches, lm_loss
 
@@ -32,21 +32,24 @@ class _Count(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _backward_ops(policy: str) -> tuple[Counter, float, dict]:
-    """Ops run by backward when every block is checkpointed with `policy`; the loss; grads."""
+def _backward_ops(policy: str, traced: bool = False, warm_without_grad: bool = False
+                  ) -> tuple[Counter, float, dict]:
+    """Ops run by backward when every block is checkpointed with `policy`; the loss; grads.
+    `traced`: the replay runtime's LayerRunner; `warm_without_grad`: run it once under
+    no_grad first (as torch's pipeline stages infer shapes)."""
     torch.manual_seed(0)
     model = MODELS["gpt"]()
     x, y = batches(2)[0]
-    traced = trace(model, (x,), loss_fn=lm_loss, target=y)
-    gm = traced.graph_module
-    layer_of = assign_layers(traced)
-    params = {node: model.get_parameter(fqn) for node, fqn in traced.parameters.items()}
-    buffers = {node: model.get_buffer(fqn) for node, fqn in traced.buffers.items()}
+    traced_ = trace(model, (x,), loss_fn=lm_loss, target=y)
+    gm = traced_.graph_module
+    layer_of = assign_layers(traced_)
+    params = {node: model.get_parameter(fqn) for node, fqn in traced_.parameters.items()}
+    buffers = {node: model.get_buffer(fqn) for node, fqn in traced_.buffers.items()}
     env = {}
     for n in gm.graph.nodes:
         if n.op == "placeholder":
             env[n] = params.get(n.name, buffers.get(n.name))
-    env[traced.node(traced.inputs[0])], env[traced.node(traced.inputs[1])] = x, y
+    env[traced_.node(traced_.inputs[0])], env[traced_.node(traced_.inputs[1])] = x, y
 
     def run_node(n, into):
         args, kwargs = torch.fx.node.map_arg((n.args, n.kwargs), lambda a: into[a])
@@ -54,8 +57,17 @@ def _backward_ops(policy: str) -> tuple[Counter, float, dict]:
 
     blocks = {name for name in layer_of.values() if name.startswith("blocks.")}
     nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
-    run_layers(nodes, env, run_node, layer_of, {b: policy for b in blocks if policy != "none"})
-    loss = env[traced.node(traced.loss_node)]
+    checkpointing = {b: policy for b in blocks if policy != "none"}
+    if traced:
+        runner = LayerRunner(nodes, run_node, layer_of, checkpointing, traced=True,
+                             wanted=[traced_.node(traced_.loss_node)])
+        if warm_without_grad:
+            with torch.no_grad():
+                runner.run(dict(env))
+        runner.run(env)
+    else:
+        run_layers(nodes, env, run_node, layer_of, checkpointing)
+    loss = env[traced_.node(traced_.loss_node)]
     with _Count() as count:
         loss.backward()
     return count.ops, loss.item(), {k: p.grad.clone() for k, p in params.items()}
@@ -89,6 +101,19 @@ def test_selective_recomputes_the_cheap_ops(runs):
     for op, per_block in ((aten.gelu.default, 1), (aten.native_layer_norm.default, 2)):
         assert runs["none"][0][op] == 0
         assert runs["full"][0][op] == runs["selective"][0][op] == 2 * per_block
+
+
+@pytest.mark.parametrize("policy", ["none", "full"])
+def test_the_replay_runtime_gives_the_same_loss_and_gradients(runs, policy):
+    """Layers traced once and replayed (the default runtime) compute what op-by-op does, also
+    when the first call ran without grad (an inference trace must not be replayed in training)."""
+    _, loss, grads = runs[policy]
+    for warm in (False, True):
+        _, replay_loss, replay_grads = _backward_ops(policy, traced=True, warm_without_grad=warm)
+        assert replay_loss == pytest.approx(loss, rel=1e-6)
+        assert replay_grads.keys() == grads.keys()
+        for name, g in grads.items():
+            torch.testing.assert_close(replay_grads[name], g, rtol=1e-5, atol=1e-6)
 
 
 def test_unknown_policy_is_refused_clearly():
