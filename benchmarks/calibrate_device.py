@@ -204,7 +204,9 @@ def fit(path: str) -> dict:
         fitted so that sum_ops count x max(flops / (peak x matmul), bytes / (bw x memory))
         matches the measured sum for each class (FLOP-bound, byte-bound by the roofline);
     kernel_s: a floor per op (fwd + bwd): the median measured time of the byte-bound ops too
-        small to fill the device (below 1/10 of the byte-bound median).
+        small to fill the device (below 1/10 of the byte-bound median);
+    ops: per op measured well above that floor, the fraction of its own roofline it reached
+        (overrides matmul/memory for that op: layer norm's backward, say, is far from both).
     """
     data = json.load(open(path))
     peak, bw = data["peak_flops"], data["hbm_bandwidth_bytes_per_s"]
@@ -220,11 +222,14 @@ def fit(path: str) -> dict:
     mem = sum(r["count"] * r["bytes"] / bw for r in big) / \
         sum(r["count"] * max(r["seconds"] - kernel, 1e-9) for r in big)
     host = {r["runtime"]: r["host_s_per_op"] for r in data.get("host", [])}
-    # each op measured: the fraction of its own roofline it reaches (all its shapes together)
+    # each op measured: the fraction of its own roofline it reaches (all its shapes together),
+    # from rows whose roofline alone is above the floor: a small op's "efficiency" (launch and
+    # autograd time over a roofline of nanoseconds) would price the same op on a large tensor
+    # absurdly
     ops: dict[str, list[float]] = {}
     for r in rows:
-        if r["seconds"] > kernel:
-            roof = max(r["flops"] / peak, r["bytes"] / bw)
+        roof = max(r["flops"] / peak, r["bytes"] / bw)
+        if roof > kernel:
             acc = ops.setdefault(r["op"], [0.0, 0.0])
             acc[0] += r["count"] * roof
             acc[1] += r["count"] * r["seconds"]
