@@ -109,13 +109,20 @@ class LayerRunner:
         groups = _groups(nodes, layer_of)
         how = [checkpointing.get(layer_of[g[0].name], "none") for g in groups]
         # units run in turn; traced, consecutive layers without checkpointing form one unit
-        # (fewer traced calls, the same ops)
+        # (fewer traced calls, the same ops), up to UNIT_WEIGHT_BYTES of weights: a unit's
+        # backward returns the gradients of all its weights at once, which gradient
+        # accumulation then adds into .grad, so a unit's weights are briefly held twice
         self._units: list[tuple[list[fx.Node], str]] = []
+        weight = 0
         for group, h in zip(groups, how):
-            if traced and h == "none" and self._units and self._units[-1][1] == "none":
+            w = _weight_bytes(group)
+            if (traced and h == "none" and self._units and self._units[-1][1] == "none"
+                    and weight + w <= UNIT_WEIGHT_BYTES):
                 self._units[-1][0].extend(group)
+                weight += w
             else:
                 self._units.append((list(group), h))
+                weight = w
         self._traced = traced
         self._segments: dict[int, _Segment] = {}
 
@@ -179,6 +186,19 @@ class _Segment:
         it = iter(out)
         values = tree_unflatten([next(it) if c is None else c for c in consts], spec)
         env.update(zip(self.escapes, values))
+
+
+UNIT_WEIGHT_BYTES = 256 * 2**20
+
+
+def _weight_bytes(group) -> int:
+    """Bytes of the graph inputs (weights, mostly) a group of ops reads, at their full size."""
+    total = 0
+    for a in {a for n in group for a in n.all_input_nodes if a.op == "placeholder"}:
+        v = a.meta.get("val")
+        if isinstance(v, torch.Tensor):
+            total += v.numel() * v.element_size()
+    return total
 
 
 def _is_tensor(v) -> bool:
