@@ -13,6 +13,10 @@ forward + backward (autograd on random output gradients), the median of --repeat
 timings of --inner calls each, after warm-up. Each row carries the op's profiled fwd+bwd FLOPs
 and bytes, its count in the graph and its measured seconds.
 
+Part 3 (--parts links, on a job of 2+ processes): bus bandwidth of all-reduce, all-gather and
+reduce-scatter over all ranks at 8 KiB .. 128 MiB; the fitted alpha-beta link becomes the device
+file's `intra_node` link.
+
 Part 2, host time per op. The same model family at a size where the device work is negligible
 (--host-seq tokens, batch 1) is trained by autopar on a job of one process, once per runtime
 (`replay`, `eager`); the wall time of a step (device synchronised) divided by the graph's ops is
@@ -195,6 +199,62 @@ def issued_ops(gm) -> int:
     return sum(1 for n in gm.graph.nodes if n.op == "call_function")
 
 
+# ---- part 3: collective links --------------------------------------------------------------
+
+# nccl-tests' bus-bandwidth factors (doc/PERFORMANCE.md), as autopar.cost prices them
+_BUS = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n,
+        "reduce_scatter": lambda n: (n - 1) / n}
+
+
+def measure_links(device, sizes: list[int], repeats: int) -> list[dict]:
+    """Bus bandwidth of each collective over all ranks of the job, per size (bytes of the full
+    buffer), bf16, the median of `repeats` timings of 5 back-to-back calls after warm-up."""
+    n = dist.get_world_size()
+    rows = []
+    for kind in _BUS:
+        for size in sizes:
+            full = torch.randn(size // 2, device=device, dtype=torch.bfloat16)
+            part = torch.empty(size // 2 // n, device=device, dtype=torch.bfloat16)
+            call = {
+                "all_reduce": lambda: dist.all_reduce(full),
+                "all_gather": lambda: dist.all_gather_into_tensor(full, part),
+                "reduce_scatter": lambda: dist.reduce_scatter_tensor(part, full),
+            }[kind]
+            for _ in range(3):
+                call()
+            times = []
+            for _ in range(repeats):
+                dist.barrier()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                t = time.perf_counter()
+                for _ in range(5):
+                    call()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                times.append((time.perf_counter() - t) / 5)
+            seconds = statistics.median(times)
+            rows.append({"collective": kind, "bytes": size, "ranks": n, "seconds": seconds,
+                         "bus_bytes_per_s": _BUS[kind](n) * size / seconds})
+    return rows
+
+
+def fit_link(rows: list[dict]) -> dict:
+    """The alpha-beta link of autopar.cost from measured collectives: beta^-1 the median bus
+    bandwidth at the largest size; alpha (per ring step) from the smallest size's time less
+    its bandwidth term, per step (2(n-1) for all-reduce, n-1 for the others)."""
+    largest, smallest = max(r["bytes"] for r in rows), min(r["bytes"] for r in rows)
+    bw = statistics.median(r["bus_bytes_per_s"] for r in rows if r["bytes"] == largest)
+    alphas = []
+    for r in rows:
+        if r["bytes"] == smallest:
+            n = r["ranks"]
+            steps = 2 * (n - 1) if r["collective"] == "all_reduce" else n - 1
+            moved = _BUS[r["collective"]](n) * r["bytes"] / bw
+            alphas.append(max(r["seconds"] - moved, 0.0) / steps)
+    return {"bandwidth_bytes_per_s": bw, "latency_s": statistics.median(alphas)}
+
+
 # ---- fit ------------------------------------------------------------------------------------
 
 def fit(path: str) -> dict:
@@ -252,8 +312,25 @@ def write_device(path: str, calibration: dict) -> None:
     print(f"wrote the calibration into {path}")
 
 
+def write_link(path: str, link: dict, date: str, device: str) -> None:
+    """Set the device file's intra_node link to the measured one, saying where it came from."""
+    data = json.load(open(path))
+    data["intra_node"] = {k: float(v) for k, v in link.items()}
+    data.setdefault("sources", {})["intra_node"] = (
+        f"measured {date} on {device} by benchmarks/calibrate_device.py --parts links "
+        "(bus bandwidth of bf16 all-reduce / all-gather / reduce-scatter at 128 MiB, latency "
+        "from 8 KiB)")
+    autopar.Cluster.from_dict(data)
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+    print(f"wrote the measured intra-node link into {path}")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--parts", nargs="+", choices=("ops", "host", "links"),
+                    default=["ops", "host"], help="what to measure (links: >= 2 processes)")
     ap.add_argument("--models", nargs="+", default=["gpt-1.3b"])
     ap.add_argument("--microbatch", type=int, default=4)
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
@@ -285,7 +362,7 @@ def main(argv=None) -> None:
            "cluster": cluster.name, "peak_flops": cluster.device.peak_flops_for(torch.bfloat16),
            "hbm_bandwidth_bytes_per_s": cluster.device.hbm_bandwidth_bytes_per_s,
            "microbatch": args.microbatch, "ops": [], "host": []}
-    for name in args.models:
+    for name in args.models if "ops" in args.parts else ():
         spec = model_spec(name, args.tiny, 32 if args.tiny else 2048)
         t = time.time()
         rows = time_ops(spec, args.microbatch, device, repeats=args.repeats, inner=args.inner)
@@ -297,7 +374,17 @@ def main(argv=None) -> None:
               f"({time.time() - t:.0f} s)", flush=True)
     if not dist.is_initialized() and "RANK" in os.environ:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    for runtime in ("replay", "eager"):
+    if "links" in args.parts:
+        sizes = [2**13, 2**20, 2**24, 2**27] if not args.tiny else [2**10, 2**16]
+        out["links"] = measure_links(device, sizes, args.repeats)
+        out["intra_node"] = fit_link(out["links"])
+        for r in out["links"]:
+            print(f"{r['collective']:15s} {r['bytes']:>10d} B on {r['ranks']} ranks: "
+                  f"{r['seconds'] * 1e6:9.1f} us, bus {r['bus_bytes_per_s'] / 1e9:7.1f} GB/s")
+        print("link:", out["intra_node"])
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return  # the other ranks took part in the collectives only
+    for runtime in ("replay", "eager") if "host" in args.parts else ():
         spec = model_spec(args.models[0], args.tiny, args.host_seq)
         r = host_time(spec, device, runtime, seq=args.host_seq, steps=args.host_steps)
         out["host"].append(r)
@@ -306,9 +393,12 @@ def main(argv=None) -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
-        print("fit:", json.dumps(fit(args.json)))
-        if args.write_device:
-            write_device(args.write_device, fit(args.json))
+        if out["ops"]:
+            print("fit:", json.dumps(fit(args.json)))
+            if args.write_device:
+                write_device(args.write_device, fit(args.json))
+        if args.write_device and "intra_node" in out:
+            write_link(args.write_device, out["intra_node"], out["date"], out["device"])
 
 
 if __name__ == "__main__":
