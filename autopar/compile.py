@@ -87,6 +87,12 @@ class ParallelModel(nn.Module):
         self._nodes = {n.name: n for n in self._graph.nodes}
         self._layer = assign_layers(traced)
         check_policies(getattr(plan, "checkpoint", None) or {})
+        # each gradient is brought to its parameter's placements as soon as backward has made
+        # it: DTensor's collectives are asynchronous, so the data-parallel reductions overlap
+        # the rest of backward (DDP's overlap), and the optimizer's first read waits for them
+        for p in self._params.values():
+            if p.requires_grad:
+                p.register_post_accumulate_grad_hook(self._settle)
 
     # -- public ---------------------------------------------------------------------------
 
@@ -196,10 +202,13 @@ class ParallelModel(nn.Module):
 
     def _settle_gradients(self):
         """Reduce partial gradients (e.g. of replicated weights under a split batch) so every
-        gradient has its parameter's placements."""
+        gradient has its parameter's placements (the hooks did it for most already)."""
         for p in self._params.values():
-            if p.grad is not None and tuple(p.grad.placements) != tuple(p.placements):
-                p.grad = p.grad.redistribute(self.mesh, p.placements)
+            self._settle(p)
+
+    def _settle(self, p) -> None:
+        if p.grad is not None and tuple(p.grad.placements) != tuple(p.placements):
+            p.grad = p.grad.redistribute(self.mesh, p.placements)
 
 
 def _reshards(plan: Plan) -> bool:

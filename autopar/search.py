@@ -244,7 +244,6 @@ def layer_costs(stand: StandIn, profiles, cluster, sub_mesh, flavour, *, precisi
         prof = profiles[name]
         model_flops += (prof.fwd_flops + prof.bwd_flops) * weight(name)
         split = work_factor(s, shape)
-        issued[layer] += 1
         f = cost.compute_time_s(prof.fwd_flops / split, prof.fwd_bytes / split, sub.device,
                                 _dtype(n, compute_dtype), op=str(n.target)
                                 ) if prof.fwd_flops or prof.fwd_bytes else 0.0
@@ -258,6 +257,9 @@ def layer_costs(stand: StandIn, profiles, cluster, sub_mesh, flavour, *, precisi
             kept_fwd[layer] += f
         if any(layer_of.get(u.name, layer) != layer for u in decision_users(n)):
             out_bytes[layer] += prof.output_bytes / (shard_factor(out, shape) if out else 1)
+    for n in gm.graph.nodes:  # every op the host issues (as calibrate_device.py counts them)
+        if n.op == "call_function" and n.name in layer_of:
+            issued[layer_of[n.name]] += 1
     for e in decisions.problem.edges:  # weighted: one copy of each edge per full layer
         c = e.costs_s[solution.choices[e.src]][solution.choices[e.dst]] / weight(e.dst)
         layer = layer_of[e.dst]

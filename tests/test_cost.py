@@ -5,7 +5,13 @@ import torch
 from torch.distributed.tensor import Partial, Replicate, Shard
 
 from autopar.cluster import Cluster, DeviceSpec, Link
-from autopar.cost import collective_time_s, compute_time_s, reshard_time_s, sharded_numel
+from autopar.cost import (
+    collective_time_s,
+    compute_time_s,
+    host_time_s,
+    reshard_time_s,
+    sharded_numel,
+)
 from autopar.errors import ClusterSpecError
 
 GB = 1e9
@@ -37,6 +43,36 @@ class TestComputeTime:
     def test_missing_dtype_names_field(self):
         with pytest.raises(ClusterSpecError, match=r"device\.peak_flops\.float64"):
             compute_time_s(1.0, 0, DEVICE, torch.float64)
+
+
+class TestCalibratedComputeTime:
+    CAL = DeviceSpec(name="toy", memory_bytes=10**9, hbm_bandwidth_bytes_per_s=1e12,
+                     peak_flops={"bfloat16": 100e12},
+                     calibration={"matmul": 0.5, "memory": 0.25, "kernel_s": 1e-4,
+                                  "ops": {"aten.gelu.default": 0.1},
+                                  "host_s_per_op": {"replay": 2e-5, "eager": 4e-4}})
+
+    def test_classes_scale_their_peak(self):
+        assert compute_time_s(1e12, 1e9, self.CAL, "bfloat16") == approx(0.01 / 0.5)
+        assert compute_time_s(1e9, 1e12, self.CAL, "bfloat16") == approx(1.0 / 0.25)
+
+    def test_a_measured_op_uses_its_own_fraction(self):
+        assert compute_time_s(0, 1e12, self.CAL, "bfloat16", op="aten.gelu.default") == \
+            approx(1.0 / 0.1)
+
+    def test_no_op_is_faster_than_the_floor(self):
+        assert compute_time_s(1.0, 1.0, self.CAL, "bfloat16") == approx(1e-4)
+        assert compute_time_s(0, 0, self.CAL, "bfloat16") == 0.0  # a view: nothing runs
+
+    def test_host_time_per_runtime(self):
+        assert host_time_s(100, self.CAL) == approx(2e-3)
+        assert host_time_s(100, self.CAL, "eager") == approx(4e-2)
+        assert host_time_s(100, DEVICE) == 0.0  # uncalibrated: a free host
+
+    def test_a_fraction_above_one_is_refused(self):
+        with pytest.raises(ClusterSpecError, match=r"calibration\.matmul"):
+            DeviceSpec(name="toy", memory_bytes=1, hbm_bandwidth_bytes_per_s=1.0,
+                       peak_flops={"bfloat16": 1.0}, calibration={"matmul": 1.5})
 
 
 class TestCollectiveTime:

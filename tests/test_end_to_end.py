@@ -80,24 +80,29 @@ def reference_losses(model_name: str, batch_size: int = 4) -> list[float]:
     return sgd_losses(model.parameters(), step, batches(batch_size))
 
 
-def train_parallel(model_name: str, mesh: dict[str, int]):
+def train_parallel(model_name: str, mesh: dict[str, int], runtime: str = "replay"):
     """Runs on every rank: plan, shard, train; report losses and which weights were split."""
     torch.manual_seed(0)
     model = MODELS[model_name]()
     data = batches()
     pm = autopar.autoparallelize(
-        model, fast_cpu_cluster(4), example_inputs=data[0], loss_fn=lm_loss, mesh=mesh
+        model, fast_cpu_cluster(4), example_inputs=data[0], loss_fn=lm_loss, mesh=mesh,
+        runtime=runtime,
     )
     losses = sgd_losses(pm.parameters(), pm.train_step, data)
     split = sorted(name for name, p in pm.named_parameters() if p.to_local().numel() < p.numel())
     return losses, split, pm.plan.to_json()
 
 
-@pytest.mark.parametrize("model_name", list(MODELS))
-@pytest.mark.parametrize("mesh", [{"dp": 4}, {"tp": 4}, {"dp": 2, "tp": 2}], ids=str)
-def test_losses_match_single_process(model_name, mesh):
+# both models on the 2-D mesh with the default (replay) runtime; the 1-D meshes once each,
+# op by op (the "eager" runtime), so both runtimes stay proven
+@pytest.mark.parametrize("model_name, mesh, runtime", [
+    ("gpt", {"dp": 2, "tp": 2}, "replay"), ("llama", {"dp": 2, "tp": 2}, "replay"),
+    ("llama", {"tp": 4}, "eager"), ("gpt", {"dp": 4}, "eager"),
+], ids=str)
+def test_losses_match_single_process(model_name, mesh, runtime):
     reference = reference_losses(model_name)
-    results = run_on_ranks(train_parallel, 4, model_name, mesh)
+    results = run_on_ranks(train_parallel, 4, model_name, mesh, runtime)
     losses = [r[0] for r in results]
     for rank_losses in losses:  # the same loss on every rank ...
         assert rank_losses == losses[0]

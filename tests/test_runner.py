@@ -119,3 +119,10 @@ def test_the_replay_runtime_gives_the_same_loss_and_gradients(runs, policy):
 def test_unknown_policy_is_refused_clearly():
     with pytest.raises(autopar.AutoparError, match="unknown checkpoint policy 'some'"):
         check_policies({"blocks.0": "some"})
+
+
+def test_unknown_runtime_is_refused_clearly():
+    model = MODELS["gpt"]()
+    with pytest.raises(autopar.AutoparError, match="unknown runtime 'fast'.*'replay', 'eager'"):
+        autopar.autoparallelize(model, example_inputs=batches(2)[0], loss_fn=lm_loss,
+                                runtime="fast")

@@ -172,3 +172,24 @@ def test_split_backward_charges_a_second_recompute():
         problem = pipeline_problem(costs, cluster, 2, 4, name, 2, math.inf)
         assert problem.stage_of_rank == ranks
         assert [o.bwd_s for o in problem.layers[0].options] == [2.0, full_bwd]
+
+
+def test_host_time_is_charged_and_favours_few_microbatches(setup):
+    """On a device whose host needs 1 ms per op, a layer costs at least its ops' host time:
+    the step is never predicted below the host's, and the plan runs the batch in as few
+    microbatches as fit (each one issues every op again)."""
+    import dataclasses
+
+    from autopar.cluster import Calibration
+    from autopar.trace import trace
+
+    model, batch, cluster = setup
+    slow_host = Calibration(host_s_per_op={"replay": 1e-3, "eager": 1e-3})
+    cluster = dataclasses.replace(
+        cluster, devices_per_node=1,
+        device=dataclasses.replace(cluster.device, calibration=slow_host))
+    plan = autopar.plan(model, cluster, batch, loss_fn=lm_loss)
+    traced = trace(model, (batch[0],), loss_fn=lm_loss, target=batch[1])
+    ops = sum(1 for n in traced.graph_module.graph.nodes if n.op == "call_function")
+    assert plan.predicted["step_time_s"] >= 0.99 * ops * 1e-3
+    assert (plan.pipeline or {}).get("num_microbatches", 1) == 1
