@@ -352,7 +352,9 @@ def main(argv=None) -> None:
     unknown = [m for m in args.models if m not in MODELS]
     if unknown:
         ap.error(f"unknown model(s) {unknown}: choose from {', '.join(MODELS)}")
-    device = torch.device(args.device, 0) if args.device == "cuda" else torch.device("cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = (torch.device(args.device, local_rank) if args.device == "cuda"
+              else torch.device("cpu"))
     if args.device == "cuda":
         torch.cuda.set_device(device)
     cluster = autopar.Cluster.detect()

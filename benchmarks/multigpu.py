@@ -358,7 +358,8 @@ def predict(task: dict, model: nn.Module | None = None, example=None) -> dict:
             if task["system"] is None:
                 plan = autopar.plan(model, cluster, example, loss_fn=LOSS[task["loss"]],
                                     precision=precision, time_limit=task.get("time_limit"),
-                                    memory_limit=task.get("memory_limit"))
+                                    memory_limit=task.get("memory_limit"),
+                                    **task.get("plan_options", {}))
             else:
                 model = _meta_model(spec, dtype)
                 x = torch.zeros(batch, spec.config["seq_len"], dtype=torch.long, device="meta")
@@ -1186,7 +1187,8 @@ def run_model(ctx: Ctx, name: str, state) -> list[dict]:
                 "batch": batch, "cluster": cluster.to_dict(),
                 "time_limit": args.plan_time_limit,
                 "memory_limit": args.memory_limit_gib * 2**30 if args.memory_limit_gib else None,
-                "loss": "fp32" if args.fp32_loss else "model"}
+                "loss": "fp32" if args.fp32_loss else "model",
+                "plan_options": dict(o.split("=", 1) for o in args.plan_option)}
         manual = [] if args.no_predict_baselines else \
             [s for s in systems if s.kind != "autopar"]
         t0 = time.perf_counter()
@@ -1342,6 +1344,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="compute dtype (bf16 mixed precision; fp32 for CPUs without bf16)")
     ap.add_argument("--fp32-loss", action="store_true",
                     help="upcast the logits before the cross-entropy (torchtitan's loss)")
+    ap.add_argument("--plan-option", action="append", default=[], metavar="KEY=VALUE",
+                    help="an autopar.plan option fixed for the autopar system (string values: "
+                         "data_parallel=replicate, schedule=1F1B)")
     ap.add_argument("--runtime", choices=("replay", "eager"), default="replay",
                     help="autopar's runtime (autoparallelize(runtime=...)); default replay")
     ap.add_argument("--run-known-failures", action="store_true",
