@@ -312,14 +312,18 @@ def write_device(path: str, calibration: dict) -> None:
     print(f"wrote the calibration into {path}")
 
 
-def write_link(path: str, link: dict, date: str, device: str) -> None:
+def write_link(path: str, link: dict, date: str, device: str, ranks: int) -> None:
     """Set the device file's intra_node link to the measured one, saying where it came from."""
     data = json.load(open(path))
     data["intra_node"] = {k: float(v) for k, v in link.items()}
-    data.setdefault("sources", {})["intra_node"] = (
-        f"measured {date} on {device} by benchmarks/calibrate_device.py --parts links "
-        "(bus bandwidth of bf16 all-reduce / all-gather / reduce-scatter at 128 MiB, latency "
-        "from 8 KiB)")
+    how = (f"measured {date} on {ranks} x {device} by benchmarks/calibrate_device.py --parts "
+           "links: ")
+    sources = data.setdefault("sources", {})
+    sources.pop("intra_node", None)
+    sources["intra_node.bandwidth_bytes_per_s"] = how + (
+        "median bus bandwidth of bf16 all-reduce, all-gather and reduce-scatter at 128 MiB")
+    sources["intra_node.latency_s"] = how + (
+        "per ring step, from the 8 KiB collectives less their bandwidth term")
     autopar.Cluster.from_dict(data)
     with open(path, "w") as f:
         json.dump(data, f, indent=2)
@@ -400,7 +404,8 @@ def main(argv=None) -> None:
             if args.write_device:
                 write_device(args.write_device, fit(args.json))
         if args.write_device and "intra_node" in out:
-            write_link(args.write_device, out["intra_node"], out["date"], out["device"])
+            write_link(args.write_device, out["intra_node"], out["date"], out["device"],
+                       dist.get_world_size())
 
 
 if __name__ == "__main__":
