@@ -26,9 +26,9 @@ Cost model of one candidate (all seconds per training step, per device):
                  same volume as all-reduce); zero3: reduce-scatter here, and its parameter
                  all-gathers (forward and again backward, per microbatch) are in the layer times;
                  plus the optimizer step, a memory-bound pass over the rank's local state.
-                 Without pipeline or accumulation the gradient reductions overlap backward
-                 (each starts when its layer's backward ends): only what outlasts backward
-                 counts.
+                 Serial: ParallelModel starts each gradient's reduction as backward makes it,
+                 but on 2 H200s the measured steps showed no gain from that (2026-11-29,
+                 docs/benchmarks/2026-11-29-multigpu-x2.md), so none is assumed.
     step_s       pipeline_s + dp_sync_s (no overlap: a conservative serial model).
 
 Layer times: per microbatch, the slower of the device's time (roofline per op, scaled by the
@@ -474,11 +474,6 @@ def evaluate(c: Candidate, cluster: Cluster) -> Candidate:
             ranks[r]["activations"] += problem.in_flight[s] * opt.activation_bytes
             sync[r] += (c.costs.sync_s[name] + c.costs.gather_step_s[name]
                         + c.costs.update_s[name])
-    if c.pp == 1 and c.num_microbatches == 1:
-        # one backward, no accumulation: each gradient is reduced as soon as backward has made
-        # it (compile.ParallelModel's hooks), behind the backward of the layers before it
-        sync[0] -= sum(c.costs.sync_s[name] for name in c.stages[0])
-        sync[0] += _exposed_sync_s(c, by_name)
     c.pipeline_s = pipe_s
     c.dp_sync_s = max(sync)
     c.step_time_s = pipe_s + c.dp_sync_s
@@ -489,17 +484,6 @@ def evaluate(c: Candidate, cluster: Cluster) -> Candidate:
     c.p2p_s = sum(problem.p2p_latency_s + problem.p2p_s_per_byte * by_name[st[-1]].boundary_bytes
                   for st in c.stages[:-1]) * c.num_microbatches
     return c
-
-
-def _exposed_sync_s(c: Candidate, by_name) -> float:
-    """Gradient reduction time left after backward when each layer's reduction starts as its
-    backward ends (in backward's order, last layer first) and reductions run one at a time."""
-    clock = queue = 0.0
-    for name in reversed(c.stages[0]):
-        opt = next(o for o in by_name[name].options if o.name == c.options[name])
-        clock += opt.bwd_s
-        queue = max(queue, clock) + c.costs.sync_s[name]
-    return max(queue - clock, 0.0)
 
 
 def even_stages(order: list[str], n: int) -> tuple[tuple[str, ...], ...]:
