@@ -156,10 +156,14 @@ class Calibration:
     kernel_s: float = 0.0  # the least time of any op (forward + backward): launch and latency
     ops: dict[str, float] = field(default_factory=dict)  # op -> fraction of its own roofline
     host_s_per_op: dict[str, float] = field(default_factory=dict)  # runtime -> host s per op
+    # what torch's pipeline schedule costs beyond a stage's ops, per stage and microbatch
+    # (forward + backward: its Python, the sends and receives, the stage's own autograd calls)
+    pipeline_stage_s: float = 0.0
     source: str = ""
 
     _checks: ClassVar[dict] = {"matmul": _fraction, "memory": _fraction,
                                "kernel_s": lambda v, p: _number(v, p, allow_zero=True),
+                               "pipeline_stage_s": lambda v, p: _number(v, p, allow_zero=True),
                                "ops": _fractions, "host_s_per_op": _seconds_table,
                                "source": lambda v, p: str(v)}
     _nested: ClassVar[dict] = {}
@@ -170,7 +174,7 @@ class Calibration:
     def to_dict(self) -> dict:
         return {"matmul": self.matmul, "memory": self.memory, "kernel_s": self.kernel_s,
                 "ops": dict(self.ops), "host_s_per_op": dict(self.host_s_per_op),
-                "source": self.source}
+                "pipeline_stage_s": self.pipeline_stage_s, "source": self.source}
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -306,6 +306,13 @@ def layer_costs(stand: StandIn, profiles, cluster, sub_mesh, flavour, *, precisi
     )
 
 
+def _pipeline_stage_s(cluster: Cluster) -> float:
+    """The pipeline runtime's own time per stage and microbatch (Calibration.pipeline_stage_s),
+    charged with each stage's send: 0 on an uncalibrated device."""
+    cal = cluster.device.calibration
+    return cal.pipeline_stage_s if cal else 0.0
+
+
 def _host_s(ops: int, device, runtime: str) -> tuple[float, float]:
     """(forward, backward) host time to issue a layer's `ops` in `runtime`: a third forward,
     two thirds backward (backward issues about twice the kernels)."""
@@ -448,7 +455,7 @@ def pipeline_problem(costs: LayerCosts, cluster: Cluster, pp, m, schedule, v, bu
         stage_of_rank=sched.stage_ranks(pp, v),
         memory_budget_bytes=max(budget - costs.temporaries_bytes, 0.0),
         p2p_s_per_byte=1.0 / link.bandwidth_bytes_per_s if pp > 1 else 0.0,
-        p2p_latency_s=link.latency_s if pp > 1 else 0.0,
+        p2p_latency_s=link.latency_s + _pipeline_stage_s(cluster) if pp > 1 else 0.0,
         bubble_weight=bubble_weight(schedule, pp, m, v),
     )
 

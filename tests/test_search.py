@@ -193,3 +193,21 @@ def test_host_time_is_charged_and_favours_few_microbatches(setup):
     ops = sum(1 for n in traced.graph_module.graph.nodes if n.op == "call_function")
     assert plan.predicted["step_time_s"] >= 0.99 * ops * 1e-3
     assert (plan.pipeline or {}).get("num_microbatches", 1) == 1
+
+
+def test_the_pipeline_runtime_cost_is_charged_per_stage_send():
+    import dataclasses
+
+    from autopar.cluster import Calibration
+
+    none = solvers.LayerOption(name="none", fwd_s=1.0, bwd_s=2.0, activation_bytes=4.0)
+    layers = tuple(solvers.Layer(name=f"l{i}", options=(none,), state_bytes=0.0,
+                                 boundary_bytes=0.0) for i in range(4))
+    costs = SimpleNamespace(layers=layers, sub_mesh={"dp": 1}, temporaries_bytes=0.0,
+                            issued={x.name: 10 for x in layers})
+    cluster = autopar.Cluster.preset("h100-80g", devices_per_node=2)
+    plain = pipeline_problem(costs, cluster, 2, 4, "1F1B", 1, math.inf)
+    slow = dataclasses.replace(cluster, device=dataclasses.replace(
+        cluster.device, calibration=Calibration(pipeline_stage_s=0.5)))
+    charged = pipeline_problem(costs, slow, 2, 4, "1F1B", 1, math.inf)
+    assert charged.p2p_latency_s == pytest.approx(plain.p2p_latency_s + 0.5)
