@@ -150,16 +150,13 @@ class _Segment:
 
     def __init__(self, group, env, run_node, readers, regather):
         inside = set(group)
-        self.reads = list(dict.fromkeys(
-            a for n in group for a in n.all_input_nodes if a not in inside and a in env
-        ))
+        self.reads = _reads(group, env)
         self.escapes = [n for n in group if readers.get(n, set()) - inside]
         self._group, self._run_node = group, run_node
         self._out_spec = None  # the escapes' pytree and non-tensor leaves, set while tracing
-        leaves = tree_flatten([env[a] for a in self.reads])[0]
-        owner = [a for a in self.reads for _ in tree_flatten(env[a])[0]]  # leaf -> read node
-        tensor_owners = [a for a, v in zip(owner, leaves) if _is_tensor(v)]
-        positions = [i for i, a in enumerate(tensor_owners) if a.name in regather]
+        # the traced function's arguments are the reads' tensor leaves, in order
+        owners = [a for a in self.reads for v in tree_flatten(env[a])[0] if _is_tensor(v)]
+        positions = [i for i, a in enumerate(owners) if a.name in regather]
         self._fn = _aot.trace_once(self._body, regather=positions)
 
     def _body(self, *tensors):
@@ -215,11 +212,17 @@ def _groups(nodes, layer_of) -> list[list[fx.Node]]:
     return groups
 
 
-def _run_checkpointed(group, env, run_node, how: str) -> None:
+def _reads(group, env) -> list[fx.Node]:
+    """The values made before `group` (present in `env`) that its ops read, in first-use order."""
     inside = set(group)
-    reads = list(dict.fromkeys(
+    return list(dict.fromkeys(
         a for n in group for a in n.all_input_nodes if a not in inside and a in env
     ))
+
+
+def _run_checkpointed(group, env, run_node, how: str) -> None:
+    inside = set(group)
+    reads = _reads(group, env)
     outside = {a: env[a] for n in group for a in n.all_input_nodes if a not in inside}
 
     def layer_fn(*values):

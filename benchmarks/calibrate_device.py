@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import statistics
@@ -50,7 +49,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import autopar  # noqa: E402
 from autopar.profile import profile_graph  # noqa: E402
 from autopar.trace import is_getitem, trace  # noqa: E402
-from benchmarks.multigpu import MODELS, TINY, lm_loss, model_spec  # noqa: E402
+from benchmarks.multigpu import MODELS, lm_loss, model_spec  # noqa: E402
 
 
 # ---- part 1: op times -----------------------------------------------------------------------
@@ -168,8 +167,6 @@ def time_ops(spec, microbatch: int, device, *, repeats: int, inner: int) -> list
 # ---- part 2: host time per op ---------------------------------------------------------------
 
 def host_time(spec, device, runtime: str, *, seq: int, steps: int) -> dict:
-    import torch.nn.functional as F  # noqa: F401
-
     spec = type(spec)(spec.name, spec.family, dict(spec.config, seq_len=seq))
     model = spec.build(device, torch.float32).to(torch.bfloat16)
     x = torch.randint(0, 100, (1, seq), device=device)

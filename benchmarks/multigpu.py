@@ -1024,16 +1024,10 @@ def measure_device(ctx: Ctx) -> dict:
 # ---- one model ------------------------------------------------------------------------------
 
 
-class KnownFailure(RuntimeError):
-    """A system not run because a known bug would crash or hang the whole job."""
-
-
 def _error_text(e: BaseException) -> str:
     """The first line that says something, of the error or of what caused it (torch's
     pipelining wraps a backward's failure in a RuntimeError whose message starts with a
     newline); "OOM: ..." when any error of the chain ran out of memory."""
-    if isinstance(e, KnownFailure):
-        return str(e)
     chain, seen = [], set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
@@ -1349,9 +1343,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "data_parallel=replicate, schedule=1F1B)")
     ap.add_argument("--runtime", choices=("replay", "eager"), default="replay",
                     help="autopar's runtime (autoparallelize(runtime=...)); default replay")
-    ap.add_argument("--run-known-failures", action="store_true",
-                    help="run autopar's pipelined bf16 plans, which crash or hang the job in "
-                         "this autopar version (see KnownFailure)")
     ap.add_argument("--peak-tflops", type=float, default=H200_BF16_PEAK_TFLOPS,
                     help="per-device peak for MFU (default 989, H200 bf16 dense datasheet)")
     ap.add_argument("--json", default=None, help="write the results here")
