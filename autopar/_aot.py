@@ -20,10 +20,26 @@ from torch._functorch.partitioners import default_partition
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 from torch.utils.checkpoint import CheckpointPolicy
 
+from autopar._overlap import overlap_collectives
+
 
 def _as_is(graph_module, example_inputs):
+    _drop_dead_ops(graph_module)
     _fold_views(graph_module)
+    overlap_collectives(graph_module)
     return make_boxed_func(graph_module)
+
+
+def _drop_dead_ops(gm: fx.GraphModule) -> None:
+    """Erase ops whose results nothing reads. fx keeps them when the op could draw random
+    numbers (attention, for its dropout): the partitioner leaves such a forward op in the
+    backward graph with no reader, and replayed as is it would run each attention forward
+    twice. Ops that write to an input, collectives and asserts stay."""
+    for n in reversed(list(gm.graph.nodes)):
+        if (n.op == "call_function" and not n.users and isinstance(n.target, torch._ops.OpOverload)
+                and not n.target._schema.is_mutable and n.target.namespace == "aten"
+                and not n.target.__name__.startswith("_assert")):
+            gm.graph.erase_node(n)
 
 
 _VIEWS = {torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default}

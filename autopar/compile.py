@@ -23,6 +23,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from torch.utils.checkpoint import checkpoint
 
 from autopar import _dtensor
+from autopar.buckets import GradientBuckets
 from autopar.errors import MeshError
 from autopar.layers import assign_layers
 from autopar.plan import Plan, placement_from_str
@@ -87,12 +88,12 @@ class ParallelModel(nn.Module):
         self._nodes = {n.name: n for n in self._graph.nodes}
         self._layer = assign_layers(traced)
         check_policies(getattr(plan, "checkpoint", None) or {})
-        # each gradient is brought to its parameter's placements as soon as backward has made
-        # it: DTensor's collectives are asynchronous, so the data-parallel reductions overlap
-        # the rest of backward (DDP's overlap), and the optimizer's first read waits for them
+        # each gradient joins a bucket of data-parallel reductions as soon as backward has made
+        # it; the buckets' collectives overlap the rest of backward (DDP's overlap)
+        self._buckets = GradientBuckets(mesh)
         for p in self._params.values():
             if p.requires_grad:
-                p.register_post_accumulate_grad_hook(self._settle)
+                p.register_post_accumulate_grad_hook(self._buckets.add)
 
     # -- public ---------------------------------------------------------------------------
 
@@ -202,13 +203,11 @@ class ParallelModel(nn.Module):
 
     def _settle_gradients(self):
         """Reduce partial gradients (e.g. of replicated weights under a split batch) so every
-        gradient has its parameter's placements (the hooks did it for most already)."""
+        gradient has its parameter's placements (the hooks' buckets did it for most)."""
+        self._buckets.settle()
         for p in self._params.values():
-            self._settle(p)
-
-    def _settle(self, p) -> None:
-        if p.grad is not None and tuple(p.grad.placements) != tuple(p.placements):
-            p.grad = p.grad.redistribute(self.mesh, p.placements)
+            if p.grad is not None and tuple(p.grad.placements) != tuple(p.placements):
+                p.grad = p.grad.redistribute(self.mesh, p.placements)
 
 
 def _reshards(plan: Plan) -> bool:

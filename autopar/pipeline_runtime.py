@@ -42,6 +42,7 @@ from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import PipelineScheduleMulti, get_schedule_class
 from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 
+from autopar.buckets import GradientBuckets
 from autopar.compile import (
     ParallelModel,
     _local_shape,
@@ -323,12 +324,13 @@ class PipelinedModel(nn.Module):
         return total
 
     def _settle_gradients(self):
+        buckets = GradientBuckets(self.sub)  # after the last microbatch: reduced once, bucketed
         for p in self._params.values():
-            if p.grad is None:
-                continue
-            if tuple(p.grad.placements) != tuple(p.placements):
-                p.grad = p.grad.redistribute(self.sub, p.placements)
-            p.grad.div_(self._num_microbatches)  # the loss is the mean over microbatches
+            buckets.add(p)
+        buckets.settle()
+        for p in self._params.values():
+            if p.grad is not None:
+                p.grad.div_(self._num_microbatches)  # the loss is the mean over microbatches
         for name in sorted(self._shared):  # every pp rank takes part, in the same order
             p = self._params.get(name)
             if p is not None and p.grad is not None:

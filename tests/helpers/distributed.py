@@ -67,7 +67,8 @@ def _collect(procs, results_q, world_size: int, timeout_s: float) -> list:
             pass
         else:
             if not ok:
-                raise RuntimeError(f"rank {rank} of {world_size} raised:\n{value}")
+                raise RuntimeError(f"rank {rank} of {world_size} raised:\n{value}"
+                                   + _crashed(procs, results_q))
             results[rank] = value
             continue
         # A rank that died without reporting (killed, segfault) never will: say so now.
@@ -92,6 +93,15 @@ def _collect(procs, results_q, world_size: int, timeout_s: float) -> list:
                 "(a hung collective? a rank that skipped one?)"
             )
     return [results[r] for r in range(world_size)]
+
+
+def _crashed(procs, results_q) -> str:
+    """The ranks that died without a word (a crash in a collective kills a rank, and its peers
+    then fail with "connection reset"): often the root cause of the error reported."""
+    time.sleep(0.5)  # a crashed peer's exit code lands a moment after the error it caused
+    dead = [f"rank {r} exited with code {p.exitcode}" for r, p in enumerate(procs)
+            if p.exitcode not in (None, 0)]
+    return ("\nalso: " + "; ".join(dead)) if dead else ""
 
 
 def _stop(procs, *, grace_s: float) -> None:

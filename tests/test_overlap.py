@@ -1,0 +1,126 @@
+"""Collectives rearranged for overlap and bucketed (`_overlap` on traced graphs, `buckets` for
+gradients the hooks reduce): the same values as one collective per tensor, waited at once, with
+fewer collectives. Run on gloo ranks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.helpers.distributed import run_on_ranks
+
+c10d = torch.ops._c10d_functional
+
+
+def _graphs():
+    """A forward-like graph (weights gathered, one twice, and used) and a backward-like one
+    (gradients reduce-scattered and returned), each as traced and as rewritten."""
+    import copy
+
+    import torch.distributed as dist
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from autopar._overlap import overlap_collectives
+
+    n, group = dist.get_world_size(), dist.group.WORLD.group_name
+
+    def gather(w):
+        return c10d.wait_tensor.default(c10d.all_gather_into_tensor.default(w, n, group))
+
+    def scatter(g):
+        return c10d.wait_tensor.default(c10d.reduce_scatter_tensor.default(g, "sum", n, group))
+
+    def forward(x, w1, w2, w3):
+        h = x @ gather(w1).t()
+        h = torch.relu(h) @ gather(w2)
+        return h + gather(w3).sum() + gather(w1).sum()  # w1 again: a tied weight
+
+    def backward(x, y):
+        a = x * 2
+        b = torch.sin(y)
+        return scatter(a), scatter(b), scatter(a @ b.t())
+
+    rank = dist.get_rank()
+    torch.manual_seed(rank)
+    fw_in = (torch.randn(3, 4), torch.randn(5, 4), torch.randn(5, 6), torch.randn(2, 6))
+    bw_in = (torch.randn(4 * n, 3), torch.randn(2 * n, 3))
+    out = {}
+    for name, fn, args in (("forward", forward, fw_in), ("backward", backward, bw_in)):
+        traced = make_fx(fn)(*args)
+        rewritten = copy.deepcopy(traced)
+        overlap_collectives(rewritten)
+        out[name] = traced, rewritten, args
+    return out
+
+
+def _collectives(gm):
+    return [n.target for n in gm.graph.nodes
+            if n.op == "call_function" and "c10d" in str(n.target) and "wait" not in str(n.target)]
+
+
+def _check_graph_rewrite():
+    out = {}
+    for name, (traced, rewritten, args) in _graphs().items():
+        expected, got = traced(*args), rewritten(*args)
+        expected = expected if isinstance(expected, tuple) else (expected,)
+        got = got if isinstance(got, tuple) else (got,)
+        assert all(torch.equal(e, g) for e, g in zip(expected, got, strict=True)), name
+        # every wait sits right before the op that first reads it
+        nodes = list(rewritten.graph.nodes)
+        for i, node in enumerate(nodes):
+            if node.target is c10d.wait_tensor.default:
+                assert nodes[i + 1] in node.users, (name, node)
+        out[name] = (len(_collectives(traced)), len(_collectives(rewritten)))
+    return out
+
+
+def test_bucketed_and_prefetched_graphs_compute_the_same_with_fewer_collectives():
+    counts = run_on_ranks(_check_graph_rewrite, 2)[0]
+    # forward: 4 gathers (w1 twice) -> one bucket; backward: 3 reduce-scatters -> one bucket
+    assert counts == {"forward": (4, 1), "backward": (3, 1)}
+
+
+def _check_gradient_buckets(bucket_bytes: int):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+
+    from autopar.buckets import GradientBuckets
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    torch.manual_seed(0)
+    cases = [  # (shape, placements over (dp, tp), dtype)
+        ((8, 6), (Replicate(), Replicate()), torch.float32),
+        ((8, 6), (Shard(0), Replicate()), torch.float32),
+        ((4, 8), (Shard(1), Shard(0)), torch.float32),
+        ((8, 4), (Shard(0), Shard(0)), torch.float32),  # dim 0 split twice: one by one
+        ((6,), (Replicate(), Shard(0)), torch.bfloat16),
+        ((4, 6), (Shard(0), Replicate()), torch.bfloat16),
+        ((3, 5), (Shard(0), Replicate()), torch.float32),  # 3 rows do not split evenly
+    ]
+    params, expected = [], []
+    torch.manual_seed(dist.get_rank())
+    for shape, placements, dtype in cases:
+        full = torch.zeros(shape, dtype=dtype)
+        p = torch.nn.Parameter(distribute_tensor(full, mesh, placements))
+        grad_placements = (Partial("sum"), placements[1])
+        local_shape = p.to_local().shape if isinstance(placements[0], Replicate) else \
+            distribute_tensor(full, mesh, (Replicate(), placements[1])).to_local().shape
+        g = DTensor.from_local(torch.randn(local_shape).to(dtype), mesh, grad_placements,
+                               run_check=False, shape=full.shape, stride=full.stride())
+        expected.append(g.redistribute(mesh, placements).full_tensor())
+        p.grad = g
+        params.append(p)
+    buckets = GradientBuckets(mesh, bucket_bytes=bucket_bytes)
+    for p in params:
+        buckets.add(p)
+    buckets.settle()
+    for p, e, (_, placements, _) in zip(params, expected, cases):
+        assert tuple(p.grad.placements) == placements
+        assert torch.equal(p.grad.full_tensor(), e), placements
+    return True
+
+
+@pytest.mark.parametrize("bucket_bytes", [1, 2**20], ids=["a bucket each", "shared buckets"])
+def test_gradient_buckets_reduce_as_dtensor_does(bucket_bytes):
+    assert all(run_on_ranks(_check_gradient_buckets, 4, bucket_bytes))
