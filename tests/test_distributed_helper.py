@@ -43,3 +43,18 @@ def test_timeout_names_the_ranks_still_running():
     # Rank 1 may still be starting on a slow machine, so only rank 0 is certain to be named.
     with pytest.raises(TimeoutError, match=r"ranks \[0[,\]].* of 2 did not finish within 6 s"):
         run_on_ranks(_hang_on_rank_0, 2, timeout_s=6)
+
+
+def _fail_late_on_rank_0() -> None:
+    if dist.get_rank() == 0:
+        time.sleep(0.3)  # the root cause arrives after a peer's complaint about it
+        raise ValueError("the root cause")
+    raise ConnectionResetError("a peer went away")
+
+
+def test_a_later_error_of_another_rank_is_reported_too():
+    with pytest.raises(RuntimeError) as info:
+        run_on_ranks(_fail_late_on_rank_0, 2)
+    message = str(info.value)
+    assert "ConnectionResetError: a peer went away" in message
+    assert "also: rank 0 raised: ValueError: the root cause" in message

@@ -68,7 +68,7 @@ def _collect(procs, results_q, world_size: int, timeout_s: float) -> list:
         else:
             if not ok:
                 raise RuntimeError(f"rank {rank} of {world_size} raised:\n{value}"
-                                   + _crashed(procs, results_q))
+                                   + _others(procs, results_q))
             results[rank] = value
             continue
         # A rank that died without reporting (killed, segfault) never will: say so now.
@@ -95,13 +95,21 @@ def _collect(procs, results_q, world_size: int, timeout_s: float) -> list:
     return [results[r] for r in range(world_size)]
 
 
-def _crashed(procs, results_q) -> str:
-    """The ranks that died without a word (a crash in a collective kills a rank, and its peers
-    then fail with "connection reset"): often the root cause of the error reported."""
-    time.sleep(0.5)  # a crashed peer's exit code lands a moment after the error it caused
-    dead = [f"rank {r} exited with code {p.exitcode}" for r, p in enumerate(procs)
-            if p.exitcode not in (None, 0)]
-    return ("\nalso: " + "; ".join(dead)) if dead else ""
+def _others(procs, results_q) -> str:
+    """What the other ranks say: the first error to arrive is often a peer's "connection
+    reset", caused by a rank that failed (its error arriving a moment later) or crashed."""
+    time.sleep(1.0)
+    lines = []
+    while True:
+        try:
+            rank, ok, value = results_q.get_nowait()
+        except queue.Empty:
+            break
+        if not ok:
+            lines.append(f"rank {rank} raised: {value.strip().splitlines()[-1]}")
+    lines += [f"rank {r} exited with code {p.exitcode}" for r, p in enumerate(procs)
+              if p.exitcode not in (None, 0)]
+    return "".join(f"\nalso: {line}" for line in lines)
 
 
 def _stop(procs, *, grace_s: float) -> None:
