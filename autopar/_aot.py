@@ -11,10 +11,13 @@ ones the cost model prices).
 
 from __future__ import annotations
 
+import contextlib
+import operator
 from collections.abc import Callable, Collection
 
 import torch
 from torch import fx
+from torch._functorch import partitioners as _partitioners
 from torch._functorch.aot_autograd import aot_function, make_boxed_func
 from torch._functorch.partitioners import default_partition
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
@@ -74,12 +77,17 @@ def _contiguous(n) -> bool:
     return isinstance(val, torch.Tensor) and val.is_contiguous()
 
 
-def trace_once(fn: Callable, *, regather: Collection[int] = ()) -> Callable:
+def trace_once(fn: Callable, *, regather: Collection[int] = (),
+               keep: Collection | None = None) -> Callable:
     """`fn` traced on its first call with each signature (grad mode; each argument's type,
     shape, dtype, device, placements and requires_grad) and replayed on later calls with it.
 
     `regather`: positions of arguments (ZeRO-3 parameter shards) whose forward-only uses, the
     gathers, are recomputed in backward instead of saved: FSDP's reshard after forward.
+    `keep`: activation checkpointing inside the graphs. None: none (backward reads what
+    forward saved); else backward recomputes every forward value it needs except the outputs
+    of the ops in `keep` (empty: "full"; the matmuls and attention: "selective"), which
+    forward saves.
     """
     traced: dict[tuple, Callable] = {}
 
@@ -87,7 +95,7 @@ def trace_once(fn: Callable, *, regather: Collection[int] = ()) -> Callable:
         key = (torch.is_grad_enabled(), *map(_signature, args))
         f = traced.get(key)
         if f is None:
-            f = traced[key] = _trace(fn, args, regather)
+            f = traced[key] = _trace(fn, args, regather, keep)
         return f(*args)
 
     return call
@@ -100,7 +108,8 @@ def _signature(a) -> tuple:
             tuple(getattr(a, "placements", ())))
 
 
-def _trace(fn: Callable, args, regather: Collection[int]) -> Callable:
+def _trace(fn: Callable, args, regather: Collection[int], keep: Collection | None
+           ) -> Callable:
     # AOTAutograd flattens each DTensor into its parts (local tensor, mesh): the graph inputs
     # that come from regathered arguments
     primals, start = set(), 0
@@ -111,9 +120,12 @@ def _trace(fn: Callable, args, regather: Collection[int]) -> Callable:
         start += n
 
     def partition(joint: fx.GraphModule, joint_inputs, **kwargs):
+        if keep is not None:
+            _recompute_forward(joint, frozenset(keep))
         if primals:
             _recompute_weight_only(joint, primals)
-        return default_partition(joint, joint_inputs, **kwargs)
+        with _rng_only_where_drawn():
+            return default_partition(joint, joint_inputs, **kwargs)
 
     return aot_function(fn, fw_compiler=_as_is, bw_compiler=_as_is, partition_fn=partition)
 
@@ -124,6 +136,51 @@ def _parts(x) -> int:
         return 1
     attrs, _ = x.__tensor_flatten__()
     return sum(_parts(getattr(x, a)) for a in attrs)
+
+
+def _recompute_forward(joint: fx.GraphModule, keep: frozenset) -> None:
+    """Tag the joint graph's forward ops for recomputation in backward, except those in
+    `keep` and those that draw random numbers (saved: recomputed, they would draw others).
+    The partitioner then saves the graph's inputs and the kept outputs, and puts into the
+    backward graph only the recomputation that backward reads, as torch's checkpoint stops
+    recomputing once it has what backward needs."""
+    for n in joint.graph.nodes:
+        if n.op != "call_function" or n.meta.get("partitioner_tag") != "is_forward":
+            continue
+        src = n.args[0] if n.target is operator.getitem else n
+        save = _draws_random(src) or src.target in keep
+        n.meta["recompute"] = CheckpointPolicy.MUST_SAVE if save else CheckpointPolicy.MUST_RECOMPUTE
+        n.meta["ac_graph_id"] = 0
+
+
+@contextlib.contextmanager
+def _rng_only_where_drawn():
+    """The partitioner replays the random state around every recomputed op that torch tags
+    as random, attention included, even at dropout 0 where it draws nothing (and the replay
+    wraps each attention in a higher-order op). Ours never recompute an op that draws
+    (`_recompute_forward` saves those), so tell the partitioner the truth about draws."""
+    original = _partitioners.has_recomputable_rng_ops
+    _partitioners.has_recomputable_rng_ops = lambda gm: any(
+        _partitioners.must_recompute(n) and _draws_random(n) for n in gm.graph.nodes
+    )
+    try:
+        yield
+    finally:
+        _partitioners.has_recomputable_rng_ops = original
+
+
+def _draws_random(n: fx.Node) -> bool:
+    """Whether the op may draw random numbers: torch tags attention as such for its dropout,
+    which draws nothing at dropout_p 0."""
+    op = n.target
+    if not isinstance(op, torch._ops.OpOverload) or torch.Tag.nondeterministic_seeded not in op.tags:
+        return False
+    names = [a.name for a in op._schema.arguments]
+    if "dropout_p" not in names:
+        return True
+    i = names.index("dropout_p")
+    p = n.args[i] if i < len(n.args) else n.kwargs.get("dropout_p", op._schema.arguments[i].default_value)
+    return p != 0
 
 
 def _recompute_weight_only(joint: fx.GraphModule, primals: set[int]) -> None:

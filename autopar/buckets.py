@@ -14,6 +14,9 @@ then leaves each rank its row: its shards, end to end.
 
 Gradients in any other state (Partial over two axes, a Shard the bucket cannot chunk evenly)
 are redistributed by DTensor, one by one, as before.
+
+On CPU (gloo) each bucket is waited for as it is issued: one collective in flight at a time
+(see `_overlap` for why).
 """
 
 from __future__ import annotations
@@ -41,8 +44,9 @@ class _Bucket:
 @dataclass
 class _InFlight:
     params: list
-    result: torch.Tensor  # the collective's output, not yet waited for
+    result: torch.Tensor  # the collective's output
     shapes: list  # each parameter's local gradient shape after the reduction
+    waited: bool
 
 
 class GradientBuckets:
@@ -53,6 +57,7 @@ class GradientBuckets:
         self.bucket_bytes = bucket_bytes
         self._filling: _Bucket | None = None
         self._in_flight: list[_InFlight] = []
+        self._overlap = mesh.device_type == "cuda"  # several collectives in flight
 
     def add(self, p) -> None:
         """`p.grad` is complete for this backward: reduce it (in a bucket when it can be)."""
@@ -61,7 +66,7 @@ class GradientBuckets:
             return
         route = self._route(p, g)
         if route is None:
-            p.grad = g.redistribute(self.mesh, p.placements, async_op=True)
+            p.grad = g.redistribute(self.mesh, p.placements, async_op=self._overlap)
             return
         axis, kind = route
         b = self._filling
@@ -81,7 +86,7 @@ class GradientBuckets:
         """Issue the last bucket, wait for every reduction, and set the reduced gradients."""
         self._issue()
         for f in self._in_flight:
-            done = _c10d.wait_tensor.default(f.result)
+            done = f.result if f.waited else _c10d.wait_tensor.default(f.result)
             offset = 0
             for p, shape in zip(f.params, f.shapes):
                 numel = _numel(shape)
@@ -133,7 +138,9 @@ class GradientBuckets:
                       for p in b.params]
         for p in b.params:
             p.grad = None  # the bucket holds the gradient now; settle() sets the reduced one
-        self._in_flight.append(_InFlight(b.params, result, shapes))
+        if not self._overlap:
+            result = _c10d.wait_tensor.default(result)
+        self._in_flight.append(_InFlight(b.params, result, shapes, waited=not self._overlap))
 
 
 def _rows(local: torch.Tensor, target, n: int, kind: str) -> torch.Tensor:

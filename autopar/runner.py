@@ -87,13 +87,12 @@ def run_layers(
 class LayerRunner:
     """Runs a fixed list of ops (a whole model, or one pipeline stage) layer by layer.
 
-    With `traced=True`, each layer that is not selectively checkpointed runs as one function
-    traced once (`_aot.trace_once`): the first step runs through DTensor op by op and records
-    the local ops and collectives it issued; later steps replay them, at a fraction of the
-    host time. The ops, placements and collectives are the same, so are the results. A
-    "full" layer is its traced function under torch's checkpoint: its forward reruns in
-    backward, as in eager. "selective" layers run op by op: torch's selective-checkpoint
-    cache works per op, below a traced function's single autograd node.
+    With `traced=True`, each layer runs as one function traced once (`_aot.trace_once`): the
+    first step runs through DTensor op by op and records the local ops and collectives it
+    issued; later steps replay them, at a fraction of the host time. The ops, placements and
+    collectives are the same, so are the results. A checkpointed layer's traced backward
+    recomputes what it needs of the forward ("full": from the layer's inputs; "selective":
+    also from the saved outputs of the KEEP ops), as torch's checkpoint does in eager.
     """
 
     def __init__(self, nodes, run_node, layer_of, checkpointing, *, traced: bool = False,
@@ -130,13 +129,13 @@ class LayerRunner:
         # without grad (torch's shape inference, evaluation) nothing is traced: op by op
         traced = self._traced and torch.is_grad_enabled()
         for i, (nodes, how) in enumerate(self._units):
-            if traced and how != "selective":
+            if traced:
                 segment = self._segments.get(i)
                 if segment is None:
                     segment = self._segments[i] = _Segment(
-                        nodes, env, self._run_node, self._readers, self._regather
+                        nodes, env, self._run_node, self._readers, self._regather, how
                     )
-                segment(env, checkpointed=how == "full")
+                segment(env)
             elif how == "none":
                 for n in nodes:
                     self._run_node(n, env)
@@ -144,11 +143,17 @@ class LayerRunner:
                 _run_checkpointed(nodes, env, self._run_node, how)
 
 
+# what a traced layer's forward saves for backward under each policy (`_aot.trace_once`'s
+# `keep`): everything; nothing but its inputs; its inputs and the outputs of KEEP ops
+_TRACED_KEEP = {"none": None, "full": frozenset(), "selective": KEEP}
+
+
 class _Segment:
     """Ops of one or more layers as a traced function of the tensors they read, returning the
-    values that later ops read (never other intermediates: they would stay alive as outputs)."""
+    values that later ops read (never other intermediates: they would stay alive as outputs).
+    A checkpointed layer's recomputation is part of its traced backward."""
 
-    def __init__(self, group, env, run_node, readers, regather):
+    def __init__(self, group, env, run_node, readers, regather, how: str):
         inside = set(group)
         self.reads = _reads(group, env)
         self.escapes = [n for n in group if readers.get(n, set()) - inside]
@@ -157,7 +162,7 @@ class _Segment:
         # the traced function's arguments are the reads' tensor leaves, in order
         owners = [a for a in self.reads for v in tree_flatten(env[a])[0] if _is_tensor(v)]
         positions = [i for i, a in enumerate(owners) if a.name in regather]
-        self._fn = _aot.trace_once(self._body, regather=positions)
+        self._fn = _aot.trace_once(self._body, regather=positions, keep=_TRACED_KEEP[how])
 
     def _body(self, *tensors):
         local = dict(zip(self.reads, tree_unflatten(self._fill(tensors), self._in_spec)))
@@ -171,14 +176,10 @@ class _Segment:
         it = iter(tensors)
         return [next(it) if slot is None else slot for slot in self._in_consts]
 
-    def __call__(self, env, *, checkpointed: bool):
+    def __call__(self, env):
         leaves, self._in_spec = tree_flatten([env[a] for a in self.reads])
         self._in_consts = [None if _is_tensor(v) else v for v in leaves]
-        tensors = [v for v in leaves if _is_tensor(v)]
-        if checkpointed:
-            out = checkpoint(self._fn, *tensors, use_reentrant=False)
-        else:
-            out = self._fn(*tensors)
+        out = self._fn(*[v for v in leaves if _is_tensor(v)])
         spec, consts = self._out_spec
         it = iter(out)
         values = tree_unflatten([next(it) if c is None else c for c in consts], spec)

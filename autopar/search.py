@@ -33,9 +33,9 @@ Cost model of one candidate (all seconds per training step, per device):
 
 Layer times: per microbatch, the slower of the device's time (roofline per op, scaled by the
 device's calibration if it has one) and the host's time to issue the layer's ops
-(`cost.host_time_s`: the replay runtime's per-op time; the eager runtime's for "selective"
-layers and split backwards, which run op by op). The host works ahead of the device, so a layer
-costs whichever of the two is longer.
+(`cost.host_time_s`: the replay runtime's per-op time; the eager runtime's for split
+backwards, which run op by op). The host works ahead of the device, so a layer costs whichever
+of the two is longer.
 
 Memory per device (rank r): sum over its layers of state bytes (parameters + gradients +
 optimizer state, per ZeRO divided by dp: zero2 the gradients and optimizer state, plus the
@@ -280,9 +280,8 @@ def layer_costs(stand: StandIn, profiles, cluster, sub_mesh, flavour, *, precisi
             options.append(solvers.LayerOption(name="full", fwd_s=max(f, hf),
                                                bwd_s=max(b + f, hb + hf),
                                                activation_bytes=min(kept, act[name])))
-            ef, eb = _host_s(issued[name], sub.device, "eager")  # selective runs op by op
             options.append(solvers.LayerOption(
-                name="selective", fwd_s=max(f, ef), bwd_s=max(b + f - kept_fwd[name], eb + ef),
+                name="selective", fwd_s=max(f, hf), bwd_s=max(b + f - kept_fwd[name], hb + hf),
                 activation_bytes=min(kept + kept_bytes[name], act[name])))
         for full in stand.represents.get(name, (name,)):
             layers.append(solvers.Layer(

@@ -103,18 +103,20 @@ def test_selective_recomputes_the_cheap_ops(runs):
         assert runs["full"][0][op] == runs["selective"][0][op] == 2 * per_block
 
 
-@pytest.mark.parametrize("policy", ["none", "full"])
+@pytest.mark.parametrize("policy", ["none", "full", "selective"])
 def test_the_replay_runtime_gives_the_same_loss_and_gradients(runs, policy):
     """Layers traced once and replayed (the default runtime) compute what op-by-op does, also
-    when the first call ran without grad (an inference trace must not be replayed in training)."""
+    when the first call ran without grad (an inference trace must not be replayed in training),
+    and their backward recomputes what op by op recomputes, no more."""
     ops, loss, grads = runs[policy]
     attention = aten._scaled_dot_product_flash_attention_for_cpu.default
     for warm in (False, True):
         replay_ops, replay_loss, replay_grads = _backward_ops(policy, traced=True,
                                                               warm_without_grad=warm)
-        # backward reruns attention only where op by op does (the traced backward once kept
-        # a dead copy of each attention forward, and ran it)
-        assert replay_ops[attention] == ops[attention]
+        # (the traced backward once kept a dead copy of each attention forward, and ran it)
+        for op in (attention, aten.addmm.default, aten.gelu.default,
+                   aten.native_layer_norm.default):
+            assert replay_ops[op] == ops[op], op
         assert replay_loss == pytest.approx(loss, rel=1e-6)
         assert replay_grads.keys() == grads.keys()
         for name, g in grads.items():
