@@ -151,8 +151,7 @@ def _bucket_gathers(graph: fx.Graph, gathers: list[fx.Node]) -> None:
     """A bucket of gathers is one gather of the shards end to end: rank r's part of the
     (ranks, total) result is its shards, so weight i is the columns [offset_i, offset_i +
     numel_i), laid out again as (ranks * rows_i, ...), what its own gather returned."""
-    ranks_of = {n: n.args[1] for n in gathers}
-    for bucket in _buckets(gathers, _key, lambda n: _input_bytes(n) * ranks_of[n]):
+    for bucket in _buckets(gathers, _key, lambda n: _input_bytes(n) * n.args[1]):
         ranks, group = bucket[0].args[1], bucket[0].args[2]
         shards = [n.args[0] for n in bucket]
         numels = [s.meta["val"].numel() for s in shards]

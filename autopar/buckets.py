@@ -21,12 +21,13 @@ On CPU (gloo) each bucket is waited for as it is issued: one collective in fligh
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
-BUCKET_BYTES = 64 * 2**20
+from autopar._overlap import BUCKET_BYTES
 
 _c10d = torch.ops._c10d_functional
 
@@ -44,9 +45,8 @@ class _Bucket:
 @dataclass
 class _InFlight:
     params: list
-    result: torch.Tensor  # the collective's output
+    result: torch.Tensor  # the collective's output (on CUDA, not yet waited for)
     shapes: list  # each parameter's local gradient shape after the reduction
-    waited: bool
 
 
 class GradientBuckets:
@@ -86,10 +86,10 @@ class GradientBuckets:
         """Issue the last bucket, wait for every reduction, and set the reduced gradients."""
         self._issue()
         for f in self._in_flight:
-            done = f.result if f.waited else _c10d.wait_tensor.default(f.result)
+            done = _c10d.wait_tensor.default(f.result) if self._overlap else f.result
             offset = 0
             for p, shape in zip(f.params, f.shapes):
-                numel = _numel(shape)
+                numel = math.prod(shape)
                 local = done[offset:offset + numel].view(shape)
                 p.grad = DTensor.from_local(local, self.mesh, p.placements, run_check=False,
                                             shape=p.shape, stride=p.stride())
@@ -140,7 +140,7 @@ class GradientBuckets:
             p.grad = None  # the bucket holds the gradient now; settle() sets the reduced one
         if not self._overlap:
             result = _c10d.wait_tensor.default(result)
-        self._in_flight.append(_InFlight(b.params, result, shapes, waited=not self._overlap))
+        self._in_flight.append(_InFlight(b.params, result, shapes))
 
 
 def _rows(local: torch.Tensor, target, n: int, kind: str) -> torch.Tensor:
@@ -155,10 +155,3 @@ def _rows(local: torch.Tensor, target, n: int, kind: str) -> torch.Tensor:
 
 def _shard_shape(shape, d: int, n: int) -> tuple[int, ...]:
     return tuple(s // n if i == d else s for i, s in enumerate(shape))
-
-
-def _numel(shape) -> int:
-    out = 1
-    for s in shape:
-        out *= s
-    return out

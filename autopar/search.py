@@ -26,9 +26,10 @@ Cost model of one candidate (all seconds per training step, per device):
                  same volume as all-reduce); zero3: reduce-scatter here, and its parameter
                  all-gathers (forward and again backward, per microbatch) are in the layer times;
                  plus the optimizer step, a memory-bound pass over the rank's local state.
-                 Serial: ParallelModel starts each gradient's reduction as backward makes it,
-                 but on 2 H200s the measured steps showed no gain from that (2026-11-29,
-                 docs/benchmarks/2026-11-29-multigpu-x2.md), so none is assumed.
+                 Serial, although on CUDA the replay runtime overlaps these collectives with
+                 backward (autopar/_overlap.py, buckets.py): on 2 H200s this still predicted
+                 0.91-1.03 of the measured steps (docs/benchmarks/
+                 2026-11-29-multigpu-x2-overlap.md), so no overlap is assumed.
     step_s       pipeline_s + dp_sync_s (no overlap: a conservative serial model).
 
 Layer times: per microbatch, the slower of the device's time (roofline per op, scaled by the
