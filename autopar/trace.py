@@ -20,7 +20,14 @@ from torch import fx, nn
 from autopar.errors import TraceError
 
 # Composite ops we keep whole: decomposing them would lose the fused kernel at run time.
-KEEP_WHOLE = (torch.ops.aten.scaled_dot_product_attention.default,)
+# silu (SwiGLU's) is pointwise: DTensor shards it and its backward as any elementwise op.
+# Decomposed, it is an fp32 upcast, sigmoid, mul and a downcast: four kernels and about eight
+# times the memory traffic of the one fused kernel, forward and backward. (mish and softplus
+# would gain as much, but DTensor has no rule for their backward ops.)
+KEEP_WHOLE = (
+    torch.ops.aten.scaled_dot_product_attention.default,
+    torch.ops.aten.silu.default,
+)
 
 
 class _WithLoss(nn.Module):

@@ -976,9 +976,9 @@ def profile_steps(ctx: Ctx, step, batches, n: int, label: str) -> tuple[dict, st
                "kernel_launches_per_step": kernels / n}
     sort_dev = dev_attr if ctx.device.type == "cuda" else "self_cpu_time_total"
 
-    def top(key):
+    def top(key, rows=25):
         try:
-            return ka.table(sort_by=key, row_limit=25)
+            return ka.table(sort_by=key, row_limit=rows)
         except Exception as e:  # sort keys were renamed across torch releases
             return f"(no table sorted by {key}: {type(e).__name__}: {e})"
 
@@ -986,8 +986,74 @@ def profile_steps(ctx: Ctx, step, batches, n: int, label: str) -> tuple[dict, st
             f"{summary['device_busy_s_per_step'] * 1e3:.1f} ms per step, "
             f"{summary['aten_calls_per_step']:.0f} aten calls per step\n"
             f"-- by self CPU time\n{top('self_cpu_time_total')}\n"
-            f"-- by self device time\n{top(sort_dev)}\n")
+            f"-- by self device time\n{top(sort_dev, 45)}\n")
     return summary, text
+
+
+def memory_at_peak(ctx: Ctx, step, batch, label: str, top: int = 30) -> tuple[dict, str]:
+    """One step under the CUDA allocator's history: what is alive at the step's peak, grouped
+    by the op that allocated it. Tensors alive before the step (parameters, optimizer state)
+    are `before_step_bytes`; the rest are grouped by the innermost line outside torch's own
+    files: in a replayed graph that is the graph's generated code, whose line names the ATen
+    op (fx registers it with linecache). Rank 0's figures."""
+    import linecache
+    import re
+
+    ctx.sync()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.memory._record_memory_history(stacks="python", max_entries=5_000_000)
+    try:
+        step(*batch)
+        ctx.sync()
+        snap = torch.cuda.memory._snapshot()
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    events = snap["device_traces"][torch.cuda.current_device()]
+    live, total, peak, at_peak, gone_at_peak = {}, 0, 0, {}, 0
+    gone = 0  # bytes of tensors made before the step and freed in it
+    for e in events:  # replay allocations and frees up to the highest point
+        if e["action"] == "alloc":
+            live[e["addr"]] = e
+            total += e["size"]
+        elif e["action"] == "free_requested":
+            if e["addr"] in live:
+                total -= live.pop(e["addr"])["size"]
+            else:
+                gone += e["size"]
+        if total - gone > peak:
+            peak, at_peak, gone_at_peak = total - gone, dict(live), gone
+
+    def where(frames) -> str:
+        for f in frames:
+            name = f["filename"]
+            if "/torch/" in name or name.startswith("<frozen"):
+                continue
+            text = linecache.getline(name, f["line"]).strip()
+            op = re.search(r"torch\.ops\.([\w.]+)", text)
+            if op:
+                return f"graph op {op.group(1)}"
+            return f"{os.path.basename(name)}:{f['line']} {f['name']}: {text[:60]}"
+        return "torch internals"
+
+    groups: dict[str, list[int]] = {}
+    for e in at_peak.values():
+        g = groups.setdefault(where(e.get("frames", [])), [0, 0])
+        g[0] += e["size"]
+        g[1] += 1
+    ranked = sorted(groups.items(), key=lambda kv: -kv[1][0])
+    made = sum(e["size"] for e in at_peak.values())
+    summary = {"before_step_bytes": before, "step_peak_bytes": before + peak,
+               "alive_from_before_at_peak_bytes": before - gone_at_peak,
+               "allocated_in_step_at_peak_bytes": made,
+               "at_peak_by_op": {k: v[0] for k, v in ranked[:top]}}
+    lines = [f"==== {label}: memory at the step's peak (rank 0): "
+             f"{(before + peak) / 2**30:.2f} GiB = {(before - gone_at_peak) / 2**30:.2f} GiB "
+             f"made before the step (of {before / 2**30:.2f} GiB then) + {made / 2**30:.2f} GiB "
+             "made in it",
+             f"{'GiB':>8}  {'blocks':>6}  allocated by"]
+    lines += [f"{b / 2**30:8.3f}  {n:6d}  {k}" for k, (b, n) in ranked[:top]]
+    return summary, "\n".join(lines) + "\n"
 
 
 def measure_device(ctx: Ctx) -> dict:
@@ -1094,7 +1160,7 @@ def run_system(ctx: Ctx, spec: ModelSpec, system: System, batches, pred: dict, s
         return row
     _cleanup(ctx)  # drops the full models the builders made; peak memory counts from here
     mine = [built.slice_batch(x, y) for x, y in batches]
-    result, failure, prof = None, None, None
+    result, failure, prof, mem = None, None, None, None
     try:
         if args.no_gc:
             gc.collect()
@@ -1104,6 +1170,9 @@ def run_system(ctx: Ctx, spec: ModelSpec, system: System, batches, pred: dict, s
         if system.kind in args.profile_kinds:
             prof = profile_steps(ctx, built.step, mine, args.profile_steps,
                                  f"{spec.name} {system.name} ({ctx.world} x {ctx.device.type})")
+        if system.kind in args.memory_kinds and ctx.device.type == "cuda":
+            mem = memory_at_peak(ctx, built.step, mine[0],
+                                 f"{spec.name} {system.name} ({ctx.world} x cuda)")
     except Exception as e:
         failure = _error_text(e)
         if args.verbose:
@@ -1114,10 +1183,10 @@ def run_system(ctx: Ctx, spec: ModelSpec, system: System, batches, pred: dict, s
     local = {"failure": failure, "peak": peak, "reserved": reserved,
              "median": statistics.median(result["times"]) if result else None,
              "host": statistics.median(result["host"]) if result else None,
-             "result": result, "prof": prof}
+             "result": result, "prof": prof, "mem": mem}
     every = ctx.gather(local)
     info = dict(built.info)
-    del built, mine, result, prof
+    del built, mine, result, prof, mem
     _cleanup(ctx)
     if any(r["failure"] for r in every):
         row["error"] = next(r["failure"] for r in every if r["failure"])
@@ -1151,6 +1220,9 @@ def run_system(ctx: Ctx, spec: ModelSpec, system: System, batches, pred: dict, s
     if every[0]["prof"] is not None:
         row["profile"] = every[0]["prof"][0]
         state["profiles"].append(every[0]["prof"][1])
+    if every[0]["mem"] is not None:
+        row["memory_at_peak"] = every[0]["mem"][0]
+        state["profiles"].append(every[0]["mem"][1])
     return row
 
 
@@ -1352,6 +1424,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="torch.profiler over --profile-steps steps of these system kinds "
                          "(default with no names: autopar eager fsdp2); tables to "
                          "--profile-out, figures in the row")
+    ap.add_argument("--memory-peak", nargs="+", default=[], metavar="SYSTEM",
+                    help="one more step of these system kinds under the CUDA allocator's "
+                         "history: what is alive at its peak, by the op that allocated it "
+                         "(to --profile-out, figures in the row)")
     ap.add_argument("--profile-steps", type=int, default=2)
     ap.add_argument("--profile-out", default=None, help="text file for profiler tables")
     ap.add_argument("--plan-workers", type=int, default=None,
@@ -1417,8 +1493,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.profile_kinds = set(args.profile or ("autopar", "eager", "fsdp2"))
     else:
         args.profile_kinds = set()
-    if args.profile_out and args.profile is None:
-        fail("--profile-out needs --profile")
+    bad = [s for s in args.memory_peak if s not in KINDS]
+    if bad:
+        fail(f"--memory-peak: unknown system kind(s) {bad}: choose from {', '.join(KINDS)}")
+    args.memory_kinds = set(args.memory_peak)
+    if args.profile_out and args.profile is None and not args.memory_peak:
+        fail("--profile-out needs --profile or --memory-peak")
     for item in args.meta:
         if "=" not in item:
             fail(f"--meta takes KEY=VALUE, got {item!r}")

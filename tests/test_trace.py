@@ -58,6 +58,15 @@ class TestTrace:
         assert "aten.scaled_dot_product_attention.default" in ops
         assert "aten.bmm.default" not in ops
 
+    def test_silu_stays_whole(self):
+        # decomposed, silu is an fp32 upcast, sigmoid, mul and a downcast: four kernels
+        model = nn.Linear(8, 8).to(torch.bfloat16)
+        x = torch.randn(2, 8, dtype=torch.bfloat16)
+        traced = trace(model, (x,), loss_fn=lambda out, y: F.silu(out).sum(), target=x)
+        ops = [str(n.target) for n in traced.graph_module.graph.nodes if n.op == "call_function"]
+        assert "aten.silu.default" in ops
+        assert not any(op.startswith(("aten.sigmoid", "aten._to_copy")) for op in ops)
+
     def test_model_output_is_loss_without_loss_fn(self):
         class WithLoss(nn.Module):
             def __init__(self):
