@@ -1042,17 +1042,29 @@ def memory_at_peak(ctx: Ctx, step, batch, label: str, top: int = 30) -> tuple[di
         g[0] += e["size"]
         g[1] += 1
     ranked = sorted(groups.items(), key=lambda kv: -kv[1][0])
+    after: dict[str, list[int]] = {}  # alive after the step (state made at build, gradients)
+    for seg in snap["segments"]:
+        for b in seg["blocks"]:
+            if b["state"] == "active_allocated":
+                g = after.setdefault(where(b.get("frames", [])), [0, 0])
+                g[0] += b["size"]
+                g[1] += 1
+    after_ranked = sorted(after.items(), key=lambda kv: -kv[1][0])
     made = sum(e["size"] for e in at_peak.values())
     summary = {"before_step_bytes": before, "step_peak_bytes": before + peak,
                "alive_from_before_at_peak_bytes": before - gone_at_peak,
                "allocated_in_step_at_peak_bytes": made,
-               "at_peak_by_op": {k: v[0] for k, v in ranked[:top]}}
+               "at_peak_by_op": {k: v[0] for k, v in ranked[:top]},
+               "after_step_by_op": {k: v[0] for k, v in after_ranked[:top]}}
     lines = [f"==== {label}: memory at the step's peak (rank 0): "
              f"{(before + peak) / 2**30:.2f} GiB = {(before - gone_at_peak) / 2**30:.2f} GiB "
              f"made before the step (of {before / 2**30:.2f} GiB then) + {made / 2**30:.2f} GiB "
              "made in it",
              f"{'GiB':>8}  {'blocks':>6}  allocated by"]
     lines += [f"{b / 2**30:8.3f}  {n:6d}  {k}" for k, (b, n) in ranked[:top]]
+    lines += ["-- alive after the step (allocations made while the system was built are named "
+              "when --memory-peak watched its build)", f"{'GiB':>8}  {'blocks':>6}  allocated by"]
+    lines += [f"{b / 2**30:8.3f}  {n:6d}  {k}" for k, (b, n) in after_ranked[:top]]
     return summary, "\n".join(lines) + "\n"
 
 
@@ -1119,6 +1131,12 @@ def _cleanup(ctx: Ctx) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
+def _plan_option(item: str) -> tuple[str, object]:
+    """--plan-option KEY=VALUE: an integer value (microbatch_size=2) as an int, else the text."""
+    key, value = item.split("=", 1)
+    return key, int(value) if value.lstrip("-").isdigit() else value
+
+
 def run_system(ctx: Ctx, spec: ModelSpec, system: System, batches, pred: dict, state) -> dict:
     """Build, warm up, time (and maybe profile) one system; a row for the JSON (rank 0's)."""
     args = ctx.args
@@ -1139,6 +1157,9 @@ def run_system(ctx: Ctx, spec: ModelSpec, system: System, batches, pred: dict, s
         return row
     built, failure = None, None
     t_build = time.perf_counter()
+    watch = system.kind in args.memory_kinds and ctx.device.type == "cuda"
+    if watch:  # who allocates what the system holds between steps (memory_at_peak's table)
+        torch.cuda.memory._record_memory_history(stacks="python", max_entries=1_000_000)
     try:
         if system.kind == "autopar":
             if "plan_json" not in pred:
@@ -1154,6 +1175,8 @@ def run_system(ctx: Ctx, spec: ModelSpec, system: System, batches, pred: dict, s
     build_s = time.perf_counter() - t_build
     failures = ctx.gather(failure)
     if any(failures):
+        if watch:
+            torch.cuda.memory._record_memory_history(enabled=None)
         row["error"] = "build: " + next(f for f in failures if f)
         del built
         _cleanup(ctx)
@@ -1162,6 +1185,10 @@ def run_system(ctx: Ctx, spec: ModelSpec, system: System, batches, pred: dict, s
     mine = [built.slice_batch(x, y) for x, y in batches]
     result, failure, prof, mem = None, None, None, None
     try:
+        if watch:  # and its first step: what the optimizer and the runtime make once
+            built.step(*mine[0])
+            ctx.sync()
+            torch.cuda.memory._record_memory_history(enabled=None)
         if args.no_gc:
             gc.collect()
             gc.disable()
@@ -1178,6 +1205,8 @@ def run_system(ctx: Ctx, spec: ModelSpec, system: System, batches, pred: dict, s
         if args.verbose:
             traceback.print_exc()
     gc.enable()
+    if watch:  # off already, unless the first step failed
+        torch.cuda.memory._record_memory_history(enabled=None)
     peak = torch.cuda.max_memory_allocated() if ctx.device.type == "cuda" else None
     reserved = torch.cuda.max_memory_reserved() if ctx.device.type == "cuda" else None
     local = {"failure": failure, "peak": peak, "reserved": reserved,
@@ -1254,7 +1283,7 @@ def run_model(ctx: Ctx, name: str, state) -> list[dict]:
                 "time_limit": args.plan_time_limit,
                 "memory_limit": args.memory_limit_gib * 2**30 if args.memory_limit_gib else None,
                 "loss": "fp32" if args.fp32_loss else "model",
-                "plan_options": dict(o.split("=", 1) for o in args.plan_option)}
+                "plan_options": dict(_plan_option(o) for o in args.plan_option)}
         manual = [] if args.no_predict_baselines else \
             [s for s in systems if s.kind != "autopar"]
         t0 = time.perf_counter()

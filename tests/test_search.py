@@ -211,3 +211,28 @@ def test_the_pipeline_runtime_cost_is_charged_per_stage_send():
         cluster.device, calibration=Calibration(pipeline_stage_s=0.5)))
     charged = pipeline_problem(costs, slow, 2, 4, "1F1B", 1, math.inf)
     assert charged.p2p_latency_s == pytest.approx(plain.p2p_latency_s + 0.5)
+
+
+def test_plan_keeps_nothing_of_the_model_alive():
+    # a fresh interpreter: the solvers' first import happens inside autopar.plan, where pulp's
+    # import-time tracebacks once held plan's frame, and so the model, for good
+    import subprocess
+    import sys
+
+    script = """
+import gc, weakref, torch, torch.nn.functional as F, autopar
+from autopar.models.gpt import GPT, GPTConfig
+model = GPT(GPTConfig(vocab_size=64, seq_len=8, n_layer=2, n_head=2, d_model=16))
+x = torch.randint(0, 64, (4, 8))
+loss = lambda out, y: F.cross_entropy(out.flatten(0, 1), y.flatten())
+autopar.plan(model, autopar.Cluster.preset("cpu", devices_per_node=2), (x, x), loss_fn=loss,
+             mesh={"dp": 2})
+refs = [weakref.ref(p) for p in model.parameters()]
+del model
+gc.collect()
+print(sum(r() is not None for r in refs))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == "0", "parameters of a deleted model are still alive"
