@@ -21,15 +21,16 @@ Cost model of one candidate (all seconds per training step, per device):
                  "full" layer recomputes its forward twice (see pipeline_runtime), and
                  "selective" is not offered (`Schedule.checkpoint_problem`).
     dp_sync_s    once per step, after gradient accumulation, max over pp ranks of its layers':
-                 replicate: all-reduce of the gradients over dp; zero2: reduce-scatter of the
-                 gradients + all-gather of the parameters (ZeRO, Rajbhandari et al. 2020, sec. 5:
-                 same volume as all-reduce); zero3: reduce-scatter here, and its parameter
-                 all-gathers (forward and again backward, per microbatch) are in the layer times;
-                 plus the optimizer step, a memory-bound pass over the rank's local state.
+                 replicate: all-reduce of the gradients over dp; plus the optimizer step, a
+                 memory-bound pass over the rank's local state. The ZeRO flavours reduce inside
+                 each microbatch's traced graphs, so their collectives are in the layer times:
+                 forward all-gathers the weights (zero3 and hsdp gather them again in
+                 backward), backward reduce-scatters the gradients (ZeRO, Rajbhandari et al.
+                 2020, sec. 5; hsdp then all-reduces each shard across the replicas).
                  Serial, although on CUDA the replay runtime overlaps these collectives with
-                 backward (autopar/_overlap.py, buckets.py): on 2 H200s this still predicted
-                 0.91-1.03 of the measured steps (docs/benchmarks/
-                 2026-11-29-multigpu-x2-overlap.md), so no overlap is assumed.
+                 compute (autopar/_overlap.py, buckets.py): on 2 H200s this predicted 0.91-1.03
+                 of the measured steps (docs/benchmarks/2026-11-29-multigpu-x2-overlap.md), so
+                 no overlap is assumed.
     step_s       pipeline_s + dp_sync_s (no overlap: a conservative serial model).
 
 Layer times: per microbatch, the slower of the device's time (roofline per op, scaled by the
@@ -114,8 +115,8 @@ class LayerCosts:
     decisions: object
     solution: object
     layers: tuple[solvers.Layer, ...]  # options "none" (and "full", "selective" for blocks)
-    sync_s: dict[str, float]  # layer -> dp gradient sync seconds per step (by flavour)
-    gather_step_s: dict[str, float]  # layer -> zero2 parameter all-gather per step
+    sync_s: dict[str, float]  # layer -> dp gradient all-reduce per step (replicate)
+    dp_microbatch_s: float  # ZeRO collectives of all layers per microbatch (in the layer times)
     update_s: dict[str, float]  # layer -> optimizer step of its local state, per step
     issued: dict[str, int]  # layer -> graph ops the host issues per microbatch
     param_numel: dict[str, float]  # layer -> parameter elements per device (sharded over tp)
@@ -218,8 +219,8 @@ def layer_costs(stand: StandIn, profiles, cluster, sub_mesh, flavour, *, precisi
     numel = dict.fromkeys(order, 0.0)
     issued = dict.fromkeys(order, 0)  # graph ops the host issues per microbatch
     sync = dict.fromkeys(order, 0.0)
-    gather = dict.fromkeys(order, 0.0)
-    zero3_gather = dict.fromkeys(order, 0.0)
+    dp_fwd = dict.fromkeys(order, 0.0)  # ZeRO collectives in each microbatch's forward
+    dp_bwd = dict.fromkeys(order, 0.0)  # ... and in its backward
     model_flops = 0.0
     nodes = {n.name: n for n in gm.graph.nodes}
     comm_s = {axis: 0.0 for axis in sub_mesh}
@@ -237,11 +238,11 @@ def layer_costs(stand: StandIn, profiles, cluster, sub_mesh, flavour, *, precisi
                     _add_state(state[owner], parts, flavour, shard, local, precision)
                     numel[owner] += local
                     if dp > 1:
-                        step_s, step_gather_s, mb_gather_s = _dp_traffic(
+                        step_s, fwd_s, bwd_s = _dp_traffic(
                             flavour, local, precision, dp, shard, dp_links)
                         sync[owner] += step_s
-                        gather[owner] += step_gather_s
-                        zero3_gather[owner] += mb_gather_s
+                        dp_fwd[owner] += fwd_s
+                        dp_bwd[owner] += bwd_s
             elif name in traced.inputs:
                 act[layer] += _nbytes(n) / shard_factor(s.outputs[0], shape)
             continue
@@ -272,7 +273,7 @@ def layer_costs(stand: StandIn, profiles, cluster, sub_mesh, flavour, *, precisi
         comm_s[reshard_axis] += c * weight(e.dst)
     layers = []
     for k, name in enumerate(order):
-        f, b = fwd[name] + zero3_gather[name], bwd[name] + zero3_gather[name]
+        f, b = fwd[name] + dp_fwd[name], bwd[name] + dp_bwd[name]
         hf, hb = _host_s(issued[name], sub.device, "replay")
         options = [solvers.LayerOption(name="none", fwd_s=max(f, hf), bwd_s=max(b, hb),
                                        activation_bytes=act[name])]
@@ -299,7 +300,8 @@ def layer_costs(stand: StandIn, profiles, cluster, sub_mesh, flavour, *, precisi
     update = {name: _update_s(state[name], sub.device) for name in order}
     return LayerCosts(
         traced=stand.full, stand=stand, sub_mesh=dict(sub_mesh), decisions=decisions,
-        solution=solution, layers=tuple(layers), sync_s=full(sync), gather_step_s=full(gather),
+        solution=solution, layers=tuple(layers), sync_s=full(sync),
+        dp_microbatch_s=sum(sum(full(d).values()) for d in (dp_fwd, dp_bwd)),
         update_s=full(update), issued=full(issued),
         param_numel=full(numel), state=full(state), temporaries_bytes=temporaries,
         flavour=flavour, comm_s=comm_s, model_flops=model_flops, dp_shard=shard,
@@ -337,21 +339,23 @@ def hsdp_shard(cluster: Cluster, dp: int, tp: int) -> int | None:
 
 
 def _dp_traffic(flavour, local_numel, precision, dp, shard, links):
-    """(gradient sync per step, parameter all-gather per step, parameter all-gather per
-    microbatch, forward and again backward) of one parameter of `local_numel` elements.
-    links: (replica axis link, shard axis link)."""
+    """(per step, per microbatch in forward, per microbatch in backward) data-parallel
+    collectives of one parameter of `local_numel` elements, as the runtime issues them.
+    replicate: all-reduce of the accumulated gradient, once per step (GradientBuckets). The
+    ZeRO flavours, inside each microbatch's traced graphs: all-gather of the weight in forward
+    (zero3 and hsdp again in backward) and reduce-scatter of its gradient in backward (hsdp then
+    all-reduces that shard across the replicas). links: (replica axis link, shard axis link)."""
     grad = local_numel * precision.grad_bytes
     weights = local_numel * precision.compute_bytes
     across, within = links
     if flavour == "replicate":
         return cost.collective_time_s("all_reduce", grad, dp, within), 0.0, 0.0
-    scatter = cost.collective_time_s("reduce_scatter", grad, shard, within)
     gather = cost.collective_time_s("all_gather", weights, shard, within)
-    if flavour == "zero2":
-        return scatter, gather, 0.0
+    scatter = cost.collective_time_s("reduce_scatter", grad, shard, within)
     if flavour == "hsdp":  # each shard is all-reduced across the replicas (other nodes)
         scatter += cost.collective_time_s("all_reduce", grad / shard, dp // shard, across)
-    return scatter, 0.0, gather
+    regather = gather if flavour in ("zero3", "hsdp") else 0.0
+    return 0.0, gather, regather + scatter
 
 
 def _add_state(into, parts, flavour, shard, local_numel, precision):
@@ -479,8 +483,7 @@ def evaluate(c: Candidate, cluster: Cluster) -> Candidate:
             for k, val in c.costs.state[name].items():
                 ranks[r][k] += val
             ranks[r]["activations"] += problem.in_flight[s] * opt.activation_bytes
-            sync[r] += (c.costs.sync_s[name] + c.costs.gather_step_s[name]
-                        + c.costs.update_s[name])
+            sync[r] += c.costs.sync_s[name] + c.costs.update_s[name]
     c.pipeline_s = pipe_s
     c.dp_sync_s = max(sync)
     c.step_time_s = pipe_s + c.dp_sync_s
@@ -686,7 +689,7 @@ def _step_bound(costs: LayerCosts, pp: int, m: int, schedule: str, v: int) -> fl
     busiest rank holds at least 1/pp of it."""
     work = sum(min(o.fwd_s + o.bwd_s for o in x.options) for x in costs.layers)
     b = bubble_weight(schedule, pp, m, v)
-    sync = sum(costs.sync_s.values()) + sum(costs.gather_step_s.values())
+    sync = sum(costs.sync_s.values())
     return b * work + (m - b) * work / pp + sync / pp
 
 
@@ -818,7 +821,8 @@ def candidate_plan(c: Candidate, cluster: Cluster, precision: TrainingPrecision,
             "bfloat16" if precision.compute_bytes == 2 else "float32"),
         "world_size": float(cluster.world_size),
         "communication_pp_s": c.p2p_s,
-        "communication_dp_s": c.dp_sync_s,
+        "communication_dp_s": (sum(costs.sync_s.values())
+                               + costs.dp_microbatch_s * c.num_microbatches),
     }
     for axis, secs in costs.comm_s.items():
         if axis != "dp":

@@ -5,14 +5,15 @@ that is not here can be judged). Keys of `plan.predicted` written by `autopar.se
 
     step_time_s            pipeline_s + dp_sync_s
     pipeline_s             the stage model's step (compute, resharding, p2p, bubble)
-    dp_sync_s              per-step data-parallel gradient sync (+ ZeRO-2 parameter gather)
+    dp_sync_s              per-step data-parallel gradient all-reduce (replicate) and optimizer step
     bubble_fraction        the schedule's idle fraction (equal stages)
     peak_memory_bytes      the worst device
     memory_<kind>_bytes    that device's parameters, gradients, optimizer, activations,
                            temporaries
     communication_<axis>_s seconds per step on each mesh axis: pp (p2p sends, all
-                           microbatches), dp (gradient sync), tp (intra-op resharding and op
-                           collectives, all microbatches; on a dp-only mesh they count as dp)
+                           microbatches), dp (gradient reductions and ZeRO gathers), tp
+                           (intra-op resharding and op collectives, all microbatches; on a
+                           dp-only mesh they count as dp)
     flops_per_step         model FLOPs of one step (forward + backward, no recompute)
     samples_per_step, tokens_per_step, peak_flops_per_device, world_size
 """
