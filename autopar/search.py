@@ -40,11 +40,13 @@ backwards, which run op by op). The host works ahead of the device, so a layer c
 of the two is longer.
 
 Memory per device (rank r): sum over its layers of state bytes (parameters + gradients +
-optimizer state, per ZeRO divided by dp: zero2 the gradients and optimizer state, plus the
-unsharded compute copy FSDP keeps without reshard-after-forward; zero3 all three) + in-flight
-microbatches x activation bytes (checkpoint "full": only the layer's input; "selective": the
-input and the outputs of the matmuls and attention, `runner.KEEP_IN_GRAPH`) + temporaries
-(zero3: the gathered parameters of the largest layer, twice for prefetch).
+optimizer state, divided over the dp ranks that shard them by zero2, zero3 and hsdp) + in-flight
+microbatches x activation bytes (checkpoint "none": what the layer saves for backward, and
+under zero2 the weights its forward gathered, as FSDP keeps them without reshard-after-forward;
+"full": only the layer's input; "selective": the input and the outputs of the matmuls and
+attention, `runner.KEEP_IN_GRAPH`; a checkpointed layer gathers its weights again when it
+recomputes) + temporaries (zero3: the gathered parameters of the largest layer, twice for
+prefetch).
 """
 
 from __future__ import annotations
@@ -221,6 +223,7 @@ def layer_costs(stand: StandIn, profiles, cluster, sub_mesh, flavour, *, precisi
     sync = dict.fromkeys(order, 0.0)
     dp_fwd = dict.fromkeys(order, 0.0)  # ZeRO collectives in each microbatch's forward
     dp_bwd = dict.fromkeys(order, 0.0)  # ... and in its backward
+    gathered = dict.fromkeys(order, 0.0)  # zero2: the gathered weights forward saves
     model_flops = 0.0
     nodes = {n.name: n for n in gm.graph.nodes}
     comm_s = {axis: 0.0 for axis in sub_mesh}
@@ -235,7 +238,9 @@ def layer_costs(stand: StandIn, profiles, cluster, sub_mesh, flavour, *, precisi
                 local = n.meta["val"].numel() / shard_factor(_non_dp(s.outputs[0], dp_axis), shape)
                 parts = parameter_state_bytes(local, precision)
                 for owner in users:  # a tied weight lives on every stage that reads it
-                    _add_state(state[owner], parts, flavour, shard, local, precision)
+                    _add_state(state[owner], parts, flavour, shard)
+                    if flavour == "zero2" and shard > 1:
+                        gathered[owner] += local * precision.compute_bytes
                     numel[owner] += local
                     if dp > 1:
                         step_s, fwd_s, bwd_s = _dp_traffic(
@@ -275,15 +280,20 @@ def layer_costs(stand: StandIn, profiles, cluster, sub_mesh, flavour, *, precisi
     for k, name in enumerate(order):
         f, b = fwd[name] + dp_fwd[name], bwd[name] + dp_bwd[name]
         hf, hb = _host_s(issued[name], sub.device, "replay")
+        # ZeRO-2 keeps each microbatch's gathered weights from forward to backward, as it
+        # keeps activations; a checkpointed layer gathers them again in its recomputation
+        # (zero3 and hsdp gather again in backward anyway: dp_bwd has it)
         options = [solvers.LayerOption(name="none", fwd_s=max(f, hf), bwd_s=max(b, hb),
-                                       activation_bytes=act[name])]
+                                       activation_bytes=act[name] + gathered[name])]
         if name not in (PRE, POST) and k > 0:
             kept = out_bytes[order[k - 1]]  # the layer's input: the previous layer's output
+            redo = f if flavour == "zero2" else fwd[name]  # recomputed forward
             options.append(solvers.LayerOption(name="full", fwd_s=max(f, hf),
-                                               bwd_s=max(b + f, hb + hf),
+                                               bwd_s=max(b + redo, hb + hf),
                                                activation_bytes=min(kept, act[name])))
             options.append(solvers.LayerOption(
-                name="selective", fwd_s=max(f, hf), bwd_s=max(b + f - kept_fwd[name], hb + hf),
+                name="selective", fwd_s=max(f, hf),
+                bwd_s=max(b + redo - kept_fwd[name], hb + hf),
                 activation_bytes=min(kept + kept_bytes[name], act[name])))
         for full in stand.represents.get(name, (name,)):
             layers.append(solvers.Layer(
@@ -358,15 +368,13 @@ def _dp_traffic(flavour, local_numel, precision, dp, shard, links):
     return 0.0, gather, regather + scatter
 
 
-def _add_state(into, parts, flavour, shard, local_numel, precision):
+def _add_state(into, parts, flavour, shard):
     """Parameters, gradients and optimizer state of one parameter: divided over its `shard`
     ranks by ZeRO-2, ZeRO-3 and hybrid sharding."""
     div = 1 if flavour == "replicate" else shard
     into["parameters"] += parts["parameters"] / div
     into["gradients"] += parts["gradients"] / div
     into["optimizer"] += parts["optimizer"] / div
-    if flavour == "zero2" and shard > 1:  # the unsharded copy kept from forward to backward
-        into["parameters"] += local_numel * precision.compute_bytes
 
 
 def _non_dp(placements, dp_axis):

@@ -236,3 +236,47 @@ print(sum(r() is not None for r in refs))
                          timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split()[-1] == "0", "parameters of a deleted model are still alive"
+
+
+def test_zero_collectives_are_charged_per_microbatch_where_the_runtime_issues_them():
+    from autopar.search import _dp_traffic
+
+    link = autopar.Cluster.preset("h100-80g").intra_node
+    p = autopar.profile.TrainingPrecision.mixed_bf16()
+    n = 1e8
+
+    def c(kind, nbytes):
+        return autopar.cost.collective_time_s(kind, nbytes, 4, link)
+
+    gather, scatter = c("all_gather", 2 * n), c("reduce_scatter", 2 * n)
+    # (per step, per microbatch forward, per microbatch backward)
+    assert _dp_traffic("replicate", n, p, 4, 4, (link, link)) == (c("all_reduce", 2 * n), 0, 0)
+    assert _dp_traffic("zero2", n, p, 4, 4, (link, link)) == (0.0, gather, scatter)
+    assert _dp_traffic("zero3", n, p, 4, 4, (link, link)) == (0.0, gather, gather + scatter)
+
+
+def test_zero2_gathered_weights_live_with_the_activations_unless_checkpointed(setup):
+    # forward keeps the weights it gathered for backward (FSDP without reshard-after-forward);
+    # a checkpointed layer's recomputation gathers them again instead
+    from autopar.profile import TrainingPrecision, profile_graph
+    from autopar.search import layer_costs, solve_layers
+    from autopar.stand_in import stand_in
+
+    model, batch, _ = setup
+    cluster = autopar.Cluster.preset("h100-80g", devices_per_node=2)
+    stand = stand_in(autopar.api._trace(model, batch, lm_loss))
+    profiles = profile_graph(stand.traced.graph_module)
+    precision = TrainingPrecision.mixed_bf16()
+    solved = solve_layers(stand, profiles, cluster, {"dp": 2}, precision=precision)
+    costs = {f: layer_costs(stand, profiles, cluster, {"dp": 2}, f, precision=precision,
+                            solved=solved) for f in ("replicate", "zero2")}
+    block = next(x.name for x in costs["zero2"].layers if x.name == "blocks.1")
+    rep, z2 = ({o.name: o for o in next(x for x in costs[f].layers if x.name == block).options}
+               for f in ("replicate", "zero2"))
+    weights = costs["zero2"].param_numel[block] * precision.compute_bytes  # gathered, bf16
+    assert z2["none"].activation_bytes - rep["none"].activation_bytes == pytest.approx(weights)
+    for how in ("full", "selective"):
+        assert z2[how].activation_bytes == pytest.approx(rep[how].activation_bytes)
+        # recomputing pays the forward's gather again; not recomputing pays nothing more
+        extra = (z2[how].bwd_s - z2["none"].bwd_s) - (rep[how].bwd_s - rep["none"].bwd_s)
+        assert extra == pytest.approx(z2["none"].fwd_s - rep["none"].fwd_s) and extra > 0
