@@ -52,12 +52,15 @@ def host_time_s(ops: float, device: DeviceSpec, runtime: str = "replay") -> floa
     return ops * cal.host_s_per_op.get(runtime, 0.0) if cal else 0.0
 
 
-def collective_time_s(kind: str, bytes_: float, group_size: int, link: Link) -> float:
+def collective_time_s(kind: str, bytes_: float, group_size: int, link: Link, *,
+                      bucket_bytes: float | None = None) -> float:
     """Time of one ring collective over `group_size` devices joined by `link`.
 
     `bytes_` is the full (unsharded over this group) tensor for all_reduce, all_gather and
     reduce_scatter, i.e. the buffer each rank ends with or starts with; for all_to_all it is the
-    local buffer each rank sends (and receives).
+    local buffer each rank sends (and receives). With `bucket_bytes`, the tensor travels in one
+    collective with others, up to that many bytes (the runtime's buckets): it pays its share of
+    that collective's latency, not a whole one.
     """
     if kind not in COLLECTIVES:
         raise ValueError(f"unknown collective {kind!r}; expected one of {COLLECTIVES}")
@@ -67,6 +70,8 @@ def collective_time_s(kind: str, bytes_: float, group_size: int, link: Link) -> 
     if n == 1:
         return 0.0
     alpha, bw = link.latency_s, link.bandwidth_bytes_per_s
+    if bucket_bytes:
+        alpha *= min(1.0, bytes_ / bucket_bytes)
     # Ring algorithms, Thakur, Rabenseifner & Gropp, "Optimization of Collective Communication
     # Operations in MPICH", IJHPCA 19(1), 2005: all_gather / reduce_scatter take n-1 steps of
     # B/n each, (n-1)*alpha + (n-1)/n * B * beta; all_reduce = reduce_scatter + all_gather.

@@ -61,6 +61,7 @@ from torch.utils._pytree import tree_map
 
 import solvers
 from autopar import cost
+from autopar._overlap import BUCKET_BYTES
 from autopar.cluster import Cluster
 from autopar.errors import AutoparError, InfeasibleError, MeshError
 from autopar.layers import POST, PRE, assign_layers, decision_users, layer_order
@@ -358,12 +359,16 @@ def _dp_traffic(flavour, local_numel, precision, dp, shard, links):
     grad = local_numel * precision.grad_bytes
     weights = local_numel * precision.compute_bytes
     across, within = links
+
+    def time_s(kind, nbytes, n, link):  # in the runtime's buckets: a share of their latency
+        return cost.collective_time_s(kind, nbytes, n, link, bucket_bytes=BUCKET_BYTES)
+
     if flavour == "replicate":
-        return cost.collective_time_s("all_reduce", grad, dp, within), 0.0, 0.0
-    gather = cost.collective_time_s("all_gather", weights, shard, within)
-    scatter = cost.collective_time_s("reduce_scatter", grad, shard, within)
+        return time_s("all_reduce", grad, dp, within), 0.0, 0.0
+    gather = time_s("all_gather", weights, shard, within)
+    scatter = time_s("reduce_scatter", grad, shard, within)
     if flavour == "hsdp":  # each shard is all-reduced across the replicas (other nodes)
-        scatter += cost.collective_time_s("all_reduce", grad / shard, dp // shard, across)
+        scatter += time_s("all_reduce", grad / shard, dp // shard, across)
     regather = gather if flavour in ("zero3", "hsdp") else 0.0
     return 0.0, gather, regather + scatter
 

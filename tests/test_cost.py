@@ -95,6 +95,14 @@ class TestCollectiveTime:
     def test_group_of_one_is_free(self, kind):
         assert collective_time_s(kind, self.B, 1, LINK) == 0.0
 
+    def test_a_tensor_in_a_bucket_pays_its_share_of_the_latency(self):
+        # a quarter of a 4 GB bucket: 3/4 * 1 GB / 1 GB/s, + a quarter of 3 * 10 us
+        assert collective_time_s("all_gather", 1 * GB, 4, LINK, bucket_bytes=4 * GB) == approx(
+            0.75 + 0.75e-5)
+        # a tensor larger than the bucket travels alone
+        assert collective_time_s("all_gather", 8 * GB, 4, LINK, bucket_bytes=4 * GB) == approx(
+            collective_time_s("all_gather", 8 * GB, 4, LINK))
+
     def test_unknown_kind(self):
         with pytest.raises(ValueError, match="broadcast"):
             collective_time_s("broadcast", self.B, 4, LINK)
