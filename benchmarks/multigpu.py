@@ -43,6 +43,13 @@ A rank that fails inside a step while the others wait in a collective stalls the
 --collective-timeout-s; the rows written so far stay. autopar runs with its default runtime
 ("replay": each layer traced once, then replayed); --runtime eager runs it op by op.
 
+--memory-peak SYSTEM runs one more step of those systems under the CUDA allocator's history and
+lists what is alive at its peak by the op that allocated it (a replayed graph's line names its
+ATen op), and what the build and the first step left alive between steps: the table that found
+the planning leak and the over-counted ZeRO-2 copies of 2026-11-29
+(docs/benchmarks/2026-11-29-multigpu-x2-llama.md). Plans predicted near the device's memory are
+best run with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, for every system alike.
+
 Single-GPU run of 2026-11-29 (docs/benchmarks/2026-11-29-single-h200.md):
 
     torchrun --standalone --nproc_per_node 1 benchmarks/multigpu.py --models gpt-1.3b gpt-2.7b \
