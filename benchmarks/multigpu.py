@@ -348,7 +348,8 @@ def _meta_model(spec: ModelSpec, dtype):
 def predict(task: dict, model: nn.Module | None = None, example=None) -> dict:
     """One planning task. Without "system": `autopar.plan` of `model` (a real model on the
     device it runs on, with a real global batch `example`: a plan is fingerprinted against
-    the traced graph, and a meta-device trace differs from a real one). With "system":
+    the traced graph, which a meta-device trace matches on CPU since 2026-11-29 but has not been
+    checked against on a GPU). With "system":
     `autopar.manual_plan` of that configuration on a meta model (a prediction only).
     Returns plain data (picklable, JSON-able)."""
     import logging

@@ -58,6 +58,20 @@ class TestTrace:
         assert "aten.scaled_dot_product_attention.default" in ops
         assert "aten.bmm.default" not in ops
 
+    def test_meta_model_traces_to_the_graph_the_real_one_runs(self):
+        # on meta, attention's output was laid out as by the math kernel, and the reshape
+        # after it became a copy that the real graph does not have
+        torch.manual_seed(0)
+        real = GPT(CFG)
+        with torch.device("meta"):
+            meta = GPT(CFG)
+        x, y = gpt_batch()
+        graphs = [trace(m, (x,), loss_fn=lm_loss, target=y) for m in (real, meta)]
+        ops = [[str(n.target) for n in g.graph_module.graph.nodes] for g in graphs]
+        assert ops[0] == ops[1]
+        assert graphs[0].fingerprint == graphs[1].fingerprint
+        assert all(p.device.type == "meta" for p in meta.parameters())  # the model is left as is
+
     def test_silu_stays_whole(self):
         # decomposed, silu is an fp32 upcast, sigmoid, mul and a downcast: four kernels
         model = nn.Linear(8, 8).to(torch.bfloat16)
