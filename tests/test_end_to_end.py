@@ -80,29 +80,39 @@ def reference_losses(model_name: str, batch_size: int = 4) -> list[float]:
     return sgd_losses(model.parameters(), step, batches(batch_size))
 
 
-def train_parallel(model_name: str, mesh: dict[str, int], runtime: str = "replay"):
-    """Runs on every rank: plan, shard, train; report losses and which weights were split."""
+def train_parallel(model_name: str, mesh: dict[str, int], runtime: str = "replay",
+                   plan_on_meta: bool = False):
+    """Runs on every rank: plan, shard, train; report losses and which weights were split.
+    `plan_on_meta`: the plan is made offline from the model on the meta device, then run."""
     torch.manual_seed(0)
     model = MODELS[model_name]()
     data = batches()
+    if plan_on_meta:
+        with torch.device("meta"):
+            offline = MODELS[model_name]()
+        plan = autopar.plan(offline, fast_cpu_cluster(4), data[0], loss_fn=lm_loss, mesh=mesh)
+        options = {"plan": plan}
+    else:
+        options = {"mesh": mesh}
     pm = autopar.autoparallelize(
-        model, fast_cpu_cluster(4), example_inputs=data[0], loss_fn=lm_loss, mesh=mesh,
-        runtime=runtime,
+        model, fast_cpu_cluster(4), example_inputs=data[0], loss_fn=lm_loss, runtime=runtime,
+        **options,
     )
     losses = sgd_losses(pm.parameters(), pm.train_step, data)
     split = sorted(name for name, p in pm.named_parameters() if p.to_local().numel() < p.numel())
     return losses, split, pm.plan.to_json()
 
 
-# both models on the 2-D mesh with the default (replay) runtime; the 1-D meshes once each,
-# op by op (the "eager" runtime), so both runtimes stay proven
-@pytest.mark.parametrize("model_name, mesh, runtime", [
-    ("gpt", {"dp": 2, "tp": 2}, "replay"), ("llama", {"dp": 2, "tp": 2}, "replay"),
-    ("llama", {"tp": 4}, "eager"), ("gpt", {"dp": 4}, "eager"),
+# both models on the 2-D mesh with the default (replay) runtime, GPT's planned offline on the
+# meta device; the 1-D meshes once each, op by op (the "eager" runtime), so both runtimes stay
+# proven
+@pytest.mark.parametrize("model_name, mesh, runtime, plan_on_meta", [
+    ("gpt", {"dp": 2, "tp": 2}, "replay", True), ("llama", {"dp": 2, "tp": 2}, "replay", False),
+    ("llama", {"tp": 4}, "eager", False), ("gpt", {"dp": 4}, "eager", False),
 ], ids=str)
-def test_losses_match_single_process(model_name, mesh, runtime):
+def test_losses_match_single_process(model_name, mesh, runtime, plan_on_meta):
     reference = reference_losses(model_name)
-    results = run_on_ranks(train_parallel, 4, model_name, mesh, runtime)
+    results = run_on_ranks(train_parallel, 4, model_name, mesh, runtime, plan_on_meta)
     losses = [r[0] for r in results]
     for rank_losses in losses:  # the same loss on every rank ...
         assert rank_losses == losses[0]
