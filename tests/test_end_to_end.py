@@ -80,18 +80,23 @@ def reference_losses(model_name: str, batch_size: int = 4) -> list[float]:
     return sgd_losses(model.parameters(), step, batches(batch_size))
 
 
+def offline_plan(model_name: str, mesh: dict[str, int]) -> str:
+    """The plan made from the model on the meta device, as a file would carry it."""
+    with torch.device("meta"):
+        model = MODELS[model_name]()
+    return autopar.plan(model, fast_cpu_cluster(4), batches()[0], loss_fn=lm_loss,
+                        mesh=mesh).to_json()
+
+
 def train_parallel(model_name: str, mesh: dict[str, int], runtime: str = "replay",
-                   plan_on_meta: bool = False):
-    """Runs on every rank: plan, shard, train; report losses and which weights were split.
-    `plan_on_meta`: the plan is made offline from the model on the meta device, then run."""
+                   plan_json: str | None = None):
+    """Runs on every rank: plan (or load `plan_json`), shard, train; report losses and which
+    weights were split."""
     torch.manual_seed(0)
     model = MODELS[model_name]()
     data = batches()
-    if plan_on_meta:
-        with torch.device("meta"):
-            offline = MODELS[model_name]()
-        plan = autopar.plan(offline, fast_cpu_cluster(4), data[0], loss_fn=lm_loss, mesh=mesh)
-        options = {"plan": plan}
+    if plan_json is not None:
+        options = {"plan": autopar.Plan.from_dict(json.loads(plan_json))}
     else:
         options = {"mesh": mesh}
     pm = autopar.autoparallelize(
@@ -112,7 +117,8 @@ def train_parallel(model_name: str, mesh: dict[str, int], runtime: str = "replay
 ], ids=str)
 def test_losses_match_single_process(model_name, mesh, runtime, plan_on_meta):
     reference = reference_losses(model_name)
-    results = run_on_ranks(train_parallel, 4, model_name, mesh, runtime, plan_on_meta)
+    plan_json = offline_plan(model_name, mesh) if plan_on_meta else None
+    results = run_on_ranks(train_parallel, 4, model_name, mesh, runtime, plan_json)
     losses = [r[0] for r in results]
     for rank_losses in losses:  # the same loss on every rank ...
         assert rank_losses == losses[0]
