@@ -75,12 +75,6 @@ class TracedModel:
             self.fingerprint = graph_fingerprint(self.graph_module.graph)
 
 
-def _to_meta(x):
-    if isinstance(x, torch.Tensor):
-        return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="meta")
-    return x
-
-
 def _model_name(model: nn.Module) -> str:
     return type(model).__name__
 
@@ -99,7 +93,6 @@ def trace(model: nn.Module, example_inputs, *, loss_fn=None, target=None) -> Tra
         raise TraceError("loss_fn was given without a target: pass example targets with the inputs.")
     module = _WithLoss(model, loss_fn) if loss_fn is not None else model
     args = inputs + ((target,) if loss_fn is not None else ())
-    args = tuple(_to_meta(a) for a in args) if _on_meta(model) else args
     ep = _export(module, args, model)
     table = torch.export.default_decompositions()
     for op in KEEP_WHOLE:

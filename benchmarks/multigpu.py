@@ -1044,20 +1044,19 @@ def memory_at_peak(ctx: Ctx, step, batch, label: str, top: int = 30) -> tuple[di
             return f"{os.path.basename(name)}:{f['line']} {f['name']}: {text[:60]}"
         return "torch internals"
 
-    groups: dict[str, list[int]] = {}
-    for e in at_peak.values():
-        g = groups.setdefault(where(e.get("frames", [])), [0, 0])
-        g[0] += e["size"]
-        g[1] += 1
-    ranked = sorted(groups.items(), key=lambda kv: -kv[1][0])
-    after: dict[str, list[int]] = {}  # alive after the step (state made at build, gradients)
-    for seg in snap["segments"]:
-        for b in seg["blocks"]:
-            if b["state"] == "active_allocated":
-                g = after.setdefault(where(b.get("frames", [])), [0, 0])
-                g[0] += b["size"]
-                g[1] += 1
-    after_ranked = sorted(after.items(), key=lambda kv: -kv[1][0])
+    def by_allocator(blocks) -> list[tuple[str, list[int]]]:
+        """(where, [bytes, blocks]), most bytes first."""
+        groups: dict[str, list[int]] = {}
+        for b in blocks:
+            g = groups.setdefault(where(b.get("frames", [])), [0, 0])
+            g[0] += b["size"]
+            g[1] += 1
+        return sorted(groups.items(), key=lambda kv: -kv[1][0])
+
+    ranked = by_allocator(at_peak.values())
+    # alive after the step: the state made at build and in the first step (when watched)
+    after_ranked = by_allocator(b for seg in snap["segments"] for b in seg["blocks"]
+                                if b["state"] == "active_allocated")
     made = sum(e["size"] for e in at_peak.values())
     summary = {"before_step_bytes": before, "step_peak_bytes": before + peak,
                "alive_from_before_at_peak_bytes": before - gone_at_peak,
@@ -1205,7 +1204,7 @@ def run_system(ctx: Ctx, spec: ModelSpec, system: System, batches, pred: dict, s
         if system.kind in args.profile_kinds:
             prof = profile_steps(ctx, built.step, mine, args.profile_steps,
                                  f"{spec.name} {system.name} ({ctx.world} x {ctx.device.type})")
-        if system.kind in args.memory_kinds and ctx.device.type == "cuda":
+        if watch:
             mem = memory_at_peak(ctx, built.step, mine[0],
                                  f"{spec.name} {system.name} ({ctx.world} x cuda)")
     except Exception as e:

@@ -1,0 +1,58 @@
+"""Plan one of benchmarks/multigpu.py's models offline, on the meta device, for a node of N
+H200s, and print the plan's summary: the offline figures quoted in
+docs/benchmarks/2026-11-29-multigpu-x2-llama.md (which plan the search picks on 4 and 8 GPUs,
+and the predictions of the 2-GPU plans after a change to the cost model). No GPU needed.
+
+    python benchmarks/plan_offline.py gpt-1.3b --gpus 4
+    python benchmarks/plan_offline.py gpt-6.7b --gpus 2 --option checkpoint=False
+
+The global batch is multigpu.py's default, 8 sequences of 2048 tokens per GPU; bf16 mixed
+precision; each stage-cut solve is limited to 30 s, as in the benchmark runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import multigpu as mg  # noqa: E402
+
+import autopar  # noqa: E402
+from autopar.profile import TrainingPrecision  # noqa: E402
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("model", choices=list(mg.MODELS))
+    ap.add_argument("--gpus", type=int, default=2, help="H200s in the node (default 2)")
+    ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                    help="an autopar.plan option, as a Python literal: checkpoint=False, "
+                         "data_parallel='zero2', mesh={'dp': 4}")
+    args = ap.parse_args(argv)
+    options = {}
+    for item in args.option:
+        key, _, value = item.partition("=")
+        try:
+            options[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            options[key] = value
+    family, config = mg.MODELS[args.model]
+    spec = mg.ModelSpec(args.model, family, dict(config, seq_len=2048))
+    model = mg._meta_model(spec, torch.bfloat16)
+    x = torch.zeros(8 * args.gpus, 2048, dtype=torch.long, device="meta")
+    cluster = autopar.Cluster.preset("h200-141g", devices_per_node=args.gpus)
+    t0 = time.perf_counter()
+    plan = autopar.plan(model, cluster, (x, x.clone()), loss_fn=mg.LOSS["model"],
+                        precision=TrainingPrecision.mixed_bf16(), time_limit=30, **options)
+    print(f"{args.model} on {args.gpus} x H200, planned in {time.perf_counter() - t0:.0f} s")
+    print(plan.summary().split("\n  parameter")[0])
+
+
+if __name__ == "__main__":
+    main()
