@@ -73,6 +73,7 @@ import traceback
 import types
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
+from pathlib import Path
 
 # NVLink multicast must stay off on the shared multi-GPU hosts (docs: GPU.md); every process
 # this script starts inherits these.
@@ -388,6 +389,18 @@ def predict(task: dict, model: nn.Module | None = None, example=None) -> dict:
         out["plan_json"] = plan.to_json()
         out["summary"] = plan.summary()
     return out
+
+
+def _read_plan(path: str):
+    return autopar.Plan.from_dict(json.loads(Path(path).read_text()))
+
+
+def _offline_prediction(path: str) -> dict:
+    """predict()'s output for a plan made elsewhere (--plan-file): its own prediction, made
+    for the cluster it was planned for."""
+    plan = _read_plan(path)
+    return {"predicted": {k: float(v) for k, v in plan.predicted.items()}, "planning_s": None,
+            "plan_json": plan.to_json(), "summary": plan.summary(), "plan_file": path}
 
 
 @contextlib.contextmanager
@@ -1156,6 +1169,8 @@ def run_system(ctx: Ctx, spec: ModelSpec, system: System, batches, pred: dict, s
            "parameters": state["parameters"], "gc_disabled_while_timed": args.no_gc,
            "predicted_peak_memory_bytes": pred.get("predicted", {}).get("peak_memory_bytes"),
            "planning_s": pred.get("planning_s")}
+    if pred.get("plan_file"):
+        row["plan_file"] = pred["plan_file"]
     if "error" in pred:
         row["prediction_error"] = pred["error"]
     over = time.perf_counter() - state["t0"] > args.time_budget_s if args.time_budget_s else False
@@ -1297,7 +1312,11 @@ def run_model(ctx: Ctx, name: str, state) -> list[dict]:
         wait = start_predictions([dict(base, system=asdict(s)) for s in manual],
                                  args.plan_workers)
         preds = {}
-        if any(s.kind == "autopar" for s in systems):
+        if any(s.kind == "autopar" for s in systems) and spec.name in args.plan_files:
+            preds["autopar"] = _offline_prediction(args.plan_files[spec.name])
+            log(ctx, f"{spec.name}: autopar runs the plan of --plan-file (made offline)")
+            log(ctx, preds["autopar"]["summary"].split("\n  parameter")[0])
+        elif any(s.kind == "autopar" for s in systems):
             try:
                 model = spec.build(ctx.device, torch.float32).to(ctx.dtype)
             except Exception as e:
@@ -1449,6 +1468,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--plan-option", action="append", default=[], metavar="KEY=VALUE",
                     help="an autopar.plan option fixed for the autopar system (string values: "
                          "data_parallel=replicate, schedule=1F1B)")
+    ap.add_argument("--plan-file", action="append", default=[], metavar="MODEL=PATH",
+                    help="run this plan (a JSON file from benchmarks/plan_offline.py -o, or "
+                         "autopar plan -o) as the autopar system of MODEL instead of planning "
+                         "on the real model: checks that a plan made offline runs here")
     ap.add_argument("--runtime", choices=("replay", "eager"), default="replay",
                     help="autopar's runtime (autoparallelize(runtime=...)); default replay")
     ap.add_argument("--peak-tflops", type=float, default=H200_BF16_PEAK_TFLOPS,
@@ -1533,6 +1556,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     if bad:
         fail(f"--memory-peak: unknown system kind(s) {bad}: choose from {', '.join(KINDS)}")
     args.memory_kinds = set(args.memory_peak)
+    args.plan_files = {}
+    for item in args.plan_file:
+        name, sep, path = item.partition("=")
+        if not sep or name not in MODELS:
+            fail(f"--plan-file takes MODEL=PATH with MODEL from {', '.join(MODELS)}, got {item!r}")
+        try:
+            _read_plan(path)
+        except (OSError, ValueError) as e:
+            fail(f"--plan-file {item}: cannot read a plan from {path}: {e}")
+        args.plan_files[name] = path  # a path: args go into the JSON as they are
     if args.profile_out and args.profile is None and not args.memory_peak:
         fail("--profile-out needs --profile or --memory-peak")
     for item in args.meta:

@@ -5,6 +5,9 @@ and the predictions of the 2-GPU plans after a change to the cost model). No GPU
 
     python benchmarks/plan_offline.py gpt-1.3b --gpus 4
     python benchmarks/plan_offline.py gpt-6.7b --gpus 2 --option checkpoint=False
+    python benchmarks/plan_offline.py gpt-1.3b --gpus 2 -o gpt13.json   # then, on the GPUs:
+    torchrun --nproc_per_node 2 benchmarks/multigpu.py --models gpt-1.3b --systems autopar \
+        --plan-file gpt-1.3b=gpt13.json
 
 The global batch is multigpu.py's default, 8 sequences of 2048 tokens per GPU; bf16 mixed
 precision; each stage-cut solve is limited to 30 s, as in the benchmark runs.
@@ -34,6 +37,8 @@ def main(argv=None) -> None:
     ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                     help="an autopar.plan option, as a Python literal: checkpoint=False, "
                          "data_parallel='zero2', mesh={'dp': 4}")
+    ap.add_argument("-o", "--output", default=None, metavar="PATH",
+                    help="also write the plan as JSON, for multigpu.py --plan-file")
     args = ap.parse_args(argv)
     options = {}
     for item in args.option:
@@ -52,6 +57,9 @@ def main(argv=None) -> None:
                         precision=TrainingPrecision.mixed_bf16(), time_limit=30, **options)
     print(f"{args.model} on {args.gpus} x H200, planned in {time.perf_counter() - t0:.0f} s")
     print(plan.summary().split("\n  parameter")[0])
+    if args.output:
+        plan.save(args.output)
+        print(f"plan written to {args.output}")
 
 
 if __name__ == "__main__":

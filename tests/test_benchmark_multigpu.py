@@ -55,3 +55,34 @@ def test_autopar_beside_eager_in_one_process(tmp_path):
     assert _close([autopar["first_loss"], eager["first_loss"]], 1e-5), runs
     assert _close([autopar["last_loss"], eager["last_loss"]], 1e-4), runs  # one AdamW step
     assert "x best (eager)" in out
+
+
+def test_a_plan_made_offline_on_meta_runs_as_the_autopar_system(tmp_path):
+    """--plan-file: the plan is made here, from a meta-device model (as benchmarks/plan_offline.py
+    makes one with no GPU), and the script runs it on the real model without planning again."""
+    import torch
+
+    import autopar
+    from autopar.profile import TrainingPrecision
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import multigpu as mg
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    spec = mg.model_spec("gpt-1.3b", True, 32)
+    x = torch.zeros(4, 32, dtype=torch.long, device="meta")  # the script's tiny global batch
+    plan = autopar.plan(mg._meta_model(spec, torch.float32),
+                        autopar.Cluster.preset("cpu", devices_per_node=1), (x, x.clone()),
+                        loss_fn=mg.LOSS["model"], precision=TrainingPrecision.fp32())
+    path = tmp_path / "plan.json"
+    plan.save(path)
+    runs, out = _run(tmp_path, "--systems", "autopar", "eager", "--ac", "none",
+                     "--plan-file", f"gpt-1.3b={path}")
+    ours, eager = runs
+    assert ours.get("error") is None and eager.get("error") is None, runs
+    assert ours["plan_file"] == str(path) and ours["planning_s"] is None
+    assert ours["predicted_step_s"] == plan.predicted["step_time_s"]
+    assert "made offline" in out
+    assert _close([ours["first_loss"], eager["first_loss"]], 1e-5), runs
+    assert _close([ours["last_loss"], eager["last_loss"]], 1e-4), runs
