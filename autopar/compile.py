@@ -13,6 +13,7 @@ the predicted communication the communication that happens.
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -86,6 +87,7 @@ class ParallelModel(nn.Module):
             for node_name, fqn in traced.buffers.items()
         }
         self._nodes = {n.name: n for n in self._graph.nodes}
+        self._no_rule_here = _ops_without_a_rule_here(plan, self._nodes)
         self._layer = assign_layers(traced)
         check_policies(getattr(plan, "checkpoint", None) or {})
         # each gradient joins a bucket of data-parallel reductions as soon as backward has made
@@ -175,7 +177,10 @@ class ParallelModel(nn.Module):
 
     def _call(self, node: fx.Node, env: dict):
         op = self.plan.ops[node.name]
+        no_rule = node.name in self._no_rule_here
         wanted = [_placements(p) for p in op.inputs]
+        if no_rule:
+            wanted = [(Replicate(),) * self.mesh.ndim] * len(wanted)
         refs = iter(wanted)
 
         zero3 = _reshards(self.plan)
@@ -197,6 +202,10 @@ class ParallelModel(nn.Module):
         outputs = [_placements(p) if p else None for p in op.outputs]
         if node.target in _VIEWS:
             return _view_locally(node, args[0], outputs[0], self.mesh)
+        if no_rule:  # whole on every rank, then the plan's placements (see _ops_without_a_rule_here)
+            whole = [(Replicate(),) * self.mesh.ndim if p else None for p in outputs]
+            result = _call_locally(node, args, kwargs, whole, self.mesh)
+            return _to_placements(result, outputs, self.mesh)
         if op.rule == "dtensor":
             return node.target(*args, **kwargs)
         return _call_locally(node, args, kwargs, outputs, self.mesh)
@@ -214,6 +223,36 @@ def _reshards(plan: Plan) -> bool:
     """Whether parameters are gathered for each use and resharded after forward: ZeRO-3, and
     hybrid sharding (ZeRO-3 inside each shard group)."""
     return getattr(plan, "data_parallel", "replicate") in ("zero3", "hsdp")
+
+
+def _ops_without_a_rule_here(plan: Plan, nodes: dict[str, fx.Node]) -> frozenset[str]:
+    """The ops the plan runs through DTensor's own rules that this torch's DTensor has none
+    for: the plan was made with another torch release (2.13 shards `squeeze.dims`, which
+    cross-entropy decomposes to; 2.11 cannot). Each runs whole on every rank, on gathered
+    inputs, and its outputs take the plan's placements after: correct, at the price of
+    collectives the plan did not count. Warns once, naming them."""
+    missing = frozenset(
+        name for name, op in plan.ops.items()
+        if op.rule == "dtensor" and name in nodes and not _dtensor.has_rule(nodes[name].target)
+    )
+    if missing:
+        ops = sorted({str(nodes[name].target) for name in missing})
+        warnings.warn(
+            f"this torch ({torch.__version__}) has no DTensor sharding rule for "
+            f"{', '.join(ops)}, which the plan shards with one: it was made with another torch "
+            "release. Those ops run on gathered inputs here, with collectives the plan's "
+            "prediction leaves out; re-plan with this torch to avoid them.",
+            stacklevel=3,
+        )
+    return missing
+
+
+def _to_placements(result, placements, mesh):
+    """Each DTensor of `result` (one, or a tuple) redistributed to its entry of `placements`."""
+    results = tuple(result) if isinstance(result, (tuple, list)) else (result,)
+    moved = [_redistribute(r, mesh, pl) if isinstance(r, DTensor) and pl else r
+             for r, pl in zip(results, placements)]
+    return type(result)(moved) if isinstance(result, (tuple, list)) else moved[0]
 
 
 def _redistribute(x: DTensor, mesh, placements) -> DTensor:

@@ -242,15 +242,32 @@ def graph_fingerprint(graph: fx.Graph) -> str:
     """sha256 of the graph's ops, shapes, dtypes and wiring: equal graphs, equal fingerprints."""
     h = hashlib.sha256()
     for n in graph.nodes:
-        val = n.meta.get("val")
-        shapes = [
-            (tuple(v.shape), str(v.dtype))
-            for v in (val if isinstance(val, (tuple, list)) else (val,))
-            if isinstance(v, torch.Tensor)
-        ]
-        args = [a.name if isinstance(a, fx.Node) else repr(a) for a in n.args]
-        h.update(f"{n.op}|{n.name}|{n.target}|{args}|{shapes}\n".encode())
+        h.update(f"{fingerprint_line(n)}\n".encode())
     return h.hexdigest()
+
+
+# Outputs whose dtype depends on the device an op runs on, not on the model: the fingerprint
+# leaves their dtype out, so a plan made from a meta model (traced as CPU fakes) matches the
+# graph on a GPU. layer_norm's saved mean and rstd are fp32 for bf16/fp16 input on CUDA and in
+# the input's dtype on CPU (seen with GPT on an H200, torch 2.11). A few values per row: the
+# memory and time models do not notice.
+DEVICE_DEPENDENT_DTYPES = {
+    torch.ops.aten.native_layer_norm.default: (1, 2),
+}
+
+
+def fingerprint_line(n: fx.Node) -> str:
+    """What the fingerprint hashes of one node (to find where two traces part)."""
+    val = n.meta.get("val")
+    vals = val if isinstance(val, (tuple, list)) else (val,)
+    free = DEVICE_DEPENDENT_DTYPES.get(n.target, ()) if n.op == "call_function" else ()
+    shapes = [
+        (tuple(v.shape), "*" if i in free else str(v.dtype))
+        for i, v in enumerate(vals)
+        if isinstance(v, torch.Tensor)
+    ]
+    args = [a.name if isinstance(a, fx.Node) else repr(a) for a in n.args]
+    return f"{n.op}|{n.name}|{n.target}|{args}|{shapes}"
 
 
 def is_getitem(node: fx.Node) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -128,6 +129,47 @@ def test_losses_match_single_process(model_name, mesh, runtime, plan_on_meta):
     assert len(plans) == 1, "every rank must plan the same"
     if "tp" in mesh:
         assert results[0][1], "under tp at least one weight must be split"
+
+
+# an op DTensor shards in a GPT on tp=2 (the loss's gather, split over the batch), whose rule
+# the ranks below delete. It has no decomposition DTensor could shard through instead, and no
+# other op's backward calls it (mm, the other such op, is addmm's backward).
+NO_RULE_HERE = ("aten.gather.default",)
+
+
+def train_without_rules(plan_json: str):
+    """Runs on every rank, under a DTensor that lacks the rules of NO_RULE_HERE, as torch 2.11
+    lacks 2.13's rule for squeeze.dims: the plan (made with them) must still train exactly."""
+    from autopar import _dtensor
+
+    prop = _dtensor._propagator()
+    for table in ("op_strategy_funcs", "op_single_dim_strategy_funcs", "op_to_rules"):
+        for op in list(getattr(prop, table, {})):
+            if str(op) in NO_RULE_HERE:
+                del getattr(prop, table)[op]
+    assert not any(_dtensor.has_rule(op) for op in _ops(NO_RULE_HERE))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        losses, _, _ = train_parallel("gpt", {}, plan_json=plan_json)
+    return losses, [str(w.message) for w in caught if "no DTensor sharding rule" in str(w.message)]
+
+
+def _ops(names):
+    return [getattr(getattr(torch.ops.aten, n.split(".")[1]), n.split(".")[2]) for n in names]
+
+
+def test_a_plan_runs_where_dtensor_lacks_a_rule_it_was_made_with():
+    with torch.device("meta"):
+        model = MODELS["gpt"]()
+    plan = autopar.plan(model, fast_cpu_cluster(2), batches()[0], loss_fn=lm_loss, mesh={"tp": 2})
+    sharded = {name.rstrip("_0123456789") for name, op in plan.ops.items()
+               if op.rule == "dtensor" and any(p not in ([], ["R"]) for p in op.inputs + op.outputs)}
+    assert "gather" in sharded, "the test needs the op sharded by DTensor"
+    results = run_on_ranks(train_without_rules, 2, plan.to_json())
+    reference = reference_losses("gpt")
+    for losses, warned in results:
+        assert losses == pytest.approx(reference, rel=1e-5)
+        assert len(warned) == 1 and all(op in warned[0] for op in NO_RULE_HERE), warned
 
 
 def plan_for_four_on_two():

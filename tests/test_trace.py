@@ -109,6 +109,22 @@ class TestFingerprint:
         traced = trace(GPT(CFG), (x,), loss_fn=lm_loss, target=y)
         assert graph_fingerprint(traced.graph_module.graph) == traced.fingerprint
 
+    def test_layer_norm_statistics_dtype_is_the_devices_not_the_models(self):
+        """On CUDA, layer_norm saves fp32 mean and rstd for bf16 input; on CPU (and so in a
+        meta model's trace) bf16. A plan made offline must still match the GPU's graph, so
+        the fingerprint ignores those two dtypes, and no other."""
+        x, y = gpt_batch()
+        graph = trace(GPT(CFG).to(torch.bfloat16), (x,), loss_fn=lm_loss,
+                      target=y).graph_module.graph
+        before = graph_fingerprint(graph)
+        norm = next(n for n in graph.nodes if n.target == torch.ops.aten.native_layer_norm.default)
+        out, mean, rstd = norm.meta["val"]
+        assert mean.dtype == torch.bfloat16
+        norm.meta["val"] = (out, mean.float(), rstd.float())  # as traced on a GPU
+        assert graph_fingerprint(graph) == before
+        norm.meta["val"] = (out.float(), mean, rstd)  # the normalised output is the model's
+        assert graph_fingerprint(graph) != before
+
 
 class DataDependent(nn.Module):
     def forward(self, x):
