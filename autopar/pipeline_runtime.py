@@ -47,6 +47,7 @@ from autopar.compile import (
     ParallelModel,
     _local_shape,
     _mesh_device,
+    _ops_without_a_rule_here,
     _placements,
     _reshards,
     _shard_local,
@@ -135,6 +136,8 @@ class StageModule(nn.Module):
         super().__init__()
         self.plan, self.mesh, self._device = plan, mesh, device
         self._nodes, self._in, self._out = nodes, inputs, outputs  # in/out: fx.Nodes
+        self._no_rule_here = _ops_without_a_rule_here(
+            plan, {n.name: n for n in [*nodes, *loss_nodes]})
         self._params = params  # placeholder name -> nn.Parameter (shared between this rank's stages)
         self._split = split  # the schedule splits backward: outputs must not be views
         # the last stage holds the loss's parameters too: a split backward differentiates only
