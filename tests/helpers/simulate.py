@@ -179,7 +179,8 @@ def _run_as_compile(node: fx.Node, strategy: Strategy, env: dict, mesh):
         rule=strategy.rule,
     )
     stand_in = SimpleNamespace(
-        plan=SimpleNamespace(ops={node.name: op}), mesh=mesh, _device=torch.device("cpu")
+        plan=SimpleNamespace(ops={node.name: op}), mesh=mesh, _device=torch.device("cpu"),
+        _no_rule_here=frozenset(),  # the strategy came from this torch's DTensor
     )
     return ParallelModel._call(stand_in, node, env)
 
