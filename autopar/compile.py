@@ -29,7 +29,7 @@ from autopar.errors import MeshError
 from autopar.layers import assign_layers
 from autopar.plan import Plan, placement_from_str
 from autopar.runner import LayerRunner, check_policies, check_runtime
-from autopar.strategies import tensor_inputs
+from autopar.strategies import dtensor_runs, tensor_inputs
 from autopar.trace import TracedModel, is_getitem
 
 
@@ -226,25 +226,39 @@ def _reshards(plan: Plan) -> bool:
 
 
 def _ops_without_a_rule_here(plan: Plan, nodes: dict[str, fx.Node]) -> frozenset[str]:
-    """The ops the plan runs through DTensor's own rules that this torch's DTensor has none
-    for: the plan was made with another torch release (2.13 shards `squeeze.dims`, which
-    cross-entropy decomposes to; 2.11 cannot). Each runs whole on every rank, on gathered
-    inputs, and its outputs take the plan's placements after: correct, at the price of
-    collectives the plan did not count. Warns once, naming them."""
-    missing = frozenset(
-        name for name, op in plan.ops.items()
-        if op.rule == "dtensor" and name in nodes and not _dtensor.has_rule(nodes[name].target)
-    )
+    """The ops the plan runs through DTensor's own rules that this torch's DTensor cannot run
+    so: the plan was made with another torch release (2.13 shards `squeeze.dims`, which
+    cross-entropy decomposes to; 2.11 has no rule for it). Each runs whole on every rank, on
+    gathered inputs, and its outputs take the plan's placements after: correct, at the price
+    of collectives the plan did not count. Warns once, naming them.
+
+    A plan made with this torch asked this DTensor already: only a missing rule is looked for.
+    Otherwise each op is asked again with the plan's placements (a second or two for a graph
+    of thousands of ops), since a rule can exist and still reject them."""
+    made_with = plan.made_with.get("torch")
+    mesh = None
+    if made_with != torch.__version__:
+        axes = plan.sharding_mesh
+        mesh = _dtensor.planning_mesh(tuple(axes.values()), tuple(axes))
+    missing = []
+    for name, op in plan.ops.items():
+        node = nodes.get(name)
+        if op.rule != "dtensor" or node is None:
+            continue
+        if not _dtensor.has_rule(node.target) or (
+            mesh is not None and not dtensor_runs(node, [_placements(p) for p in op.inputs], mesh)
+        ):
+            missing.append(name)
     if missing:
         ops = sorted({str(nodes[name].target) for name in missing})
         warnings.warn(
-            f"this torch ({torch.__version__}) has no DTensor sharding rule for "
-            f"{', '.join(ops)}, which the plan shards with one: it was made with another torch "
-            "release. Those ops run on gathered inputs here, with collectives the plan's "
-            "prediction leaves out; re-plan with this torch to avoid them.",
+            f"this torch ({torch.__version__}) cannot shard {', '.join(ops)} as the plan does: "
+            f"the plan was made with torch {made_with or '(not recorded)'}. Those ops run on "
+            "gathered inputs here, with collectives the plan's prediction leaves out; re-plan "
+            "with this torch to avoid them.",
             stacklevel=3,
         )
-    return missing
+    return frozenset(missing)
 
 
 def _to_placements(result, placements, mesh):

@@ -138,6 +138,9 @@ class Plan:
     pipeline: dict | None = None  # see the module docstring; None without a "pp" axis
     data_parallel: str = "replicate"  # "replicate", "zero2", "zero3" or "hsdp"
     checkpoint: dict[str, str] = field(default_factory=dict)  # layer name -> "full"
+    # what made the plan: {"torch": version}; a runtime of another torch checks the ops the plan
+    # lets DTensor shard (its rules differ between releases)
+    made_with: dict[str, str] = field(default_factory=dict)
     source_path: str | None = field(
         default=None, compare=False, repr=False
     )  # set by load(); not saved
@@ -180,6 +183,7 @@ class Plan:
             "pipeline": _pipeline_to_dict(self.pipeline),
             "data_parallel": self.data_parallel,
             "checkpoint": {k: self.checkpoint[k] for k in _natural_sorted(self.checkpoint)},
+            "made_with": {k: self.made_with[k] for k in sorted(self.made_with)},
         }
 
     @classmethod
@@ -207,6 +211,7 @@ class Plan:
             pipeline=_pipeline_to_dict(d.get("pipeline")),
             data_parallel=d.get("data_parallel", "replicate"),
             checkpoint=dict(d.get("checkpoint") or {}),
+            made_with=dict(d.get("made_with") or {}),
         )
 
     def to_json(self) -> str:
@@ -285,6 +290,9 @@ class Plan:
             for s, st in enumerate(p["stages"]):
                 lines.append(f"    stage {s} on pp rank {st['rank']}: {_layers_str(st['layers'])}")
         lines.append(f"  data par.  {self.data_parallel}")
+        if self.made_with:
+            lines.append("  made with  " + ", ".join(f"{k} {v}" for k, v in
+                                                    sorted(self.made_with.items())))
         if self.checkpoint:
             lines.append(f"  checkpoint {_layers_str(sorted(self.checkpoint, key=_natural_key))} "
                          f"({', '.join(sorted(set(self.checkpoint.values())))})")
@@ -381,7 +389,7 @@ def _validate(d: Any, *, where: str) -> None:
 
 _OP_KEYS = {"inputs", "outputs", "rule"}
 
-_OPTIONAL = ("pipeline", "data_parallel", "checkpoint")
+_OPTIONAL = ("pipeline", "data_parallel", "checkpoint", "made_with")
 _PIPELINE_KEYS = ("schedule", "stages_per_rank", "microbatch_size", "num_microbatches", "stages")
 
 
@@ -407,6 +415,11 @@ def _validate_pipeline(d: dict, mesh: dict, fail) -> None:
         isinstance(k, str) and isinstance(v, str) for k, v in ckpt.items()
     ):
         fail(f"checkpoint should map layer names to policies like 'full', got {ckpt!r}")
+    made = d.get("made_with") or {}
+    if not isinstance(made, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in made.items()
+    ):
+        fail(f"made_with should map names to versions like {{'torch': '2.11.0'}}, got {made!r}")
     p = d.get("pipeline")
     if p is None:
         if PP in mesh and mesh[PP] > 1:

@@ -448,4 +448,5 @@ def to_plan(traced: TracedModel, cluster: Cluster, decisions: Decisions, solutio
             "gap": solution.gap,
             "objective_s": solution.objective_s,
         },
+        made_with={"torch": torch.__version__},
     )

@@ -229,6 +229,15 @@ def _with_refs(node: fx.Node):
     )
 
 
+def dtensor_runs(node: fx.Node, placements: list[Placements], mesh) -> bool:
+    """Whether this torch's DTensor can run `node` on inputs with `placements` (perhaps after
+    redistributing them): a plan made with another torch release may assume a rule this one
+    lacks, or one that rejects these placements."""
+    args, kwargs = _with_refs(node)
+    vals = [a.meta["val"] for a in tensor_inputs(node)]
+    return _ask(node.target, args, kwargs, vals, placements, mesh) is not None
+
+
 def _ask(op, args, kwargs, vals, placements, mesh):
     try:
         ins, outs = _dtensor.propagate(op, args, kwargs, list(zip(vals, placements)), mesh)

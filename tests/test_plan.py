@@ -120,6 +120,14 @@ class TestRoundTrip:
         assert loaded.ops["split"] == ops["split"]
         assert loaded.ops["split"].rule == "split"
 
+    def test_the_torch_that_made_it_round_trips_and_may_be_absent(self):
+        plan = make_plan(made_with={"torch": "2.11.0+cu130"})
+        assert Plan.from_dict(json.loads(plan.to_json())).made_with == {"torch": "2.11.0+cu130"}
+        assert "made with  torch 2.11.0+cu130" in plan.summary()
+        older = make_plan().to_dict()
+        del older["made_with"]  # plans from before 2026-11-30
+        assert Plan.from_dict(older).made_with == {}
+
     def test_floats_keep_full_precision(self):
         plan = make_plan(predicted={"step_time_s": 0.1 + 0.2})
         assert Plan.from_dict(json.loads(plan.to_json())).predicted["step_time_s"] == 0.1 + 0.2
@@ -165,6 +173,11 @@ class TestLoadErrors:
     def test_wrong_type(self, tmp_path):
         path = self.write(tmp_path, make_plan().to_dict() | {"parameters": []})
         with pytest.raises(ValueError, match="field 'parameters' should be dict, got list"):
+            Plan.load(path)
+
+    def test_bad_made_with(self, tmp_path):
+        path = self.write(tmp_path, make_plan().to_dict() | {"made_with": {"torch": 2.11}})
+        with pytest.raises(ValueError, match="made_with should map names to versions"):
             Plan.load(path)
 
     def test_bad_placement_string(self, tmp_path):
