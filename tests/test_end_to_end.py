@@ -90,9 +90,9 @@ def offline_plan(model_name: str, mesh: dict[str, int]) -> str:
 
 
 def train_parallel(model_name: str, mesh: dict[str, int], runtime: str = "replay",
-                   plan_json: str | None = None):
+                   plan_json: str | None = None, keep: bool = False):
     """Runs on every rank: plan (or load `plan_json`), shard, train; report losses and which
-    weights were split."""
+    weights were split (and, with `keep`, the sharded model)."""
     torch.manual_seed(0)
     model = MODELS[model_name]()
     data = batches()
@@ -106,7 +106,7 @@ def train_parallel(model_name: str, mesh: dict[str, int], runtime: str = "replay
     )
     losses = sgd_losses(pm.parameters(), pm.train_step, data)
     split = sorted(name for name, p in pm.named_parameters() if p.to_local().numel() < p.numel())
-    return losses, split, pm.plan.to_json()
+    return (losses, split, pm.plan.to_json()) + ((pm,) if keep else ())
 
 
 # both models on the 2-D mesh with the default (replay) runtime, GPT's planned offline on the
@@ -155,8 +155,13 @@ def train_without_rules(plan_json: str):
     assert _dtensor.has_rule(torch.ops.aten.squeeze.dims)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        losses, _, _ = train_parallel("gpt", {}, plan_json=plan_json)
-    return losses, [str(w.message) for w in caught if "cannot shard" in str(w.message)]
+        losses, _, _, pm = train_parallel("gpt", {}, plan_json=plan_json, keep=True)
+    # the ops on gathered inputs do not make backward run the loss's forward again: their
+    # collectives once kept a dead copy of it (LM head matmul, log-softmax) in the traced backward
+    with torch.profiler.profile() as prof:
+        pm.train_step(*batches()[0])
+    log_softmax = sum(e.name == "aten::_log_softmax" for e in prof.events())
+    return losses, [str(w.message) for w in caught if "cannot shard" in str(w.message)], log_softmax
 
 
 def test_a_plan_made_with_another_torch_runs_where_dtensor_lacks_its_rules():
@@ -170,10 +175,11 @@ def test_a_plan_made_with_another_torch_runs_where_dtensor_lacks_its_rules():
     plan.made_with = {"torch": "2.11.0+cu130"}  # as if made elsewhere
     results = run_on_ranks(train_without_rules, 2, plan.to_json())
     reference = reference_losses("gpt")
-    for losses, warned in results:
+    for losses, warned, log_softmax in results:
         assert losses == pytest.approx(reference, rel=1e-5)
         assert len(warned) == 1 and all(op in warned[0] for op in NO_RULE_HERE), warned
         assert "made with torch 2.11.0+cu130" in warned[0]
+        assert log_softmax == 1
 
 
 def plan_for_four_on_two():

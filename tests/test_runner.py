@@ -7,6 +7,7 @@ a dispatch mode counts the ops that backward executes. Recomputation shows up as
 
 from __future__ import annotations
 
+import operator
 from collections import Counter
 
 import pytest
@@ -133,3 +134,28 @@ def test_unknown_runtime_is_refused_clearly():
     with pytest.raises(autopar.AutoparError, match="unknown runtime 'fast'.*'replay', 'eager'"):
         autopar.autoparallelize(model, example_inputs=batches(2)[0], loss_fn=lm_loss,
                                 runtime="fast")
+
+
+def test_a_dead_collective_and_what_only_it_reads_are_dropped_from_a_traced_graph():
+    """The partitioner leaves forward collectives in the backward graph with no reader, and
+    fx keeps them (and so everything they read) as impure: replayed, backward issued them
+    again and recomputed their inputs. Every rank drops the same ones."""
+    from torch import fx
+
+    from autopar._aot import _drop_dead_ops
+
+    c10d = torch.ops._c10d_functional
+    g = fx.Graph()
+    x, w = g.placeholder("x"), g.placeholder("w")
+    logits = g.call_function(aten.mm.default, (x, w))  # recomputed only for the dead gather
+    pieces = g.call_function(aten.split.Tensor, (logits, 2))
+    piece = g.call_function(operator.getitem, (pieces, 0))
+    gathered = g.call_function(c10d.all_gather_into_tensor.default, (piece, 2, "0"))
+    g.call_function(c10d.wait_tensor.default, (gathered,))  # nobody reads it
+    reduced = g.call_function(c10d.all_reduce.default, (x, "sum", "0"))
+    live = g.call_function(c10d.wait_tensor.default, (reduced,))
+    g.output(g.call_function(aten.mul.Tensor, (live, 2)))
+    gm = fx.GraphModule(torch.nn.Module(), g)
+    _drop_dead_ops(gm)
+    assert [n.target for n in gm.graph.nodes if n.op == "call_function"] == [
+        c10d.all_reduce.default, c10d.wait_tensor.default, aten.mul.Tensor]
