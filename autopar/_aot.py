@@ -40,7 +40,8 @@ def _drop_dead_ops(gm: fx.GraphModule) -> None:
     op it reads. Replayed as is, backward ran each attention forward twice; and where forward
     issued a collective on a computed value (tensor parallelism; the loss under data
     parallelism when its ops run on gathered inputs), backward issued it again, and recomputed
-    its inputs: the LM head's matmul and log-softmax, 3% of a GPT 1.3B step on 2 H200s.
+    its inputs: GPT 1.3B's LM-head matmul and log-softmax ran twice a step on 2 H200s
+    (docs/benchmarks/2026-11-30-multigpu-x2-offline-plans.md).
 
     A dead functional collective (and the wait on it) goes too: every rank traces the same
     graph and drops the same ones, so the ranks' collectives still pair up. Ops that write to
