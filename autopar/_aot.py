@@ -46,9 +46,13 @@ def _drop_dead_ops(gm: fx.GraphModule) -> None:
     A dead functional collective (and the wait on it) goes too: every rank traces the same
     graph and drops the same ones, so the ranks' collectives still pair up. Ops that write to
     an input and asserts stay."""
+    wait = torch.ops._c10d_functional.wait_tensor.default
     for n in reversed(list(gm.graph.nodes)):  # readers first: a dead chain goes in one pass
-        if n.op == "call_function" and not n.users and _pure(n.target):
-            gm.graph.erase_node(n)
+        if n.op != "call_function" or n.users or not _pure(n.target):
+            continue
+        if n.target is wait and len(n.args[0].users) > 1:
+            continue  # another reader of the collective may rely on this wait having run
+        gm.graph.erase_node(n)
 
 
 def _pure(target) -> bool:
