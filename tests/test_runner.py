@@ -154,8 +154,12 @@ def test_a_dead_collective_and_what_only_it_reads_are_dropped_from_a_traced_grap
     g.call_function(c10d.wait_tensor.default, (gathered,))  # nobody reads it
     reduced = g.call_function(c10d.all_reduce.default, (x, "sum", "0"))
     live = g.call_function(c10d.wait_tensor.default, (reduced,))
-    g.output(g.call_function(aten.mul.Tensor, (live, 2)))
+    shared = g.call_function(c10d.all_reduce.default, (w, "sum", "0"))
+    g.call_function(c10d.wait_tensor.default, (shared,))  # unread, but not the only reader:
+    read = g.call_function(aten.neg.default, (shared,))  # it stays, as may this read rely on it
+    g.output((g.call_function(aten.mul.Tensor, (live, 2)), read))
     gm = fx.GraphModule(torch.nn.Module(), g)
     _drop_dead_ops(gm)
     assert [n.target for n in gm.graph.nodes if n.op == "call_function"] == [
-        c10d.all_reduce.default, c10d.wait_tensor.default, aten.mul.Tensor]
+        c10d.all_reduce.default, c10d.wait_tensor.default, c10d.all_reduce.default,
+        c10d.wait_tensor.default, aten.neg.default, aten.mul.Tensor]
