@@ -39,8 +39,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     differ = 0
     for name in args.models:
-        family, config = mg.MODELS[name]
-        spec = mg.ModelSpec(name, family, dict(config, seq_len=2048))
+        spec = mg.model_spec(name, False, 2048)
         batch = 8 * args.gpus
         meta_fp, meta = node_lines(mg._meta_model(spec, torch.bfloat16), batch, 2048, "meta")
         model = spec.build(torch.device(args.device), torch.float32).to(torch.bfloat16)

@@ -73,7 +73,6 @@ import traceback
 import types
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
-from pathlib import Path
 
 # NVLink multicast must stay off on the shared multi-GPU hosts (docs: GPU.md); every process
 # this script starts inherits these.
@@ -349,8 +348,7 @@ def _meta_model(spec: ModelSpec, dtype):
 def predict(task: dict, model: nn.Module | None = None, example=None) -> dict:
     """One planning task. Without "system": `autopar.plan` of `model` (a real model on the
     device it runs on, with a real global batch `example`: a plan is fingerprinted against
-    the traced graph, which a meta-device trace matches on CPU since 2026-11-29 but has not been
-    checked against on a GPU). With "system":
+    the traced graph; a plan made from a meta model runs too, see --plan-file). With "system":
     `autopar.manual_plan` of that configuration on a meta model (a prediction only).
     Returns plain data (picklable, JSON-able)."""
     import logging
@@ -385,22 +383,20 @@ def predict(task: dict, model: nn.Module | None = None, example=None) -> dict:
                 "planning_s": time.perf_counter() - t0}
     out = {"predicted": {k: float(v) for k, v in plan.predicted.items()},
            "planning_s": time.perf_counter() - t0}
-    if task["system"] is None:
-        out["plan_json"] = plan.to_json()
-        out["summary"] = plan.summary()
-    return out
+    return _with_plan(out, plan) if task["system"] is None else out
 
 
-def _read_plan(path: str):
-    return autopar.Plan.from_dict(json.loads(Path(path).read_text()))
+def _with_plan(out: dict, plan) -> dict:
+    """A prediction with the plan itself, for the autopar system to run."""
+    return dict(out, plan_json=plan.to_json(), summary=plan.summary())
 
 
 def _offline_prediction(path: str) -> dict:
     """predict()'s output for a plan made elsewhere (--plan-file): its own prediction, made
     for the cluster it was planned for."""
-    plan = _read_plan(path)
-    return {"predicted": {k: float(v) for k, v in plan.predicted.items()}, "planning_s": None,
-            "plan_json": plan.to_json(), "summary": plan.summary(), "plan_file": path}
+    plan = autopar.Plan.load(path)
+    return _with_plan({"predicted": {k: float(v) for k, v in plan.predicted.items()},
+                       "planning_s": None, "plan_file": path}, plan)
 
 
 @contextlib.contextmanager
@@ -1562,9 +1558,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         if not sep or name not in MODELS:
             fail(f"--plan-file takes MODEL=PATH with MODEL from {', '.join(MODELS)}, got {item!r}")
         try:
-            _read_plan(path)
+            autopar.Plan.load(path)  # a bad file is an error now, not after the baselines ran
         except (OSError, ValueError) as e:
-            fail(f"--plan-file {item}: cannot read a plan from {path}: {e}")
+            fail(f"--plan-file {item}: {e}")
         args.plan_files[name] = path  # a path: args go into the JSON as they are
     if args.profile_out and args.profile is None and not args.memory_peak:
         fail("--profile-out needs --profile or --memory-peak")

@@ -47,8 +47,7 @@ def main(argv=None) -> None:
             options[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
             options[key] = value
-    family, config = mg.MODELS[args.model]
-    spec = mg.ModelSpec(args.model, family, dict(config, seq_len=2048))
+    spec = mg.model_spec(args.model, False, 2048)
     model = mg._meta_model(spec, torch.bfloat16)
     x = torch.zeros(8 * args.gpus, 2048, dtype=torch.long, device="meta")
     cluster = autopar.Cluster.preset("h200-141g", devices_per_node=args.gpus)
