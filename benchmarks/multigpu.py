@@ -90,6 +90,10 @@ from autopar.models.gpt import GPT, GPTConfig  # noqa: E402
 from autopar.models.llama import Llama, LlamaConfig, apply_rope  # noqa: E402
 from autopar.profile import TrainingPrecision  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import step_breakdown  # noqa: E402
+from benchmarks.step_breakdown import OPTIMIZER_RANGE  # noqa: E402
+
 H200_BF16_PEAK_TFLOPS = 989.0  # datasheet, dense (autopar/data/devices/h200-141g.json)
 LR, WEIGHT_DECAY = 1e-4, 0.1
 
@@ -340,6 +344,25 @@ def _pp_unfit(spec, world, pp, batch, microbatches):
 # ---- predictions (rank 0; in worker processes when --plan-workers > 0) ------------------------
 
 
+def predicted_breakdown(ctx: Ctx, spec: ModelSpec, plan_json: str, batch: int, seq: int
+                        ) -> dict:
+    """What the cost model charges one step of the plan, by category (step_breakdown): the
+    graph of one dp rank's batch, traced on meta and priced on the plan's device."""
+    from autopar.profile import profile_graph
+    from autopar.trace import trace
+
+    plan = autopar.Plan.from_dict(json.loads(plan_json))
+    why = step_breakdown.predictable(plan)
+    if why:
+        return {"error": why}
+    x = torch.zeros(batch // plan.mesh.get("dp", 1), seq, dtype=torch.long, device="meta")
+    traced = trace(_meta_model(spec, ctx.dtype), (x,), loss_fn=ctx.loss, target=x.clone())
+    gm = traced.graph_module
+    profiles = profile_graph(gm, no_grad=set(traced.buffers) | set(traced.inputs))
+    device = autopar.Cluster.from_dict(plan.cluster).device
+    return step_breakdown.predicted(gm, profiles, plan, device)
+
+
 def _meta_model(spec: ModelSpec, dtype):
     with torch.device("meta"):
         return (GPT if spec.family == "gpt" else Llama)(spec.make_config()).to(dtype)
@@ -494,6 +517,12 @@ class MasterAdamW:
             p.grad = None
 
 
+def optimizer_step(opt) -> None:
+    """`opt.step()`, under the range a profile counts as the optimizer (step_breakdown.py)."""
+    with torch.profiler.record_function(OPTIMIZER_RANGE):
+        opt.step()
+
+
 # ---- distributed context ------------------------------------------------------------------------
 
 
@@ -604,7 +633,7 @@ def build_autopar(ctx: Ctx, spec: ModelSpec, system: System, plan_json: str, exa
 
     def step(x, y):
         loss = pm.train_step(x, y)
-        opt.step()
+        optimizer_step(opt)
         opt.zero_grad()
         return loss
 
@@ -667,7 +696,7 @@ def _train_step(fwd_bwd, opt, microbatches: int):
         else:
             loss = torch.stack([fwd_bwd(a, b, 1.0 / microbatches) for a, b in
                                 zip(x.chunk(microbatches), y.chunk(microbatches))]).mean()
-        opt.step()
+        optimizer_step(opt)
         opt.zero_grad()
         return loss
 
@@ -899,7 +928,7 @@ def build_pp(ctx: Ctx, spec: ModelSpec, system: System) -> Built:
             sched.step()
         if tied_weight is not None and tied_weight.grad is not None:
             dist.all_reduce(_local(tied_weight.grad), group=tied)
-        opt.step()
+        optimizer_step(opt)
         opt.zero_grad()
         return torch.stack(losses).mean().detach() if losses else None
 
@@ -983,14 +1012,16 @@ def profile_steps(ctx: Ctx, step, batches, n: int, label: str) -> tuple[dict, st
     ka = prof.key_averages()
     dev_attr = "self_device_time_total" if hasattr(ka[0], "self_device_time_total") \
         else "self_cuda_time_total"
-    device_us = sum(getattr(e, dev_attr, 0) or 0 for e in ka)
     aten_calls = sum(e.count for e in ka if e.key.startswith("aten::"))
     kernels = sum(e.count for e in ka if (getattr(e, dev_attr, 0) or 0) > 0
                   and not e.key.startswith(("aten::", "cuda", "Memcpy", "Memset")))
     summary = {"profiled_wall_s_per_step": wall,
-               "device_busy_s_per_step": device_us / 1e6 / n,
                "aten_calls_per_step": aten_calls / n,
                "kernel_launches_per_step": kernels / n}
+    if ctx.device.type == "cuda":
+        # kernel time by category, and the time the device is busy at all (step_breakdown)
+        summary["device"] = step_breakdown.measured(prof, n)
+        summary["device_busy_s_per_step"] = summary["device"]["busy_s"]
     sort_dev = dev_attr if ctx.device.type == "cuda" else "self_cpu_time_total"
 
     def top(key, rows=25):
@@ -999,8 +1030,9 @@ def profile_steps(ctx: Ctx, step, batches, n: int, label: str) -> tuple[dict, st
         except Exception as e:  # sort keys were renamed across torch releases
             return f"(no table sorted by {key}: {type(e).__name__}: {e})"
 
-    text = (f"==== {label}: {n} profiled steps, {wall * 1e3:.1f} ms wall per step, device busy "
-            f"{summary['device_busy_s_per_step'] * 1e3:.1f} ms per step, "
+    busy = summary.get("device_busy_s_per_step")
+    busy_text = f"device busy {busy * 1e3:.1f} ms per step, " if busy is not None else ""
+    text = (f"==== {label}: {n} profiled steps, {wall * 1e3:.1f} ms wall per step, {busy_text}"
             f"{summary['aten_calls_per_step']:.0f} aten calls per step\n"
             f"-- by self CPU time\n{top('self_cpu_time_total')}\n"
             f"-- by self device time\n{top(sort_dev, 45)}\n")
@@ -1267,6 +1299,10 @@ def run_system(ctx: Ctx, spec: ModelSpec, system: System, batches, pred: dict, s
     if every[0]["prof"] is not None:
         row["profile"] = every[0]["prof"][0]
         state["profiles"].append(every[0]["prof"][1])
+        if system.kind == "autopar" and "device" in row["profile"] and ctx.rank == 0:
+            row["predicted_breakdown"] = predicted_breakdown(ctx, spec, pred["plan_json"],
+                                                             batch, seq)
+            state["profiles"].append(step_breakdown.compare(row) + "\n")
     if every[0]["mem"] is not None:
         row["memory_at_peak"] = every[0]["mem"][0]
         state["profiles"].append(every[0]["mem"][1])

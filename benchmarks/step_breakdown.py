@@ -1,0 +1,209 @@
+"""Where a training step's device time goes, measured, beside what autopar's cost model charges.
+
+`benchmarks/multigpu.py --profile SYSTEM` profiles a few steps of each system it names; this
+module turns such a profile into plain numbers per step (`measured(prof, steps)`):
+
+    kernels_s      the sum of every kernel's duration
+    busy_s         the time at least one kernel runs (the union over streams: a collective
+                   overlapping a matmul counts once)
+    by_category    kernel time by what launched it: the ATen op (its category below), or the
+                   optimizer (everything inside the step's `OPTIMIZER_RANGE`), or a collective
+
+and, for a plan without tensor or pipeline parallelism, what the cost model charges the same
+categories (`predicted(...)`: every graph op's forward + backward time as the planner prices
+it, `cost.compute_time_s` on the plan's device, under the op's category; the optimizer and the
+data-parallel collectives from `plan.predicted`). The device idles for the step time less
+`busy_s`; the cost model charges no idle time. `compare(...)` lays the two side by side.
+
+    python benchmarks/step_breakdown.py docs/benchmarks/data/FILE.json   # the table of each row
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+OPTIMIZER_RANGE = "benchmark.optimizer"  # record_function label around the optimizer step
+
+CATEGORIES = ("matmul", "attention", "norm", "loss", "embedding", "elementwise", "copy",
+              "collective", "optimizer")
+
+_MATMUL = {"mm", "addmm", "bmm", "baddbmm", "matmul", "linear", "addmv", "mv", "_scaled_mm"}
+_LOSS = {"_log_softmax", "_log_softmax_backward_data", "log_softmax", "nll_loss_forward",
+         "nll_loss_backward", "nll_loss2d_forward", "nll_loss2d_backward", "gather", "scatter",
+         "scatter_add", "cross_entropy_loss"}
+_COPY = {"copy_", "_to_copy", "clone", "cat", "contiguous", "split_with_sizes_copy",
+         "_chunk_cat", "stack", "zero_", "fill_", "zeros", "zeros_like", "new_zeros",
+         "_foreach_copy_", "empty_like", "index_put_", "slice_scatter", "select_scatter"}
+_COLLECTIVE_PREFIXES = ("record_param_comms", "nccl", "c10d", "_c10d_functional",
+                        "all_gather", "reduce_scatter", "all_reduce", "all_to_all")
+
+
+def category(op: str) -> str:
+    """The category of an op, by its name as a graph target (`aten.mm.default`) or as the
+    profiler shows it (`aten::mm`)."""
+    name = op.removeprefix("aten::").removeprefix("aten.")
+    if name.startswith(_COLLECTIVE_PREFIXES) or "::" in name and name.split("::")[0] in (
+            "_c10d_functional", "c10d"):
+        return "collective"
+    base = name.split(".")[0]
+    if base in _MATMUL:
+        return "matmul"
+    if "attention" in base or "flash" in base or "sdpa" in base:
+        return "attention"
+    if "norm" in base:
+        return "norm"
+    if base in _LOSS:
+        return "loss"
+    if base.startswith("embedding"):
+        return "embedding"
+    if base in _COPY:
+        return "copy"
+    if base.startswith(("_fused_adam", "_foreach_")):
+        return "optimizer"
+    return "elementwise"
+
+
+# ---- measured ------------------------------------------------------------------------------
+
+def union_s(intervals) -> float:
+    """Length of the union of (start, end) intervals, in their unit."""
+    total, end = 0.0, None
+    for a, b in sorted(intervals):
+        if end is None or a > end:
+            total += b - a
+            end = b
+        elif b > end:
+            total += b - end
+            end = b
+    return total
+
+
+def _is_device(e) -> bool:
+    return getattr(e.device_type, "name", str(e.device_type)) != "CPU"
+
+
+def _under(e, label: str) -> bool:
+    p = e
+    while p is not None:
+        if p.name == label:
+            return True
+        p = p.cpu_parent
+    return False
+
+
+def measured(prof, steps: int) -> dict:
+    """Per-step device figures of a torch.profiler run over `steps` steps (seconds)."""
+    events = prof.events()
+    kernels = [(e.time_range.start, e.time_range.end) for e in events
+               if _is_device(e) and not getattr(e, "is_user_annotation", False)]
+    by = dict.fromkeys(CATEGORIES, 0.0)
+    attributed = 0.0
+    for e in events:
+        if _is_device(e) or getattr(e, "is_async", False):
+            continue
+        own = sum(k.duration for k in e.kernels)  # kernels this op launched itself
+        if not own:
+            continue
+        cat = "optimizer" if _under(e, OPTIMIZER_RANGE) else category(e.name)
+        by[cat] += own
+        attributed += own
+    total = sum(b - a for a, b in kernels)
+    scale = 1e-6 / steps  # profiler times are microseconds
+    out = {"kernels_s": total * scale, "busy_s": union_s(kernels) * scale,
+           "by_category": {k: v * scale for k, v in by.items()}}
+    out["unattributed_s"] = max(total - attributed, 0.0) * scale
+    return out
+
+
+# ---- predicted -----------------------------------------------------------------------------
+
+def predictable(plan) -> str | None:
+    """Why `predicted` cannot split this plan's step by category, or None: it prices the ops
+    of the unsharded graph, which only a plan without tensor or pipeline parallelism runs
+    (each data-parallel rank runs the whole graph on its part of the batch)."""
+    other = {axis: n for axis, n in plan.mesh.items() if axis != "dp" and n > 1}
+    if other:
+        return f"the plan splits ops over {other}; only data-parallel plans are split by category"
+    if plan.pipeline and plan.pipeline.get("num_microbatches", 1) > 1:
+        return "the plan runs microbatches; only one-microbatch plans are split by category"
+    return None
+
+
+def predicted(gm, profiles, plan, device) -> dict:
+    """What the cost model charges per step, by category: every op of `gm` (the graph of one
+    rank's batch, profiled by `autopar.profile.profile_graph`) forward + backward on `device`
+    (calibrated as the planner sees it), plus the plan's optimizer step and data-parallel
+    collectives (`plan.predicted`)."""
+    import torch
+
+    from autopar import cost
+
+    by = dict.fromkeys(CATEGORIES, 0.0)
+    for n in gm.graph.nodes:
+        p = profiles.get(n.name)
+        if n.op != "call_function" or p is None:
+            continue
+        flops, moved = p.fwd_flops + p.bwd_flops, p.fwd_bytes + p.bwd_bytes
+        if not (flops or moved):
+            continue
+        val = n.meta.get("val")
+        dtype = val.dtype if isinstance(val, torch.Tensor) else torch.float32
+        by[category(str(n.target))] += cost.compute_time_s(flops, moved, device, dtype,
+                                                           op=str(n.target))
+    pred = plan.predicted
+    comm = pred.get("communication_dp_s", 0.0)
+    # replicate: dp_sync_s is the gradient all-reduce and the optimizer; ZeRO: the optimizer
+    # (its collectives run inside the layers)
+    opt = pred.get("dp_sync_s", 0.0) - (comm if plan.data_parallel == "replicate" else 0.0)
+    by["optimizer"] += max(opt, 0.0)
+    by["collective"] += comm
+    return {"by_category": by, "step_s": pred.get("step_time_s")}
+
+
+# ---- the table -----------------------------------------------------------------------------
+
+def compare(row: dict) -> str:
+    """A benchmark row's breakdown (its "profile" with "device", and "predicted_breakdown"
+    where the plan has one) as a table of milliseconds per step."""
+    dev = (row.get("profile") or {}).get("device")
+    if not dev:
+        return f"{row['model']} {row['system']}: no device breakdown in this row"
+    pred = (row.get("predicted_breakdown") or {}).get("by_category", {})
+    lines = [f"{row['model']} {row['system']} ({row['gpus']} GPU): ms per step",
+             f"{'':14} {'measured':>9} {'predicted':>9}"]
+
+    def line(name, m, p):
+        ps = f"{p * 1e3:9.1f}" if p is not None else f"{'':9}"
+        lines.append(f"{name:14} {m * 1e3:9.1f} {ps}")
+
+    for k in CATEGORIES:
+        line(k, dev["by_category"][k], pred.get(k) if pred else None)
+    line("unattributed", dev["unattributed_s"], None)
+    line("kernels", dev["kernels_s"], sum(pred.values()) if pred else None)
+    line("device busy", dev["busy_s"], None)
+    step = row.get("measured_step_s")
+    if step:
+        line("step", step, row.get("predicted_step_s"))
+        line("idle", step - dev["busy_s"], 0.0 if pred else None)
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("json", help="a benchmarks/multigpu.py --json file")
+    args = ap.parse_args(argv)
+    with open(args.json) as f:
+        rows = json.load(f)["runs"]
+    tables = [compare(r) for r in rows if (r.get("profile") or {}).get("device")]
+    if not tables:
+        print(f"{args.json}: no row has a device breakdown (run with --profile on a GPU)",
+              file=sys.stderr)
+        return 1
+    print("\n\n".join(tables))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
