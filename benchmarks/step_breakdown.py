@@ -12,8 +12,10 @@ module turns such a profile into plain numbers per step (`measured(prof, steps)`
 and, for a plan without tensor or pipeline parallelism, what the cost model charges the same
 categories (`predicted(...)`: every graph op's forward + backward time as the planner prices
 it, `cost.compute_time_s` on the plan's device, under the op's category; the optimizer and the
-data-parallel collectives from `plan.predicted`). The device idles for the step time less
-`busy_s`; the cost model charges no idle time. `compare(...)` lays the two side by side.
+data-parallel collectives from `plan.predicted`; and `host_bound_s`, what the cost model adds
+where it finds the host slower than the device). The device idles for the step time less
+`busy_s`, which the cost model's `host_bound_s` stands for. `compare(...)` lays the two side by
+side.
 
     python benchmarks/step_breakdown.py docs/benchmarks/data/FILE.json   # the table of each row
 """
@@ -96,14 +98,19 @@ def _under(e, label: str) -> bool:
 def measured(prof, steps: int) -> dict:
     """Per-step device figures of a torch.profiler run over `steps` steps (seconds)."""
     events = prof.events()
-    kernels = [(e.time_range.start, e.time_range.end) for e in events
-               if _is_device(e) and not getattr(e, "is_user_annotation", False)]
+    device = [e for e in events if _is_device(e)]
+    # a record_function range shows on the device too, as an annotation spanning its kernels;
+    # the profiler lists it among the "kernels" of its host range, so skip it by name there
+    annotations = {e.name for e in device if getattr(e, "is_user_annotation", False)}
+    kernels = [(e.time_range.start, e.time_range.end) for e in device
+               if e.name not in annotations]
     by = dict.fromkeys(CATEGORIES, 0.0)
     attributed = 0.0
     for e in events:
         if _is_device(e) or getattr(e, "is_async", False):
             continue
-        own = sum(k.duration for k in e.kernels)  # kernels this op launched itself
+        # the kernels this op launched itself
+        own = sum(k.duration for k in e.kernels if k.name not in annotations)
         if not own:
             continue
         cat = "optimizer" if _under(e, OPTIMIZER_RANGE) else category(e.name)
@@ -159,7 +166,11 @@ def predicted(gm, profiles, plan, device) -> dict:
     opt = pred.get("dp_sync_s", 0.0) - (comm if plan.data_parallel == "replicate" else 0.0)
     by["optimizer"] += max(opt, 0.0)
     by["collective"] += comm
-    return {"by_category": by, "step_s": pred.get("step_time_s")}
+    step = pred.get("step_time_s", 0.0)
+    # a layer costs the slower of its device time and the host's time to issue it: what the
+    # host adds where it is the slower (no category: the device waits)
+    return {"by_category": by, "host_bound_s": max(step - sum(by.values()), 0.0),
+            "step_s": step}
 
 
 # ---- the table -----------------------------------------------------------------------------
@@ -186,7 +197,8 @@ def compare(row: dict) -> str:
     step = row.get("measured_step_s")
     if step:
         line("step", step, row.get("predicted_step_s"))
-        line("idle", step - dev["busy_s"], 0.0 if pred else None)
+        host = (row.get("predicted_breakdown") or {}).get("host_bound_s")
+        line("idle", step - dev["busy_s"], host)
     return "\n".join(lines)
 
 

@@ -1,0 +1,164 @@
+"""benchmarks/step_breakdown.py: a profiled step's device time by category, beside the cost
+model's. The measured side is checked on hand-made profiler events (CI has no GPU); the
+predicted side on a tiny GPT's one-device plan, whose categories must add up to the plan's own
+predicted step."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+import autopar
+from benchmarks import multigpu
+from benchmarks.step_breakdown import (
+    CATEGORIES,
+    OPTIMIZER_RANGE,
+    category,
+    compare,
+    measured,
+    predictable,
+    union_s,
+)
+
+
+@pytest.mark.parametrize("op, want", [
+    ("aten.mm.default", "matmul"), ("aten::addmm", "matmul"),
+    ("aten.scaled_dot_product_attention.default", "attention"),
+    ("aten::_cudnn_attention_backward", "attention"),
+    ("aten.native_layer_norm.default", "norm"), ("aten::native_layer_norm_backward", "norm"),
+    ("aten._log_softmax.default", "loss"), ("aten::_log_softmax_backward_data", "loss"),
+    ("aten.embedding.default", "embedding"), ("aten::embedding_dense_backward", "embedding"),
+    ("aten::copy_", "copy"), ("aten::cat", "copy"), ("aten::_foreach_copy_", "copy"),
+    ("record_param_comms", "collective"), ("nccl:all_gather_into_tensor", "collective"),
+    ("_c10d_functional::reduce_scatter_tensor", "collective"),
+    ("aten::_fused_adamw_", "optimizer"), ("aten::_foreach_mul_", "optimizer"),
+    ("aten::gelu_backward", "elementwise"), ("aten.add.Tensor", "elementwise"),
+])
+def test_each_op_falls_in_its_category(op, want):
+    assert category(op) == want
+
+
+def test_union_counts_overlapping_time_once():
+    assert union_s([]) == 0
+    assert union_s([(0, 10), (20, 30)]) == 20
+    assert union_s([(0, 10), (5, 15), (12, 14)]) == 15  # overlap, and one inside another
+    assert union_s([(20, 30), (0, 25)]) == 30  # order does not matter
+
+
+# ---- measured, on events shaped as torch.profiler gives them --------------------------------
+
+class _Kernel(types.SimpleNamespace):
+    pass
+
+
+def _device(name, start, end, annotation=False):
+    return types.SimpleNamespace(name=name, device_type=types.SimpleNamespace(name="CUDA"),
+                                 time_range=types.SimpleNamespace(start=start, end=end),
+                                 is_user_annotation=annotation, is_async=False)
+
+
+def _host(name, kernels, parent=None):
+    return types.SimpleNamespace(name=name, device_type=types.SimpleNamespace(name="CPU"),
+                                 kernels=[_Kernel(name=k.name, duration=k.time_range.end
+                                                  - k.time_range.start) for k in kernels],
+                                 cpu_parent=parent, is_async=False)
+
+
+def test_measured_attributes_each_kernel_once_and_counts_the_busy_union():
+    mm = _device("gemm_kernel", 0, 100)
+    nccl = _device("ncclDevKernel_AllGather", 50, 150)  # overlaps the matmul
+    adam = _device("multi_tensor_apply_kernel", 200, 230)
+    cast = _device("elementwise_kernel", 230, 240)
+    # record_function ranges show on the device as annotations spanning their kernels, and
+    # torch.profiler lists them among their host range's kernels: counting them would count
+    # the optimizer's kernels twice
+    opt_gpu = _device(OPTIMIZER_RANGE, 200, 240, annotation=True)
+    opt = _host(OPTIMIZER_RANGE, [opt_gpu])
+    events = [
+        _host("aten::mm", [mm]), _host("record_param_comms", [nccl]),
+        opt, _host("aten::_fused_adamw_", [adam], parent=opt),
+        _host("aten::copy_", [cast], parent=opt),  # the optimizer's casts: its category
+        mm, nccl, adam, cast, opt_gpu,
+    ]
+    prof = types.SimpleNamespace(events=lambda: events)
+    m = measured(prof, steps=2)
+    us = 1e-6 / 2
+    assert m["kernels_s"] == pytest.approx(240 * us)  # 100 + 100 + 30 + 10, no annotation
+    assert m["busy_s"] == pytest.approx(190 * us)  # 0..150 and 200..240
+    by = m["by_category"]
+    assert set(by) == set(CATEGORIES)
+    assert by["matmul"] == pytest.approx(100 * us)
+    assert by["collective"] == pytest.approx(100 * us)
+    assert by["optimizer"] == pytest.approx(40 * us)
+    assert sum(by.values()) == pytest.approx(m["kernels_s"])
+    assert m["unattributed_s"] == 0
+
+
+def test_a_kernel_no_op_launched_is_unattributed():
+    k = _device("some_kernel", 0, 10)
+    prof = types.SimpleNamespace(events=lambda: [k])
+    m = measured(prof, steps=1)
+    assert m["unattributed_s"] == pytest.approx(10e-6)
+    assert sum(m["by_category"].values()) == 0
+
+
+# ---- predicted -----------------------------------------------------------------------------
+
+def _plan(device: str):
+    spec = multigpu.model_spec("gpt-1.3b", True, 32)
+    model = multigpu._meta_model(spec, torch.bfloat16)
+    x = torch.zeros(4, 32, dtype=torch.long, device="meta")
+    cluster = autopar.Cluster.preset(device, devices_per_node=1)
+    plan = autopar.plan(model, cluster, (x, x.clone()), loss_fn=multigpu.lm_loss,
+                        precision=multigpu.TrainingPrecision.mixed_bf16())
+    return spec, plan
+
+
+_CTX = types.SimpleNamespace(dtype=torch.bfloat16, loss=multigpu.lm_loss)
+
+
+@pytest.mark.parametrize("device, host_bound", [("h100-80g", False), ("h200-141g", True)])
+def test_predicted_categories_add_up_to_the_plans_predicted_step(device, host_bound):
+    """The same cost model, op by op: the categories are the plan's step, split. A calibrated
+    device with a measured host time per op (h200) also charges the host's time to issue the
+    ops, which on a model this tiny is longer than the device's: that is `host_bound_s`; a
+    device without one (h100) charges none."""
+    spec, plan = _plan(device)
+    assert predictable(plan) is None
+    out = multigpu.predicted_breakdown(_CTX, spec, plan.to_json(), 4, 32)
+    by = out["by_category"]
+    assert set(by) == set(CATEGORIES)
+    assert by["matmul"] > 0 and by["attention"] > 0 and by["optimizer"] > 0
+    assert by["collective"] == 0  # one device
+    step = plan.predicted["step_time_s"]
+    assert (out["host_bound_s"] > 1e-9 * step) == host_bound
+    assert sum(by.values()) + out["host_bound_s"] == pytest.approx(step, rel=1e-6)
+
+
+def test_a_plan_with_tensor_parallelism_is_not_split_by_category():
+    spec = multigpu.model_spec("gpt-1.3b", True, 32)
+    x = torch.zeros(4, 32, dtype=torch.long, device="meta")
+    plan = autopar.manual_plan(multigpu._meta_model(spec, torch.bfloat16),
+                               autopar.Cluster.preset("h100-80g", devices_per_node=2),
+                               (x, x.clone()), loss_fn=multigpu.lm_loss, tp=2, dp=1, pp=1,
+                               microbatch_size=4)
+    assert "splits ops" in predictable(plan)
+    assert "error" in multigpu.predicted_breakdown(_CTX, spec, plan.to_json(), 4, 32)
+    piped = types.SimpleNamespace(mesh={"pp": 1, "dp": 2}, pipeline={"num_microbatches": 4})
+    assert "microbatches" in predictable(piped)
+
+
+def test_the_table_shows_measured_beside_predicted_and_the_idle_time():
+    by = dict.fromkeys(CATEGORIES, 0.0)
+    row = {"model": "gpt", "system": "autopar", "gpus": 1, "measured_step_s": 0.3,
+           "predicted_step_s": 0.25,
+           "profile": {"device": {"kernels_s": 0.28, "busy_s": 0.27, "unattributed_s": 0.0,
+                                  "by_category": dict(by, matmul=0.28)}},
+           "predicted_breakdown": {"by_category": dict(by, matmul=0.25)}}
+    text = compare(row)
+    assert "matmul" in text and "280.0" in text and "250.0" in text
+    idle = next(line for line in text.splitlines() if line.startswith("idle"))
+    assert idle.split()[1] == "30.0"  # step 300 ms less 270 ms busy
+    assert "no device breakdown" in compare({"model": "gpt", "system": "eager"})
