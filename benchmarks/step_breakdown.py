@@ -8,6 +8,8 @@ module turns such a profile into plain numbers per step (`measured(prof, steps)`
                    overlapping a matmul counts once)
     by_category    kernel time by what launched it: the ATen op (its category below), or the
                    optimizer (everything inside the step's `OPTIMIZER_RANGE`), or a collective
+    top_ops        the same kernel time by the op that launched it, the costliest first
+    unattributed_s kernels no op claims (negative if some kernel was claimed twice)
 
 and, for a plan without tensor or pipeline parallelism, what the cost model charges the same
 categories (`predicted(...)`: every graph op's forward + backward time as the planner prices
@@ -27,6 +29,7 @@ import json
 import sys
 
 OPTIMIZER_RANGE = "benchmark.optimizer"  # record_function label around the optimizer step
+TOP_OPS = 40  # ops listed by their kernel time in `measured`
 
 CATEGORIES = ("matmul", "attention", "norm", "loss", "embedding", "elementwise", "copy",
               "collective", "optimizer")
@@ -86,6 +89,17 @@ def _is_device(e) -> bool:
     return getattr(e.device_type, "name", str(e.device_type)) != "CPU"
 
 
+# Host events that are calls into the CUDA runtime or driver, or the profiler's notes about
+# them ("Command Buffer Full": a launch that waited for room in the queue). torch.profiler
+# lists the launched kernel among their kernels too, beside the op's that made the call.
+_RUNTIME_PREFIXES = ("cuda", "cuLaunch", "cuMem", "cuStream", "cuEvent", "cuGraph", "hip",
+                     "Memcpy", "Memset", "Command Buffer Full", "Activity Buffer Request")
+
+
+def _is_runtime_call(e) -> bool:
+    return e.name.startswith(_RUNTIME_PREFIXES)
+
+
 def _under(e, label: str) -> bool:
     p = e
     while p is not None:
@@ -105,9 +119,10 @@ def measured(prof, steps: int) -> dict:
     kernels = [(e.time_range.start, e.time_range.end) for e in device
                if e.name not in annotations]
     by = dict.fromkeys(CATEGORIES, 0.0)
+    by_op: dict[str, float] = {}
     attributed = 0.0
     for e in events:
-        if _is_device(e) or getattr(e, "is_async", False):
+        if _is_device(e) or getattr(e, "is_async", False) or _is_runtime_call(e):
             continue
         # the kernels this op launched itself
         own = sum(k.duration for k in e.kernels if k.name not in annotations)
@@ -115,12 +130,18 @@ def measured(prof, steps: int) -> dict:
             continue
         cat = "optimizer" if _under(e, OPTIMIZER_RANGE) else category(e.name)
         by[cat] += own
+        by_op[e.name] = by_op.get(e.name, 0.0) + own
         attributed += own
     total = sum(b - a for a, b in kernels)
     scale = 1e-6 / steps  # profiler times are microseconds
     out = {"kernels_s": total * scale, "busy_s": union_s(kernels) * scale,
-           "by_category": {k: v * scale for k, v in by.items()}}
-    out["unattributed_s"] = max(total - attributed, 0.0) * scale
+           "by_category": {k: v * scale for k, v in by.items()},
+           # the ops behind those figures, the costliest first (what each category holds)
+           "top_ops": {k: v * scale for k, v in sorted(by_op.items(), key=lambda kv: -kv[1])
+                       [:TOP_OPS]}}
+    # not negative unless some kernel was attributed twice (a host event this module does
+    # not know lists it too): shown as is, not clipped
+    out["unattributed_s"] = (total - attributed) * scale
     return out
 
 

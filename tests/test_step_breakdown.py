@@ -78,6 +78,8 @@ def test_measured_attributes_each_kernel_once_and_counts_the_busy_union():
     opt = _host(OPTIMIZER_RANGE, [opt_gpu])
     events = [
         _host("aten::mm", [mm]), _host("record_param_comms", [nccl]),
+        # the launch calls list the kernels they launched, as the ops that made them do
+        _host("cudaLaunchKernel", [mm]), _host("Command Buffer Full", [adam]),
         opt, _host("aten::_fused_adamw_", [adam], parent=opt),
         _host("aten::copy_", [cast], parent=opt),  # the optimizer's casts: its category
         mm, nccl, adam, cast, opt_gpu,
