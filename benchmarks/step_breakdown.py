@@ -10,6 +10,8 @@ module turns such a profile into plain numbers per step (`measured(prof, steps)`
                    optimizer (everything inside the step's `OPTIMIZER_RANGE`), or a collective
     top_ops        the same kernel time by the op that launched it, the costliest first
     unattributed_s kernels no op claims (negative if some kernel was claimed twice)
+    idle_by_host_s what the host was doing while no kernel ran: each gap goes to the host
+                   event overlapping it most (innermost: "leaf", outermost: "outer")
 
 and, for a plan without tensor or pipeline parallelism, what the cost model charges the same
 categories (`predicted(...)`: every graph op's forward + backward time as the planner prices
@@ -109,6 +111,70 @@ def _under(e, label: str) -> bool:
     return False
 
 
+def _top(e):
+    while e.cpu_parent is not None:
+        e = e.cpu_parent
+    return e
+
+
+def _deepest(e, a: float, b: float):
+    """The innermost event under host event `e` that overlaps (a, b) the most."""
+    while True:
+        best, most = None, 0.0
+        for c in e.cpu_children:
+            o = min(c.time_range.end, b) - max(c.time_range.start, a)
+            if o > most:
+                best, most = c, o
+        if best is None:
+            return e
+        e = best
+
+
+def idle_by_host(events, kernels, top: int = TOP_OPS) -> dict:
+    """What the host was doing while the device idled: each gap between kernels (on the
+    union of streams) goes to the host event that overlaps it the most, on any thread (the
+    innermost such event, `leaf`, and the outermost, `outer`); a gap no host event overlaps
+    goes to "(no host event)". Seconds summed over the profile, the largest first."""
+    import bisect
+
+    gaps, end = [], None
+    for a, b in sorted(kernels):
+        if end is not None and a > end:
+            gaps.append((end, a))
+        end = b if end is None else max(end, b)
+    threads: dict[object, list] = {}  # outer host events per thread, in time order
+    for e in events:
+        if not _is_device(e) and e.cpu_parent is None and not getattr(e, "is_async", False):
+            threads.setdefault(e.thread, []).append(e)
+    lanes = []
+    for evs in threads.values():
+        evs.sort(key=lambda e: e.time_range.start)
+        lanes.append((evs, [e.time_range.start for e in evs]))
+    by_leaf: dict[str, float] = {}
+    by_outer: dict[str, float] = {}
+    for a, b in gaps:
+        best, most = None, 0.0
+        for evs, starts in lanes:  # on one thread, the events that overlap (a, b)
+            i = bisect.bisect_left(starts, b) - 1
+            while i >= 0 and evs[i].time_range.end > a:
+                e = evs[i]
+                o = min(e.time_range.end, b) - max(e.time_range.start, a)
+                if o > most:
+                    best, most = e, o
+                i -= 1
+        if best is None:
+            leaf_name = outer_name = "(no host event)"
+        else:
+            leaf_name, outer_name = _deepest(best, a, b).name, best.name
+        by_leaf[leaf_name] = by_leaf.get(leaf_name, 0.0) + (b - a)
+        by_outer[outer_name] = by_outer.get(outer_name, 0.0) + (b - a)
+
+    def largest(d):
+        return dict(sorted(d.items(), key=lambda kv: -kv[1])[:top])
+
+    return {"gaps": len(gaps), "leaf": largest(by_leaf), "outer": largest(by_outer)}
+
+
 def measured(prof, steps: int) -> dict:
     """Per-step device figures of a torch.profiler run over `steps` steps (seconds)."""
     events = prof.events()
@@ -142,6 +208,10 @@ def measured(prof, steps: int) -> dict:
     # not negative unless some kernel was attributed twice (a host event this module does
     # not know lists it too): shown as is, not clipped
     out["unattributed_s"] = (total - attributed) * scale
+    idle = idle_by_host(events, kernels)
+    out["idle_gaps_per_step"] = idle["gaps"] / steps
+    out["idle_by_host_s"] = {k: {name: v * scale for name, v in d.items()}
+                             for k, d in idle.items() if k != "gaps"}
     return out
 
 
@@ -220,6 +290,11 @@ def compare(row: dict) -> str:
         line("step", step, row.get("predicted_step_s"))
         host = (row.get("predicted_breakdown") or {}).get("host_bound_s")
         line("idle", step - dev["busy_s"], host)
+    idle = dev.get("idle_by_host_s")
+    if idle:  # profiled: the profiler's own host time lengthens these gaps
+        for side in ("outer", "leaf"):
+            lines.append(f"idle while the host ran ({side} event, profiled ms per step):")
+            lines += [f"  {v * 1e3:7.2f}  {name}" for name, v in list(idle[side].items())[:8]]
     return "\n".join(lines)
 
 

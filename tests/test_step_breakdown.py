@@ -59,11 +59,16 @@ def _device(name, start, end, annotation=False):
                                  is_user_annotation=annotation, is_async=False)
 
 
-def _host(name, kernels, parent=None):
-    return types.SimpleNamespace(name=name, device_type=types.SimpleNamespace(name="CPU"),
-                                 kernels=[_Kernel(name=k.name, duration=k.time_range.end
-                                                  - k.time_range.start) for k in kernels],
-                                 cpu_parent=parent, is_async=False)
+def _host(name, kernels, parent=None, start=0, end=0, thread=1):
+    e = types.SimpleNamespace(name=name, device_type=types.SimpleNamespace(name="CPU"),
+                              kernels=[_Kernel(name=k.name, duration=k.time_range.end
+                                               - k.time_range.start) for k in kernels],
+                              cpu_parent=parent, cpu_children=[], is_async=False,
+                              time_range=types.SimpleNamespace(start=start, end=end),
+                              thread=thread)
+    if parent is not None:
+        parent.cpu_children.append(e)
+    return e
 
 
 def test_measured_attributes_each_kernel_once_and_counts_the_busy_union():
@@ -164,3 +169,25 @@ def test_the_table_shows_measured_beside_predicted_and_the_idle_time():
     idle = next(line for line in text.splitlines() if line.startswith("idle"))
     assert idle.split()[1] == "30.0"  # step 300 ms less 270 ms busy
     assert "no device breakdown" in compare({"model": "gpt", "system": "eager"})
+
+
+def test_each_idle_gap_goes_to_the_host_event_that_overlaps_it_most():
+    kernels = [(0, 10), (30, 40), (35, 50), (100, 110)]  # idle: 10..30 and 50..100
+    opt = _host(OPTIMIZER_RANGE, [], start=5, end=28)  # covers most of the first gap
+    cast = _host("aten::copy_", [], parent=opt, start=12, end=27)
+    other = _host("aten::add", [], start=0, end=11, thread=2)  # another thread, barely in it
+    settle = _host("settle", [], start=60, end=70, thread=2)
+    events = [opt, cast, other, settle] + [_device("k", a, b) for a, b in kernels]
+    out = measured(types.SimpleNamespace(events=lambda: events), steps=1)
+    assert out["idle_gaps_per_step"] == 2
+    idle = out["idle_by_host_s"]
+    assert idle["outer"] == pytest.approx({OPTIMIZER_RANGE: 20e-6, "settle": 50e-6})
+    assert idle["leaf"] == pytest.approx({"aten::copy_": 20e-6, "settle": 50e-6})
+    assert sum(idle["outer"].values()) == pytest.approx(
+        union_s([(10, 30), (50, 100)]) * 1e-6)  # every idle microsecond, once
+
+
+def test_a_gap_no_host_event_overlaps_is_said_so():
+    events = [_device("k", 0, 10), _device("k", 20, 30)]
+    out = measured(types.SimpleNamespace(events=lambda: events), steps=1)
+    assert out["idle_by_host_s"]["outer"] == pytest.approx({"(no host event)": 10e-6})
