@@ -22,8 +22,10 @@ Cost model of one candidate (all seconds per training step, per device):
                  "selective" is not offered (`Schedule.checkpoint_problem`).
     dp_sync_s    once per step, after gradient accumulation, max over pp ranks of its layers':
                  replicate: all-reduce of the gradients over dp; plus the optimizer step, a
-                 memory-bound pass over the rank's local state. The ZeRO flavours reduce inside
-                 each microbatch's traced graphs, so their collectives are in the layer times:
+                 memory-bound pass over the rank's local state (`_update_s`), and with
+                 several microbatches the gradient accumulation (`_accumulate_s`). The ZeRO
+                 flavours reduce inside each microbatch's traced graphs, so their
+                 collectives are in the layer times:
                  forward all-gathers the weights (zero3 and hsdp gather them again in
                  backward), backward reduce-scatters the gradients (ZeRO, Rajbhandari et al.
                  2020, sec. 5; hsdp then all-reduces each shard across the replicas).
@@ -308,7 +310,7 @@ def layer_costs(stand: StandIn, profiles, cluster, sub_mesh, flavour, *, precisi
         comm_s["dp"] = 0.0  # dp traffic is the per-step sync, reported separately
     full = lambda per_layer: {f: per_layer[name] for name in order  # noqa: E731
                               for f in stand.represents.get(name, (name,))}
-    update = {name: _update_s(state[name], sub.device) for name in order}
+    update = {name: _update_s(state[name], sub.device, precision) for name in order}
     return LayerCosts(
         traced=stand.full, stand=stand, sub_mesh=dict(sub_mesh), decisions=decisions,
         solution=solution, layers=tuple(layers), sync_s=full(sync),
@@ -333,10 +335,27 @@ def _host_s(ops: int, device, runtime: str) -> tuple[float, float]:
     return total / 3, 2 * total / 3
 
 
-def _update_s(state: dict[str, float], device) -> float:
+def _update_s(state: dict[str, float], device, precision: TrainingPrecision) -> float:
     """The optimizer step of a layer's local state: read parameters, gradients and optimizer
-    state, write parameters and optimizer state back (a memory-bound pass)."""
+    state, write parameters and optimizer state back (a memory-bound pass). Parameters held
+    below fp32 are stepped on fp32 masters (`TrainingPrecision.mixed_bf16`), and torch's
+    AdamW steps an fp32 master on an fp32 gradient: the gradient is cast (written) and read
+    again in fp32 first. One H200, GPT 1.3B: 18.3 ms of optimizer kernels measured, 13.2 ms
+    charged without the cast, 15.5 with it (docs/benchmarks/2026-12-04-single-h200-breakdown.md)."""
     moved = 2 * (state["parameters"] + state["optimizer"]) + state["gradients"]
+    if precision.param_bytes < 4 and precision.grad_bytes:
+        moved += 2 * state["gradients"] * 4 / precision.grad_bytes
+    return cost.compute_time_s(0.0, moved, device, "float32")
+
+
+def _accumulate_s(gradients_bytes: float, microbatches: int, device) -> float:
+    """Gradient accumulation over `microbatches` (> 1) of a layer's local gradients: autograd
+    adds each later microbatch's gradient into .grad (read both, write one), and the runtime
+    divides the sum once by the count (read, write). One H200, GPT 6.7B in 4 microbatches:
+    28.7 ms of adds and 6.8 ms of divisions a step, which the step's prediction lacked."""
+    if microbatches <= 1 or not gradients_bytes:
+        return 0.0
+    moved = (3 * (microbatches - 1) + 2) * gradients_bytes
     return cost.compute_time_s(0.0, moved, device, "float32")
 
 
@@ -423,6 +442,7 @@ class Candidate:
     step_time_s: float = math.inf
     pipeline_s: float = 0.0
     dp_sync_s: float = 0.0
+    accumulate_s: float = 0.0  # of dp_sync_s: gradient accumulation over the microbatches
     peak_memory_bytes: float = math.inf
     rank_memory: list[dict[str, float]] = field(default_factory=list)
     bubble_fraction: float = 0.0
@@ -489,6 +509,7 @@ def evaluate(c: Candidate, cluster: Cluster) -> Candidate:
     ranks = [dict(parameters=0.0, gradients=0.0, optimizer=0.0, activations=0.0,
                   temporaries=c.costs.temporaries_bytes) for _ in range(c.pp)]
     sync = [0.0] * c.pp
+    accumulate = [0.0] * c.pp
     for s, members in enumerate(c.stages):
         r = problem.stage_of_rank[s]
         for name in members:
@@ -496,9 +517,14 @@ def evaluate(c: Candidate, cluster: Cluster) -> Candidate:
             for k, val in c.costs.state[name].items():
                 ranks[r][k] += val
             ranks[r]["activations"] += problem.in_flight[s] * opt.activation_bytes
-            sync[r] += c.costs.sync_s[name] + c.costs.update_s[name]
+            acc = _accumulate_s(c.costs.state[name]["gradients"], c.num_microbatches,
+                                cluster.device)
+            sync[r] += c.costs.sync_s[name] + c.costs.update_s[name] + acc
+            accumulate[r] += acc
     c.pipeline_s = pipe_s
-    c.dp_sync_s = max(sync)
+    worst = max(range(c.pp), key=lambda r: sync[r])
+    c.dp_sync_s = sync[worst]
+    c.accumulate_s = accumulate[worst]
     c.step_time_s = pipe_s + c.dp_sync_s
     c.rank_memory = ranks
     c.peak_memory_bytes = max(sum(r.values()) for r in ranks)
@@ -825,6 +851,7 @@ def candidate_plan(c: Candidate, cluster: Cluster, precision: TrainingPrecision,
         "step_time_s": c.step_time_s,
         "pipeline_s": c.pipeline_s,
         "dp_sync_s": c.dp_sync_s,
+        "gradient_accumulation_s": c.accumulate_s,
         "bubble_fraction": c.bubble_fraction,
         "peak_memory_bytes": c.peak_memory_bytes,
         "flops_per_step": costs.model_flops * c.num_microbatches,

@@ -5,7 +5,9 @@ that is not here can be judged). Keys of `plan.predicted` written by `autopar.se
 
     step_time_s            pipeline_s + dp_sync_s
     pipeline_s             the stage model's step (compute, resharding, p2p, bubble)
-    dp_sync_s              per-step data-parallel gradient all-reduce (replicate) and optimizer step
+    dp_sync_s              per-step data-parallel gradient all-reduce (replicate), optimizer step
+                           and gradient accumulation
+    gradient_accumulation_s  of dp_sync_s: adding up the microbatches' gradients
     bubble_fraction        the schedule's idle fraction (equal stages)
     peak_memory_bytes      the worst device
     memory_<kind>_bytes    that device's parameters, gradients, optimizer, activations,

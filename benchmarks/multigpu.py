@@ -347,7 +347,7 @@ def _pp_unfit(spec, world, pp, batch, microbatches):
 def predicted_breakdown(ctx: Ctx, spec: ModelSpec, plan_json: str, batch: int, seq: int
                         ) -> dict:
     """What the cost model charges one step of the plan, by category (step_breakdown): the
-    graph of one dp rank's batch, traced on meta and priced on the plan's device."""
+    graph of one dp rank's microbatch, traced on meta and priced on the plan's device."""
     from autopar.profile import profile_graph
     from autopar.trace import trace
 
@@ -355,7 +355,9 @@ def predicted_breakdown(ctx: Ctx, spec: ModelSpec, plan_json: str, batch: int, s
     why = step_breakdown.predictable(plan)
     if why:
         return {"error": why}
-    x = torch.zeros(batch // plan.mesh.get("dp", 1), seq, dtype=torch.long, device="meta")
+    _, micro = step_breakdown.microbatches(plan)
+    x = torch.zeros((micro or batch) // plan.mesh.get("dp", 1), seq, dtype=torch.long,
+                    device="meta")
     traced = trace(_meta_model(spec, ctx.dtype), (x,), loss_fn=ctx.loss, target=x.clone())
     gm = traced.graph_module
     profiles = profile_graph(gm, no_grad=set(traced.buffers) | set(traced.inputs))

@@ -7,14 +7,15 @@ module turns such a profile into plain numbers per step (`measured(prof, steps)`
     busy_s         the time at least one kernel runs (the union over streams: a collective
                    overlapping a matmul counts once)
     by_category    kernel time by what launched it: the ATen op (its category below), or the
-                   optimizer (everything inside the step's `OPTIMIZER_RANGE`), or a collective
+                   optimizer (everything inside the step's `OPTIMIZER_RANGE`), or autograd's
+                   gradient accumulation (`ACCUMULATE_RANGE`), or a collective
     top_ops        the same kernel time by the op that launched it, the costliest first
     unattributed_s kernels no op claims (negative if some kernel was claimed twice)
     idle_by_host_s what the host was doing while no kernel ran: each gap goes to the host
                    event overlapping it most (innermost: "leaf", outermost: "outer")
 
-and, for a plan without tensor or pipeline parallelism, what the cost model charges the same
-categories (`predicted(...)`: every graph op's forward + backward time as the planner prices
+and, for a plan without tensor or pipeline parallelism (gradient accumulation is fine), what
+the cost model charges the same categories (`predicted(...)`: every graph op's forward + backward time as the planner prices
 it, `cost.compute_time_s` on the plan's device, under the op's category; the optimizer and the
 data-parallel collectives from `plan.predicted`; and `host_bound_s`, what the cost model adds
 where it finds the host slower than the device). The device idles for the step time less
@@ -34,7 +35,8 @@ OPTIMIZER_RANGE = "benchmark.optimizer"  # record_function label around the opti
 TOP_OPS = 40  # ops listed by their kernel time in `measured`
 
 CATEGORIES = ("matmul", "attention", "norm", "loss", "embedding", "elementwise", "copy",
-              "collective", "optimizer")
+              "collective", "accumulate", "optimizer")
+ACCUMULATE_RANGE = "torch::autograd::AccumulateGrad"  # autograd adding a gradient into .grad
 
 _MATMUL = {"mm", "addmm", "bmm", "baddbmm", "matmul", "linear", "addmv", "mv", "_scaled_mm"}
 _LOSS = {"_log_softmax", "_log_softmax_backward_data", "log_softmax", "nll_loss_forward",
@@ -194,7 +196,8 @@ def measured(prof, steps: int) -> dict:
         own = sum(k.duration for k in e.kernels if k.name not in annotations)
         if not own:
             continue
-        cat = "optimizer" if _under(e, OPTIMIZER_RANGE) else category(e.name)
+        cat = ("optimizer" if _under(e, OPTIMIZER_RANGE)
+               else "accumulate" if _under(e, ACCUMULATE_RANGE) else category(e.name))
         by[cat] += own
         by_op[e.name] = by_op.get(e.name, 0.0) + own
         attributed += own
@@ -220,24 +223,29 @@ def measured(prof, steps: int) -> dict:
 def predictable(plan) -> str | None:
     """Why `predicted` cannot split this plan's step by category, or None: it prices the ops
     of the unsharded graph, which only a plan without tensor or pipeline parallelism runs
-    (each data-parallel rank runs the whole graph on its part of the batch)."""
+    (each data-parallel rank runs the whole graph on its part of each microbatch)."""
     other = {axis: n for axis, n in plan.mesh.items() if axis != "dp" and n > 1}
     if other:
         return f"the plan splits ops over {other}; only data-parallel plans are split by category"
-    if plan.pipeline and plan.pipeline.get("num_microbatches", 1) > 1:
-        return "the plan runs microbatches; only one-microbatch plans are split by category"
     return None
+
+
+def microbatches(plan) -> tuple[int, int | None]:
+    """(microbatches per step, the traced microbatch over all dp ranks, or None: the batch)."""
+    pipe = plan.pipeline or {}
+    return pipe.get("num_microbatches", 1), pipe.get("microbatch_size")
 
 
 def predicted(gm, profiles, plan, device) -> dict:
     """What the cost model charges per step, by category: every op of `gm` (the graph of one
-    rank's batch, profiled by `autopar.profile.profile_graph`) forward + backward on `device`
-    (calibrated as the planner sees it), plus the plan's optimizer step and data-parallel
-    collectives (`plan.predicted`)."""
+    rank's microbatch, profiled by `autopar.profile.profile_graph`) forward + backward on
+    `device` (calibrated as the planner sees it), once per microbatch, plus the plan's
+    optimizer step and data-parallel collectives (`plan.predicted`)."""
     import torch
 
     from autopar import cost
 
+    per_step, _ = microbatches(plan)
     by = dict.fromkeys(CATEGORIES, 0.0)
     for n in gm.graph.nodes:
         p = profiles.get(n.name)
@@ -248,13 +256,16 @@ def predicted(gm, profiles, plan, device) -> dict:
             continue
         val = n.meta.get("val")
         dtype = val.dtype if isinstance(val, torch.Tensor) else torch.float32
-        by[category(str(n.target))] += cost.compute_time_s(flops, moved, device, dtype,
-                                                           op=str(n.target))
+        by[category(str(n.target))] += per_step * cost.compute_time_s(flops, moved, device,
+                                                                      dtype, op=str(n.target))
     pred = plan.predicted
     comm = pred.get("communication_dp_s", 0.0)
-    # replicate: dp_sync_s is the gradient all-reduce and the optimizer; ZeRO: the optimizer
-    # (its collectives run inside the layers)
-    opt = pred.get("dp_sync_s", 0.0) - (comm if plan.data_parallel == "replicate" else 0.0)
+    accumulate = pred.get("gradient_accumulation_s", 0.0)
+    # replicate: dp_sync_s is the gradient all-reduce, the accumulation and the optimizer;
+    # ZeRO: the accumulation and the optimizer (its collectives run inside the layers)
+    opt = (pred.get("dp_sync_s", 0.0) - accumulate
+           - (comm if plan.data_parallel == "replicate" else 0.0))
+    by["accumulate"] += accumulate
     by["optimizer"] += max(opt, 0.0)
     by["collective"] += comm
     step = pred.get("step_time_s", 0.0)

@@ -280,3 +280,47 @@ def test_zero2_gathered_weights_live_with_the_activations_unless_checkpointed(se
         # recomputing pays the forward's gather again; not recomputing pays nothing more
         extra = (z2[how].bwd_s - z2["none"].bwd_s) - (rep[how].bwd_s - rep["none"].bwd_s)
         assert extra == pytest.approx(z2["none"].fwd_s - rep["none"].fwd_s) and extra > 0
+
+
+def test_mixed_precision_steps_fp32_masters_on_fp32_gradients():
+    """torch's AdamW steps an fp32 master on an fp32 gradient: under mixed precision the bf16
+    gradient is cast (written) and read again in fp32 before the pass over the state; an fp32
+    model steps its own gradients."""
+    from autopar.profile import TrainingPrecision, parameter_state_bytes
+    from autopar.search import _update_s
+
+    device = autopar.Cluster.preset("h100-80g").device
+    n = 1e9
+
+    def seconds(moved):
+        return autopar.cost.compute_time_s(0.0, moved, device, "float32")
+
+    fp32 = TrainingPrecision.fp32()
+    assert _update_s(parameter_state_bytes(n, fp32), device, fp32) == seconds(
+        2 * (4 + 8) * n + 4 * n)  # read and write parameters and state, read gradients
+    mixed = TrainingPrecision.mixed_bf16()
+    assert _update_s(parameter_state_bytes(n, mixed), device, mixed) == seconds(
+        2 * (2 + 12) * n + 2 * n + 2 * 4 * n)  # ... and the fp32 gradient, written and read
+
+
+def test_gradient_accumulation_is_charged_per_later_microbatch(setup):
+    from autopar.search import _accumulate_s
+
+    device = autopar.Cluster.preset("h100-80g").device
+    g = 1e9
+    assert _accumulate_s(g, 1, device) == 0.0  # the one gradient is .grad itself
+    # three adds into .grad (read both, write one) and one division (read, write)
+    assert _accumulate_s(g, 4, device) == autopar.cost.compute_time_s(
+        0.0, (3 * 3 + 2) * g, device, "float32")
+    import dataclasses
+
+    model, batch, cluster = setup
+    cluster = dataclasses.replace(cluster, devices_per_node=1)
+    one = autopar.manual_plan(model, cluster, batch, loss_fn=lm_loss, tp=1, pp=1, dp=1,
+                              microbatch_size=BATCH)
+    four = autopar.manual_plan(model, cluster, batch, loss_fn=lm_loss, tp=1, pp=1, dp=1,
+                               microbatch_size=BATCH // 4)
+    assert one.predicted["gradient_accumulation_s"] == 0.0
+    acc = four.predicted["gradient_accumulation_s"]
+    assert acc > 0 and four.predicted["dp_sync_s"] >= acc
+    assert four.predicted["dp_sync_s"] - acc == pytest.approx(one.predicted["dp_sync_s"])

@@ -13,6 +13,7 @@ import torch
 import autopar
 from benchmarks import multigpu
 from benchmarks.step_breakdown import (
+    ACCUMULATE_RANGE,
     CATEGORIES,
     OPTIMIZER_RANGE,
     category,
@@ -76,6 +77,7 @@ def test_measured_attributes_each_kernel_once_and_counts_the_busy_union():
     nccl = _device("ncclDevKernel_AllGather", 50, 150)  # overlaps the matmul
     adam = _device("multi_tensor_apply_kernel", 200, 230)
     cast = _device("elementwise_kernel", 230, 240)
+    acc = _device("add_kernel", 240, 245)
     # record_function ranges show on the device as annotations spanning their kernels, and
     # torch.profiler lists them among their host range's kernels: counting them would count
     # the optimizer's kernels twice
@@ -87,18 +89,20 @@ def test_measured_attributes_each_kernel_once_and_counts_the_busy_union():
         _host("cudaLaunchKernel", [mm]), _host("Command Buffer Full", [adam]),
         opt, _host("aten::_fused_adamw_", [adam], parent=opt),
         _host("aten::copy_", [cast], parent=opt),  # the optimizer's casts: its category
-        mm, nccl, adam, cast, opt_gpu,
+        _host("aten::add_", [acc], parent=_host(ACCUMULATE_RANGE, [])),  # into .grad
+        mm, nccl, adam, cast, acc, opt_gpu,
     ]
     prof = types.SimpleNamespace(events=lambda: events)
     m = measured(prof, steps=2)
     us = 1e-6 / 2
-    assert m["kernels_s"] == pytest.approx(240 * us)  # 100 + 100 + 30 + 10, no annotation
-    assert m["busy_s"] == pytest.approx(190 * us)  # 0..150 and 200..240
+    assert m["kernels_s"] == pytest.approx(245 * us)  # 100 + 100 + 30 + 10 + 5, no annotation
+    assert m["busy_s"] == pytest.approx(195 * us)  # 0..150 and 200..245
     by = m["by_category"]
     assert set(by) == set(CATEGORIES)
     assert by["matmul"] == pytest.approx(100 * us)
     assert by["collective"] == pytest.approx(100 * us)
     assert by["optimizer"] == pytest.approx(40 * us)
+    assert by["accumulate"] == pytest.approx(5 * us)
     assert sum(by.values()) == pytest.approx(m["kernels_s"])
     assert m["unattributed_s"] == 0
 
@@ -153,8 +157,11 @@ def test_a_plan_with_tensor_parallelism_is_not_split_by_category():
                                microbatch_size=4)
     assert "splits ops" in predictable(plan)
     assert "error" in multigpu.predicted_breakdown(_CTX, spec, plan.to_json(), 4, 32)
-    piped = types.SimpleNamespace(mesh={"pp": 1, "dp": 2}, pipeline={"num_microbatches": 4})
-    assert "microbatches" in predictable(piped)
+    piped = types.SimpleNamespace(mesh={"pp": 2, "dp": 1}, pipeline={"num_microbatches": 4})
+    assert "splits ops over {'pp': 2}" in predictable(piped)
+    accumulating = types.SimpleNamespace(mesh={"pp": 1, "dp": 2},
+                                         pipeline={"num_microbatches": 4})
+    assert predictable(accumulating) is None  # gradient accumulation: the same graph, 4 times
 
 
 def test_the_table_shows_measured_beside_predicted_and_the_idle_time():
@@ -191,3 +198,20 @@ def test_a_gap_no_host_event_overlaps_is_said_so():
     events = [_device("k", 0, 10), _device("k", 20, 30)]
     out = measured(types.SimpleNamespace(events=lambda: events), steps=1)
     assert out["idle_by_host_s"]["outer"] == pytest.approx({"(no host event)": 10e-6})
+
+
+def test_gradient_accumulation_is_priced_once_per_microbatch():
+    spec = multigpu.model_spec("gpt-1.3b", True, 32)
+    x = torch.zeros(4, 32, dtype=torch.long, device="meta")
+    plan = autopar.manual_plan(multigpu._meta_model(spec, torch.bfloat16),
+                               autopar.Cluster.preset("h100-80g", devices_per_node=1),
+                               (x, x.clone()), loss_fn=multigpu.lm_loss, tp=1, dp=1, pp=1,
+                               microbatch_size=2,
+                               precision=multigpu.TrainingPrecision.mixed_bf16())
+    assert plan.pipeline["num_microbatches"] == 2
+    out = multigpu.predicted_breakdown(_CTX, spec, plan.to_json(), 4, 32)
+    # one add of the second microbatch's gradients, one division: 5 passes over them
+    assert out["by_category"]["accumulate"] == pytest.approx(
+        plan.predicted["gradient_accumulation_s"]) and out["by_category"]["accumulate"] > 0
+    assert sum(out["by_category"].values()) + out["host_bound_s"] == pytest.approx(
+        plan.predicted["step_time_s"], rel=1e-6)
