@@ -56,7 +56,8 @@ class OpProfile:
     fwd_flops: float  # FlopCounterMode's count of the op (0 for views and elementwise ops)
     bwd_flops: float  # FlopCounterMode's count of the op's backward, measured on the op alone
     fwd_bytes: float  # bytes read + written: input tensors + output tensors (0 for views)
-    bwd_bytes: float  # assumed 2 x fwd_bytes (see _BWD_BYTES_PER_FWD_BYTE)
+    bwd_bytes: float  # assumed 2 x fwd_bytes (_BWD_BYTES_PER_FWD_BYTE); views: 0 or their
+    # backward's new tensor (_VIEW_BACKWARD_BYTES)
     output_bytes: float  # bytes of the output tensor(s); 0 for views and getitem (they alias)
     saved_bytes: float  # bytes of saved-for-backward storages this node's output owns
     is_view: bool  # the output aliases an input (view ops, and getitem of a multi-output op)
@@ -67,6 +68,22 @@ class OpProfile:
 # writes dx (and dW): about twice the forward's reads + writes for matmuls (two GEMMs, one per
 # input) and 1.5-2x for elementwise ops. We take 2x; it is an assumption, not a measurement.
 _BWD_BYTES_PER_FWD_BYTE = 2.0
+
+# Views move no bytes forward, and most of them none backward (the gradient of a view is a
+# view of the gradient). These do: their backward makes a new tensor of the input's size.
+# bytes(input, output) -> backward bytes read + written.
+_VIEW_BACKWARD_BYTES = {
+    # cat of the outputs' gradients: read them (the input's size), write the input's gradient
+    aten.split_with_sizes.default: lambda i, o: 2 * i,
+    aten.split.Tensor: lambda i, o: 2 * i,
+    aten.unbind.int: lambda i, o: 2 * i,
+    aten.chunk.default: lambda i, o: 2 * i,
+    # zeros of the input's size, the output's gradient copied into its part
+    aten.slice.Tensor: lambda i, o: i + 2 * o,
+    aten.select.int: lambda i, o: i + 2 * o,
+    # sum of the output's gradient over the expanded dims
+    aten.expand.default: lambda i, o: o + i,
+}
 
 # When an op's backward cannot be run on meta tensors we fall back to the usual rule of thumb
 # (Kaplan et al. 2020, "Scaling Laws", sec. 2.1): a matmul's backward is two matmuls of the same
@@ -187,11 +204,14 @@ class _ProfileInterpreter(fx.Interpreter):
             out = fn(*args, **kwargs)
         self._own(n.name, out)
         moved = 0.0 if is_view else float(_nbytes((args, kwargs)) + _nbytes(out))
+        bwd_moved = _BWD_BYTES_PER_FWD_BYTE * moved
+        if n.target in _VIEW_BACKWARD_BYTES and args and isinstance(args[0], torch.Tensor):
+            bwd_moved = float(_VIEW_BACKWARD_BYTES[n.target](_nbytes(args[0]), _nbytes(out)))
         self.partial[n.name] = dict(
             fwd_flops=fwd_flops,
             bwd_flops=bwd_flops,
             fwd_bytes=moved,
-            bwd_bytes=_BWD_BYTES_PER_FWD_BYTE * moved,
+            bwd_bytes=bwd_moved,
             output_bytes=0.0 if is_view else float(_nbytes(out)),
             is_view=is_view,
         )
