@@ -43,6 +43,11 @@ A rank that fails inside a step while the others wait in a collective stalls the
 --collective-timeout-s; the rows written so far stay. autopar runs with its default runtime
 ("replay": each layer traced once, then replayed); --runtime eager runs it op by op.
 
+--profile SYSTEM runs torch.profiler over --profile-steps more steps of those systems: top ops
+by host and device time (--profile-out), and on GPUs the step's kernel time by category beside
+what the cost model charges (benchmarks/step_breakdown.py; its table ends the profile file, and
+`python benchmarks/step_breakdown.py RESULTS.json` prints it again from the JSON).
+
 --memory-peak SYSTEM runs one more step of those systems under the CUDA allocator's history and
 lists what is alive at its peak by the op that allocated it (a replayed graph's line names its
 ATen op), and what the build and the first step left alive between steps: the table that found

@@ -44,7 +44,10 @@ _LOSS = {"_log_softmax", "_log_softmax_backward_data", "log_softmax", "nll_loss_
          "scatter_add", "cross_entropy_loss"}
 _COPY = {"copy_", "_to_copy", "clone", "cat", "contiguous", "split_with_sizes_copy",
          "_chunk_cat", "stack", "zero_", "fill_", "zeros", "zeros_like", "new_zeros",
-         "_foreach_copy_", "empty_like", "index_put_", "slice_scatter", "select_scatter"}
+         "_foreach_copy_", "empty_like", "index_put_", "slice_scatter", "select_scatter",
+         # views priced by their backward, a cat or a zeroed copy (profile._VIEW_BACKWARD_BYTES)
+         "split_with_sizes", "split", "unbind", "chunk", "slice", "select",
+         "slice_backward", "select_backward"}
 _COLLECTIVE_PREFIXES = ("record_param_comms", "nccl", "c10d", "_c10d_functional",
                         "all_gather", "reduce_scatter", "all_reduce", "all_to_all")
 

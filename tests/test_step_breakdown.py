@@ -32,6 +32,7 @@ from benchmarks.step_breakdown import (
     ("aten._log_softmax.default", "loss"), ("aten::_log_softmax_backward_data", "loss"),
     ("aten.embedding.default", "embedding"), ("aten::embedding_dense_backward", "embedding"),
     ("aten::copy_", "copy"), ("aten::cat", "copy"), ("aten::_foreach_copy_", "copy"),
+    ("aten.split_with_sizes.default", "copy"),  # priced by its backward, a cat
     ("record_param_comms", "collective"), ("nccl:all_gather_into_tensor", "collective"),
     ("_c10d_functional::reduce_scatter_tensor", "collective"),
     ("aten::_fused_adamw_", "optimizer"), ("aten::_foreach_mul_", "optimizer"),
