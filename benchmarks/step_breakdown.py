@@ -290,12 +290,14 @@ def compare(row: dict) -> str:
     lines = [f"{row['model']} {row['system']} ({row['gpus']} GPU): ms per step",
              f"{'':14} {'measured':>9} {'predicted':>9}"]
 
-    def line(name, m, p):
-        ps = f"{p * 1e3:9.1f}" if p is not None else f"{'':9}"
-        lines.append(f"{name:14} {m * 1e3:9.1f} {ps}")
+    def ms(v):
+        return f"{v * 1e3:9.1f}" if v is not None else f"{'-':>9}"
 
-    for k in CATEGORIES:
-        line(k, dev["by_category"][k], pred.get(k) if pred else None)
+    def line(name, m, p):
+        lines.append(f"{name:14} {ms(m)} {ms(p) if pred or p is not None else ''}")
+
+    for k in CATEGORIES:  # a file written before a category existed has none of it
+        line(k, dev["by_category"].get(k), pred.get(k) if pred else None)
     line("unattributed", dev["unattributed_s"], None)
     line("kernels", dev["kernels_s"], sum(pred.values()) if pred else None)
     line("device busy", dev["busy_s"], None)
