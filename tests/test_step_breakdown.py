@@ -149,13 +149,19 @@ def test_predicted_categories_add_up_to_the_plans_predicted_step(device, host_bo
     assert sum(by.values()) + out["host_bound_s"] == pytest.approx(step, rel=1e-6)
 
 
-def test_a_plan_with_tensor_parallelism_is_not_split_by_category():
+def _manual(devices: int, **config):
+    """A hand configuration of the tiny GPT on `devices` H100s, batch 4 of 32 tokens."""
     spec = multigpu.model_spec("gpt-1.3b", True, 32)
     x = torch.zeros(4, 32, dtype=torch.long, device="meta")
     plan = autopar.manual_plan(multigpu._meta_model(spec, torch.bfloat16),
-                               autopar.Cluster.preset("h100-80g", devices_per_node=2),
-                               (x, x.clone()), loss_fn=multigpu.lm_loss, tp=2, dp=1, pp=1,
-                               microbatch_size=4)
+                               autopar.Cluster.preset("h100-80g", devices_per_node=devices),
+                               (x, x.clone()), loss_fn=multigpu.lm_loss, dp=1, pp=1,
+                               precision=multigpu.TrainingPrecision.mixed_bf16(), **config)
+    return spec, plan
+
+
+def test_a_plan_with_tensor_parallelism_is_not_split_by_category():
+    spec, plan = _manual(2, tp=2, microbatch_size=4)
     assert "splits ops" in predictable(plan)
     assert "error" in multigpu.predicted_breakdown(_CTX, spec, plan.to_json(), 4, 32)
     piped = types.SimpleNamespace(mesh={"pp": 2, "dp": 1}, pipeline={"num_microbatches": 4})
@@ -202,13 +208,7 @@ def test_a_gap_no_host_event_overlaps_is_said_so():
 
 
 def test_gradient_accumulation_is_priced_once_per_microbatch():
-    spec = multigpu.model_spec("gpt-1.3b", True, 32)
-    x = torch.zeros(4, 32, dtype=torch.long, device="meta")
-    plan = autopar.manual_plan(multigpu._meta_model(spec, torch.bfloat16),
-                               autopar.Cluster.preset("h100-80g", devices_per_node=1),
-                               (x, x.clone()), loss_fn=multigpu.lm_loss, tp=1, dp=1, pp=1,
-                               microbatch_size=2,
-                               precision=multigpu.TrainingPrecision.mixed_bf16())
+    spec, plan = _manual(1, tp=1, microbatch_size=2)
     assert plan.pipeline["num_microbatches"] == 2
     out = multigpu.predicted_breakdown(_CTX, spec, plan.to_json(), 4, 32)
     # one add of the second microbatch's gradients, one division: 5 passes over them
