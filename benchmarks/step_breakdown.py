@@ -15,12 +15,16 @@ module turns such a profile into plain numbers per step (`measured(prof, steps)`
                    event overlapping it most (innermost: "leaf", outermost: "outer")
 
 and, for a plan without tensor or pipeline parallelism (gradient accumulation is fine), what
-the cost model charges the same categories (`predicted(...)`: every graph op's forward + backward time as the planner prices
-it, `cost.compute_time_s` on the plan's device, under the op's category; the optimizer and the
-data-parallel collectives from `plan.predicted`; and `host_bound_s`, what the cost model adds
-where it finds the host slower than the device). The device idles for the step time less
-`busy_s`, which the cost model's `host_bound_s` stands for. `compare(...)` lays the two side by
-side.
+the cost model charges the same categories (`predicted(...)`):
+
+    by_category    every graph op's forward + backward time as the planner prices it
+                   (`cost.compute_time_s` on the plan's device), under the op's category, once
+                   per microbatch; the optimizer, the accumulation and the data-parallel
+                   collectives from `plan.predicted`
+    host_bound_s   what the cost model adds where it finds the host slower than the device:
+                   its stand-in for the device's idle time (the step time less `busy_s`)
+
+`compare(row)` lays the two side by side.
 
     python benchmarks/step_breakdown.py docs/benchmarks/data/FILE.json   # the table of each row
 """
@@ -56,8 +60,7 @@ def category(op: str) -> str:
     """The category of an op, by its name as a graph target (`aten.mm.default`) or as the
     profiler shows it (`aten::mm`)."""
     name = op.removeprefix("aten::").removeprefix("aten.")
-    if name.startswith(_COLLECTIVE_PREFIXES) or "::" in name and name.split("::")[0] in (
-            "_c10d_functional", "c10d"):
+    if name.startswith(_COLLECTIVE_PREFIXES):
         return "collective"
     base = name.split(".")[0]
     if base in _MATMUL:
@@ -114,12 +117,6 @@ def _under(e, label: str) -> bool:
             return True
         p = p.cpu_parent
     return False
-
-
-def _top(e):
-    while e.cpu_parent is not None:
-        e = e.cpu_parent
-    return e
 
 
 def _deepest(e, a: float, b: float):
