@@ -97,7 +97,6 @@ from autopar.profile import TrainingPrecision  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import step_breakdown  # noqa: E402
-from benchmarks.step_breakdown import OPTIMIZER_RANGE  # noqa: E402
 
 H200_BF16_PEAK_TFLOPS = 989.0  # datasheet, dense (autopar/data/devices/h200-141g.json)
 LR, WEIGHT_DECAY = 1e-4, 0.1
@@ -526,7 +525,7 @@ class MasterAdamW:
 
 def optimizer_step(opt) -> None:
     """`opt.step()`, under the range a profile counts as the optimizer (step_breakdown.py)."""
-    with torch.profiler.record_function(OPTIMIZER_RANGE):
+    with torch.profiler.record_function(step_breakdown.OPTIMIZER_RANGE):
         opt.step()
 
 

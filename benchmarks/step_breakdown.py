@@ -82,17 +82,27 @@ def category(op: str) -> str:
 
 # ---- measured ------------------------------------------------------------------------------
 
+def _gaps(intervals) -> list[tuple[float, float]]:
+    """The (start, end) stretches between the first start and the last end that no interval
+    covers."""
+    gaps, end = [], None
+    for a, b in sorted(intervals):
+        if end is not None and a > end:
+            gaps.append((end, a))
+        end = b if end is None else max(end, b)
+    return gaps
+
+
 def union_s(intervals) -> float:
     """Length of the union of (start, end) intervals, in their unit."""
-    total, end = 0.0, None
-    for a, b in sorted(intervals):
-        if end is None or a > end:
-            total += b - a
-            end = b
-        elif b > end:
-            total += b - end
-            end = b
-    return total
+    if not intervals:
+        return 0.0
+    span = max(b for _, b in intervals) - min(a for a, _ in intervals)
+    return span - sum(b - a for a, b in _gaps(intervals))
+
+
+def _largest(d: dict[str, float], n: int) -> dict[str, float]:
+    return dict(sorted(d.items(), key=lambda kv: -kv[1])[:n])
 
 
 def _is_device(e) -> bool:
@@ -139,11 +149,7 @@ def idle_by_host(events, kernels, top: int = TOP_OPS) -> dict:
     goes to "(no host event)". Seconds summed over the profile, the largest first."""
     import bisect
 
-    gaps, end = [], None
-    for a, b in sorted(kernels):
-        if end is not None and a > end:
-            gaps.append((end, a))
-        end = b if end is None else max(end, b)
+    gaps = _gaps(kernels)
     threads: dict[object, list] = {}  # outer host events per thread, in time order
     for e in events:
         if not _is_device(e) and e.cpu_parent is None and not getattr(e, "is_async", False):
@@ -170,11 +176,7 @@ def idle_by_host(events, kernels, top: int = TOP_OPS) -> dict:
             leaf_name, outer_name = _deepest(best, a, b).name, best.name
         by_leaf[leaf_name] = by_leaf.get(leaf_name, 0.0) + (b - a)
         by_outer[outer_name] = by_outer.get(outer_name, 0.0) + (b - a)
-
-    def largest(d):
-        return dict(sorted(d.items(), key=lambda kv: -kv[1])[:top])
-
-    return {"gaps": len(gaps), "leaf": largest(by_leaf), "outer": largest(by_outer)}
+    return {"gaps": len(gaps), "leaf": _largest(by_leaf, top), "outer": _largest(by_outer, top)}
 
 
 def measured(prof, steps: int) -> dict:
@@ -206,8 +208,7 @@ def measured(prof, steps: int) -> dict:
     out = {"kernels_s": total * scale, "busy_s": union_s(kernels) * scale,
            "by_category": {k: v * scale for k, v in by.items()},
            # the ops behind those figures, the costliest first (what each category holds)
-           "top_ops": {k: v * scale for k, v in sorted(by_op.items(), key=lambda kv: -kv[1])
-                       [:TOP_OPS]}}
+           "top_ops": {k: v * scale for k, v in _largest(by_op, TOP_OPS).items()}}
     # not negative unless some kernel was attributed twice (a host event this module does
     # not know lists it too): shown as is, not clipped
     out["unattributed_s"] = (total - attributed) * scale
