@@ -341,7 +341,7 @@ def _update_s(state: dict[str, float], device, precision: TrainingPrecision) -> 
     below fp32 are stepped on fp32 masters (`TrainingPrecision.mixed_bf16`), and torch's
     AdamW steps an fp32 master on an fp32 gradient: the gradient is cast (written) and read
     again in fp32 first. One H200, GPT 1.3B: 18.3 ms of optimizer kernels measured, 13.2 ms
-    charged without the cast, 15.5 with it (docs/benchmarks/2026-12-04-single-h200-breakdown.md)."""
+    charged without the cast, 16.7 with it (docs/benchmarks/2026-12-04-single-h200-breakdown.md)."""
     moved = 2 * (state["parameters"] + state["optimizer"]) + state["gradients"]
     if precision.param_bytes < 4 and precision.grad_bytes:
         moved += 2 * state["gradients"] * 4 / precision.grad_bytes
