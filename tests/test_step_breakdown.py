@@ -51,10 +51,6 @@ def test_union_counts_overlapping_time_once():
 
 # ---- measured, on events shaped as torch.profiler gives them --------------------------------
 
-class _Kernel(types.SimpleNamespace):
-    pass
-
-
 def _device(name, start, end, annotation=False):
     return types.SimpleNamespace(name=name, device_type=types.SimpleNamespace(name="CUDA"),
                                  time_range=types.SimpleNamespace(start=start, end=end),
@@ -62,9 +58,10 @@ def _device(name, start, end, annotation=False):
 
 
 def _host(name, kernels, parent=None, start=0, end=0, thread=1):
+    launched = [types.SimpleNamespace(name=k.name, duration=k.time_range.end - k.time_range.start)
+                for k in kernels]
     e = types.SimpleNamespace(name=name, device_type=types.SimpleNamespace(name="CPU"),
-                              kernels=[_Kernel(name=k.name, duration=k.time_range.end
-                                               - k.time_range.start) for k in kernels],
+                              kernels=launched,
                               cpu_parent=parent, cpu_children=[], is_async=False,
                               time_range=types.SimpleNamespace(start=start, end=end),
                               thread=thread)
