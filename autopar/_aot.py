@@ -41,7 +41,7 @@ def _drop_dead_ops(gm: fx.GraphModule) -> None:
     issued a collective on a computed value (tensor parallelism; the loss under data
     parallelism when its ops run on gathered inputs), backward issued it again, and recomputed
     its inputs: GPT 1.3B's LM-head matmul and log-softmax ran twice a step on 2 H200s
-    (docs/benchmarks/2026-11-30-multigpu-x2-offline-plans.md).
+    (docs/benchmarks/2026-11-30-multigpu-x2-offline-plans/).
 
     A dead functional collective (and the wait on it) goes too: every rank traces the same
     graph and drops the same ones, so the ranks' collectives still pair up. Ops that write to

@@ -31,7 +31,7 @@ Cost model of one candidate (all seconds per training step, per device):
                  2020, sec. 5; hsdp then all-reduces each shard across the replicas).
                  Serial, although on CUDA the replay runtime overlaps these collectives with
                  compute (autopar/_overlap.py, buckets.py): on 2 H200s this predicted 0.91-1.03
-                 of the measured steps (docs/benchmarks/2026-11-29-multigpu-x2-overlap.md), so
+                 of the measured steps (docs/benchmarks/2026-11-29-multigpu-x2-overlap/), so
                  no overlap is assumed.
     step_s       pipeline_s + dp_sync_s (no overlap: a conservative serial model).
 
@@ -341,7 +341,7 @@ def _update_s(state: dict[str, float], device, precision: TrainingPrecision) -> 
     below fp32 are stepped on fp32 masters (`TrainingPrecision.mixed_bf16`), and torch's
     AdamW steps an fp32 master on an fp32 gradient: the gradient is cast (written) and read
     again in fp32 first. One H200, GPT 1.3B: 18.3 ms of optimizer kernels measured, 13.2 ms
-    charged without the cast, 16.7 with it (docs/benchmarks/2026-12-04-single-h200-breakdown.md)."""
+    charged without the cast, 16.7 with it (docs/benchmarks/2026-12-04-single-h200-breakdown/)."""
     moved = 2 * (state["parameters"] + state["optimizer"]) + state["gradients"]
     if precision.param_bytes < 4 and precision.grad_bytes:
         moved += 2 * state["gradients"] * 4 / precision.grad_bytes

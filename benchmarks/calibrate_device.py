@@ -24,7 +24,8 @@ the host's time per op for forward + backward.
 
     torchrun --standalone --nproc_per_node 1 benchmarks/calibrate_device.py \
         --models gpt-1.3b gpt-6.7b --json $OUT/calibration.json
-    python benchmarks/calibrate_device.py --fit docs/benchmarks/data/calibration_h200.json
+    python benchmarks/calibrate_device.py \
+        --fit docs/benchmarks/2026-11-29-single-h200-replay/h200-calibration.json
         # prints the "calibration" block for the device file
 
 On a CPU (`--device cpu`, tiny models with --tiny) the same code runs end to end.

@@ -1,11 +1,11 @@
 """Two systems' profiles side by side, from a `benchmarks/multigpu.py --profile-out` file: each
 row of the "by self device time" tables (an ATen op or a kernel) as ms per step and calls per
 step for both, largest difference first. The figures of the profile paragraph in
-docs/benchmarks/2026-11-30-multigpu-x2-offline-plans.md come from
+docs/benchmarks/2026-11-30-multigpu-x2-offline-plans/ come from
 
     python benchmarks/compare_profiles.py \
-        docs/benchmarks/data/multigpu_x2_2026-11-30_s4_call4_profiles.txt "gpt-1.3b autopar" \
-        "gpt-1.3b fsdp2"
+        docs/benchmarks/2026-11-30-multigpu-x2-offline-plans/gpt-1.3b-offline-plan-vs-fsdp2-profiles.txt \
+        "gpt-1.3b autopar" "gpt-1.3b fsdp2"
 
 The tables list each system's top rows only, so a row missing on one side may be below its cut.
 """

@@ -6,7 +6,7 @@ The plan is re-made offline (meta model, no GPU) with the measured run's constra
 predicted step is evaluated at two values of pipeline_stage_s and interpolated (the stage
 model is piecewise linear in it). The 2026-11-29 figure (11 ms, autopar/data/devices/
 h200-141g.json) came from GPT 1.3B on 2 H200s, pp2 Interleaved1F1B, 8 microbatches of 2,
-measured 0.4192 s (docs/benchmarks/data/multigpu_x2_c_2026-11-29_call7.json):
+measured 0.4192 s (docs/benchmarks/2026-11-29-multigpu-x2/gpt-1.3b-autopar-pp2-vs-fsdp2.json):
 
     PYTHONPATH=. python benchmarks/fit_pipeline_stage.py --model gpt-1.3b --gpus 2 --batch 16 \
         --pp 2 --schedule Interleaved1F1B --microbatch 2 --measured 0.4192

@@ -52,10 +52,10 @@ what the cost model charges (benchmarks/step_breakdown.py; its table ends the pr
 lists what is alive at its peak by the op that allocated it (a replayed graph's line names its
 ATen op), and what the build and the first step left alive between steps: the table that found
 the planning leak and the over-counted ZeRO-2 copies of 2026-11-29
-(docs/benchmarks/2026-11-29-multigpu-x2-llama.md). Plans predicted near the device's memory are
+(docs/benchmarks/2026-11-29-multigpu-x2-llama/). Plans predicted near the device's memory are
 best run with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, for every system alike.
 
-Single-GPU run of 2026-11-29 (docs/benchmarks/2026-11-29-single-h200.md):
+Single-GPU run of 2026-11-29 (docs/benchmarks/2026-11-29-single-h200/):
 
     torchrun --standalone --nproc_per_node 1 benchmarks/multigpu.py --models gpt-1.3b gpt-2.7b \
         --systems autopar eager fsdp2 --ac none --max-timing-s 20 --profile autopar eager \

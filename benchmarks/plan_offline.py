@@ -1,6 +1,6 @@
 """Plan one of benchmarks/multigpu.py's models offline, on the meta device, for a node of N
 H200s, and print the plan's summary: the offline figures quoted in
-docs/benchmarks/2026-11-29-multigpu-x2-llama.md (which plan the search picks on 4 and 8 GPUs,
+docs/benchmarks/2026-11-29-multigpu-x2-llama/ (which plan the search picks on 4 and 8 GPUs,
 and the predictions of the 2-GPU plans after a change to the cost model). No GPU needed.
 
     python benchmarks/plan_offline.py gpt-1.3b --gpus 4

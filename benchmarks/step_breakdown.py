@@ -26,7 +26,7 @@ the cost model charges the same categories (`predicted(...)`):
 
 `compare(row)` lays the two side by side.
 
-    python benchmarks/step_breakdown.py docs/benchmarks/data/FILE.json   # the table of each row
+    python benchmarks/step_breakdown.py docs/benchmarks/REPORT/FILE.json   # the table of each row
 """
 
 from __future__ import annotations
