@@ -1,6 +1,35 @@
-"""Optimisation over plain problem objects: intra-op sharding ILP and its brute-force reference.
+"""Optimisation over plain problem objects: the intra-op sharding ILP, the pipeline stage-cut
+ILPs, and a brute-force reference for each.
 
-Imports no torch, so every solver can be tested with hand-built instances.
+Imports no torch, so every solver can be tested with hand-built instances. Each problem is plain
+data with an evaluator; each solver returns choices scored by that evaluator. The names below
+(`__all__`) are the public surface; the modules also hold the steps (build, solve, read).
+
+Module map
+    problem.py               intra-op sharding problem: Node, Edge, MemoryPoint, ShardingProblem,
+                             Solution, evaluate; InfeasibleProblem and NoSolutionFound, which
+                             every solver raises
+    intra_op.py              intra-op sharding ILP: solve_intra_op (build_intra_op_ilp,
+                             read_solution)
+    brute_force.py           intra-op reference by enumeration: solve_brute_force
+    pipeline_problem.py      stage-cut problem: Layer, LayerOption, PipelineProblem,
+                             PipelineSolution; its cost model, evaluate_pipeline (stage_costs,
+                             score_stages); runs of identical layers (layer_runs, same_kind)
+    pipeline.py              stage-cut solve: solve_pipeline picks a formulation, builds it,
+                             solves it, reads the plan (read_pipeline_solution)
+    pipeline_layers.py       stage-cut ILP with one variable per layer: build_pipeline_ilp
+    pipeline_runs.py         stage-cut ILP over runs of identical layers, with rank bounds:
+                             build_pipeline_runs_ilp, fastest_fill
+    pipeline_ranks.py        the rows over ranks both stage-cut ILPs share: step-time objective,
+                             rank_time, memory, peak
+    pipeline_brute_force.py  stage-cut reference by enumeration: solve_pipeline_brute_force
+    backend.py               HiGHS (default) / CBC (fallback) for every ILP: pick_solver,
+                             run_solver, SolverResult, highs_within_tolerance, pulp_names
+
+Imports run one way: backend.py imports no solvers module; each brute force and ILP imports its
+problem module (pipeline_problem.py imports problem.py for the shared errors) and backend.py;
+the two stage-cut ILPs import pipeline_ranks.py; pipeline.py imports both of them; this file
+imports the public names.
 """
 
 import threading
@@ -29,18 +58,19 @@ def _import_on_a_thread_of_its_own(name: str) -> None:
 
 _import_on_a_thread_of_its_own("pulp")
 
-from solvers.brute_force import solve_brute_force
-from solvers.intra_op import solve_intra_op
-from solvers.pipeline import (
+# After pulp's import above, which must run on a thread of its own.
+from solvers.brute_force import solve_brute_force  # noqa: E402
+from solvers.intra_op import solve_intra_op  # noqa: E402
+from solvers.pipeline import solve_pipeline  # noqa: E402
+from solvers.pipeline_brute_force import solve_pipeline_brute_force  # noqa: E402
+from solvers.pipeline_problem import (  # noqa: E402
     Layer,
     LayerOption,
     PipelineProblem,
     PipelineSolution,
     evaluate_pipeline,
-    solve_pipeline,
-    solve_pipeline_brute_force,
 )
-from solvers.problem import (
+from solvers.problem import (  # noqa: E402
     Edge,
     InfeasibleProblem,
     MemoryPoint,

@@ -47,16 +47,14 @@ def solve_brute_force(problem: ShardingProblem, *, max_combinations: int = 1_000
 
     Examples
     --------
-    >>> from solvers.problem import Edge, Node
+    >>> from solvers.problem import MemoryPoint, Node
     >>> p = ShardingProblem(
-    ...     nodes=(
-    ...         Node(name="a", costs_s=(1.0, 3.0), memory_bytes=(0.0, 0.0)),
-    ...         Node(name="b", costs_s=(3.0, 1.0), memory_bytes=(0.0, 0.0)),
-    ...     ),
-    ...     edges=(Edge(src="a", dst="b", costs_s=((0.0, 5.0), (5.0, 0.0))),),
+    ...     nodes=(Node(name="a", costs_s=(1.0, 2.0), memory_bytes=(8.0, 4.0)),),
+    ...     memory_points=(MemoryPoint(name="a", live=("a",)),),
+    ...     memory_budget_bytes=6.0,
     ... )
-    >>> solve_brute_force(p).choices
-    {'a': 0, 'b': 0}
+    >>> solve_brute_force(p).choices  # the cheaper strategy does not fit
+    {'a': 1}
     """
     start = time.perf_counter()
     problem.validate()

@@ -40,22 +40,19 @@ Names in brackets above are written with parentheses in the model (pulp rewrites
 letters, digits, `_` and `.` and made unique (`.2`, `.3`; a repeated edge gets `#2`). A memory
 point that fits whatever is chosen gets no row.
 
-The three steps are `build_intra_op_ilp`, `run_solver` and `read_solution`; `solve_intra_op` runs
-them in order.
+The three steps are `build_intra_op_ilp`, `run_solver` (`solvers.backend`, shared with the stage-cut
+ILPs) and `read_solution`; `solve_intra_op` runs them in order.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import re
-import tempfile
 import time
-import warnings
 from dataclasses import dataclass, field
 
 import pulp
 
+from solvers.backend import SolverResult, pick_solver, pulp_names, run_solver
 from solvers.problem import (
     Node,
     NoSolutionFound,
@@ -68,14 +65,10 @@ from solvers.problem import (
 
 __all__ = [
     "IntraOpIlp",
-    "SolverResult",
     "build_intra_op_ilp",
     "read_solution",
-    "run_solver",
     "solve_intra_op",
 ]
-
-SOLVERS = ("highs", "cbc")
 
 
 @dataclass
@@ -85,15 +78,6 @@ class IntraOpIlp:
     lp: pulp.LpProblem
     group_of: dict[str, str]  # node name -> group representative
     strategy_vars: dict[str, list[pulp.LpVariable]] = field(default_factory=dict)  # rep -> s
-
-
-@dataclass(frozen=True)
-class SolverResult:
-    """What the solver said: 'optimal', 'feasible', 'infeasible' or 'no_solution', and the gap."""
-
-    status: str
-    gap: float | None
-    solver: str
 
 
 def solve_intra_op(
@@ -150,7 +134,7 @@ def solve_intra_op(
     """
     start = time.perf_counter()
     problem.validate()
-    solver = _pick_solver(solver)
+    solver = pick_solver(solver)
     if not problem.nodes:
         return Solution(
             choices={},
@@ -170,15 +154,6 @@ def solve_intra_op(
             f"{solver} found no sharding within time_limit_s={time_limit_s}; raise the limit"
         )
     return read_solution(problem, ilp, result, solve_time_s=time.perf_counter() - start)
-
-
-def _pick_solver(solver: str) -> str:
-    if solver not in SOLVERS:
-        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
-    if solver == "highs" and not pulp.HiGHS(msg=False).available():
-        warnings.warn("HiGHS (highspy) is not available; falling back to CBC", stacklevel=3)
-        return "cbc"
-    return solver
 
 
 def _infeasible(
@@ -356,111 +331,6 @@ def _set_peak_objective(ilp: IntraOpIlp, problem: ShardingProblem) -> None:
         live, _ = _live_bytes(ilp, by_name, point.live)
         ilp.lp += (live / scale <= peak, f"peak({tok})")
     ilp.lp.setObjective(pulp.lpSum([peak]))
-
-
-def _token(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.]", "_", name)[:64]
-
-
-def pulp_names(names: list[str]) -> list[str]:
-    """Readable, unique, pulp-safe tokens for `names`, in order (repeats get `.2`, `.3`, ...)."""
-    out: list[str] = []
-    used: set[str] = set()
-    for name in names:
-        tok, k = _token(name), 1
-        while tok in used:
-            k += 1
-            tok = f"{_token(name)}.{k}"
-        used.add(tok)
-        out.append(tok)
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Solve
-
-
-def run_solver(
-    ilp: IntraOpIlp, *, solver: str, time_limit_s: float | None, gap: float | None, msg: bool
-) -> SolverResult:
-    """Solve `ilp.lp` in place with HiGHS (highspy) or CBC; say what came of it."""
-    rel_gap = 0.0 if gap is None else gap
-    if solver == "highs":
-        backend = pulp.HiGHS(msg=msg, timeLimit=time_limit_s, gapRel=rel_gap, gapAbs=0.0)
-        ilp.lp.solve(backend)
-        return _highs_result(ilp.lp)
-    with tempfile.TemporaryDirectory() as tmp:
-        log_path = os.path.join(tmp, "cbc.log")
-        with warnings.catch_warnings():
-            # pulp 3.3 deprecates its bundled CBC (PULP_CBC_CMD) in favour of a separately
-            # installed one, and warns that logPath replaces msg; neither is the caller's doing.
-            warnings.simplefilter("ignore")
-            backend = pulp.PULP_CBC_CMD(
-                msg=False,
-                timeLimit=time_limit_s,
-                gapRel=rel_gap,
-                gapAbs=0.0,
-                threads=1,
-                logPath=log_path,
-            )
-            began = time.perf_counter()
-            ilp.lp.solve(backend)
-            # CBC's preprocessing says "infeasible" when the limit cuts it short: distrust it then.
-            hit_limit = time_limit_s is not None and time.perf_counter() - began >= time_limit_s
-        with open(log_path) as f:
-            log = f.read()
-    if msg:
-        print(log)
-    return _cbc_result(ilp.lp, log, gap, hit_limit=hit_limit)
-
-
-def _highs_result(lp: pulp.LpProblem) -> SolverResult:
-    import highspy
-
-    model = lp.solverModel
-    status = model.getModelStatus()
-    info = model.getInfo()
-    if status in (
-        highspy.HighsModelStatus.kInfeasible,
-        highspy.HighsModelStatus.kUnboundedOrInfeasible,
-    ):
-        return SolverResult("infeasible", None, "highs")
-    if info.primal_solution_status != 2:  # kSolutionStatusFeasible
-        return SolverResult("no_solution", None, "highs")
-    mip_gap = info.mip_gap if math.isfinite(info.mip_gap) else None
-    if status == highspy.HighsModelStatus.kOptimal and (mip_gap is None or mip_gap <= 1e-9):
-        return SolverResult("optimal", 0.0, "highs")
-    return SolverResult("feasible", mip_gap, "highs")
-
-
-def _cbc_result(
-    lp: pulp.LpProblem, log: str, gap: float | None, *, hit_limit: bool
-) -> SolverResult:
-    result_line = re.search(r"Result - (.*)", log)
-    stopped = hit_limit or (result_line is not None and "Stopped" in result_line.group(1))
-    if lp.sol_status in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
-        if lp.sol_status == pulp.LpSolutionOptimal and not stopped:
-            proven_gap = _cbc_gap(log) if gap else 0.0  # a gap option may stop CBC early
-            if proven_gap is not None and proven_gap <= 1e-9:
-                return SolverResult("optimal", 0.0, "cbc")
-            return SolverResult("feasible", proven_gap, "cbc")
-        return SolverResult("feasible", _cbc_gap(log), "cbc")
-    if lp.status == pulp.LpStatusInfeasible and not stopped:
-        return SolverResult("infeasible", None, "cbc")
-    return SolverResult("no_solution", None, "cbc")
-
-
-def _cbc_gap(log: str) -> float | None:
-    """Relative gap from CBC's closing lines `Objective value:` and `Lower bound:`, if printed."""
-    objective = re.search(r"Objective value:\s+(\S+)", log)
-    bound = re.search(r"Lower bound:\s+(\S+)", log)
-    if not (objective and bound):
-        return None
-    try:
-        obj, low = float(objective.group(1)), float(bound.group(1))
-    except ValueError:
-        return None
-    return abs(obj - low) / max(abs(obj), 1e-12)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,15 +3,17 @@ r"""The stage-cut model over runs of identical layers: counts instead of one var
 A deep model is mostly runs of identical layers (96 equal transformer blocks between an embedding
 and a head). Two layers are identical (`same_kind`) when they have the same options, state bytes
 and boundary bytes; which of them a stage holds, and which of them is checkpointed, changes
-neither time nor memory: only how many does. The per-layer ILP of `solvers.pipeline` still has one
-binary per (layer, stage) and per (layer, option), so branch-and-bound wades through the many
-equal-cost copies of each plan; this model keeps one integer per (stage, run) and per (stage, run,
-option) and has none of those copies.
+neither time nor memory: only how many does. The per-layer ILP (`solvers.pipeline_layers`) has
+one binary per (layer, stage) and per (layer, option), so branch-and-bound wades through the many
+equal-cost copies of each plan (it cannot prove optimality for ~100 blocks on 16+ stages); this
+model keeps one integer per (stage, run) and per (stage, run, option) and has none of those copies.
+Same plans, same optimum; `solve_pipeline(formulation="auto")` uses it when two adjacent layers
+are identical.
 
 Sets
     Runs j = 0..J-1 in layer order: n_j adjacent identical layers (the first at index first_j),
-    options K_j. Stages s = 0..S-1; a stage's layers are a suffix of one run, whole runs, then a prefix of
-    another (or a slice of one run).
+    options K_j. Stages s = 0..S-1; a stage's layers are a suffix of one run, whole runs, then a
+    prefix of another (or a slice of one run).
 
 Variables (the model object names them `cum`, `end` and `count`)
     C[s,j] in {0..n_j}   layers of run j in stages 0..s, for s < S-1 (C[-1,j] := 0, C[S-1,j] := n_j
@@ -41,18 +43,30 @@ Every integer solution is a contiguous cut into S non-empty stages with an optio
     memory_s = sum_(j,k) (state_bytes_j + in_flight[s] * activation_bytes_(j,k)) * z[s,j,k]
 
 (layers of one run share boundary bytes, so the send after stage s depends only on the run that
-ends it). The ranks, the objective and the budget rows are the per-layer model's, built from
-these per-stage expressions by `solvers.pipeline`.
+ends it).
+
+Objective and rows over ranks (`build_pipeline_runs_ilp`, from `solvers.pipeline_ranks`, the same
+as the per-layer model's): t_max >= 0,
+    min  b * sum_s T_s  +  (m - b) * t_max
+    rank_time[r]:   sum_(s on r) T_s <= t_max
+    memory[r]:      sum_(s on r) memory_s <= budget
+and with `minimise="peak"` peak[r]: sum_(s on r) memory_s <= peak, min peak, instead.
 
 Bounds: the last layer of stage s is at index P_(s+1) - 1 in s .. L-S+s (every stage before and
 after needs a layer), so C[s,j] is bounded by where run j lies against that range and e[s,j] is
 fixed to 0 for runs entirely outside it.
 
-Rank bounds (`add_rank_bounds`): valid rows, satisfied by every plan, that tell the LP each
-rank's least time for the number of layers of a run it holds within the memory budget
+Rank bounds (`add_rank_bounds`; time model only): valid rows, satisfied by every plan, that tell
+the LP each rank's least time for the number of layers of a run it holds within the memory budget
 (`fastest_fill`). Without them a tight budget on interleaved ranks leaves the bound a few
 percent under the optimum for many minutes; with them GPT-3's 96 blocks on 8 x 2 stages are
-proven in seconds.
+proven in seconds. Their variables and rows:
+    h[r,j,q] in {0,1}  rank r holds q layers of run j (q = 0..n_j)
+    one_total[r,j], total[r,j], rank_bound[r,j]             (`add_rank_bounds` states them)
+
+Names in brackets are written with parentheses in the model, e.g. `take(block.0,2)`,
+`rank_bound(block.0,0)`. `build_pipeline_runs_ilp` builds the whole model; `read_runs_plan` reads
+the cut and options of a solved one.
 """
 
 from __future__ import annotations
@@ -60,24 +74,26 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import pulp
 
-from solvers.intra_op import pulp_names
-
-if TYPE_CHECKING:
-    from solvers.pipeline import Layer, PipelineProblem
+from solvers.backend import pulp_names
+from solvers.pipeline_problem import PipelineProblem, Run, layer_runs
+from solvers.pipeline_ranks import (
+    add_memory_rows,
+    check_minimise,
+    rank_memory,
+    set_peak_objective,
+    set_step_objective,
+)
 
 __all__ = [
-    "Run",
     "RunsIlp",
     "add_rank_bounds",
+    "build_pipeline_runs_ilp",
     "build_runs_model",
     "fastest_fill",
-    "layer_runs",
     "read_runs_plan",
-    "same_kind",
     "stage_memory",
     "stage_times",
 ]
@@ -87,32 +103,6 @@ _MAX_FILL_COMBINATIONS = 2_000_000
 # fastest_fill's budget is this much (relative) larger than the problem's, so that float rounding
 # can only weaken a rank bound, never cut off a plan that fits.
 _BUDGET_SLACK = 1e-9
-
-
-@dataclass(frozen=True)
-class Run:
-    """`size` adjacent identical layers, the first at layer index `first`; `layer` is that one."""
-
-    first: int
-    size: int
-    layer: Layer
-
-
-def same_kind(a: Layer, b: Layer) -> bool:
-    """Whether swapping `a` and `b` in a plan changes nothing but names (time, memory, sends)."""
-    return (a.options, a.state_bytes, a.boundary_bytes) == (b.options, b.state_bytes,
-                                                           b.boundary_bytes)
-
-
-def layer_runs(layers: tuple[Layer, ...]) -> tuple[Run, ...]:
-    """The maximal runs of adjacent identical layers, in order."""
-    runs: list[Run] = []
-    for i, layer in enumerate(layers):
-        if runs and same_kind(runs[-1].layer, layer):
-            runs[-1] = Run(runs[-1].first, runs[-1].size + 1, runs[-1].layer)
-        else:
-            runs.append(Run(i, 1, layer))
-    return tuple(runs)
 
 
 @dataclass
@@ -125,6 +115,25 @@ class RunsIlp:
     end: dict[tuple[int, int], pulp.LpVariable] = field(default_factory=dict)  # e (s, j)
     count: dict[tuple[int, int, int], pulp.LpVariable] = field(default_factory=dict)  # z (s, j, k)
     holds: dict[tuple[int, int, int], pulp.LpVariable] = field(default_factory=dict)  # h (r, j, q)
+
+
+def build_pipeline_runs_ilp(problem: PipelineProblem, *, minimise: str = "time") -> RunsIlp:
+    """Build the runs model with the objective and rows over ranks of `solvers.pipeline_ranks`.
+
+    Same `minimise` choices as `build_pipeline_ilp`, same optimum, far fewer equal-cost copies
+    of each plan when layers repeat.
+    """
+    check_minimise(minimise)
+    ilp = build_runs_model(pulp.LpProblem(f"pipeline_runs_{minimise}", pulp.LpMinimize), problem)
+    memory = rank_memory(problem, stage_memory(ilp, problem))
+    if minimise == "time":
+        times = stage_times(ilp, problem)
+        scale = set_step_objective(ilp.lp, problem, times)
+        add_memory_rows(ilp.lp, problem, memory)
+        add_rank_bounds(ilp, problem, times, scale)
+    else:
+        set_peak_objective(ilp.lp, problem, memory)
+    return ilp
 
 
 def build_runs_model(lp: pulp.LpProblem, problem: PipelineProblem) -> RunsIlp:
@@ -151,11 +160,13 @@ def _add_ends(ilp: RunsIlp, problem: PipelineProblem, tokens: list[str]) -> None
             # C[s,j] = layers of run j among the first P layers, with lo + 1 <= P <= hi + 1.
             low = min(max(lo + 1 - run.first, 0), run.size)
             high = min(max(hi + 1 - run.first, 0), run.size)
-            ilp.cum[s, j] = ilp.lp.add_variable(f"cum({tok},{s})", lowBound=low, upBound=high,
-                                                cat=pulp.LpInteger)
+            ilp.cum[s, j] = ilp.lp.add_variable(
+                f"cum({tok},{s})", lowBound=low, upBound=high, cat=pulp.LpInteger
+            )
             can_end = run.first <= hi and last >= lo
-            ilp.end[s, j] = ilp.lp.add_variable(f"end({tok},{s})", lowBound=0,
-                                                upBound=1 if can_end else 0, cat=pulp.LpInteger)
+            ilp.end[s, j] = ilp.lp.add_variable(
+                f"end({tok},{s})", lowBound=0, upBound=1 if can_end else 0, cat=pulp.LpInteger
+            )
         ilp.lp += (pulp.lpSum(ilp.end[s, j] for j in range(J)) == 1, f"one_end({s})")
         for j, (run, tok) in enumerate(zip(ilp.runs, tokens)):
             at_or_after = pulp.lpSum(ilp.end[s, i] for i in range(j, J))
@@ -241,8 +252,9 @@ def read_runs_plan(
     solver returns integers up to its tolerance).
     """
     S, L = problem.num_stages, len(problem.layers)
-    ends = [sum(round(ilp.cum[s, j].value() or 0.0) for j in range(len(ilp.runs)))
-            for s in range(S - 1)]
+    ends = [
+        sum(round(ilp.cum[s, j].value() or 0.0) for j in range(len(ilp.runs))) for s in range(S - 1)
+    ]
     bounds = [0, *ends, L]
     stages = tuple(tuple(range(a, b)) for a, b in zip(bounds, bounds[1:]))
     options = [0] * L
@@ -341,7 +353,9 @@ def _add_rank_bound(
     holds = []
     for q, g in enumerate(fill):
         ilp.holds[r, j, q] = ilp.lp.add_variable(
-            f"holds({tok},{r},{q})", lowBound=0, upBound=1 if math.isfinite(g) else 0,
+            f"holds({tok},{r},{q})",
+            lowBound=0,
+            upBound=1 if math.isfinite(g) else 0,
             cat=pulp.LpInteger,
         )
         holds.append(ilp.holds[r, j, q])
@@ -353,8 +367,12 @@ def _add_rank_bound(
         if i == j:
             continue
         fastest = min(option.fwd_s + option.bwd_s for option in other.layer.options)
-        others += [fastest * ilp.count[s, i, k] for s in stages
-                   for k in range(len(other.layer.options)) if fastest]
+        others += [
+            fastest * ilp.count[s, i, k]
+            for s in stages
+            for k in range(len(other.layer.options))
+            if fastest
+        ]
     least = pulp.lpSum(g * h for g, h in zip(fill, holds) if math.isfinite(g) and g)
     ilp.lp += ((rank_time - pulp.lpSum(others) - least) / scale >= 0, f"rank_bound({tok},{r})")
 
