@@ -8,7 +8,6 @@
 
 from autopar.api import autoparallelize, manual_plan, plan
 from autopar.cluster import Cluster
-from autopar.compile import ParallelModel
 from autopar.errors import (
     AutoparError,
     ClusterSpecError,
@@ -18,6 +17,7 @@ from autopar.errors import (
     TraceError,
 )
 from autopar.plan import Plan
+from autopar.runtime.parallel_model import ParallelModel
 from autopar.simulate import Report, simulate
 
 __all__ = [

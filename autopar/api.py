@@ -9,11 +9,11 @@ import torch.distributed as dist
 from torch import nn
 
 from autopar.cluster import Cluster
-from autopar.compile import ParallelModel, make_mesh
 from autopar.errors import AutoparError, MeshError
 from autopar.plan import Plan
-from autopar.profile import TrainingPrecision
-from autopar.runner import check_runtime
+from autopar.planning.profile import TrainingPrecision
+from autopar.runtime.layer_runner import check_runtime
+from autopar.runtime.parallel_model import ParallelModel, make_mesh
 from autopar.schedules import get_schedule
 from autopar.trace import TracedModel, trace
 
@@ -51,7 +51,7 @@ def plan(
     """Plan `model` for `cluster` offline: no process group, no GPU, meta-device models fine.
 
     `example_inputs` is one global batch as `train_step` takes it: the inputs, or
-    `(inputs, target)` when `loss_fn` is given. Searched (autopar.search): every pp x dp x tp
+    `(inputs, target)` when `loss_fn` is given. Searched (autopar.planning.search): every pp x dp x tp
     mesh, microbatch size, schedule (`search.DEFAULT_SCHEDULES`), data-parallel flavour
     (replicate, zero2, zero3, hybrid sharding) and per-layer checkpointing, with stage cuts
     solved exactly.
@@ -63,10 +63,10 @@ def plan(
     ("replicate", "zero2", "zero3", "hsdp"), `checkpoint=False` (never checkpoint; by default
     each block may be checkpointed "full" or "selective"). `memory_limit` is
     bytes per device (default: the device's memory). A pipelined plan's graph is that of
-    `autopar.search.microbatch_inputs(example_inputs, plan.pipeline["microbatch_size"])`.
+    `autopar.planning.search.microbatch_inputs(example_inputs, plan.pipeline["microbatch_size"])`.
     """
-    from autopar import search
-    from autopar.runner import POLICIES
+    from autopar.planning import search
+    from autopar.runtime.layer_runner import POLICIES
 
     inputs_only = example_inputs[0] if loss_fn is not None else example_inputs
     trace_fn = _tracer(model, loss_fn)
@@ -125,15 +125,15 @@ def manual_plan(
     Tensor parallelism: the op shardings the intra-op ILP finds on the fixed dp x tp mesh for
     one microbatch (Megatron's column/row split is what it finds for GPT blocks).
     checkpoint: "none", or "full" or "selective" for every block ("selective" keeps the outputs
-    of matmuls and attention and recomputes the rest, see `autopar.runner`).
+    of matmuls and attention and recomputes the rest, see `autopar.runtime.layer_runner`).
     zero: 0 -> replicate, 1 and 2 -> "zero2" (gradients
     and optimizer state sharded; ZeRO-1 is planned as ZeRO-2), 3 -> "zero3".
     dp_shard: hybrid sharding (HSDP, torchtitan's data_parallel_shard_degree): parameters are
     sharded as ZeRO-3 over groups of dp_shard ranks and replicated over dp / dp_shard groups.
     Without pp there is no gradient accumulation: microbatch_size must be batch / dp.
     """
-    from autopar import search
-    from autopar.runner import POLICIES
+    from autopar.planning import search
+    from autopar.runtime.layer_runner import POLICIES
 
     if checkpoint not in POLICIES:
         raise AutoparError(f"checkpoint={checkpoint!r}: use one of {', '.join(POLICIES)}")
@@ -336,8 +336,8 @@ def autoparallelize(
 
 def _pipelined(model: nn.Module, example_inputs, loss_fn, plan: Plan, runtime: str):
     """A plan with pipeline stages: its graph is one microbatch's, so trace that."""
-    from autopar import search
-    from autopar.pipeline_runtime import PipelinedModel
+    from autopar.planning import search
+    from autopar.runtime.pipeline import PipelinedModel
 
     micro = search.microbatch_inputs(example_inputs, plan.pipeline["microbatch_size"])
     traced = _trace(model, micro, loss_fn)

@@ -300,7 +300,7 @@ def cmd_simulate(args) -> int:
     import dataclasses
 
     from autopar.plan import Plan
-    from autopar.planner import format_bytes
+    from autopar.planning.intra_op import format_bytes
     from autopar.simulate import simulate
 
     report = simulate(Plan.load(args.plan))

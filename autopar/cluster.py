@@ -2,7 +2,7 @@
 
 A `Cluster` is plain, validated data: a `DeviceSpec` (memory, peak FLOP/s per dtype, memory
 bandwidth), a node shape (`devices_per_node` x `nodes`) and two `Link`s (inside a node, between
-nodes) for the alpha-beta collective model in `autopar.cost`. Presets for common nodes are JSON
+nodes) for the alpha-beta collective model in `autopar.planning.cost`. Presets for common nodes are JSON
 files in `autopar/data/devices/`, one per device kind, each citing where every figure comes from.
 
 >>> c = Cluster.preset("h100-80g", nodes=2)
@@ -213,7 +213,7 @@ class DeviceSpec:
 
 @dataclass(frozen=True, kw_only=True)
 class Link:
-    """A collective link as the alpha-beta model sees it (see autopar.cost.collective_time_s)."""
+    """A collective link as the alpha-beta model sees it (see autopar.planning.cost.collective_time_s)."""
 
     bandwidth_bytes_per_s: float  # per-device unidirectional bus bandwidth for collectives (beta^-1)
     latency_s: float  # alpha: fixed time per ring step; 0 allowed (ideal link)

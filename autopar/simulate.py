@@ -1,7 +1,7 @@
 """`autopar.simulate(plan) -> Report`: what a plan predicts, read from the plan alone.
 
 The planner stores every figure the report needs in `plan.predicted` (so a plan for a cluster
-that is not here can be judged). Keys of `plan.predicted` written by `autopar.search`:
+that is not here can be judged). Keys of `plan.predicted` written by `autopar.planning.search`:
 
     step_time_s            pipeline_s + dp_sync_s
     pipeline_s             the stage model's step (compute, resharding, p2p, bubble)

@@ -1,13 +1,13 @@
 """Measure what the cost model assumes, on the machine it runs on: op times and host time.
 
 The cost model prices each graph op by a roofline on its profiled FLOPs and bytes
-(`autopar.cost.compute_time_s`) and the host's time to issue it (`autopar.cost.host_time_s`).
+(`autopar.planning.cost.compute_time_s`) and the host's time to issue it (`autopar.planning.cost.host_time_s`).
 This script measures both on one device, for the ops of real models, and writes every
 measurement as JSON; `--fit` turns those into the calibration a device file carries
 (`"calibration"` in `autopar/data/devices/*.json`).
 
 Part 1, op times. Each model is traced on meta (`autopar.trace`, bf16, one microbatch of
---microbatch sequences) and profiled (`autopar.profile.profile_graph`). Every distinct op
+--microbatch sequences) and profiled (`autopar.planning.profile.profile_graph`). Every distinct op
 (target, argument shapes, dtypes and constants) with FLOPs or bytes is run on random tensors:
 forward + backward (autograd on random output gradients), the median of --repeats CUDA-event
 timings of --inner calls each, after warm-up. Each row carries the op's profiled fwd+bwd FLOPs
@@ -48,10 +48,9 @@ from torch import fx
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import autopar  # noqa: E402
-from autopar.profile import profile_graph  # noqa: E402
+from autopar.planning.profile import profile_graph  # noqa: E402
 from autopar.trace import is_getitem, trace  # noqa: E402
 from benchmarks.multigpu import MODELS, lm_loss, model_spec  # noqa: E402
-
 
 # ---- part 1: op times -----------------------------------------------------------------------
 
@@ -199,7 +198,7 @@ def issued_ops(gm) -> int:
 
 # ---- part 3: collective links --------------------------------------------------------------
 
-# nccl-tests' bus-bandwidth factors (doc/PERFORMANCE.md), as autopar.cost prices them
+# nccl-tests' bus-bandwidth factors (doc/PERFORMANCE.md), as autopar.planning.cost prices them
 _BUS = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n,
         "reduce_scatter": lambda n: (n - 1) / n}
 
@@ -238,7 +237,7 @@ def measure_links(device, sizes: list[int], repeats: int) -> list[dict]:
 
 
 def fit_link(rows: list[dict]) -> dict:
-    """The alpha-beta link of autopar.cost from measured collectives: beta^-1 the median bus
+    """The alpha-beta link of autopar.planning.cost from measured collectives: beta^-1 the median bus
     bandwidth at the largest size; alpha (per ring step) from the smallest size's time less
     its bandwidth term, per step (2(n-1) for all-reduce, n-1 for the others)."""
     largest, smallest = max(r["bytes"] for r in rows), min(r["bytes"] for r in rows)

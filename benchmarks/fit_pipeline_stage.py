@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import autopar  # noqa: E402
-from autopar.profile import TrainingPrecision  # noqa: E402
+from autopar.planning.profile import TrainingPrecision  # noqa: E402
 from benchmarks.multigpu import lm_loss, model_spec  # noqa: E402
 
 

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 import autopar
 from autopar.models.gpt import GPT, GPTConfig
-from autopar.profile import TrainingPrecision
+from autopar.planning.profile import TrainingPrecision
 
 VOCAB, SEQ = 51200, 2048
 

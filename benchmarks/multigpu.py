@@ -93,7 +93,7 @@ from torch import nn  # noqa: E402
 import autopar  # noqa: E402
 from autopar.models.gpt import GPT, GPTConfig  # noqa: E402
 from autopar.models.llama import Llama, LlamaConfig, apply_rope  # noqa: E402
-from autopar.profile import TrainingPrecision  # noqa: E402
+from autopar.planning.profile import TrainingPrecision  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import step_breakdown  # noqa: E402
@@ -352,7 +352,7 @@ def predicted_breakdown(ctx: Ctx, spec: ModelSpec, plan_json: str, batch: int, s
                         ) -> dict:
     """What the cost model charges one step of the plan, by category (step_breakdown): the
     graph of one dp rank's microbatch, traced on meta and priced on the plan's device."""
-    from autopar.profile import profile_graph
+    from autopar.planning.profile import profile_graph
     from autopar.trace import trace
 
     plan = autopar.Plan.from_dict(json.loads(plan_json))

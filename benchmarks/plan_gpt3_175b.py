@@ -21,8 +21,8 @@ import torch.nn.functional as F
 
 import autopar
 from autopar.models.gpt import GPT, GPTConfig
-from autopar.profile import TrainingPrecision
-from autopar.search import SearchSpace, candidate_meshes, search
+from autopar.planning.profile import TrainingPrecision
+from autopar.planning.search import SearchSpace, candidate_meshes, search
 
 
 def main() -> None:

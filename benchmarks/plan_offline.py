@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import multigpu as mg  # noqa: E402
 
 import autopar  # noqa: E402
-from autopar.profile import TrainingPrecision  # noqa: E402
+from autopar.planning.profile import TrainingPrecision  # noqa: E402
 
 
 def main(argv=None) -> None:

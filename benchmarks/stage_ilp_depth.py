@@ -5,7 +5,7 @@ none / full checkpoint) cut into pp * v stages, stage s on rank s % pp, 1F1B (v 
 interleaved 1F1B (v = 2) in-flight counts, is solved by `solvers.solve_pipeline` with
 formulation="layers" (one binary per layer and stage: the model autopar used before) and
 formulation="runs" (counts per run of identical layers, what "auto" picks here), each under the
-same time limit (autopar.search gives the stage ILP 20 s).
+same time limit (autopar.planning.search gives the stage ILP 20 s).
 
     python benchmarks/stage_ilp_depth.py [--limit 20] [--budget-gb 76 60] [--pp 8 16 32] [--v 1 2]
 

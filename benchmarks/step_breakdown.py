@@ -239,12 +239,12 @@ def microbatches(plan) -> tuple[int, int | None]:
 
 def predicted(gm, profiles, plan, device) -> dict:
     """What the cost model charges per step, by category: every op of `gm` (the graph of one
-    rank's microbatch, profiled by `autopar.profile.profile_graph`) forward + backward on
+    rank's microbatch, profiled by `autopar.planning.profile.profile_graph`) forward + backward on
     `device` (calibrated as the planner sees it), once per microbatch, plus the plan's
     optimizer step and data-parallel collectives (`plan.predicted`)."""
     import torch
 
-    from autopar import cost
+    from autopar.planning import cost
 
     per_step, _ = microbatches(plan)
     by = dict.fromkeys(CATEGORIES, 0.0)

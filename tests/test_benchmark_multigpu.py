@@ -63,7 +63,7 @@ def test_a_plan_made_offline_on_meta_runs_as_the_autopar_system(tmp_path):
     import torch
 
     import autopar
-    from autopar.profile import TrainingPrecision
+    from autopar.planning.profile import TrainingPrecision
 
     sys.path.insert(0, str(REPO / "benchmarks"))
     try:

@@ -10,7 +10,7 @@ from importlib import resources
 import pytest
 
 import autopar
-from autopar.cost import compute_time_s
+from autopar.planning.cost import compute_time_s
 from benchmarks.calibrate_device import fit, write_device
 
 PEAK, BW = 100e12, 1e12

@@ -1,18 +1,18 @@
-"""Cost model: every number below is worked out by hand from the formulas in autopar/cost.py."""
+"""Cost model: every number below is worked out by hand from the formulas in autopar/planning/cost.py."""
 
 import pytest
 import torch
 from torch.distributed.tensor import Partial, Replicate, Shard
 
 from autopar.cluster import Cluster, DeviceSpec, Link
-from autopar.cost import (
+from autopar.errors import ClusterSpecError
+from autopar.planning.cost import (
     collective_time_s,
     compute_time_s,
     host_time_s,
     reshard_time_s,
     sharded_numel,
 )
-from autopar.errors import ClusterSpecError
 
 GB = 1e9
 LINK = Link(bandwidth_bytes_per_s=1 * GB, latency_s=1e-5)

@@ -144,15 +144,15 @@ NO_RULE_HERE = ("aten.gather.default", "aten.squeeze.dims")
 def train_without_rules(plan_json: str):
     """Runs on every rank, under a DTensor that lacks the rules of NO_RULE_HERE: the plan
     (made with them) must still train exactly, and say which ops it could not shard."""
-    from autopar import _dtensor
+    from autopar import dtensor
 
-    prop = _dtensor._propagator()
+    prop = dtensor._propagator()
     for table in ("op_strategy_funcs", "op_single_dim_strategy_funcs", "op_to_rules"):
         for op in list(getattr(prop, table, {})):
             if str(op) in NO_RULE_HERE:
                 del getattr(prop, table)[op]
-    assert not _dtensor.has_rule(torch.ops.aten.gather.default)
-    assert _dtensor.has_rule(torch.ops.aten.squeeze.dims)
+    assert not dtensor.has_rule(torch.ops.aten.gather.default)
+    assert dtensor.has_rule(torch.ops.aten.squeeze.dims)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         losses, _, _, pm = train_parallel("gpt", {}, plan_json=plan_json, keep=True)

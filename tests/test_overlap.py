@@ -19,7 +19,7 @@ def _graphs():
     import torch.distributed as dist
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    from autopar._overlap import overlap_collectives
+    from autopar.runtime.collective_overlap import overlap_collectives
 
     n, group = dist.get_world_size(), dist.group.WORLD.group_name
 
@@ -94,7 +94,7 @@ def _check_gradient_buckets(bucket_bytes: int):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 
-    from autopar.buckets import GradientBuckets
+    from autopar.runtime.gradient_buckets import GradientBuckets
 
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
     torch.manual_seed(0)
@@ -142,8 +142,8 @@ def _accumulated_gradients():
     buckets meet gradients already reduced by the first step."""
     import torch.distributed as dist
 
-    from autopar.compile import ParallelModel, make_mesh
-    from autopar.planner import make_plan
+    from autopar.planning.intra_op import make_plan
+    from autopar.runtime.parallel_model import ParallelModel, make_mesh
     from autopar.trace import trace
     from tests.test_end_to_end import MODELS, batches, fast_cpu_cluster, lm_loss
 

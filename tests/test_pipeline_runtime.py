@@ -14,15 +14,15 @@ import pytest
 import torch
 from torch import nn
 
-from autopar.compile import make_mesh
 from autopar.errors import AutoparError, MeshError
 from autopar.layers import assign_layers, layer_order
 from autopar.models.gpt import GPT
-from autopar.pipeline_runtime import PipelinedModel, _weight_only_outputs
 from autopar.plan import Plan
-from autopar.planner import make_plan
+from autopar.planning.intra_op import make_plan
+from autopar.planning.search import _shard_parameters_over_dp
+from autopar.runtime.parallel_model import make_mesh
+from autopar.runtime.pipeline import PipelinedModel, _weight_only_outputs
 from autopar.schedules import get_schedule
-from autopar.search import _shard_parameters_over_dp
 from autopar.trace import trace
 from tests.helpers.distributed import run_on_ranks
 from tests.test_end_to_end import (

@@ -10,8 +10,8 @@ from torch import nn
 import autopar
 from autopar.errors import InfeasibleError, MeshError
 from autopar.models.gpt import GPT, GPTConfig
-from autopar.planner import build_problem, candidate_meshes
-from autopar.profile import TrainingPrecision, profile_graph
+from autopar.planning.intra_op import build_problem, candidate_meshes
+from autopar.planning.profile import TrainingPrecision, profile_graph
 from autopar.trace import trace
 from tests.test_end_to_end import fast_cpu_cluster
 

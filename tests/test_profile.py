@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from autopar.models.gpt import GPT, GPTConfig
-from autopar.profile import (
+from autopar.planning.profile import (
     PROFILE_KEY,
     TrainingPrecision,
     parameter_state_bytes,

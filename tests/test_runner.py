@@ -16,7 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import autopar
 from autopar.layers import assign_layers
-from autopar.runner import KEEP, LayerRunner, check_policies, run_layers
+from autopar.runtime.layer_runner import KEEP, LayerRunner, check_policies, run_layers
 from autopar.trace import trace
 from tests.test_end_to_end import MODELS, batches, lm_loss
 
@@ -142,7 +142,7 @@ def test_a_dead_collective_and_what_only_it_reads_are_dropped_from_a_traced_grap
     again and recomputed their inputs. Every rank drops the same ones."""
     from torch import fx
 
-    from autopar._aot import _drop_dead_ops
+    from autopar.runtime.replay import _drop_dead_ops
 
     c10d = torch.ops._c10d_functional
     g = fx.Graph()

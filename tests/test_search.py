@@ -13,8 +13,8 @@ import torch.nn.functional as F
 import autopar
 import solvers
 from autopar.models.gpt import GPT, GPTConfig
+from autopar.planning.search import bubble_weight, microbatch_inputs, pipeline_problem
 from autopar.schedules import SCHEDULES, get_schedule
-from autopar.search import bubble_weight, microbatch_inputs, pipeline_problem
 
 BATCH = 8
 
@@ -239,14 +239,14 @@ print(sum(r() is not None for r in refs))
 
 
 def test_zero_collectives_are_charged_per_microbatch_where_the_runtime_issues_them():
-    from autopar.search import _dp_traffic
+    from autopar.planning.search import _dp_traffic
 
     link = autopar.Cluster.preset("h100-80g").intra_node
-    p = autopar.profile.TrainingPrecision.mixed_bf16()
+    p = autopar.planning.profile.TrainingPrecision.mixed_bf16()
     n = 1e8
 
     def c(kind, nbytes):
-        return autopar.cost.collective_time_s(kind, nbytes, 4, link)
+        return autopar.planning.cost.collective_time_s(kind, nbytes, 4, link)
 
     gather, scatter = c("all_gather", 2 * n), c("reduce_scatter", 2 * n)
     # (per step, per microbatch forward, per microbatch backward)
@@ -258,9 +258,9 @@ def test_zero_collectives_are_charged_per_microbatch_where_the_runtime_issues_th
 def test_zero2_gathered_weights_live_with_the_activations_unless_checkpointed(setup):
     # forward keeps the weights it gathered for backward (FSDP without reshard-after-forward);
     # a checkpointed layer's recomputation gathers them again instead
-    from autopar.profile import TrainingPrecision, profile_graph
-    from autopar.search import layer_costs, solve_layers
-    from autopar.stand_in import stand_in
+    from autopar.planning.profile import TrainingPrecision, profile_graph
+    from autopar.planning.search import layer_costs, solve_layers
+    from autopar.planning.stand_in import stand_in
 
     model, batch, _ = setup
     cluster = autopar.Cluster.preset("h100-80g", devices_per_node=2)
@@ -286,14 +286,14 @@ def test_mixed_precision_steps_fp32_masters_on_fp32_gradients():
     """torch's AdamW steps an fp32 master on an fp32 gradient: under mixed precision the bf16
     gradient is cast (written) and read again in fp32 before the pass over the state; an fp32
     model steps its own gradients."""
-    from autopar.profile import TrainingPrecision, parameter_state_bytes
-    from autopar.search import _update_s
+    from autopar.planning.profile import TrainingPrecision, parameter_state_bytes
+    from autopar.planning.search import _update_s
 
     device = autopar.Cluster.preset("h100-80g").device
     n = 1e9
 
     def seconds(moved):
-        return autopar.cost.compute_time_s(0.0, moved, device, "float32")
+        return autopar.planning.cost.compute_time_s(0.0, moved, device, "float32")
 
     fp32 = TrainingPrecision.fp32()
     assert _update_s(parameter_state_bytes(n, fp32), device, fp32) == seconds(
@@ -304,13 +304,13 @@ def test_mixed_precision_steps_fp32_masters_on_fp32_gradients():
 
 
 def test_gradient_accumulation_is_charged_per_later_microbatch(setup):
-    from autopar.search import _accumulate_s
+    from autopar.planning.search import _accumulate_s
 
     device = autopar.Cluster.preset("h100-80g").device
     g = 1e9
     assert _accumulate_s(g, 1, device) == 0.0  # the one gradient is .grad itself
     # three adds into .grad (read both, write one) and one division (read, write)
-    assert _accumulate_s(g, 4, device) == autopar.cost.compute_time_s(
+    assert _accumulate_s(g, 4, device) == autopar.planning.cost.compute_time_s(
         0.0, (3 * 3 + 2) * g, device, "float32")
     import dataclasses
 

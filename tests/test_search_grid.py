@@ -21,10 +21,11 @@ import torch
 import torch.nn.functional as F
 
 import autopar
-from autopar import api, search
+from autopar import api
 from autopar.models.gpt import GPT, GPTConfig
 from autopar.models.llama import Llama, LlamaConfig
-from autopar.runner import POLICIES
+from autopar.planning import search
+from autopar.runtime.layer_runner import POLICIES
 
 BATCH = 4
 SEQ = 64

@@ -12,8 +12,8 @@ import autopar
 from autopar.layers import decision_nodes
 from autopar.models.gpt import GPT, GPTConfig
 from autopar.models.llama import Llama, LlamaConfig
-from autopar.profile import TrainingPrecision, profile_graph
-from autopar.search import (
+from autopar.planning.profile import TrainingPrecision, profile_graph
+from autopar.planning.search import (
     Candidate,
     candidate_plan,
     evaluate,
@@ -21,7 +21,7 @@ from autopar.search import (
     layer_costs,
     solve_layers,
 )
-from autopar.stand_in import stand_in, whole
+from autopar.planning.stand_in import stand_in, whole
 
 MESH = {"dp": 2, "tp": 2}
 CLUSTER = autopar.Cluster.preset("h100-80g", devices_per_node=8)  # pp2 x dp2 x tp2

@@ -20,7 +20,7 @@ from torch import nn
 
 from autopar.models.gpt import GPT, GPTConfig
 from autopar.models.llama import Llama, LlamaConfig
-from autopar.strategies import _signature
+from autopar.planning.strategies import _signature
 from autopar.trace import trace
 from tests.helpers.simulate import (
     check_strategy,

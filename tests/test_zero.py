@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from autopar.compile import ParallelModel, make_mesh
-from autopar.planner import make_plan
+from autopar.planning.intra_op import make_plan
+from autopar.runtime.parallel_model import ParallelModel, make_mesh
 from autopar.trace import trace
 from tests.helpers.distributed import run_on_ranks
 from tests.test_end_to_end import (

@@ -36,11 +36,11 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, distribute_tensor
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
-from autopar import _dtensor
-from autopar.compile import ParallelModel
+from autopar import dtensor
 from autopar.plan import OpSharding, placement_to_str
-from autopar.planner import _output_options, decision_nodes
-from autopar.strategies import Strategy, node_strategies, placement_options, tensor_inputs
+from autopar.planning.intra_op import _output_options, decision_nodes
+from autopar.planning.strategies import Strategy, node_strategies, placement_options, tensor_inputs
+from autopar.runtime.parallel_model import ParallelModel
 from autopar.trace import TracedModel
 
 RTOL, ATOL = 1e-5, 1e-6
@@ -76,7 +76,7 @@ def enumerate_strategies(traced: TracedModel, mesh_shape: tuple[int, ...]) -> di
     strategy reachable under some naming is reached here.
     """
     names = [f"axis{i}" for i in range(len(mesh_shape))]
-    pmesh = _dtensor.planning_mesh(mesh_shape, names)
+    pmesh = dtensor.planning_mesh(mesh_shape, names)
     strategies: dict[str, list[Strategy]] = {}
     for n in decision_nodes(traced.graph_module):
         if n.op == "placeholder":

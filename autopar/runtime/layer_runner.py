@@ -28,8 +28,8 @@ from torch.utils.checkpoint import (
     create_selective_checkpoint_contexts,
 )
 
-from autopar import _aot
 from autopar.errors import AutoparError
+from autopar.runtime import replay
 
 aten = torch.ops.aten
 
@@ -87,7 +87,7 @@ def run_layers(
 class LayerRunner:
     """Runs a fixed list of ops (a whole model, or one pipeline stage) layer by layer.
 
-    With `traced=True`, each layer runs as one function traced once (`_aot.trace_once`): the
+    With `traced=True`, each layer runs as one function traced once (`replay.trace_once`): the
     first step runs through DTensor op by op and records the local ops and collectives it
     issued; later steps replay them, at a fraction of the host time. The ops, placements and
     collectives are the same, so are the results. A checkpointed layer's traced backward
@@ -143,7 +143,7 @@ class LayerRunner:
                 _run_checkpointed(nodes, env, self._run_node, how)
 
 
-# what a traced layer's forward saves for backward under each policy (`_aot.trace_once`'s
+# what a traced layer's forward saves for backward under each policy (`replay.trace_once`'s
 # `keep`): everything; nothing but its inputs; its inputs and the outputs of KEEP ops
 _TRACED_KEEP = {"none": None, "full": frozenset(), "selective": KEEP}
 
@@ -162,7 +162,7 @@ class _Segment:
         # the traced function's arguments are the reads' tensor leaves, in order
         owners = [a for a in self.reads for v in tree_flatten(env[a])[0] if _is_tensor(v)]
         positions = [i for i, a in enumerate(owners) if a.name in regather]
-        self._fn = _aot.trace_once(self._body, regather=positions, keep=_TRACED_KEEP[how])
+        self._fn = replay.trace_once(self._body, regather=positions, keep=_TRACED_KEEP[how])
 
     def _body(self, *tensors):
         local = dict(zip(self.reads, tree_unflatten(self._fill(tensors), self._in_spec)))

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
-from autopar._overlap import BUCKET_BYTES
+from autopar.runtime.collective_overlap import BUCKET_BYTES
 
 _c10d = torch.ops._c10d_functional
 

@@ -30,7 +30,7 @@ Cost model of one candidate (all seconds per training step, per device):
                  backward), backward reduce-scatters the gradients (ZeRO, Rajbhandari et al.
                  2020, sec. 5; hsdp then all-reduces each shard across the replicas).
                  Serial, although on CUDA the replay runtime overlaps these collectives with
-                 compute (autopar/_overlap.py, buckets.py): on 2 H200s this predicted 0.91-1.03
+                 compute (autopar/runtime/collective_overlap.py, buckets.py): on 2 H200s this predicted 0.91-1.03
                  of the measured steps (docs/benchmarks/2026-11-29-multigpu-x2-overlap/), so
                  no overlap is assumed.
     step_s       pipeline_s + dp_sync_s (no overlap: a conservative serial model).
@@ -62,18 +62,18 @@ import torch
 from torch.utils._pytree import tree_map
 
 import solvers
-from autopar import cost
-from autopar._overlap import BUCKET_BYTES
 from autopar.cluster import Cluster
 from autopar.errors import AutoparError, InfeasibleError, MeshError
 from autopar.layers import POST, PRE, assign_layers, decision_users, layer_order
 from autopar.plan import PP, SCHEMA_VERSION, Plan
-from autopar.planner import build_problem, format_bytes, to_plan
-from autopar.profile import TrainingPrecision, parameter_state_bytes, profile_graph
-from autopar.runner import KEEP_IN_GRAPH, POLICIES
+from autopar.planning import cost
+from autopar.planning.intra_op import build_problem, format_bytes, to_plan
+from autopar.planning.profile import TrainingPrecision, parameter_state_bytes, profile_graph
+from autopar.planning.stand_in import StandIn, stand_in
+from autopar.planning.strategies import shard_factor, work_factor
+from autopar.runtime.collective_overlap import BUCKET_BYTES
+from autopar.runtime.layer_runner import KEEP_IN_GRAPH, POLICIES
 from autopar.schedules import SCHEDULES, get_schedule
-from autopar.stand_in import StandIn, stand_in
-from autopar.strategies import shard_factor, work_factor
 from autopar.trace import TracedModel
 
 # Searched unless the user names one. GPipe is left out: 1F1B's bubble with more memory. The
@@ -145,7 +145,7 @@ def _sub_cluster(cluster: Cluster, sub_size: int) -> Cluster:
 
 
 def prepare(traced: TracedModel) -> tuple[StandIn, dict]:
-    """What the search solves for one traced microbatch: its stand-in (see `autopar.stand_in`)
+    """What the search solves for one traced microbatch: its stand-in (see `autopar.planning.stand_in`)
     and the stand-in's op profiles."""
     stand = stand_in(traced)
     return stand, profile_graph(stand.traced.graph_module)

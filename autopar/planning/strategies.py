@@ -4,7 +4,7 @@ A *strategy* of a node is one placement per mesh axis for each tensor input and 
 They come from three sources, in order:
 
 1. our own rules (`op_rules.RULES`), for ops DTensor cannot shard (run on local shards);
-2. DTensor's own op rules, asked through `_dtensor.propagate`, probing input placements taken
+2. DTensor's own op rules, asked through `dtensor.propagate`, probing input placements taken
    from the producers' candidate outputs and keeping the placements DTensor settles on;
 3. otherwise replicate everything (the op runs whole on every rank), reported once by the planner.
 
@@ -23,7 +23,8 @@ from torch import fx
 from torch.distributed.tensor import Partial, Placement, Replicate, Shard
 from torch.utils._pytree import tree_map
 
-from autopar import _dtensor, op_rules
+from autopar import dtensor
+from autopar.planning import op_rules
 
 Placements = tuple[Placement, ...]
 
@@ -85,7 +86,7 @@ def placement_options(shape, mesh_shape) -> list[Placements]:
 
 
 def _allowed(p: Placement | None) -> bool:
-    return p is None or type(p) in (Replicate, Shard) or _dtensor.is_plain_partial(p)
+    return p is None or type(p) in (Replicate, Shard) or dtensor.is_plain_partial(p)
 
 
 def _valid(strategy: Strategy, node: fx.Node, mesh_shape) -> bool:
@@ -117,7 +118,7 @@ def node_strategies(node: fx.Node, mesh, options: list[list[Placements]]) -> lis
             Strategy(i, o, "local")
             for i, o in op_rules.expand_to_mesh(op_rules.RULES[node.target](node), ndim)
         ]
-    elif _dtensor.has_rule(node.target):
+    elif dtensor.has_rule(node.target):
         found = _probe_dtensor(node, mesh, options)
     else:
         found = []
@@ -224,7 +225,7 @@ def _axis_combinations(found: list[tuple[Placements, ...]], ndim: int):
 def _with_refs(node: fx.Node):
     counter = itertools.count()
     return tree_map(
-        lambda a: _dtensor.InputRef(next(counter)) if isinstance(a, fx.Node) else a,
+        lambda a: dtensor.InputRef(next(counter)) if isinstance(a, fx.Node) else a,
         (node.args, node.kwargs),
     )
 
@@ -240,7 +241,7 @@ def dtensor_runs(node: fx.Node, placements: list[Placements], mesh) -> bool:
 
 def _ask(op, args, kwargs, vals, placements, mesh):
     try:
-        ins, outs = _dtensor.propagate(op, args, kwargs, list(zip(vals, placements)), mesh)
+        ins, outs = dtensor.propagate(op, args, kwargs, list(zip(vals, placements)), mesh)
     except Exception:  # DTensor rejects this combination outright
         return None
     if len(ins) != len(vals):

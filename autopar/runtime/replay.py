@@ -23,7 +23,7 @@ from torch._functorch.partitioners import default_partition
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 from torch.utils.checkpoint import CheckpointPolicy
 
-from autopar._overlap import overlap_collectives
+from autopar.runtime.collective_overlap import overlap_collectives
 
 
 def _as_is(graph_module, example_inputs):

@@ -42,8 +42,12 @@ from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import PipelineScheduleMulti, get_schedule_class
 from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 
-from autopar.buckets import GradientBuckets
-from autopar.compile import (
+from autopar.errors import AutoparError, MeshError
+from autopar.layers import assign_layers
+from autopar.plan import Plan
+from autopar.runtime.gradient_buckets import GradientBuckets
+from autopar.runtime.layer_runner import LayerRunner, check_policies, check_runtime
+from autopar.runtime.parallel_model import (
     ParallelModel,
     _local_shape,
     _mesh_device,
@@ -52,10 +56,6 @@ from autopar.compile import (
     _reshards,
     _shard_local,
 )
-from autopar.errors import AutoparError, MeshError
-from autopar.layers import assign_layers
-from autopar.plan import Plan
-from autopar.runner import LayerRunner, check_policies, check_runtime
 from autopar.schedules import Schedule, get_schedule
 from autopar.trace import TracedModel, is_getitem
 

@@ -23,13 +23,13 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distrib
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from torch.utils.checkpoint import checkpoint
 
-from autopar import _dtensor
-from autopar.buckets import GradientBuckets
+from autopar import dtensor
 from autopar.errors import MeshError
 from autopar.layers import assign_layers
 from autopar.plan import Plan, placement_from_str
-from autopar.runner import LayerRunner, check_policies, check_runtime
-from autopar.strategies import dtensor_runs, tensor_inputs
+from autopar.planning.strategies import dtensor_runs, tensor_inputs
+from autopar.runtime.gradient_buckets import GradientBuckets
+from autopar.runtime.layer_runner import LayerRunner, check_policies, check_runtime
 from autopar.trace import TracedModel, is_getitem
 
 
@@ -239,13 +239,13 @@ def _ops_without_a_rule_here(plan: Plan, nodes: dict[str, fx.Node]) -> frozenset
     mesh = None
     if made_with != torch.__version__:
         axes = plan.sharding_mesh
-        mesh = _dtensor.planning_mesh(tuple(axes.values()), tuple(axes))
+        mesh = dtensor.planning_mesh(tuple(axes.values()), tuple(axes))
     missing = []
     for name, op in plan.ops.items():
         node = nodes.get(name)
         if op.rule != "dtensor" or node is None:
             continue
-        if not _dtensor.has_rule(node.target) or (
+        if not dtensor.has_rule(node.target) or (
             mesh is not None and not dtensor_runs(node, [_placements(p) for p in op.inputs], mesh)
         ):
             missing.append(name)
@@ -289,11 +289,11 @@ def to_partial(x: DTensor, axes: list[int]) -> DTensor:
     for the bias.) The gradient comes back masked the same way: a Partial(sum) on `axes`."""
     mesh = x.device_mesh
     target = tuple(Partial("sum") if a in axes else p for a, p in enumerate(x.placements))
-    whole = _dtensor.for_grad(x.placements)
+    whole = dtensor.for_grad(x.placements)
     grad = tuple(Partial("sum") if a in axes else p for a, p in enumerate(whole))
     coord = mesh.get_coordinate()
     keep = all(coord[a] == 0 for a in axes)
-    return _dtensor.local_call(
+    return dtensor.local_call(
         lambda t: t if keep else t * 0,
         [x],
         mesh=mesh,
@@ -309,11 +309,11 @@ def _view_locally(node: fx.Node, x: DTensor, out_placements, mesh) -> DTensor:
     a local kernel laid out differently may need a copy (in forward or in backward)."""
     out = node.meta["val"]
     local_shape = _local_shape(out.shape, out_placements, mesh.shape)
-    return _dtensor.local_call(
+    return dtensor.local_call(
         lambda t: t.reshape(local_shape),
         [x],
         mesh=mesh,
-        input_grad_placements=[_dtensor.for_grad(x.placements)],
+        input_grad_placements=[dtensor.for_grad(x.placements)],
         output_placements=[out_placements],
         output_vals=[out],
     )
@@ -346,11 +346,11 @@ def _call_locally(node: fx.Node, args, kwargs, outputs, mesh):
     in_grad = [
         tuple(
             Partial("sum") if a in split and isinstance(p, Replicate) else p
-            for a, p in enumerate(_dtensor.for_grad(leaves[i].placements))
+            for a, p in enumerate(dtensor.for_grad(leaves[i].placements))
         )
         for i in slots
     ]
-    return _dtensor.local_call(
+    return dtensor.local_call(
         run,
         [leaves[i] for i in slots],
         mesh=mesh,

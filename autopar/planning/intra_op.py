@@ -25,13 +25,19 @@ from torch import fx
 from torch.distributed.tensor import Partial, Replicate, Shard
 
 import solvers
-from autopar import _dtensor, cost
+from autopar import dtensor
 from autopar.cluster import Cluster
 from autopar.errors import InfeasibleError, MeshError
 from autopar.layers import block_of, decision_nodes
 from autopar.plan import SCHEMA_VERSION, OpSharding, Plan, placement_to_str
-from autopar.profile import OpProfile, TrainingPrecision, parameter_state_bytes, profile_graph
-from autopar.strategies import (
+from autopar.planning import cost
+from autopar.planning.profile import (
+    OpProfile,
+    TrainingPrecision,
+    parameter_state_bytes,
+    profile_graph,
+)
+from autopar.planning.strategies import (
     Placements,
     Strategy,
     node_strategies,
@@ -77,10 +83,10 @@ def build_problem(
 
     `param_grad_sync=False` leaves out the data-parallel all-reduce of parameter gradients
     (a replicated parameter feeding an op whose output is split over "dp"): the pipeline search
-    (`autopar.search`) charges it once per step, after gradient accumulation, by flavour.
+    (`autopar.planning.search`) charges it once per step, after gradient accumulation, by flavour.
     """
     shape = tuple(mesh.values())
-    pmesh = _dtensor.planning_mesh(shape, tuple(mesh), "cpu")
+    pmesh = dtensor.planning_mesh(shape, tuple(mesh), "cpu")
     links = cluster.axis_links(shape)
     gm = traced.graph_module
     strategies: dict[str, list[Strategy]] = {}
@@ -411,7 +417,7 @@ def _check_mesh(mesh: dict[str, int], cluster: Cluster) -> None:
 def to_plan(traced: TracedModel, cluster: Cluster, decisions: Decisions, solution,
             chosen: dict[str, Strategy] | None = None) -> Plan:
     """The Plan of a solution; `chosen` (every decision node of `traced` -> its strategy)
-    when the solution was found on a stand-in graph (`autopar.stand_in`)."""
+    when the solution was found on a stand-in graph (`autopar.planning.stand_in`)."""
     if chosen is None:
         chosen = {name: decisions.strategies[name][i] for name, i in solution.choices.items()}
     strs = lambda pl: [placement_to_str(p) for p in pl]  # noqa: E731
