@@ -8,27 +8,22 @@ import json
 import torch.distributed as dist
 from torch import nn
 
+from autopar import parallelism
+from autopar.batches import batch_size, microbatch_inputs
 from autopar.cluster import Cluster
 from autopar.errors import AutoparError, MeshError
+from autopar.layers import assign_layers, layer_order
+from autopar.parallelism import POLICIES, check_runtime
 from autopar.plan import Plan
+from autopar.planning import search
+from autopar.planning.assemble import candidate_plan
+from autopar.planning.fixed_mesh import check_divides
+from autopar.planning.manual import hand_configuration
 from autopar.planning.profile import TrainingPrecision
-from autopar.runtime.layer_runner import check_runtime
-from autopar.runtime.parallel_model import ParallelModel, make_mesh
-from autopar.schedules import get_schedule
-from autopar.trace import TracedModel, trace
-
-
-def _trace(model: nn.Module, example_inputs, loss_fn) -> TracedModel:
-    if loss_fn is None:
-        return trace(model, example_inputs)
-    if not (isinstance(example_inputs, (tuple, list)) and len(example_inputs) == 2):
-        raise AutoparError(
-            "with a loss_fn, example_inputs must be (inputs, target) as train_step takes them, "
-            f"got {type(example_inputs).__name__} of length "
-            f"{len(example_inputs) if hasattr(example_inputs, '__len__') else '?'}"
-        )
-    inputs, target = example_inputs
-    return trace(model, inputs, loss_fn=loss_fn, target=target)
+from autopar.runtime.mesh import make_mesh
+from autopar.runtime.parallel_model import ParallelModel
+from autopar.runtime.pipeline import PipelinedModel
+from autopar.trace import trace_for_training, tracer
 
 
 def plan(
@@ -51,10 +46,10 @@ def plan(
     """Plan `model` for `cluster` offline: no process group, no GPU, meta-device models fine.
 
     `example_inputs` is one global batch as `train_step` takes it: the inputs, or
-    `(inputs, target)` when `loss_fn` is given. Searched (autopar.planning.search): every pp x dp x tp
-    mesh, microbatch size, schedule (`search.DEFAULT_SCHEDULES`), data-parallel flavour
-    (replicate, zero2, zero3, hybrid sharding) and per-layer checkpointing, with stage cuts
-    solved exactly.
+    `(inputs, target)` when `loss_fn` is given. Searched (`autopar.planning.search`): every
+    mesh of the axes in `autopar.parallelism.AXES` (pp x dp x tp), microbatch size, schedule
+    (`search.DEFAULT_SCHEDULES`), data-parallel flavour (`parallelism.FLAVOURS`: replicate,
+    zero2, zero3, hybrid sharding) and per-layer checkpointing, with stage cuts solved exactly.
 
     Options fix parts of the search: `mesh` (e.g. `{"pp": 2, "dp": 2, "tp": 2}`; missing axes
     are 1), `schedule` (a name in `autopar.schedules.SCHEDULES`), `microbatch_size` (samples per
@@ -63,33 +58,29 @@ def plan(
     ("replicate", "zero2", "zero3", "hsdp"), `checkpoint=False` (never checkpoint; by default
     each block may be checkpointed "full" or "selective"). `memory_limit` is
     bytes per device (default: the device's memory). A pipelined plan's graph is that of
-    `autopar.planning.search.microbatch_inputs(example_inputs, plan.pipeline["microbatch_size"])`.
+    `autopar.batches.microbatch_inputs(example_inputs, plan.pipeline["microbatch_size"])`.
     """
-    from autopar.planning import search
-    from autopar.runtime.layer_runner import POLICIES
-
     inputs_only = example_inputs[0] if loss_fn is not None else example_inputs
-    trace_fn = _tracer(model, loss_fn)
+    trace_fn = tracer(model, loss_fn)
     probe = trace_fn(example_inputs)
-    n_layers = len(_layer_names(probe))
+    n_layers = len(layer_order(assign_layers(probe)))
     if mesh is not None:
-        meshes = [_full_mesh(mesh, cluster)]
+        meshes = [parallelism.full_mesh(mesh, cluster.world_size)]
     else:
         meshes = search.candidate_meshes(cluster, n_layers)
-    batch = search.batch_size(inputs_only)
+    batch = batch_size(inputs_only)
     if mesh is not None or microbatch_size is not None:
         for m in meshes:
             # heads=False: the intra-op ILP leaves heads whole where tp does not divide them
             # (Llama's 2 kv heads on tp=4 train exactly); only hand configurations split them
-            _check_divides(probe, m, batch, microbatch_size or 1, n_layers, schedule,
-                           heads=False)
-    if data_parallel is not None and data_parallel not in search.FLAVOURS:
-        raise AutoparError(f"data_parallel={data_parallel!r}: use one of {search.FLAVOURS}")
+            check_divides(probe, m, batch, microbatch_size or 1, n_layers, schedule, heads=False)
+    if data_parallel is not None:
+        parallelism.get_flavour(data_parallel)  # an unknown name: an error listing the flavours
     space = search.SearchSpace(
         meshes=meshes,
         microbatch_sizes=[microbatch_size] if microbatch_size else None,
         schedules=(search.check_schedule(schedule),) if schedule else search.DEFAULT_SCHEDULES,
-        flavours=(data_parallel,) if data_parallel else search.FLAVOURS,
+        flavours=(data_parallel,) if data_parallel else parallelism.flavour_names(),
         checkpoint=POLICIES if checkpoint else ("none",),
     )
     return search.search(
@@ -132,157 +123,29 @@ def manual_plan(
     sharded as ZeRO-3 over groups of dp_shard ranks and replicated over dp / dp_shard groups.
     Without pp there is no gradient accumulation: microbatch_size must be batch / dp.
     """
-    from autopar.planning import search
-    from autopar.runtime.layer_runner import POLICIES
-
     if checkpoint not in POLICIES:
         raise AutoparError(f"checkpoint={checkpoint!r}: use one of {', '.join(POLICIES)}")
-    if zero not in search.ZERO_FLAVOUR:
-        raise AutoparError(f"zero={zero!r}: use 0, 1, 2 or 3")
+    flavour = parallelism.flavour_of_zero_stage(zero)
     if dp_shard is not None and (not 1 < dp_shard < dp or dp % dp_shard or zero not in (0, 3)):
         raise AutoparError(
             f"dp_shard={dp_shard} with dp={dp}, zero={zero}: hybrid sharding needs a shard group "
             f"that divides dp and is neither 1 nor dp (here one of "
             f"{[d for d in range(2, dp) if dp % d == 0] or 'none: dp has no such divisor'}), "
             "and shards like ZeRO-3 (zero=3 or leave zero out)")
-    precision = precision or TrainingPrecision()
-    sched = get_schedule(schedule)
-    v = sched.default_v(None) if pp > 1 else 1
-    mesh = _full_mesh({"pp": pp, "dp": dp, "tp": tp}, cluster)
+    mesh = parallelism.full_mesh({"pp": pp, "dp": dp, "tp": tp}, cluster.world_size)
     inputs_only = example_inputs[0] if loss_fn is not None else example_inputs
-    batch = search.batch_size(inputs_only)
-    trace_fn = _tracer(model, loss_fn)
-    probe = trace_fn(example_inputs)
-    order = _layer_names(probe)
-    _check_divides(probe, mesh, batch, microbatch_size, len(order), schedule)
-    mb = microbatch_size * dp
-    m = batch // mb
-    if pp > 1:
-        try:
-            sched.check(pp, m, v)
-        except ValueError as e:
-            raise MeshError(f"{e} (batch {batch} / (dp {dp} x microbatch {microbatch_size}) "
-                            f"= {m} microbatches)") from None
-    stand, profiles = search.prepare(trace_fn(search.microbatch_inputs(example_inputs, mb)))
-    sub_mesh = {k: n for k, n in (("dp", dp), ("tp", tp)) if n > 1} or {"dp": 1}
-    solved = search.solve_layers(stand, profiles, cluster, sub_mesh, precision=precision,
-                                 solver=solver)
-    flavour = search.ZERO_FLAVOUR[zero] if dp > 1 else "replicate"
+    batch = batch_size(inputs_only)
+    trace_fn = tracer(model, loss_fn)
+    layers = layer_order(assign_layers(trace_fn(example_inputs)))
+    check_divides(trace_fn(example_inputs), mesh, batch, microbatch_size, len(layers), schedule)
+    name = flavour.name if dp > 1 else parallelism.REPLICATE
     if dp_shard is not None:
-        flavour = "hsdp"
-    costs = search.layer_costs(stand, profiles, cluster, sub_mesh, flavour,
-                               precision=precision, solved=solved, dp_shard=dp_shard)
-    options = {x.name: checkpoint if checkpoint in [o.name for o in x.options] else "none"
-               for x in costs.layers}
-    c = search.Candidate(
-        pp=pp, dp=dp, tp=tp, microbatch_size=mb, num_microbatches=m,
-        schedule=sched.name if pp > 1 else "1F1B", v=v, flavour=flavour,
-        stages=search.even_stages(order, pp * v), options=options, costs=costs,
-    )
-    search.evaluate(c, cluster)
-    return search.candidate_plan(c, cluster, precision, solver={"manual": 1})
-
-
-def _tracer(model, loss_fn):
-    """`trace_fn(inputs)` for one planning call: one trace per input shape, so the probe of
-    the whole batch is also the search's graph of a microbatch that size (a trace costs about
-    a second on CPU; the model does not change within one call)."""
-    traces: dict = {}
-
-    def trace_fn(inputs):
-        key = _shapes(inputs)
-        if key not in traces:
-            traces[key] = _trace(model, inputs, loss_fn)
-        return traces[key]
-
-    return trace_fn
-
-
-def _shapes(inputs) -> tuple:
-    """What a trace depends on besides the model: every leaf's shape and dtype (or value)."""
-    import torch
-    from torch.utils._pytree import tree_flatten
-
-    leaves, spec = tree_flatten(inputs)
-    return str(spec), tuple((tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else repr(x)
-                            for x in leaves)
-
-
-def _layer_names(traced: TracedModel) -> list[str]:
-    from autopar.layers import assign_layers, layer_order
-
-    return layer_order(assign_layers(traced))
-
-
-def _full_mesh(mesh: dict[str, int], cluster: Cluster) -> dict[str, int]:
-    unknown = set(mesh) - {"pp", "dp", "tp"}
-    if unknown:
-        raise MeshError(f"mesh {mesh}: unknown axis name(s) {sorted(unknown)}; use pp, dp, tp")
-    full = {"pp": mesh.get("pp", 1), "dp": mesh.get("dp", 1), "tp": mesh.get("tp", 1)}
-    if any(not isinstance(n, int) or n < 1 for n in full.values()):
-        raise MeshError(f"mesh {mesh}: axis sizes must be positive integers")
-    if full["pp"] * full["dp"] * full["tp"] != cluster.world_size:
-        raise MeshError(
-            f"mesh {mesh} has {full['pp'] * full['dp'] * full['tp']} devices but the cluster has "
-            f"{cluster.world_size}: the axis sizes must multiply to the world size."
-        )
-    return full
-
-
-def _divisors_str(n: int, limit: int | None = None) -> str:
-    ds = [d for d in range(1, n + 1) if n % d == 0 and (limit is None or d <= limit)]
-    return ", ".join(map(str, ds))
-
-
-def _check_divides(traced, mesh, batch, microbatch_size, n_layers, schedule, *,
-                   heads: bool = True) -> None:
-    """Batch, heads and layers against a FIXED mesh / microbatch: a MeshError naming what would
-    divide."""
-    from autopar.schedules import get_schedule as _get
-
-    pp, dp, tp = mesh["pp"], mesh["dp"], mesh["tp"]
-    if batch % dp:
-        raise MeshError(
-            f"a batch of {batch} cannot be split over the data-parallel axis of mesh {mesh}: the "
-            f"batch must divide by {dp}. Use a batch that divides, or a dp that divides {batch} "
-            f"({_divisors_str(batch)})."
-        )
-    if batch % (dp * microbatch_size):
-        raise MeshError(
-            f"a batch of {batch} cannot be split into dp={dp} ranks x microbatches of "
-            f"{microbatch_size}: dp x microbatch_size must divide {batch} (microbatch sizes that "
-            f"divide {batch // dp if batch % dp == 0 else batch} per rank: "
-            f"{_divisors_str(batch // dp) if batch % dp == 0 else 'none: dp does not divide'}; "
-            f"dp values that divide the batch: {_divisors_str(batch)})"
-        )
-    v = _get(schedule).default_v(None) if (schedule and pp > 1) else 1
-    if pp * v > n_layers:
-        raise MeshError(
-            f"pp={pp} x {v} stage(s) per rank needs at least {pp * v} layers, the model has "
-            f"{n_layers} (pre, blocks, post): use pp <= {n_layers // v}"
-        )
-    counts = _head_counts(traced) if heads else set()
-    bad = sorted(h for h in counts if h % tp)
-    if tp > 1 and bad:
-        raise MeshError(
-            f"tp={tp} does not divide the {bad[0]} attention heads: use a tp that divides "
-            f"{bad[0]} ({_divisors_str(bad[0])})"
-        )
-
-
-def _head_counts(traced) -> set[int]:
-    """Attention heads: dim 2 of 4-D (B, T, H, D) views inside repeated blocks."""
-    import torch
-
-    from autopar.layers import block_of
-
-    heads = set()
-    for n in traced.graph_module.graph.nodes:
-        if n.op == "call_function" and "view" in str(n.target) and block_of(n, traced):
-            v = n.meta.get("val")
-            if isinstance(v, torch.Tensor) and v.ndim == 4:
-                heads.add(int(v.shape[2]))
-    return heads
+        name = parallelism.hybrid_flavour().name
+    c = hand_configuration(
+        trace_fn, example_inputs, cluster, mesh, batch=batch, microbatch_size=microbatch_size,
+        layers=layers, checkpoint=checkpoint, schedule=schedule, flavour=name,
+        dp_shard=dp_shard, precision=precision or TrainingPrecision(), solver=solver)
+    return candidate_plan(c, cluster, precision or TrainingPrecision(), solver={"manual": 1})
 
 
 def autoparallelize(
@@ -328,7 +191,7 @@ def autoparallelize(
         plan = _plan_on_rank0(model, cluster, example_inputs, loss_fn, options)
     if plan.pipeline:
         return _pipelined(model, example_inputs, loss_fn, plan, runtime)
-    traced = _trace(model, example_inputs, loss_fn)
+    traced = trace_for_training(model, example_inputs, loss_fn)
     world = dist.get_world_size() if dist.is_initialized() else None
     plan.check_matches(graph_fingerprint=traced.fingerprint, world_size=world or plan.world_size)
     return ParallelModel(model, traced, plan, make_mesh(plan), runtime=runtime)
@@ -336,11 +199,8 @@ def autoparallelize(
 
 def _pipelined(model: nn.Module, example_inputs, loss_fn, plan: Plan, runtime: str):
     """A plan with pipeline stages: its graph is one microbatch's, so trace that."""
-    from autopar.planning import search
-    from autopar.runtime.pipeline import PipelinedModel
-
-    micro = search.microbatch_inputs(example_inputs, plan.pipeline["microbatch_size"])
-    traced = _trace(model, micro, loss_fn)
+    micro = microbatch_inputs(example_inputs, plan.pipeline["microbatch_size"])
+    traced = trace_for_training(model, micro, loss_fn)
     world = dist.get_world_size() if dist.is_initialized() else plan.world_size
     plan.check_matches(graph_fingerprint=traced.fingerprint, world_size=world)
     return PipelinedModel(model, traced, plan, make_mesh(plan), runtime=runtime)
@@ -351,16 +211,16 @@ def _plan_on_rank0(model: nn.Module, cluster: Cluster, example_inputs, loss_fn,
     """Rank 0 runs the full search, the others receive its plan as JSON: one search, and every
     rank runs the same plan. A failure is sent instead of the plan, so that no rank waits
     forever and every rank raises the same error (rank 0 with its traceback)."""
-    def search() -> Plan:
+    def make() -> Plan:
         return plan(model, cluster, example_inputs, loss_fn=loss_fn, **options)
 
     if not dist.is_initialized() or dist.get_world_size() == 1:
-        return search()
+        return make()
     box: list = [None]
     failure = None
     if dist.get_rank() == 0:
         try:
-            box[0] = search().to_json()
+            box[0] = make().to_json()
         except Exception as e:  # an AutoparError (the user's to fix), a ValueError, or a bug
             failure = e
             box[0] = _portable(e)

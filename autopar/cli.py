@@ -4,7 +4,7 @@
     autopar explain plan.json [--model MODEL] [--json]
     autopar demo [--nproc 4] [--steps 5] [--mesh dp=2,tp=2]
 
-MODEL is a built-in name (`BUILTIN_MODELS`) or `module.path:factory`, a function returning
+MODEL is a built-in name (`autopar.models.registry.BUILTIN_MODELS`) or `module.path:factory`, a function returning
 `(model, example_inputs, loss_fn)`; it is called under `torch.device("meta")`, so any size plans
 with no memory. A user's mistake (an `AutoparError`, a bad value, a missing file) prints
 `autopar: error: <message>` on stderr and exits with status 2, never a traceback.
@@ -13,167 +13,24 @@ with no memory. A user's mistake (an `AutoparError`, a bad value, a missing file
 from __future__ import annotations
 
 import argparse
-import contextlib
-import importlib
-import inspect
 import json
 import math
 import os
-import re
 import sys
 import warnings
 
 import torch
-import torch.nn.functional as F
 
+from autopar.console import parse_mesh, solver_output_to_stderr
 from autopar.errors import AutoparError
+from autopar.models.registry import BUILTIN_MODELS, build_model, positive
+from autopar.parallelism import check_world_size
+from autopar.units import format_bytes, parse_bytes
 
 EXIT_USAGE = 2  # what argparse itself uses for a bad command line
 
-# -- built-in models ------------------------------------------------------------------------------
 
-
-def _gpt_configs() -> dict:
-    from autopar.models.gpt import GPTConfig
-
-    return {
-        # the demo's model: small enough to train on 4 CPU processes in seconds
-        "gpt-tiny": GPTConfig(vocab_size=64, seq_len=8, n_layer=2, n_head=4, d_model=64),
-        # GPT-2 small (124M) shapes, vocabulary padded to a multiple of 64 as in nanoGPT
-        "gpt-small": GPTConfig(vocab_size=50304, seq_len=1024, n_layer=12, n_head=12, d_model=768),
-        # GPT-2 medium (350M) shapes
-        "gpt-medium": GPTConfig(
-            vocab_size=50304, seq_len=1024, n_layer=24, n_head=16, d_model=1024
-        ),
-    }
-
-
-BUILTIN_MODELS = ("gpt-tiny", "gpt-small", "gpt-medium")
-
-
-def lm_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy over (B, T, vocab) logits and (B, T) targets."""
-    return F.cross_entropy(logits.flatten(0, 1), target.flatten())
-
-
-def build_model(spec: str, *, batch: int | None, seq: int | None):
-    """(model, example_inputs, loss_fn) for a built-in name or a `module.path:factory`.
-
-    Call it under `torch.device("meta")` to build without memory. `batch` and `seq` default to
-    batch 8 and the config's sequence length; a factory gets them as keyword
-    arguments only when they are given.
-    """
-    if ":" in spec:
-        return _from_factory(spec, batch=batch, seq=seq)
-    configs = _gpt_configs()
-    if spec not in configs:
-        raise AutoparError(
-            f"unknown model {spec!r}: use a built-in one ({', '.join(BUILTIN_MODELS)}) or "
-            "module.path:factory, a function returning (model, example_inputs, loss_fn)"
-        )
-    from dataclasses import replace
-
-    from autopar.models.gpt import GPT
-
-    cfg = configs[spec]
-    if seq is not None:
-        cfg = replace(cfg, seq_len=_positive(seq, "--seq"))
-    b = _positive(batch, "--batch") if batch is not None else 8
-    x = torch.randint(0, cfg.vocab_size, (b, cfg.seq_len))  # (B, T)
-    y = torch.randint(0, cfg.vocab_size, (b, cfg.seq_len))  # (B, T)
-    return GPT(cfg), (x, y), lm_loss
-
-
-def _from_factory(spec: str, *, batch: int | None, seq: int | None):
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise AutoparError(f"bad model {spec!r}: write module.path:factory, e.g. mymodels:build")
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())  # so `autopar plan mymodels:build` finds ./mymodels.py
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        raise AutoparError(
-            f"cannot import {module_name!r} for model {spec!r} ({e}); run from the folder that "
-            "holds it or put it on PYTHONPATH"
-        ) from None
-    factory = getattr(module, attr, None)
-    if not callable(factory):
-        raise AutoparError(f"{module_name} has no function {attr!r} (model {spec!r})")
-    kwargs = {k: v for k, v in (("batch", batch), ("seq", seq)) if v is not None}
-    try:
-        inspect.signature(factory).bind(**kwargs)
-    except TypeError:
-        raise AutoparError(
-            f"{spec} does not take {', '.join(f'{k}=' for k in kwargs)}: give it keyword "
-            "parameters batch and seq, or drop --batch/--seq"
-        ) from None
-    built = factory(**kwargs)
-    if not isinstance(built, tuple) or len(built) not in (2, 3):
-        raise AutoparError(
-            f"{spec} returned {type(built).__name__}; it must return "
-            "(model, example_inputs, loss_fn) or (model, example_inputs)"
-        )
-    return built if len(built) == 3 else (*built, None)
-
-
-# -- parsing --------------------------------------------------------------------------------------
-
-_AXIS_RE = re.compile(r"^([A-Za-z_]\w*)=(\d+)$")
-
-
-def parse_mesh(text: str) -> dict[str, int]:
-    """ "dp=2,tp=2" -> {"dp": 2, "tp": 2}; axes keep their order (the last is innermost)."""
-    mesh: dict[str, int] = {}
-    for part in text.split(","):
-        m = _AXIS_RE.match(part.strip())
-        if m is None:
-            raise ValueError(
-                f"bad mesh {text!r}: {part.strip()!r} is not axis=size; write comma-separated "
-                "axis=size pairs, e.g. dp=2,tp=2"
-            )
-        axis, size = m.group(1), int(m.group(2))
-        if axis in mesh:
-            raise ValueError(f"bad mesh {text!r}: axis {axis!r} appears twice")
-        if size < 1:
-            raise ValueError(f"bad mesh {text!r}: axis {axis!r} has size {size}; sizes are >= 1")
-        mesh[axis] = size
-    return mesh
-
-
-_UNITS = {
-    "": 1,
-    "b": 1,
-    "kb": 1e3,
-    "mb": 1e6,
-    "gb": 1e9,
-    "tb": 1e12,
-    "kib": 2**10,
-    "mib": 2**20,
-    "gib": 2**30,
-    "tib": 2**40,
-}
-
-
-def parse_bytes(text: str) -> float:
-    """ "40GiB" -> 40 * 2**30, "80GB" -> 80e9, "1e9" -> 1e9 (case-insensitive units)."""
-    m = re.fullmatch(r"\s*([0-9.]+(?:[eE][+-]?\d+)?)\s*([A-Za-z]*)\s*", text)
-    unit = m.group(2).lower() if m else None
-    if m is None or unit not in _UNITS:
-        raise ValueError(
-            f"bad memory size {text!r}: write a number with an optional unit "
-            "(B, KB, MB, GB, TB, KiB, MiB, GiB, TiB), e.g. 40GiB, 80GB or 1e9"
-        )
-    value = float(m.group(1)) * _UNITS[unit]
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"bad memory size {text!r}: must be a positive amount")
-    return value
-
-
-def _positive(value: int, flag: str) -> int:
-    if value < 1:
-        raise ValueError(f"{flag} must be >= 1, got {value}")
-    return value
+# -- reading the command line ---------------------------------------------------------------------
 
 
 def load_cluster(spec: str, *, nodes: int | None, devices_per_node: int | None):
@@ -198,29 +55,6 @@ def load_cluster(spec: str, *, nodes: int | None, devices_per_node: int | None):
 # -- output helpers -------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def solver_output_to_stderr(*, discard: bool = False):
-    """Send what C libraries print on stdout (HiGHS prints a banner) to stderr meanwhile.
-
-    Keeps stdout for our own output, so `--json` output parses. `discard=True` drops it instead.
-    """
-    sys.stdout.flush()
-    try:
-        saved = os.dup(1)
-    except OSError:  # no real stdout (some embedded runners): nothing to protect
-        yield
-        return
-    target = os.open(os.devnull, os.O_WRONLY) if discard else os.dup(2)
-    try:
-        os.dup2(target, 1)
-        yield
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
-        os.close(target)
-
-
 def _quiet_torch_warnings() -> None:
     # torch.export's own deprecation chatter; autopar's warnings (UserWarning) still show.
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -239,12 +73,9 @@ def cmd_plan(args) -> int:
     mesh = parse_mesh(args.mesh) if args.mesh else None
     memory_limit = parse_bytes(args.memory_limit) if args.memory_limit else None
     cluster = load_cluster(args.cluster, nodes=args.nodes, devices_per_node=args.devices_per_node)
-    if mesh is not None and math.prod(mesh.values()) != cluster.world_size:
-        raise ValueError(
-            f"mesh {args.mesh} has {math.prod(mesh.values())} devices but cluster "
-            f"{cluster.name!r} has {cluster.world_size} ({cluster.nodes} node(s) x "
-            f"{cluster.devices_per_node}); the axis sizes must multiply to the world size"
-        )
+    if mesh is not None:
+        check_world_size(mesh, cluster.world_size, cluster=(
+            f"cluster {cluster.name!r} ({cluster.nodes} node(s) x {cluster.devices_per_node})"))
     batch = args.batch
     if batch is None and ":" not in args.model:
         batch = math.lcm(8, cluster.world_size)  # splits evenly over any dp axis
@@ -300,7 +131,6 @@ def cmd_simulate(args) -> int:
     import dataclasses
 
     from autopar.plan import Plan
-    from autopar.planning.intra_op import format_bytes
     from autopar.simulate import simulate
 
     report = simulate(Plan.load(args.plan))
@@ -342,15 +172,14 @@ def _print_ops(plan, names: list[str], indent: str) -> None:
 
 def _ops_by_layer(plan, args) -> dict[str, list[str]]:
     """Retrace the model (on meta) to map each planned op to its layer, in graph order."""
-    from autopar.api import _trace
-    from autopar.trace import layer_of
+    from autopar.trace import layer_of, trace_for_training
 
     batch = args.batch
     if batch is None and ":" not in args.model:
         batch = math.lcm(8, plan.world_size)  # as `autopar plan` defaults it
     with torch.device("meta"):
         model, example_inputs, loss_fn = build_model(args.model, batch=batch, seq=args.seq)
-    traced = _trace(model, example_inputs, loss_fn)
+    traced = trace_for_training(model, example_inputs, loss_fn)
     plan.check_matches(graph_fingerprint=traced.fingerprint, world_size=plan.world_size)
     layers: dict[str, list[str]] = {}
     for node in traced.graph_module.graph.nodes:
@@ -364,8 +193,8 @@ def cmd_demo(args) -> int:
 
     mesh = parse_mesh(args.mesh) if args.mesh else None
     return demo.run(
-        nproc=_positive(args.nproc, "--nproc"),
-        steps=_positive(args.steps, "--steps"),
+        nproc=positive(args.nproc, "--nproc"),
+        steps=positive(args.steps, "--steps"),
         mesh=mesh,
         json_output=args.json,
     )

@@ -27,11 +27,13 @@ import time
 
 import torch
 
-from autopar.cli import lm_loss, parse_mesh, solver_output_to_stderr
 from autopar.cluster import Cluster, DeviceSpec, Link
-from autopar.models.gpt import GPT, GPTConfig
+from autopar.console import mesh_text, parse_mesh, solver_output_to_stderr
+from autopar.models.gpt import GPT
+from autopar.models.losses import lm_loss
+from autopar.models.registry import BUILTIN_MODELS
 
-CONFIG = GPTConfig(vocab_size=64, seq_len=8, n_layer=2, n_head=4, d_model=64)  # = gpt-tiny
+CONFIG = BUILTIN_MODELS["gpt-tiny"]
 LR = 0.2
 SEED = 0
 REL_TOL = 1e-5  # fp32: the sharded run sums in a different order, nothing more
@@ -192,11 +194,11 @@ def run(
     *, nproc: int = 4, steps: int = 5, mesh: dict[str, int] | None = None, json_output: bool = False
 ) -> int:
     """Launch `nproc` workers with torchrun and return its exit status (non-zero on mismatch)."""
-    if mesh is None and nproc == 4:
-        mesh = {"dp": 2, "tp": 2}  # shows both: the batch split over dp, weights over tp
+    if mesh is None:
+        mesh = default_mesh(nproc)
     if mesh is not None and math.prod(mesh.values()) != nproc:
         raise ValueError(
-            f"mesh {_mesh_arg(mesh)} has {math.prod(mesh.values())} devices but "
+            f"mesh {mesh_text(mesh)} has {math.prod(mesh.values())} devices but "
             f"the demo runs {nproc} processes; give --nproc {math.prod(mesh.values())}"
             " or a mesh whose sizes multiply to --nproc"
         )
@@ -214,14 +216,14 @@ def run(
         str(steps),
     ]
     if mesh is not None:
-        cmd += ["--mesh", _mesh_arg(mesh)]
+        cmd += ["--mesh", mesh_text(mesh)]
     if json_output:
         cmd.append("--json")
     else:
         print(
             f"autopar demo: GPT ({CONFIG.n_layer} layers, d_model {CONFIG.d_model}, vocab "
             f"{CONFIG.vocab_size}, batch {batch_size(nproc)} x {CONFIG.seq_len} tokens) on "
-            f"{nproc} CPU processes, mesh {_mesh_arg(mesh) if mesh else 'chosen by the planner'}"
+            f"{nproc} CPU processes, mesh {mesh_text(mesh) if mesh else 'chosen by the planner'}"
             f", {steps} SGD steps\n",
             flush=True,
         )
@@ -233,8 +235,10 @@ def run(
     return rc
 
 
-def _mesh_arg(mesh: dict[str, int]) -> str:
-    return ",".join(f"{k}={v}" for k, v in mesh.items())
+def default_mesh(nproc: int) -> dict[str, int] | None:
+    """The demo's mesh when none is given: dp=2 x tp=2 for 4 processes, which shows both (the
+    batch split over dp, weights over tp); for other counts the planner chooses (None)."""
+    return {"dp": 2, "tp": 2} if nproc == 4 else None
 
 
 def _worker_main(argv: list[str] | None = None) -> int:

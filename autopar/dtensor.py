@@ -9,13 +9,17 @@ internals between releases (checked on 2.11 and 2.13); a torch upgrade should to
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 from collections.abc import Sequence
 
 import torch
+from torch import fx
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Placement, Replicate
 from torch.utils._pytree import tree_leaves, tree_map
+
+from autopar.trace import tensor_inputs
 
 Placements = tuple[Placement, ...]
 
@@ -197,3 +201,33 @@ def contiguous_strides(shape) -> tuple[int, ...]:
         strides.append(step)
         step *= max(size, 1)
     return tuple(reversed(strides))
+
+
+def node_args(node: fx.Node):
+    """(args, kwargs) of `node` with each input node an `InputRef`, as `propagate` takes them."""
+    counter = itertools.count()
+    return tree_map(
+        lambda a: InputRef(next(counter)) if isinstance(a, fx.Node) else a,
+        (node.args, node.kwargs),
+    )
+
+
+def can_run(node: fx.Node, placements: list[Placements], mesh) -> bool:
+    """Whether this torch's DTensor can run `node` on inputs with `placements` (perhaps after
+    redistributing them): a plan made with another torch release may assume a rule this one
+    lacks, or one that rejects these placements."""
+    args, kwargs = node_args(node)
+    vals = [a.meta["val"] for a in tensor_inputs(node)]
+    return ask(node.target, args, kwargs, vals, placements, mesh) is not None
+
+
+def ask(op, args, kwargs, vals, placements, mesh):
+    """DTensor's (input, output) placements for `op` on inputs `vals` with `placements`, or
+    None where it rejects them."""
+    try:
+        ins, outs = propagate(op, args, kwargs, list(zip(vals, placements)), mesh)
+    except Exception:  # DTensor rejects this combination outright
+        return None
+    if len(ins) != len(vals):
+        return None
+    return tuple(tuple(p) for p in ins), tuple(tuple(o) if o is not None else None for o in outs)

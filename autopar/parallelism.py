@@ -67,6 +67,7 @@ AXES: tuple[MeshAxis, ...] = (
 
 PIPELINE = "pp"  # the one LAYERS axis: always outermost, placements are not written for it
 DATA = "dp"  # the searched BATCH axis: takes the ranks the other axes leave
+DATA_REPLICAS = "dp_replicate"  # a hybrid flavour's replicas of the shard groups on DATA
 
 
 def mesh_axis(name: str) -> MeshAxis:
@@ -176,6 +177,11 @@ class DataParallelFlavour:
     zero_stages: tuple[int, ...]
     source: str
 
+    @property
+    def keeps_gathered_weights(self) -> bool:
+        """Forward's gathered weights live until backward (sharded, not regathered: ZeRO-2)."""
+        return self.shards_state and not self.regathers
+
 
 _GATHER_WEIGHTS = Collective("forward", "all_gather", "weights", SHARD_GROUP)
 _REGATHER_WEIGHTS = Collective("backward", "all_gather", "weights", SHARD_GROUP)
@@ -215,6 +221,11 @@ def get_flavour(name: str) -> DataParallelFlavour:
         if f.name == name:
             return f
     raise AutoparError(f"data_parallel={name!r}: use one of {flavour_names()}")
+
+
+def hybrid_flavour() -> DataParallelFlavour:
+    """The flavour `manual_plan(dp_shard=...)` means: the hybrid one."""
+    return next(f for f in FLAVOURS if f.hybrid)
 
 
 def flavour_of_zero_stage(zero: int) -> DataParallelFlavour:

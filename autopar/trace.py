@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import fx, nn
+from torch.utils._pytree import tree_flatten
 
-from autopar.errors import TraceError
+from autopar.errors import AutoparError, TraceError
 
 # Composite ops we keep whole: decomposing them would lose the fused kernel at run time.
 # silu (SwiGLU's) is pointwise: DTensor shards it and its backward as any elementwise op.
@@ -99,6 +100,43 @@ def trace(model: nn.Module, example_inputs, *, loss_fn=None, target=None) -> Tra
         table.pop(op, None)
     ep = ep.run_decompositions(table)
     return _traced_model(ep, model, has_loss=loss_fn is not None)
+
+
+def trace_for_training(model: nn.Module, example_inputs, loss_fn) -> TracedModel:
+    """`trace` of one batch as `train_step` takes it: the inputs, or `(inputs, target)` when
+    `loss_fn` is given."""
+    if loss_fn is None:
+        return trace(model, example_inputs)
+    if not (isinstance(example_inputs, (tuple, list)) and len(example_inputs) == 2):
+        raise AutoparError(
+            "with a loss_fn, example_inputs must be (inputs, target) as train_step takes them, "
+            f"got {type(example_inputs).__name__} of length "
+            f"{len(example_inputs) if hasattr(example_inputs, '__len__') else '?'}"
+        )
+    inputs, target = example_inputs
+    return trace(model, inputs, loss_fn=loss_fn, target=target)
+
+
+def tracer(model: nn.Module, loss_fn):
+    """`trace_fn(inputs)` for one planning call: one trace per input shape, so the probe of
+    the whole batch is also the search's graph of a microbatch that size (a trace costs about
+    a second on CPU; the model does not change within one call)."""
+    traces: dict = {}
+
+    def trace_fn(inputs):
+        key = inputs_key(inputs)
+        if key not in traces:
+            traces[key] = trace_for_training(model, inputs, loss_fn)
+        return traces[key]
+
+    return trace_fn
+
+
+def inputs_key(inputs) -> tuple:
+    """What a trace depends on besides the model: every leaf's shape and dtype (or value)."""
+    leaves, spec = tree_flatten(inputs)
+    return str(spec), tuple((tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else repr(x)
+                            for x in leaves)
 
 
 def _on_meta(model: nn.Module) -> bool:
@@ -268,6 +306,27 @@ def fingerprint_line(n: fx.Node) -> str:
     ]
     args = [a.name if isinstance(a, fx.Node) else repr(a) for a in n.args]
     return f"{n.op}|{n.name}|{n.target}|{args}|{shapes}"
+
+
+def tensor_inputs(node: fx.Node) -> list[fx.Node]:
+    """The nodes feeding `node`'s tensor arguments, in pytree order of (args, kwargs)."""
+    found: list[fx.Node] = []
+    _collect_nodes((node.args, node.kwargs), found)
+    return found
+
+
+def _collect_nodes(arg, found: list[fx.Node]) -> None:
+    # tree_flatten's order over the containers fx puts in args (lists, tuples, dicts by
+    # insertion), by hand: the planner asks this of every node many times, and tree_flatten
+    # took a tenth of a solve
+    if isinstance(arg, fx.Node):
+        found.append(arg)
+    elif isinstance(arg, (tuple, list)):
+        for a in arg:
+            _collect_nodes(a, found)
+    elif isinstance(arg, dict):
+        for a in arg.values():
+            _collect_nodes(a, found)
 
 
 def is_getitem(node: fx.Node) -> bool:

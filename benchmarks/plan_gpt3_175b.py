@@ -45,7 +45,7 @@ def main() -> None:
         return F.cross_entropy(out.flatten(0, 1), target.flatten())
 
     def trace_fn(inputs):
-        return autopar.api._trace(model, inputs, loss)
+        return autopar.trace.trace_for_training(model, inputs, loss)
 
     meshes = candidate_meshes(cluster, args.layers + 2)
     # tp within a node unless --tp says otherwise: the space of the dated report (the search

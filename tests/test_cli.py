@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from autopar.cli import main, parse_bytes, parse_mesh
+from autopar.cli import main
+from autopar.console import parse_mesh
 from autopar.plan import Plan
+from autopar.units import parse_bytes
 
 PLAN_ARGS = [
     "plan",

@@ -142,9 +142,10 @@ def _accumulated_gradients():
     buckets meet gradients already reduced by the first step."""
     import torch.distributed as dist
 
-    from autopar.planning.intra_op import make_plan
-    from autopar.runtime.parallel_model import ParallelModel, make_mesh
+    from autopar.runtime.mesh import make_mesh
+    from autopar.runtime.parallel_model import ParallelModel
     from autopar.trace import trace
+    from tests.helpers.intra_op_plans import make_plan
     from tests.test_end_to_end import MODELS, batches, fast_cpu_cluster, lm_loss
 
     torch.manual_seed(0)

@@ -18,13 +18,13 @@ from autopar.errors import AutoparError, MeshError
 from autopar.layers import assign_layers, layer_order
 from autopar.models.gpt import GPT
 from autopar.plan import Plan
-from autopar.planning.intra_op import make_plan
-from autopar.planning.search import _shard_parameters_over_dp
-from autopar.runtime.parallel_model import make_mesh
-from autopar.runtime.pipeline import PipelinedModel, _weight_only_outputs
+from autopar.planning.assemble import shard_parameters_over_dp
+from autopar.runtime.mesh import make_mesh
+from autopar.runtime.pipeline import PipelinedModel, weight_only_outputs
 from autopar.schedules import get_schedule
 from autopar.trace import trace
 from tests.helpers.distributed import run_on_ranks
+from tests.helpers.intra_op_plans import make_plan
 from tests.test_end_to_end import (
     CONFIG,
     MODELS,
@@ -61,7 +61,7 @@ def pipelined_plan(model, batch, *, pp, sub_mesh, microbatches, schedule, v=1, c
     plan.checkpoint = dict(checkpoint or {})
     if zero:
         plan.data_parallel = "zero3"
-        _shard_parameters_over_dp(plan, traced, sub_mesh)
+        shard_parameters_over_dp(plan, traced, sub_mesh)
     return traced, plan
 
 
@@ -287,7 +287,7 @@ def test_weight_only_outputs_are_found():
     nodes = [n for n in graph.nodes if n.op == "call_function"]
     inputs = [n for n in graph.nodes if n.op == "placeholder" and n.name not in params]
     outputs = list(next(n for n in graph.nodes if n.op == "output").args[0])
-    assert _weight_only_outputs(nodes, inputs, outputs, params) == [o.name for o in outputs[1:]]
+    assert weight_only_outputs(nodes, inputs, outputs, params) == [o.name for o in outputs[1:]]
 
 
 def train_bf16_float_loss():

@@ -10,8 +10,9 @@ from torch import nn
 import autopar
 from autopar.errors import InfeasibleError, MeshError
 from autopar.models.gpt import GPT, GPTConfig
-from autopar.planning.intra_op import build_problem, candidate_meshes
+from autopar.planning.intra_op import build_problem
 from autopar.planning.profile import TrainingPrecision, profile_graph
+from autopar.planning.search import candidate_meshes
 from autopar.trace import trace
 from tests.test_end_to_end import fast_cpu_cluster
 
@@ -84,13 +85,17 @@ class TestMemory:
 
 class TestMeshes:
     def test_candidate_meshes_cover_factorisations(self):
-        assert candidate_meshes(4) == [{"dp": 4}, {"dp": 2, "tp": 2}, {"tp": 4}]
-        assert candidate_meshes(1) == [{"dp": 1}]
+        """tp outermost in the loop, pp within it, dp the rest; pp at most the layer count."""
+        assert candidate_meshes(fast_cpu_cluster(4), n_layers=2) == [
+            {"pp": 1, "dp": 4, "tp": 1}, {"pp": 2, "dp": 2, "tp": 1},
+            {"pp": 1, "dp": 2, "tp": 2}, {"pp": 2, "dp": 1, "tp": 2},
+            {"pp": 1, "dp": 1, "tp": 4}]
+        assert candidate_meshes(fast_cpu_cluster(1), n_layers=3) == [{"pp": 1, "dp": 1, "tp": 1}]
 
     def test_planner_chooses_the_mesh(self):
         plan = autopar.plan(MLP(), fast_cpu_cluster(4), mlp_batch(), loss_fn=mse)
         assert plan.world_size == 4
-        assert plan.mesh in candidate_meshes(4)
+        assert {"pp": 1, "dp": 1, "tp": 1} | plan.mesh in candidate_meshes(fast_cpu_cluster(4), 8)
 
     @pytest.mark.parametrize("mesh", [{"dp": 3}, {"dp": 2, "tp": 4}])
     def test_mesh_not_matching_world_size(self, mesh):

@@ -1,6 +1,6 @@
 """What each checkpoint policy recomputes in backward, on plain tensors (no process group).
 
-The graph of a tiny GPT runs op by op through `runner.run_layers`, as both runtimes run it;
+The graph of a tiny GPT runs op by op through a `LayerRunner`, as both runtimes run it;
 a dispatch mode counts the ops that backward executes. Recomputation shows up as forward ops
 (the matmuls of the layer, its GELU) running during backward.
 """
@@ -16,7 +16,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import autopar
 from autopar.layers import assign_layers
-from autopar.runtime.layer_runner import KEEP, LayerRunner, check_policies, run_layers
+from autopar.parallelism import KEEP, check_policies
+from autopar.runtime.layer_runner import LayerRunner
 from autopar.trace import trace
 from tests.test_end_to_end import MODELS, batches, lm_loss
 
@@ -67,7 +68,7 @@ def _backward_ops(policy: str, traced: bool = False, warm_without_grad: bool = F
                 runner.run(dict(env))
         runner.run(env)
     else:
-        run_layers(nodes, env, run_node, layer_of, checkpointing)
+        LayerRunner(nodes, run_node, layer_of, checkpointing).run(env)
     loss = env[traced_.node(traced_.loss_node)]
     with _Count() as count:
         loss.backward()

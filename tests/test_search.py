@@ -12,8 +12,9 @@ import torch.nn.functional as F
 
 import autopar
 import solvers
+from autopar.batches import microbatch_inputs
 from autopar.models.gpt import GPT, GPTConfig
-from autopar.planning.search import bubble_weight, microbatch_inputs, pipeline_problem
+from autopar.planning.candidate import bubble_weight, pipeline_problem
 from autopar.schedules import SCHEDULES, get_schedule
 
 BATCH = 8
@@ -239,7 +240,8 @@ print(sum(r() is not None for r in refs))
 
 
 def test_zero_collectives_are_charged_per_microbatch_where_the_runtime_issues_them():
-    from autopar.planning.search import _dp_traffic
+    from autopar.parallelism import get_flavour
+    from autopar.planning.cost import data_parallel_traffic_s
 
     link = autopar.Cluster.preset("h100-80g").intra_node
     p = autopar.planning.profile.TrainingPrecision.mixed_bf16()
@@ -250,21 +252,25 @@ def test_zero_collectives_are_charged_per_microbatch_where_the_runtime_issues_th
 
     gather, scatter = c("all_gather", 2 * n), c("reduce_scatter", 2 * n)
     # (per step, per microbatch forward, per microbatch backward)
-    assert _dp_traffic("replicate", n, p, 4, 4, (link, link)) == (c("all_reduce", 2 * n), 0, 0)
-    assert _dp_traffic("zero2", n, p, 4, 4, (link, link)) == (0.0, gather, scatter)
-    assert _dp_traffic("zero3", n, p, 4, 4, (link, link)) == (0.0, gather, gather + scatter)
+    def traffic(flavour):
+        return data_parallel_traffic_s(get_flavour(flavour), n, p, 4, 4, (link, link))
+
+    assert traffic("replicate") == (c("all_reduce", 2 * n), 0, 0)
+    assert traffic("zero2") == (0.0, gather, scatter)
+    assert traffic("zero3") == (0.0, gather, gather + scatter)
 
 
 def test_zero2_gathered_weights_live_with_the_activations_unless_checkpointed(setup):
     # forward keeps the weights it gathered for backward (FSDP without reshard-after-forward);
     # a checkpointed layer's recomputation gathers them again instead
+    from autopar.planning.layer_costs import layer_costs, solve_layers
     from autopar.planning.profile import TrainingPrecision, profile_graph
-    from autopar.planning.search import layer_costs, solve_layers
     from autopar.planning.stand_in import stand_in
+    from autopar.trace import trace_for_training
 
     model, batch, _ = setup
     cluster = autopar.Cluster.preset("h100-80g", devices_per_node=2)
-    stand = stand_in(autopar.api._trace(model, batch, lm_loss))
+    stand = stand_in(trace_for_training(model, batch, lm_loss))
     profiles = profile_graph(stand.traced.graph_module)
     precision = TrainingPrecision.mixed_bf16()
     solved = solve_layers(stand, profiles, cluster, {"dp": 2}, precision=precision)
@@ -286,8 +292,8 @@ def test_mixed_precision_steps_fp32_masters_on_fp32_gradients():
     """torch's AdamW steps an fp32 master on an fp32 gradient: under mixed precision the bf16
     gradient is cast (written) and read again in fp32 before the pass over the state; an fp32
     model steps its own gradients."""
+    from autopar.planning.cost import optimizer_step_s
     from autopar.planning.profile import TrainingPrecision, parameter_state_bytes
-    from autopar.planning.search import _update_s
 
     device = autopar.Cluster.preset("h100-80g").device
     n = 1e9
@@ -296,21 +302,21 @@ def test_mixed_precision_steps_fp32_masters_on_fp32_gradients():
         return autopar.planning.cost.compute_time_s(0.0, moved, device, "float32")
 
     fp32 = TrainingPrecision.fp32()
-    assert _update_s(parameter_state_bytes(n, fp32), device, fp32) == seconds(
+    assert optimizer_step_s(parameter_state_bytes(n, fp32), device, fp32) == seconds(
         2 * (4 + 8) * n + 4 * n)  # read and write parameters and state, read gradients
     mixed = TrainingPrecision.mixed_bf16()
-    assert _update_s(parameter_state_bytes(n, mixed), device, mixed) == seconds(
+    assert optimizer_step_s(parameter_state_bytes(n, mixed), device, mixed) == seconds(
         2 * (2 + 12) * n + 2 * n + 2 * 4 * n)  # ... and the fp32 gradient, written and read
 
 
 def test_gradient_accumulation_is_charged_per_later_microbatch(setup):
-    from autopar.planning.search import _accumulate_s
+    from autopar.planning.cost import gradient_accumulation_s
 
     device = autopar.Cluster.preset("h100-80g").device
     g = 1e9
-    assert _accumulate_s(g, 1, device) == 0.0  # the one gradient is .grad itself
+    assert gradient_accumulation_s(g, 1, device) == 0.0  # the one gradient is .grad itself
     # three adds into .grad (read both, write one) and one division (read, write)
-    assert _accumulate_s(g, 4, device) == autopar.planning.cost.compute_time_s(
+    assert gradient_accumulation_s(g, 4, device) == autopar.planning.cost.compute_time_s(
         0.0, (3 * 3 + 2) * g, device, "float32")
     import dataclasses
 

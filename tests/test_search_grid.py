@@ -21,11 +21,11 @@ import torch
 import torch.nn.functional as F
 
 import autopar
-from autopar import api
+from autopar import trace
 from autopar.models.gpt import GPT, GPTConfig
 from autopar.models.llama import Llama, LlamaConfig
-from autopar.planning import search
-from autopar.runtime.layer_runner import POLICIES
+from autopar.parallelism import POLICIES
+from autopar.planning import manual, search
 
 BATCH = 4
 SEQ = 64
@@ -78,10 +78,14 @@ def shared_work():
     the time (a solve is the slow part of planning, and hundreds of hand configurations reuse a
     few dozen)."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(api, "_trace", _memo(api._trace, lambda model, inputs, loss_fn: (
-            id(model), api._shapes(inputs), loss_fn)))
-        mp.setattr(search, "prepare", _memo(search.prepare, id))
-        mp.setattr(search, "solve_layers", _memo(search.solve_layers, _solve_key))
+        mp.setattr(trace, "trace_for_training", _memo(
+            trace.trace_for_training,
+            lambda model, inputs, loss_fn: (id(model), trace.inputs_key(inputs), loss_fn)))
+        prepare = _memo(search.prepare, id)
+        solve_layers = _memo(search.solve_layers, _solve_key)
+        for planning in (search, manual):  # the search's and manual_plan's
+            mp.setattr(planning, "prepare", prepare)
+            mp.setattr(planning, "solve_layers", solve_layers)
         yield
 
 

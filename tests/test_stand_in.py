@@ -12,16 +12,12 @@ import autopar
 from autopar.layers import decision_nodes
 from autopar.models.gpt import GPT, GPTConfig
 from autopar.models.llama import Llama, LlamaConfig
+from autopar.planning.assemble import candidate_plan
+from autopar.planning.candidate import Candidate, evaluate, even_stages
+from autopar.planning.layer_costs import layer_costs, solve_layers
 from autopar.planning.profile import TrainingPrecision, profile_graph
-from autopar.planning.search import (
-    Candidate,
-    candidate_plan,
-    evaluate,
-    even_stages,
-    layer_costs,
-    solve_layers,
-)
 from autopar.planning.stand_in import stand_in, whole
+from autopar.trace import trace_for_training
 
 MESH = {"dp": 2, "tp": 2}
 CLUSTER = autopar.Cluster.preset("h100-80g", devices_per_node=8)  # pp2 x dp2 x tp2
@@ -34,7 +30,7 @@ def lm_loss(out, target):
 
 def traced_model(model, batch=4, seq=16, vocab=128):
     x = torch.randint(0, vocab, (batch, seq))
-    return autopar.api._trace(model, (x, x.clone()), lm_loss)
+    return trace_for_training(model, (x, x.clone()), lm_loss)
 
 
 MODELS = {
@@ -80,7 +76,7 @@ def test_stand_in_costs_equal_the_full_graph(name):
     # the plan names every op of the full graph, with the full solve's shardings
     plans = []
     for costs in (got, want):
-        c = Candidate(pp=2, dp=2, tp=2, microbatch_size=4, num_microbatches=2,
+        c = Candidate(mesh={"pp": 2, "dp": 2, "tp": 2}, microbatch_size=4, num_microbatches=2,
                       schedule="1F1B", v=1, flavour="zero3",
                       stages=even_stages([x.name for x in costs.layers], 2),
                       options={x.name: "none" for x in costs.layers}, costs=costs)

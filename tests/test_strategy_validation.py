@@ -1,7 +1,7 @@
 """Every strategy the planner can emit for the ops of our covered models, against unsharded
 execution: outputs, the output placements promised, and the gradients of every float input.
 
-Each op runs as `compile.ParallelModel._call` runs it, on inputs laid out as the strategy says
+Each op runs as the runtime's `OpRunner.call` runs it, on inputs laid out as the strategy says
 (Partial inputs split unevenly over the ranks), every rank simulated in one process by
 LocalTensorMode (see tests/helpers/simulate.py). A failure names the node, the op, the strategy
 and what differed.

@@ -8,10 +8,11 @@ import json
 import pytest
 import torch
 
-from autopar.planning.intra_op import make_plan
-from autopar.runtime.parallel_model import ParallelModel, make_mesh
+from autopar.runtime.mesh import make_mesh
+from autopar.runtime.parallel_model import ParallelModel
 from autopar.trace import trace
 from tests.helpers.distributed import run_on_ranks
+from tests.helpers.intra_op_plans import make_plan
 from tests.test_end_to_end import (
     MODELS,
     batches,

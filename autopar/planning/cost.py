@@ -1,8 +1,12 @@
-"""Seconds: compute on one device (roofline), collectives on one mesh axis (alpha-beta, ring),
-and resharding a tensor between two shardings (a sequence of collectives, one per mesh axis).
+"""Seconds: compute on one device (roofline), the host's time to issue ops, collectives on one
+mesh axis (alpha-beta, ring), resharding a tensor between two shardings (a sequence of
+collectives, one per mesh axis), and the once-a-step work of training: data-parallel
+collectives by flavour, the optimizer step, gradient accumulation.
 
 Every function takes plain numbers plus `DeviceSpec`/`Link` from `autopar.cluster` and returns
-seconds. No calibration yet: figures are the cluster's peaks; calibration files will scale them.
+seconds. A device with a `calibration` (measured by benchmarks/calibrate_device.py, kept in
+autopar/data/devices/) reaches the measured fractions of its peaks and issues ops at the
+measured host rate; an uncalibrated one runs at its datasheet peaks with a free host.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import torch
 from torch.distributed.tensor import Partial, Placement, Replicate, Shard
 
 from autopar.cluster import DeviceSpec, Link
+from autopar.parallelism import ALL_DP, BUCKET_BYTES, REPLICAS, SHARD_GROUP, DataParallelFlavour
+from autopar.planning.profile import TrainingPrecision
 
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")
 
@@ -50,6 +56,13 @@ def host_time_s(ops: float, device: DeviceSpec, runtime: str = "replay") -> floa
     device (`Calibration.host_s_per_op`); 0 for an uncalibrated device."""
     cal = device.calibration
     return ops * cal.host_s_per_op.get(runtime, 0.0) if cal else 0.0
+
+
+def host_split_s(ops: int, device: DeviceSpec, runtime: str) -> tuple[float, float]:
+    """(forward, backward) host time to issue a layer's `ops` in `runtime`: a third forward,
+    two thirds backward (backward issues about twice the kernels)."""
+    total = host_time_s(ops, device, runtime)
+    return total / 3, 2 * total / 3
 
 
 def collective_time_s(kind: str, bytes_: float, group_size: int, link: Link, *,
@@ -153,3 +166,56 @@ def _transition(before: Placement, after: Placement, n: int) -> tuple[str | None
     if isinstance(before, Replicate):
         return None, 0.0
     raise ValueError(f"unknown placement {before!r}; expected Shard, Replicate or Partial")
+
+
+# -- once a step ----------------------------------------------------------------------------------
+
+
+def data_parallel_traffic_s(flavour: DataParallelFlavour, local_numel: float,
+                            precision: TrainingPrecision, dp: int, shard: int,
+                            links: tuple[Link, Link]) -> tuple[float, float, float]:
+    """(per step, per microbatch in forward, per microbatch in backward) data-parallel
+    collectives of one parameter of `local_numel` elements: the flavour's `collectives`, as the
+    runtime issues them (in the runtime's buckets, so each pays a share of a bucket's latency).
+    `shard`: the ranks the parameter is sharded over; `links`: (the link across replicas, the
+    link within a shard group)."""
+    across, within = links
+    nbytes = {"gradients": local_numel * precision.grad_bytes,
+              "weights": local_numel * precision.compute_bytes,
+              "gradient_shard": local_numel * precision.grad_bytes / shard}
+    groups = {ALL_DP: (dp, within), SHARD_GROUP: (shard, within), REPLICAS: (dp // shard, across)}
+    times: dict[str, list[float]] = {"step": [], "forward": [], "backward": []}
+    for c in flavour.collectives:
+        size, link = groups[c.over]
+        times[c.when].append(collective_time_s(c.kind, nbytes[c.of], size, link,
+                                               bucket_bytes=BUCKET_BYTES))
+    # summed last to first, as this model always has: a sum's last bit depends on its order,
+    # and plans are compared byte for byte (tests/test_golden_plans.py)
+    step, forward, backward = (sum(reversed(times[w]), 0.0) for w in ("step", "forward", "backward"))
+    return step, forward, backward
+
+
+def optimizer_step_s(state: dict[str, float], device: DeviceSpec,
+                     precision: TrainingPrecision) -> float:
+    """The optimizer step of a layer's local state: read parameters, gradients and optimizer
+    state, write parameters and optimizer state back (a memory-bound pass). Parameters held
+    below fp32 are stepped on fp32 masters (`TrainingPrecision.mixed_bf16`), and torch's
+    AdamW steps an fp32 master on an fp32 gradient: the gradient is cast (written) and read
+    again in fp32 first. One H200, GPT 1.3B: 18.3 ms of optimizer kernels measured, 13.2 ms
+    charged without the cast, 16.7 with it (docs/benchmarks/2026-12-04-single-h200-breakdown/)."""
+    moved = 2 * (state["parameters"] + state["optimizer"]) + state["gradients"]
+    if precision.param_bytes < 4 and precision.grad_bytes:
+        moved += 2 * state["gradients"] * 4 / precision.grad_bytes
+    return compute_time_s(0.0, moved, device, "float32")
+
+
+def gradient_accumulation_s(gradients_bytes: float, microbatches: int,
+                            device: DeviceSpec) -> float:
+    """Gradient accumulation over `microbatches` (> 1) of a layer's local gradients: autograd
+    adds each later microbatch's gradient into .grad (read both, write one), and the runtime
+    divides the sum once by the count (read, write). One H200, GPT 6.7B in 4 microbatches:
+    28.7 ms of adds and 6.8 ms of divisions a step, which the step's prediction lacked."""
+    if microbatches <= 1 or not gradients_bytes:
+        return 0.0
+    moved = (3 * (microbatches - 1) + 2) * gradients_bytes
+    return compute_time_s(0.0, moved, device, "float32")

@@ -3,8 +3,9 @@
     build_problem   per decision node: strategies, seconds and bytes per strategy; per edge a
                     resharding-seconds matrix; memory points from forward liveness; ties between
                     repeated layers
-    solve           solvers.solve_intra_op (HiGHS, or CBC)
-    to_plan         choices -> placements keyed by parameter FQNs and node names
+    to_plan         a solution's choices -> placements keyed by parameter FQNs and node names
+
+(`solvers.solve_intra_op` solves the problem; `layer_costs.solve_layers` calls it.)
 
 A *decision node* is a placeholder (parameter, buffer, input) or an op; `getitem` nodes only pick
 one output of a multi-output op and take no decision of their own.
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import math
 import re
-import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -25,17 +25,17 @@ from torch import fx
 from torch.distributed.tensor import Partial, Replicate, Shard
 
 import solvers
-from autopar import dtensor
+from autopar import dtensor, parallelism
 from autopar.cluster import Cluster
-from autopar.errors import InfeasibleError, MeshError
+from autopar.errors import MeshError
 from autopar.layers import block_of, decision_nodes
+from autopar.parallelism import BATCH
 from autopar.plan import SCHEMA_VERSION, OpSharding, Plan, placement_to_str
 from autopar.planning import cost
 from autopar.planning.profile import (
     OpProfile,
     TrainingPrecision,
     parameter_state_bytes,
-    profile_graph,
 )
 from autopar.planning.strategies import (
     Placements,
@@ -96,7 +96,7 @@ def build_problem(
         if n.op == "placeholder":
             sts = [Strategy((), (pl,), "input") for pl in _placeholder_options(n, traced, mesh)]
         else:
-            options = [_output_options(a, strategies) for a in tensor_inputs(n)]
+            options = [output_options(a, strategies) for a in tensor_inputs(n)]
             sts = node_strategies(n, pmesh, options)
             if sts[0].rule == "replicate":
                 unsupported.append(str(n.target))
@@ -117,12 +117,6 @@ def build_problem(
     return Decisions(mesh, strategies, problem, compute, sorted(set(unsupported)))
 
 
-# What each named mesh axis means. "dp": the batch is split (inputs Shard(0)) and parameters are
-# replicated, their gradients all-reduced. "tp" and any other name: the solver decides freely,
-# except that inputs arrive replicated (splitting the batch is dp's job).
-DATA_PARALLEL_AXES = frozenset({"dp"})
-
-
 def _placeholder_options(n: fx.Node, traced: TracedModel, mesh: dict[str, int]) -> list[Placements]:
     shape = tuple(mesh.values())
     if not n.users:  # e.g. the second name of a tied weight: export reads it through the first
@@ -130,7 +124,10 @@ def _placeholder_options(n: fx.Node, traced: TracedModel, mesh: dict[str, int]) 
     options = placement_options(_val(n).shape, shape)
     is_param = n.name in traced.parameters or n.name in traced.buffers
     for a, axis in enumerate(mesh):
-        if axis in DATA_PARALLEL_AXES:
+        # an axis that splits the batch takes inputs split on dim 0 and parameters whole (the
+        # data-parallel flavour shards them afterwards); on one that splits ops, the solver
+        # decides freely for parameters, and inputs arrive whole (splitting the batch is dp's)
+        if parallelism.splits(axis, BATCH):
             wanted = Replicate() if is_param else Shard(0)
         elif not is_param:
             wanted = Replicate()
@@ -151,13 +148,13 @@ def _val(n: fx.Node):
     return output_vals(n)[0]
 
 
-def _output_options(arg: fx.Node, strategies) -> list[Placements]:
+def output_options(arg: fx.Node, strategies) -> list[Placements]:
     src, k = source_of(arg)
     return list(dict.fromkeys(s.outputs[k] for s in strategies[src.name] if s.outputs[k]))
 
 
 def _dp_axes(mesh: dict[str, int]) -> tuple[int, ...]:
-    return tuple(a for a, axis in enumerate(mesh) if axis in DATA_PARALLEL_AXES)
+    return tuple(a for a, axis in enumerate(mesh) if parallelism.splits(axis, BATCH))
 
 
 def _is_parameter_value(n: fx.Node, traced: TracedModel) -> bool:
@@ -326,92 +323,6 @@ def _node_signature(n: fx.Node) -> tuple:
     v = _val(n)
     shape = tuple(v.shape) if isinstance(v, torch.Tensor) else None
     return (n.op, str(n.target) if n.op != "placeholder" else "", shape)
-
-
-def candidate_meshes(world_size: int) -> list[dict[str, int]]:
-    """Every dp x tp factorisation of the world size (tp innermost, so it lands inside a node)."""
-    meshes = []
-    for tp in range(1, world_size + 1):
-        if world_size % tp == 0:
-            dp = world_size // tp
-            if tp == 1:
-                meshes.append({"dp": dp})
-            elif dp == 1:
-                meshes.append({"tp": tp})
-            else:
-                meshes.append({"dp": dp, "tp": tp})
-    return meshes
-
-
-def make_plan(
-    traced: TracedModel,
-    cluster: Cluster,
-    *,
-    mesh: dict[str, int] | None = None,
-    memory_limit_bytes: float | None = None,
-    precision: TrainingPrecision | None = None,
-    solver: str = "highs",
-    time_limit_s: float | None = None,
-    share_layers: bool = True,
-) -> Plan:
-    """Solve every candidate mesh (or the one given) and keep the fastest plan that fits."""
-    precision = precision or TrainingPrecision()
-    budget = memory_limit_bytes if memory_limit_bytes is not None else cluster.device.memory_bytes
-    meshes = [mesh] if mesh else candidate_meshes(cluster.world_size)
-    for m in meshes:
-        _check_mesh(m, cluster)
-    profiles = profile_graph(traced.graph_module)
-    best, min_peaks = None, []
-    for m in meshes:
-        decisions = build_problem(
-            traced, profiles, cluster, m, precision=precision, memory_budget_bytes=budget,
-            share_layers=share_layers,
-        )
-        try:
-            solution = solvers.solve_intra_op(
-                decisions.problem, solver=solver, time_limit_s=time_limit_s
-            )
-        except solvers.InfeasibleProblem as e:
-            min_peaks.append((e.min_peak_bytes, m))
-            continue
-        if best is None or solution.objective_s < best[1].objective_s:
-            best = (decisions, solution)
-    if best is None:
-        peak, m = min(min_peaks, key=lambda x: x[0])
-        raise InfeasibleError(
-            f"no plan fits the memory limit of {format_bytes(budget)} per device: the smallest "
-            f"peak found is {format_bytes(peak)} (mesh {m}). Raise memory_limit, use more "
-            f"devices, or shrink the batch.",
-            min_peak_bytes=peak,
-            budget_bytes=budget,
-        )
-    decisions, solution = best
-    if decisions.unsupported_ops:
-        warnings.warn(
-            "autopar has no sharding rule for these ops; they run replicated: "
-            + ", ".join(decisions.unsupported_ops),
-            stacklevel=2,
-        )
-    return to_plan(traced, cluster, decisions, solution)
-
-
-def format_bytes(n: float) -> str:
-    """1536 -> '1.5 KiB': binary units, three significant digits."""
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= size:
-            return f"{n / size:.3g} {unit}"
-    return f"{n:.0f} B"
-
-
-def _check_mesh(mesh: dict[str, int], cluster: Cluster) -> None:
-    if not mesh or not all(isinstance(v, int) and v >= 1 for v in mesh.values()):
-        raise MeshError(f"mesh must map axis names to positive sizes, got {mesh!r}")
-    size = math.prod(mesh.values())
-    if size != cluster.world_size:
-        raise MeshError(
-            f"mesh {mesh} has {size} devices but the cluster has {cluster.world_size}: "
-            f"the axis sizes must multiply to the world size."
-        )
 
 
 def to_plan(traced: TracedModel, cluster: Cluster, decisions: Decisions, solution,

@@ -6,7 +6,8 @@ local shards (like `torch.distributed.tensor.experimental.local_map`): each rank
 its local tensors and the result is rewrapped with the rule's output placements. So a rule must
 only list placements under which the op on local shards computes the right local result.
 
-Adding an op: write `def _rule_<op>(node) -> list[AxisStrategy]` and add it to RULES.
+Adding an op: write a function `node -> list[AxisStrategy]` named after the op (as `_sdpa` is
+for scaled_dot_product_attention) and add it to `RULES` under its ATen overload.
 """
 
 from __future__ import annotations

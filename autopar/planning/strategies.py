@@ -25,6 +25,7 @@ from torch.utils._pytree import tree_map
 
 from autopar import dtensor
 from autopar.planning import op_rules
+from autopar.trace import tensor_inputs
 
 Placements = tuple[Placement, ...]
 
@@ -36,27 +37,6 @@ class Strategy:
     inputs: tuple[Placements, ...]
     outputs: tuple[Placements | None, ...]
     rule: str  # "dtensor", "local" (op_rules, runs on local shards), "replicate", "factory", "input"
-
-
-def tensor_inputs(node: fx.Node) -> list[fx.Node]:
-    """The nodes feeding `node`'s tensor arguments, in pytree order of (args, kwargs)."""
-    found: list[fx.Node] = []
-    _collect_nodes((node.args, node.kwargs), found)
-    return found
-
-
-def _collect_nodes(arg, found: list[fx.Node]) -> None:
-    # tree_flatten's order over the containers fx puts in args (lists, tuples, dicts by
-    # insertion), by hand: the planner asks this of every node many times, and tree_flatten
-    # took a tenth of a solve
-    if isinstance(arg, fx.Node):
-        found.append(arg)
-    elif isinstance(arg, (tuple, list)):
-        for a in arg:
-            _collect_nodes(a, found)
-    elif isinstance(arg, dict):
-        for a in arg.values():
-            _collect_nodes(a, found)
 
 
 def output_vals(node: fx.Node) -> tuple:
@@ -173,7 +153,7 @@ def _probe(node: fx.Node, mesh, options: list[list[Placements]]):
             probes.add(tuple(o if j == i else rep for j in range(len(ins))))
     for o in options[0] if options else ():
         probes.add(tuple(o if o in options[j] else rep for j in range(len(ins))))
-    args, kwargs = _with_refs(node)
+    args, kwargs = dtensor.node_args(node)
     asked = (_signature(node), tuple(mesh.shape), mesh.device_type)
 
     def ask(placements):
@@ -182,7 +162,7 @@ def _probe(node: fx.Node, mesh, options: list[list[Placements]]):
         # this shape, microbatches of this size and nodes with this signature ask it again)
         key = (asked, placements)
         if key not in _ASKED:
-            _ASKED[key] = _ask(node.target, args, kwargs, vals, placements, mesh)
+            _ASKED[key] = dtensor.ask(node.target, args, kwargs, vals, placements, mesh)
         return _ASKED[key]
 
     results = {}
@@ -220,33 +200,6 @@ def _axis_combinations(found: list[tuple[Placements, ...]], ndim: int):
         n_in = len(per_axis[0])
         combos.append(tuple(tuple(per_axis[a][i] for a in range(ndim)) for i in range(n_in)))
     return combos
-
-
-def _with_refs(node: fx.Node):
-    counter = itertools.count()
-    return tree_map(
-        lambda a: dtensor.InputRef(next(counter)) if isinstance(a, fx.Node) else a,
-        (node.args, node.kwargs),
-    )
-
-
-def dtensor_runs(node: fx.Node, placements: list[Placements], mesh) -> bool:
-    """Whether this torch's DTensor can run `node` on inputs with `placements` (perhaps after
-    redistributing them): a plan made with another torch release may assume a rule this one
-    lacks, or one that rejects these placements."""
-    args, kwargs = _with_refs(node)
-    vals = [a.meta["val"] for a in tensor_inputs(node)]
-    return _ask(node.target, args, kwargs, vals, placements, mesh) is not None
-
-
-def _ask(op, args, kwargs, vals, placements, mesh):
-    try:
-        ins, outs = dtensor.propagate(op, args, kwargs, list(zip(vals, placements)), mesh)
-    except Exception:  # DTensor rejects this combination outright
-        return None
-    if len(ins) != len(vals):
-        return None
-    return tuple(tuple(p) for p in ins), tuple(tuple(o) if o is not None else None for o in outs)
 
 
 def shard_factor(placements: Placements | None, mesh_shape) -> int:

@@ -30,6 +30,8 @@ from __future__ import annotations
 import torch
 from torch import fx
 
+from autopar.parallelism import BUCKET_BYTES
+
 aten = torch.ops.aten
 _c10d = torch.ops._c10d_functional
 _GATHER = _c10d.all_gather_into_tensor.default
@@ -42,7 +44,6 @@ _COLLECTIVES = frozenset(
     if hasattr(_c10d, name)
 )
 
-BUCKET_BYTES = 64 * 2**20
 
 
 def overlap_collectives(gm: fx.GraphModule, *, overlap: bool | None = None) -> None:

@@ -16,7 +16,7 @@ Gradients in any other state (Partial over two axes, a Shard the bucket cannot c
 are redistributed by DTensor, one by one, as before.
 
 On CPU (gloo) each bucket is waited for as it is issued: one collective in flight at a time
-(see `_overlap` for why).
+(see `collective_overlap` for why).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
-from autopar.runtime.collective_overlap import BUCKET_BYTES
+from autopar.parallelism import BUCKET_BYTES
 
 _c10d = torch.ops._c10d_functional
 

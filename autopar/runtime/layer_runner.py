@@ -1,23 +1,23 @@
 """Running a list of graph ops layer by layer, with activation checkpointing where planned.
 
-Both runtimes (`compile.ParallelModel`, `pipeline_runtime.StageModule`) run ops through
-`run_layers`: consecutive ops of one layer form a group; a group whose layer the plan
+Both runtimes (`parallel_model.ParallelModel`, `pipeline.StageModule`) run ops through a
+`LayerRunner`: consecutive ops of one layer form a group; a group whose layer the plan
 checkpoints runs under `torch.utils.checkpoint` (non-reentrant):
 
     "full"       keep only the layer's inputs, recompute everything in backward
-    "selective"  also keep the outputs of the expensive ops (matmuls, attention: `KEEP`),
+    "selective"  also keep the outputs of the expensive ops (matmuls, attention:
+                 `parallelism.KEEP`),
                  recompute the cheap ones (elementwise, norms, views, resharding) -- Korthikanti
                  et al. 2022, section 5 -- with torch's selective checkpointing
                  (`create_selective_checkpoint_contexts`).
 
-The planner charges the same: `search.layer_costs` keeps the outputs of the graph ops in
-`KEEP_IN_GRAPH` for "selective" and recomputes the rest of the layer's forward.
+The planner charges the same: `layer_costs.layer_costs` keeps the outputs of the graph ops in
+`parallelism.KEEP_IN_GRAPH` for "selective" and recomputes the rest of the layer's forward.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 
 import torch
 from torch import fx
@@ -28,60 +28,8 @@ from torch.utils.checkpoint import (
     create_selective_checkpoint_contexts,
 )
 
-from autopar.errors import AutoparError
+from autopar.parallelism import KEEP
 from autopar.runtime import replay
-
-aten = torch.ops.aten
-
-# Ops whose outputs "selective" keeps, as the checkpoint sees them at run time: below autograd,
-# where linear is already addmm/mm and scaled_dot_product_attention the fused kernel it picked.
-KEEP = frozenset(
-    getattr(aten, name).default
-    for name in (
-        "mm", "addmm", "bmm", "baddbmm", "convolution",
-        "_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_for_cpu",
-        "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
-        "_flash_attention_forward", "_efficient_attention_forward",
-    )
-    if hasattr(aten, name)
-)
-
-# The same ops as they appear in the traced graph (what the planner counts).
-KEEP_IN_GRAPH = frozenset(
-    KEEP | {aten.scaled_dot_product_attention.default, aten.linear.default}
-)
-
-POLICIES = ("none", "full", "selective")
-
-# How a model's ops run: "replay" traces each layer once and replays it (LayerRunner);
-# "eager" runs every op through DTensor every step (slower on the host; for debugging).
-RUNTIMES = ("replay", "eager")
-
-
-def check_runtime(runtime: str) -> str:
-    if runtime not in RUNTIMES:
-        raise AutoparError(f"unknown runtime {runtime!r}; use one of {RUNTIMES}")
-    return runtime
-
-
-def check_policies(checkpointing: dict[str, str]) -> None:
-    """Reject what the runtime cannot run, before any process starts training."""
-    for layer, how in checkpointing.items():
-        if how not in POLICIES:
-            raise AutoparError(
-                f"layer {layer!r}: unknown checkpoint policy {how!r}; use one of {POLICIES}"
-            )
-
-
-def run_layers(
-    nodes: list[fx.Node],
-    env: dict[fx.Node, object],
-    run_node: Callable[[fx.Node, dict], None],
-    layer_of: dict[str, str],
-    checkpointing: dict[str, str],
-) -> None:
-    """Run `nodes` in order into `env` (node -> value); `run_node(n, env)` runs one op."""
-    LayerRunner(nodes, run_node, layer_of, checkpointing).run(env)
 
 
 class LayerRunner:

@@ -1,8 +1,8 @@
 """Run a plan with pipeline stages on torch.distributed.pipelining.
 
 The traced graph (of ONE microbatch) is cut where the plan's stages are cut: every stage becomes
-a `StageModule` that runs its ops exactly as `compile.ParallelModel` does, on the dp x tp
-submesh, and exchanges plain local tensors with its neighbours through `PipelineStage`. The loss
+a `StageModule` that runs its ops exactly as `ParallelModel` does (the same `OpRunner`), on the
+stage mesh (the plan's mesh without pp), and exchanges plain local tensors with its neighbours through `PipelineStage`. The loss
 (the ops that read the target) runs as the schedule's `loss_fn` on the last stage.
 
     split_stages      node -> stage; each stage's boundary values in and out
@@ -23,7 +23,7 @@ saving the gradient where a weight's path meets the inputs' path) and weight-gra
       parameters its loss ops read;
     * reach each weight only through values that also depend on a stage input: a stage output
       that depends on weights alone never passes such a meeting point, and its gradient would be
-      lost. Such a stage (`_weight_only_outputs`) runs its whole backward at I and a no-op W.
+      lost. Such a stage (`weight_only_outputs`) runs its whole backward at I and a no-op W.
 Full checkpointing runs unchanged: non-reentrant checkpointing recomputes per backward call, so a
 checkpointed layer is recomputed at I and again at W (the search charges that second forward).
 Selective checkpointing cannot: torch's cache of the outputs it keeps serves one backward, and
@@ -44,22 +44,15 @@ from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 
 from autopar.errors import AutoparError, MeshError
 from autopar.layers import assign_layers
+from autopar.parallelism import PIPELINE, check_policies, check_runtime
 from autopar.plan import Plan
 from autopar.runtime.gradient_buckets import GradientBuckets
-from autopar.runtime.layer_runner import LayerRunner, check_policies, check_runtime
-from autopar.runtime.parallel_model import (
-    ParallelModel,
-    _local_shape,
-    _mesh_device,
-    _ops_without_a_rule_here,
-    _placements,
-    _reshards,
-    _shard_local,
-)
+from autopar.runtime.layer_runner import LayerRunner
+from autopar.runtime.mesh import local_shape, mesh_device, placements_of, shard_local
+from autopar.runtime.op_runner import OpRunner, regathers
 from autopar.schedules import Schedule, get_schedule
 from autopar.trace import TracedModel, is_getitem
 
-PP = "pp"
 _STEP_RETURNS_OUTPUTS = "return_outputs" in inspect.signature(PipelineScheduleMulti.step).parameters
 
 
@@ -128,16 +121,12 @@ def split_stages(traced: TracedModel, plan: Plan, *, has_target: bool):
 class StageModule(nn.Module):
     """One pipeline stage: its ops, run op by op like ParallelModel, on local tensors in and out."""
 
-    _call = ParallelModel._call  # the same op runner (reads self.plan, self.mesh, self._device)
-    _run_node = ParallelModel._run_node
-
     def __init__(self, *, nodes, inputs, outputs, plan, mesh, device, params, buffers, placements,
                  layer, first, split=False, loss_nodes=(), replay=False, loss=None):
         super().__init__()
         self.plan, self.mesh, self._device = plan, mesh, device
         self._nodes, self._in, self._out = nodes, inputs, outputs  # in/out: fx.Nodes
-        self._no_rule_here = _ops_without_a_rule_here(
-            plan, {n.name: n for n in [*nodes, *loss_nodes]})
+        self._ops = OpRunner(plan, mesh, device, {n.name: n for n in [*nodes, *loss_nodes]})
         self._params = params  # placeholder name -> nn.Parameter (shared between this rank's stages)
         self._split = split  # the schedule splits backward: outputs must not be views
         # the last stage holds the loss's parameters too: a split backward differentiates only
@@ -148,17 +137,17 @@ class StageModule(nn.Module):
         self._placements = placements  # value name -> placements it travels with
         self._layer, self._first = layer, first
         # a split backward (zero bubble) differentiates each op on its own: no traced layers
-        self._runner = LayerRunner(nodes, self._run_node, layer, plan.checkpoint or {},
+        self._runner = LayerRunner(nodes, self._ops.run_node, layer, plan.checkpoint or {},
                                    traced=replay and not split,
                                    wanted=[*outputs, *([loss] if loss is not None else [])],
-                                   regather=set(params) if _reshards(plan) else frozenset())
+                                   regather=set(params) if regathers(plan) else frozenset())
 
     def forward(self, *locals_in):
         env: dict[fx.Node, object] = {}
         for node, value in zip(self._in, locals_in):
             pl = self._placements[node.name]
             if self._first:
-                env[node] = _shard_local(value.to(self._device), self.mesh, pl)
+                env[node] = shard_local(value.to(self._device), self.mesh, pl)
             else:
                 env[node] = DTensor.from_local(value, self.mesh, pl, run_check=False)
         self.run(env)
@@ -182,19 +171,19 @@ class PipelinedModel(nn.Module):
                  runtime: str = "replay"):
         super().__init__()
         replay = check_runtime(runtime) == "replay"
-        if list(plan.mesh)[0] != PP:
+        if list(plan.mesh)[0] != PIPELINE:
             raise MeshError(f"a pipelined plan's mesh starts with 'pp', got {plan.mesh}")
         check_policies(plan.checkpoint or {})
         sched = _check_schedule(plan)
         self._split = split = sched.split_backward
         self.plan = plan
         self.mesh = mesh
-        names = [a for a in plan.mesh if a != PP]
+        names = [a for a in plan.mesh if a != PIPELINE]
         self.sub = mesh[tuple(names)] if len(names) > 1 else mesh[names[0]]
-        self.pp_group = mesh.get_group(PP)
-        self.pp_rank = mesh.get_local_rank(PP)
-        self.pp = plan.mesh[PP]
-        device = _mesh_device(mesh)
+        self.pp_group = mesh.get_group(PIPELINE)
+        self.pp_rank = mesh.get_local_rank(PIPELINE)
+        self.pp = plan.mesh[PIPELINE]
+        device = mesh_device(mesh)
         has_target = traced.loss_node != traced.output_node
         stage_of, boundary, loss = split_stages(traced, plan, has_target=has_target)
         self._traced, self._loss = traced, loss
@@ -228,7 +217,7 @@ class PipelinedModel(nn.Module):
             dw_builder = None
             if split and s > 0:
                 out = [traced.node(traced.loss_node)] if last and loss_nodes else module._out
-                if _weight_only_outputs([*nodes, *(loss_nodes if last else ())], module._in,
+                if weight_only_outputs([*nodes, *(loss_nodes if last else ())], module._in,
                                         out, set(traced.parameters)):
                     # torch's I would miss these weights' gradients: with a dw_builder, torch
                     # runs the whole backward at I and calls what the builder returns at W
@@ -259,14 +248,14 @@ class PipelinedModel(nn.Module):
         user inputs with the plan's input placements."""
         out = {}
         for name in traced.inputs:
-            out[name] = _placements(self.plan.inputs[name])
+            out[name] = placements_of(self.plan.inputs[name])
         for values in boundary:
             for v in values:
                 if v in out:
                     continue
                 node = traced.node(v)
                 src, k = (node.args[0], node.args[1]) if is_getitem(node) else (node, 0)
-                pl = _placements(self.plan.ops[src.name].outputs[k])
+                pl = placements_of(self.plan.ops[src.name].outputs[k])
                 out[v] = tuple(Replicate() if p.is_partial() else p for p in pl)
         return out
 
@@ -289,7 +278,7 @@ class PipelinedModel(nn.Module):
             if not used_by.get(name, set()) & set(mine):
                 continue
             p = model.get_parameter(fqn)
-            dt = distribute_tensor(p.detach().to(device), self.sub, _placements(self.plan.parameters[fqn]))
+            dt = distribute_tensor(p.detach().to(device), self.sub, placements_of(self.plan.parameters[fqn]))
             params[name] = nn.Parameter(dt, requires_grad=p.requires_grad)
         self._all_params = {name: fqn for name, fqn in traced.parameters.items()}
         return params
@@ -301,7 +290,7 @@ class PipelinedModel(nn.Module):
             pl = self._placements[node.name]
             env[node] = DTensor.from_local(value, self.sub, pl, run_check=False)
         target_node = self._traced.node(self._target_name)
-        env[target_node] = _shard_local(target.to(value.device), self.sub,
+        env[target_node] = shard_local(target.to(value.device), self.sub,
                                         self._placements[self._target_name])
         self._loss_module.run(env)
         loss = env[self._traced.node(self._traced.loss_node)]
@@ -321,7 +310,7 @@ class PipelinedModel(nn.Module):
         self._settle_gradients()
         # fp32 on every rank: the ranks without the loss cannot know its dtype (bf16 or not)
         mean = (torch.stack(losses).float().mean() if losses
-                else torch.zeros((), device=_mesh_device(self.mesh)))
+                else torch.zeros((), device=mesh_device(self.mesh)))
         total = mean.detach().clone()
         dist.all_reduce(total, group=self.pp_group)  # only the last stage's rank adds a loss
         return total
@@ -341,21 +330,21 @@ class PipelinedModel(nn.Module):
             elif p is not None:
                 local = torch.zeros_like(p.to_local())
             else:
-                local = torch.zeros(self._local_shape(name), device=_mesh_device(self.mesh),
+                local = torch.zeros(self._parameter_local_shape(name), device=mesh_device(self.mesh),
                                     dtype=self._traced.node(name).meta["val"].dtype)
             dist.all_reduce(local, group=self.pp_group)
             if p is not None:
                 p.grad = DTensor.from_local(local, self.sub, p.placements, run_check=False)
 
-    def _local_shape(self, name):
-        placements = _placements(self.plan.parameters[self._all_params[name]])
-        return _local_shape(self._traced.node(name).meta["val"].shape, placements, self.sub.shape)
+    def _parameter_local_shape(self, name):
+        placements = placements_of(self.plan.parameters[self._all_params[name]])
+        return local_shape(self._traced.node(name).meta["val"].shape, placements, self.sub.shape)
 
 
 def _check_schedule(plan: Plan) -> Schedule:
     """The plan's schedule, if torch can run it at the plan's shape, checkpointing and stage
     ranks; else an error naming what differs and how to fix it."""
-    p, pp = plan.pipeline, plan.mesh[PP]
+    p, pp = plan.pipeline, plan.mesh[PIPELINE]
     try:
         sched = get_schedule(p["schedule"])
         sched.check(pp, p["num_microbatches"], p["stages_per_rank"])
@@ -392,7 +381,7 @@ def _floating(n: fx.Node) -> bool:
     return any(isinstance(v, torch.Tensor) and v.is_floating_point() for v in vals)
 
 
-def _weight_only_outputs(nodes, inputs, outputs, params: set[str]) -> list[str]:
+def weight_only_outputs(nodes, inputs, outputs, params: set[str]) -> list[str]:
     """Outputs of a stage that carry gradient to parameters but depend on no floating stage
     input: torch's split backward finds weight gradients only where a weight's path meets an
     input's path, so theirs would be lost."""

@@ -29,8 +29,8 @@ def gpt_small_plan_json(path: Path) -> None:
 
 
 def demo_plan_json(path: Path) -> None:
-    """The plan `autopar demo` makes on rank 0 as it runs by default: 4 processes, mesh
-    dp=2 x tp=2 (`demo.run`'s default for 4), the rest searched."""
+    """The plan `autopar demo` makes on rank 0 as it runs by default: 4 processes, its default
+    mesh for 4 (dp=2 x tp=2), the rest searched."""
     import torch
 
     import autopar
@@ -41,7 +41,7 @@ def demo_plan_json(path: Path) -> None:
     torch.manual_seed(demo.SEED)
     model = demo.GPT(demo.CONFIG)
     plan = autopar.plan(model, demo.demo_cluster(world), data[0], loss_fn=demo.lm_loss,
-                        mesh={"dp": 2, "tp": 2})
+                        mesh=demo.default_mesh(world))
     plan.save(path)
 
 

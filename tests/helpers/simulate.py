@@ -6,7 +6,7 @@
                          `planner.build_problem` walks the graph
     simulated_mesh       a DeviceMesh over a fake process group, and a LocalTensorMode that runs
                          DTensor numerically at every rank of it
-    check_strategy       run one node under one strategy exactly as `compile.ParallelModel._call`
+    check_strategy       run one node under one strategy exactly as the runtime's `OpRunner.call`
                          does and compare outputs and input gradients with the unsharded op
 
 The simulation is `torch.distributed._local_tensor.LocalTensorMode` (private, torch >= 2.10): a
@@ -38,9 +38,9 @@ from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from autopar import dtensor
 from autopar.plan import OpSharding, placement_to_str
-from autopar.planning.intra_op import _output_options, decision_nodes
+from autopar.planning.intra_op import decision_nodes, output_options
 from autopar.planning.strategies import Strategy, node_strategies, placement_options, tensor_inputs
-from autopar.runtime.parallel_model import ParallelModel
+from autopar.runtime.op_runner import OpRunner
 from autopar.trace import TracedModel
 
 RTOL, ATOL = 1e-5, 1e-6
@@ -85,7 +85,7 @@ def enumerate_strategies(traced: TracedModel, mesh_shape: tuple[int, ...]) -> di
                 Strategy((), (pl,), "input") for pl in placement_options(shape, mesh_shape)
             ]
         else:
-            options = [_output_options(a, strategies) for a in tensor_inputs(n)]
+            options = [output_options(a, strategies) for a in tensor_inputs(n)]
             strategies[n.name] = node_strategies(n, pmesh, options)
     return strategies
 
@@ -172,17 +172,15 @@ def _strs(pl):
 
 
 def _run_as_compile(node: fx.Node, strategy: Strategy, env: dict, mesh):
-    """`ParallelModel._call` on a stand-in model that holds just this node's strategy."""
+    """The runtime's `OpRunner.call` on a plan that holds just this node's strategy."""
     op = OpSharding(
         inputs=[_strs(pl) for pl in strategy.inputs],
         outputs=[_strs(pl) if pl is not None else [] for pl in strategy.outputs],
         rule=strategy.rule,
     )
-    stand_in = SimpleNamespace(
-        plan=SimpleNamespace(ops={node.name: op}), mesh=mesh, _device=torch.device("cpu"),
-        _no_rule_here=frozenset(),  # the strategy came from this torch's DTensor
-    )
-    return ParallelModel._call(stand_in, node, env)
+    plan = SimpleNamespace(  # made with this torch: the strategy came from its DTensor
+        ops={node.name: op}, made_with={"torch": torch.__version__}, data_parallel="replicate")
+    return OpRunner(plan, mesh, torch.device("cpu"), {node.name: node}).call(node, env)
 
 
 def _as_list(x) -> list:

@@ -1,0 +1,294 @@
+"""Per-layer costs of one candidate sharding: ONE intra-op solve on a pipeline stage's mesh for
+one microbatch, split by layer into `solvers.Layer`s, each with its checkpoint options.
+
+    prepare        a traced microbatch -> its stand-in (`stand_in`) and op profiles
+    solve_layers   the intra-op ILP on the stage mesh (the fastest sharding, or the fastest of
+                   least memory)
+    layer_costs    the solution split by layer: times, activation and state bytes, options
+
+Layer times: per microbatch, the slower of the device's time (roofline per op, scaled by the
+device's calibration if it has one) and the host's time to issue the layer's ops
+(`cost.host_time_s`: the replay runtime's per-op time; the eager runtime's for split
+backwards, which run op by op). The host works ahead of the device, so a layer costs whichever
+of the two is longer. The data-parallel flavour's collectives of each microbatch are part of
+its layers' times (`cost.data_parallel_traffic_s`); its once-a-step ones are `sync_s`.
+
+Memory per device: per layer, state bytes (parameters + gradients + optimizer state, divided
+over the ranks that shard them when the flavour `shards_state`) and activation bytes per
+in-flight microbatch (checkpoint "none": what the layer saves for backward, and the weights its
+forward gathered when the flavour shards state without `regathers`, as FSDP keeps them without
+reshard-after-forward; "full": only the layer's input; "selective": the input and the outputs of
+the matmuls and attention, `parallelism.KEEP_IN_GRAPH`; a checkpointed layer gathers its weights
+again when it recomputes) + temporaries (a flavour that `regathers`: the gathered parameters of
+the largest layer, twice for prefetch).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+
+import solvers
+from autopar import parallelism
+from autopar.cluster import Cluster
+from autopar.errors import MeshError
+from autopar.layers import POST, PRE, assign_layers, decision_users, layer_order
+from autopar.parallelism import DATA, KEEP_IN_GRAPH, OPS
+from autopar.planning import cost
+from autopar.planning.intra_op import build_problem
+from autopar.planning.profile import parameter_state_bytes, profile_graph
+from autopar.planning.stand_in import StandIn, stand_in
+from autopar.planning.strategies import shard_factor, work_factor
+from autopar.trace import TracedModel
+
+
+@dataclass
+class LayerCosts:
+    """One (stage mesh, microbatch) intra-op solution, split by layer. Per device, per
+    microbatch."""
+
+    traced: TracedModel  # the full graph (layer names, the plan); solved on stand.traced
+    stand: StandIn
+    sub_mesh: dict[str, int]
+    decisions: object
+    solution: object
+    layers: tuple[solvers.Layer, ...]  # options "none" (and "full", "selective" for blocks)
+    sync_s: dict[str, float]  # layer -> the flavour's data-parallel collectives per step
+    dp_microbatch_s: float  # ... and per microbatch, all layers (in the layer times)
+    update_s: dict[str, float]  # layer -> optimizer step of its local state, per step
+    issued: dict[str, int]  # layer -> graph ops the host issues per microbatch
+    param_numel: dict[str, float]  # layer -> parameter elements per device (sharded over ops)
+    state: dict[str, dict[str, float]]  # layer -> parameters/gradients/optimizer bytes
+    temporaries_bytes: float
+    flavour: str  # a name in parallelism.FLAVOURS
+    comm_s: dict[str, float]  # intra-op resharding per microbatch, attributed to axes
+    model_flops: float  # forward + backward FLOPs of one microbatch, whole model
+    dp_shard: int = 1  # ranks one parameter is sharded over (dp, or hsdp's group in a node)
+
+
+def sub_cluster(cluster: Cluster, sub_size: int) -> Cluster:
+    """The cluster a pipeline stage's mesh sees: its axes keep their link (intra-node iff they
+    fit in a node), as in the full mesh, where pp is outermost."""
+    per_node = min(cluster.devices_per_node, sub_size)
+    return Cluster(
+        name=cluster.name, device=cluster.device, devices_per_node=per_node,
+        nodes=sub_size // per_node, intra_node=cluster.intra_node,
+        inter_node=cluster.inter_node, device_type=cluster.device_type,
+    )
+
+
+def prepare(traced: TracedModel) -> tuple[StandIn, dict]:
+    """What the search solves for one traced microbatch: its stand-in (see `autopar.planning.stand_in`)
+    and the stand-in's op profiles."""
+    stand = stand_in(traced)
+    return stand, profile_graph(stand.traced.graph_module)
+
+
+def solve_layers(stand: StandIn, profiles, cluster, sub_mesh, *, precision, solver="highs",
+                 time_limit_s=None, least_memory=False):
+    """The intra-op ILP on the stage mesh `sub_mesh`, memory left to the stage cut (budget inf); with
+    `least_memory`, the fastest of the plans with the smallest intra-op peak (used when the
+    fastest sharding fits nowhere). Solved on the stand-in, each node weighted by how many
+    nodes of the full graph it stands for."""
+    sub = sub_cluster(cluster, math.prod(sub_mesh.values()))
+    decisions = build_problem(
+        stand.traced, profiles, sub, sub_mesh, precision=precision,
+        memory_budget_bytes=math.inf, param_grad_sync=False,
+    )
+    decisions.problem = problem = _weighted(decisions.problem, stand)
+    if least_memory:
+        try:
+            solvers.solve_intra_op(dataclasses.replace(problem, memory_budget_bytes=1.0),
+                                   solver=solver, time_limit_s=time_limit_s)
+        except solvers.InfeasibleProblem as e:
+            problem = dataclasses.replace(problem, memory_budget_bytes=e.min_peak_bytes * 1.000001)
+            decisions.problem = problem
+    solution = solvers.solve_intra_op(problem, solver=solver, time_limit_s=time_limit_s)
+    return sub, decisions, solution
+
+
+def _weighted(problem: solvers.ShardingProblem, stand: StandIn) -> solvers.ShardingProblem:
+    """Node costs, and the costs of edges into a node, times the node's weight: the objective
+    of the full graph under the ties between blocks."""
+    if not stand.is_shallow:
+        return problem
+    w = stand.weight_of
+    nodes = tuple(dataclasses.replace(n, costs_s=tuple(c * w(n.name) for c in n.costs_s))
+                  for n in problem.nodes)
+    edges = tuple(dataclasses.replace(e, costs_s=tuple(tuple(c * w(e.dst) for c in row)
+                                                       for row in e.costs_s))
+                  for e in problem.edges)
+    return dataclasses.replace(problem, nodes=nodes, edges=edges)
+
+
+def layer_costs(stand: StandIn, profiles, cluster, sub_mesh, flavour, *, precision,
+                solved, dp_shard: int | None = None) -> LayerCosts:
+    """Split a solved intra-op plan into per-layer times and bytes (see module docstring), per
+    layer of the full graph. `flavour`: a name in `parallelism.FLAVOURS`; `dp_shard`: a hybrid
+    flavour's shard group size (default `hybrid_shard`)."""
+    sub, decisions, solution = solved
+    kind = parallelism.get_flavour(flavour)
+    traced = stand.traced
+    weight = stand.weight_of
+    gm = traced.graph_module
+    shape = tuple(sub_mesh.values())
+    links = sub.axis_links(shape)
+    dp = sub_mesh.get(DATA, 1)
+    dp_axis = list(sub_mesh).index(DATA) if DATA in sub_mesh else None
+    shard = dp  # the ranks that share one copy of the parameters and their state
+    if kind.hybrid:
+        inner = parallelism.inner_size(sub_mesh, DATA)
+        shard = dp_shard or hybrid_shard(sub, dp, inner)
+        if shard is None or not 1 < shard < dp or dp % shard:
+            raise MeshError(f"hybrid sharding needs dp ({dp}) to span nodes in groups that fit in "
+                            f"one node; dp x the axes inside it = {dp} x {inner} does not")
+    dp_links = None  # (link across replicas, link within a shard group)
+    if kind.hybrid:
+        dp_links = sub.axis_links((dp // shard, shard, sub.world_size // dp))[:2]
+    elif dp_axis is not None:
+        dp_links = (links[dp_axis],) * 2
+    layer_of = assign_layers(traced)
+    order = layer_order(layer_of)
+    chosen = {n: decisions.strategies[n][i] for n, i in solution.choices.items()}
+    fwd = dict.fromkeys(order, 0.0)
+    bwd = dict.fromkeys(order, 0.0)
+    act = dict.fromkeys(order, 0.0)
+    out_bytes = dict.fromkeys(order, 0.0)
+    kept_bytes = dict.fromkeys(order, 0.0)  # outputs selective checkpointing keeps
+    kept_fwd = dict.fromkeys(order, 0.0)  # ... and their forward time, not recomputed
+    state = {name: {"parameters": 0.0, "gradients": 0.0, "optimizer": 0.0} for name in order}
+    numel = dict.fromkeys(order, 0.0)
+    issued = dict.fromkeys(order, 0)  # graph ops the host issues per microbatch
+    sync = dict.fromkeys(order, 0.0)
+    dp_fwd = dict.fromkeys(order, 0.0)  # ZeRO collectives in each microbatch's forward
+    dp_bwd = dict.fromkeys(order, 0.0)  # ... and in its backward
+    gathered = dict.fromkeys(order, 0.0)  # the gathered weights forward saves (no regather)
+    model_flops = 0.0
+    nodes = {n.name: n for n in gm.graph.nodes}
+    comm_s = {axis: 0.0 for axis in sub_mesh}
+    # resharding between op strategies is charged to the first axis that splits ops
+    reshard_axis = next((a for a in sub_mesh if parallelism.splits(a, OPS)), next(iter(sub_mesh)))
+    compute_dtype = torch.bfloat16 if precision.compute_bytes == 2 else torch.float32
+    for name, s in chosen.items():
+        n, layer = nodes[name], layer_of[name]
+        i = solution.choices[name]
+        if n.op == "placeholder":
+            if name in traced.parameters:
+                users = {layer_of[u.name] for u in decision_users(n)} or {layer}
+                local = n.meta["val"].numel() / shard_factor(_non_dp(s.outputs[0], dp_axis), shape)
+                parts = parameter_state_bytes(local, precision)
+                divide = shard if kind.shards_state else 1
+                for owner in users:  # a tied weight lives on every stage that reads it
+                    for part, nbytes in parts.items():
+                        state[owner][part] += nbytes / divide
+                    if kind.keeps_gathered_weights and shard > 1:
+                        gathered[owner] += local * precision.compute_bytes
+                    numel[owner] += local
+                    if dp > 1:
+                        step_s, fwd_s, bwd_s = cost.data_parallel_traffic_s(
+                            kind, local, precision, dp, shard, dp_links)
+                        sync[owner] += step_s
+                        dp_fwd[owner] += fwd_s
+                        dp_bwd[owner] += bwd_s
+            elif name in traced.inputs:
+                act[layer] += _nbytes(n) / shard_factor(s.outputs[0], shape)
+            continue
+        prof = profiles[name]
+        model_flops += (prof.fwd_flops + prof.bwd_flops) * weight(name)
+        split = work_factor(s, shape)
+        f = cost.compute_time_s(prof.fwd_flops / split, prof.fwd_bytes / split, sub.device,
+                                _dtype(n, compute_dtype), op=str(n.target)
+                                ) if prof.fwd_flops or prof.fwd_bytes else 0.0
+        total = decisions.compute_s[name][i]
+        fwd[layer] += f
+        bwd[layer] += max(total - f, 0.0)
+        out = s.outputs[0]
+        act[layer] += prof.saved_bytes / (shard_factor(out, shape) if out else 1)
+        if n.target in KEEP_IN_GRAPH:
+            kept_bytes[layer] += prof.output_bytes / (shard_factor(out, shape) if out else 1)
+            kept_fwd[layer] += f
+        if any(layer_of.get(u.name, layer) != layer for u in decision_users(n)):
+            out_bytes[layer] += prof.output_bytes / (shard_factor(out, shape) if out else 1)
+    for n in gm.graph.nodes:  # every op the host issues (as calibrate_device.py counts them)
+        if n.op == "call_function" and n.name in layer_of:
+            issued[layer_of[n.name]] += 1
+    for e in decisions.problem.edges:  # weighted: one copy of each edge per full layer
+        c = e.costs_s[solution.choices[e.src]][solution.choices[e.dst]] / weight(e.dst)
+        layer = layer_of[e.dst]
+        fwd[layer] += c / 2
+        bwd[layer] += c / 2
+        comm_s[reshard_axis] += c * weight(e.dst)
+    layers = []
+    for k, name in enumerate(order):
+        f, b = fwd[name] + dp_fwd[name], bwd[name] + dp_bwd[name]
+        hf, hb = cost.host_split_s(issued[name], sub.device, "replay")
+        # a flavour that keeps each microbatch's gathered weights from forward to backward
+        # holds them as it holds activations; a checkpointed layer gathers them again in its
+        # recomputation (a flavour that regathers does so in backward anyway: dp_bwd has it)
+        options = [solvers.LayerOption(name="none", fwd_s=max(f, hf), bwd_s=max(b, hb),
+                                       activation_bytes=act[name] + gathered[name])]
+        if name not in (PRE, POST) and k > 0:
+            kept = out_bytes[order[k - 1]]  # the layer's input: the previous layer's output
+            redo = fwd[name] if kind.regathers else f  # recomputed forward (and its gathers)
+            options.append(solvers.LayerOption(name="full", fwd_s=max(f, hf),
+                                               bwd_s=max(b + redo, hb + hf),
+                                               activation_bytes=min(kept, act[name])))
+            options.append(solvers.LayerOption(
+                name="selective", fwd_s=max(f, hf),
+                bwd_s=max(b + redo - kept_fwd[name], hb + hf),
+                activation_bytes=min(kept + kept_bytes[name], act[name])))
+        for full in stand.represents.get(name, (name,)):
+            layers.append(solvers.Layer(
+                name=full, options=tuple(options), state_bytes=sum(state[name].values()),
+                boundary_bytes=out_bytes[name] if name != order[-1] else 0.0,
+            ))
+    temporaries = 0.0
+    if kind.regathers and dp > 1:
+        temporaries = 2 * max(numel.values()) * precision.compute_bytes
+    if dp_axis is not None:
+        comm_s[DATA] = 0.0  # dp traffic is the per-step sync, reported separately
+    full = lambda per_layer: {f: per_layer[name] for name in order  # noqa: E731
+                              for f in stand.represents.get(name, (name,))}
+    update = {name: cost.optimizer_step_s(state[name], sub.device, precision) for name in order}
+    return LayerCosts(
+        traced=stand.full, stand=stand, sub_mesh=dict(sub_mesh), decisions=decisions,
+        solution=solution, layers=tuple(layers), sync_s=full(sync),
+        dp_microbatch_s=sum(sum(full(d).values()) for d in (dp_fwd, dp_bwd)),
+        update_s=full(update), issued=full(issued),
+        param_numel=full(numel), state=full(state), temporaries_bytes=temporaries,
+        flavour=flavour, comm_s=comm_s, model_flops=model_flops, dp_shard=shard,
+    )
+
+
+def hybrid_shard(cluster: Cluster, dp: int, inner: int) -> int | None:
+    """A hybrid flavour's shard group: the dp ranks of one node (devices_per_node / inner, the
+    devices of the axes inside dp), when dp spans several nodes in whole groups; None when
+    hybrid sharding does not apply."""
+    if cluster.devices_per_node % inner:
+        return None
+    shard = min(cluster.devices_per_node // inner, dp)
+    return shard if 1 < shard < dp and dp % shard == 0 else None
+
+
+def _non_dp(placements, dp_axis):
+    if dp_axis is None:
+        return placements
+    from torch.distributed.tensor import Replicate
+
+    return tuple(Replicate() if a == dp_axis else p for a, p in enumerate(placements))
+
+
+def _nbytes(n) -> float:
+    v = n.meta["val"]
+    return float(v.numel() * v.element_size())
+
+
+def _dtype(n, default):
+    v = n.meta.get("val")
+    v = v[0] if isinstance(v, (tuple, list)) and v else v
+    return v.dtype if isinstance(v, torch.Tensor) and v.dtype.is_floating_point else default
+
+

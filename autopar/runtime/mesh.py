@@ -1,0 +1,67 @@
+"""The plan's DeviceMesh over the running job, and how plain tensors become its DTensors.
+
+    make_mesh       the DeviceMesh the plan names (NCCL on GPUs, gloo on CPU)
+    placements_of   a plan's placement strings -> DTensor placements
+    shard_local     a whole tensor every rank holds -> this rank's piece, no communication
+    local_shape     a shard's shape under even placements
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Replicate, Shard
+
+from autopar.errors import MeshError
+from autopar.plan import Plan, placement_from_str
+
+
+def make_mesh(plan: Plan):
+    """The plan's mesh over the running job's ranks."""
+    if not dist.is_initialized():
+        raise MeshError(
+            "autoparallelize needs a process group: launch with torchrun "
+            "(torchrun --nproc_per_node N train.py) or call torch.distributed.init_process_group."
+        )
+    world = dist.get_world_size()
+    if world != plan.world_size:
+        mesh = " x ".join(f"{k}={v}" for k, v in plan.mesh.items())
+        raise MeshError(
+            f"the plan's mesh ({mesh}) needs {plan.world_size} processes, this job has {world}: "
+            f"launch with --nproc_per_node {plan.world_size} or give a mesh whose sizes multiply "
+            f"to {world}."
+        )
+    device_type = plan.cluster.get("device_type", "cpu")
+    if device_type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", dist.get_rank())))
+    return init_device_mesh(device_type, tuple(plan.mesh.values()), mesh_dim_names=tuple(plan.mesh))
+
+
+def placements_of(strings) -> tuple:
+    """("S(0)", "R") -> (Shard(0), Replicate())."""
+    return tuple(placement_from_str(s) for s in strings)
+
+
+def mesh_device(mesh) -> torch.device:
+    """The device this rank computes on for `mesh`."""
+    if mesh.device_type == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(mesh.device_type)
+
+
+def shard_local(value: torch.Tensor, mesh, placements) -> DTensor:
+    """Every rank holds the whole global batch: keep this rank's slice, no communication."""
+    replicated = DTensor.from_local(value, mesh, (Replicate(),) * mesh.ndim, run_check=False)
+    return replicated.redistribute(mesh, placements)
+
+
+def local_shape(shape, placements, mesh_shape) -> tuple[int, ...]:
+    """A shard's shape: every Shard(d) divides dim d by its axis size (plans shard evenly)."""
+    local = list(shape)
+    for p, n in zip(placements, mesh_shape):
+        if isinstance(p, Shard):
+            local[p.dim] //= n
+    return tuple(local)
