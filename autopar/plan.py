@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from autopar.errors import PlanMismatchError
-from autopar.parallelism import PIPELINE
+from autopar.parallelism import PIPELINE, REPLICATE
 from autopar.plan_schema import (
     FIELDS,
     OPTIONAL,
@@ -142,7 +142,7 @@ class Plan:
     predicted: dict[str, float]  # step_time_s, compute_s, communication_s, peak_memory_bytes, ...
     solver: dict  # name, status, gap, objective_s, solve_time_s
     pipeline: dict | None = None  # see the module docstring; None without a "pp" axis
-    data_parallel: str = "replicate"  # "replicate", "zero2", "zero3" or "hsdp"
+    data_parallel: str = REPLICATE  # a name in autopar.parallelism.FLAVOURS
     checkpoint: dict[str, str] = field(default_factory=dict)  # layer name -> "full"
     # what made the plan: {"torch": version}; a runtime of another torch checks the ops the plan
     # lets DTensor shard (its rules differ between releases)
@@ -215,7 +215,7 @@ class Plan:
             predicted={k: float(v) for k, v in d["predicted"].items()},
             solver=dict(d["solver"]),
             pipeline=_pipeline_to_dict(d.get("pipeline")),
-            data_parallel=d.get("data_parallel", "replicate"),
+            data_parallel=d.get("data_parallel", REPLICATE),
             checkpoint=dict(d.get("checkpoint") or {}),
             made_with=dict(d.get("made_with") or {}),
         )

@@ -10,7 +10,7 @@ import re
 from typing import Any
 
 from autopar.errors import PlanMismatchError
-from autopar.parallelism import PIPELINE, flavour_names
+from autopar.parallelism import PIPELINE, REPLICATE, flavour_names
 
 SCHEMA_VERSION = 2
 READABLE_VERSIONS = (1, 2)
@@ -99,7 +99,7 @@ PIPELINE_KEYS = ("schedule", "stages_per_rank", "microbatch_size", "num_microbat
 
 def _validate_pipeline(d: dict, mesh: dict, fail) -> None:
     """pipeline / data_parallel / checkpoint: types, and a pipeline exactly when there is pp."""
-    dp = d.get("data_parallel", "replicate")
+    dp = d.get("data_parallel", REPLICATE)
     if dp not in flavour_names():
         fail(f"data_parallel is {dp!r}; use one of {flavour_names()}")
     ckpt = d.get("checkpoint") or {}

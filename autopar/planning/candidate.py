@@ -177,6 +177,7 @@ def even_stages(order: list[str], n: int) -> tuple[tuple[str, ...], ...]:
     """Layers cut into n contiguous runs of (nearly) equal count, as Megatron does."""
     return tuple(tuple(order[i * len(order) // n:(i + 1) * len(order) // n]) for i in range(n))
 
+
 def _pipeline_stage_s(cluster: Cluster) -> float:
     """The pipeline runtime's own time per stage and microbatch (Calibration.pipeline_stage_s),
     charged with each stage's send: 0 on an uncalibrated device."""

@@ -23,6 +23,7 @@ from autopar.cluster import Cluster
 from autopar.errors import InfeasibleError, MeshError
 from autopar.layers import assign_layers, layer_order
 from autopar.parallelism import DATA, OPS, PIPELINE, POLICIES
+from autopar.plan import Plan
 from autopar.planning.assemble import candidate_plan
 from autopar.planning.candidate import (
     Candidate,
@@ -96,7 +97,7 @@ def _ops_size(mesh: dict[str, int]) -> int:
 
 def search(trace_fn, example_inputs, cluster: Cluster, space: SearchSpace, *,
            memory_limit_bytes: float | None = None, precision: TrainingPrecision | None = None,
-           solver: str = "highs", time_limit_s: float | None = None, log=None):
+           solver: str = "highs", time_limit_s: float | None = None, log=None) -> Plan:
     """The fastest plan over `space` that fits; `trace_fn(inputs)` traces one microbatch.
 
     Two passes. First every (mesh, microbatch) with the fastest intra-op sharding of its stage

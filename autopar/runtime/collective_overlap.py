@@ -45,7 +45,6 @@ _COLLECTIVES = frozenset(
 )
 
 
-
 def overlap_collectives(gm: fx.GraphModule, *, overlap: bool | None = None) -> None:
     """Rewrite `gm` in place. `overlap`: prefetch and wait late (default: when the graph's
     inputs are on a CUDA device)."""
