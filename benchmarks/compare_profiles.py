@@ -13,34 +13,9 @@ The tables list each system's top rows only, so a row missing on one side may be
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 
-
-def _ms(text: str) -> float:
-    text = text.strip()
-    for unit, scale in (("ms", 1.0), ("us", 1e-3), ("s", 1e3)):
-        if text.endswith(unit):
-            return float(text[: -len(unit)]) * scale
-    return 0.0
-
-
-def device_rows(profile_text: str, label: str) -> dict[str, tuple[float, float]]:
-    """name -> (self device ms per step, calls per step) for the system whose header starts
-    with `label`."""
-    for part in re.split(r"^==== ", profile_text, flags=re.M)[1:]:
-        header = part.split("\n", 1)[0]
-        if not header.startswith(label):
-            continue
-        steps = int(re.search(r"(\d+) profiled steps", header).group(1))
-        table = part.split("-- by self device time", 1)[1]
-        rows = {}
-        for line in table.splitlines():
-            cols = re.split(r"\s{2,}", line.strip())
-            if len(cols) >= 10 and cols[0] != "Name" and cols[-1].isdigit():
-                rows[cols[0]] = (_ms(cols[6]) / steps, int(cols[-1]) / steps)
-        return rows
-    raise SystemExit(f"no profile headed {label!r} in the file")
+from benchmarks.lib.profiling import device_rows
 
 
 def main(argv=None) -> int:
@@ -53,8 +28,10 @@ def main(argv=None) -> int:
     text = open(args.profile, encoding="utf-8").read()
     a, b = device_rows(text, args.a), device_rows(text, args.b)
     names = sorted(set(a) | set(b), key=lambda n: -abs(a.get(n, (0, 0))[0] - b.get(n, (0, 0))[0]))
-    print(f"{'ms/step':>8} {'calls':>6} | {'ms/step':>8} {'calls':>6} | {'b/a':>5} | row"
-          f"   (a = {args.a}, b = {args.b})")
+    print(
+        f"{'ms/step':>8} {'calls':>6} | {'ms/step':>8} {'calls':>6} | {'b/a':>5} | row"
+        f"   (a = {args.a}, b = {args.b})"
+    )
     for n in names[: args.rows]:
         (ta, ca), (tb, cb) = a.get(n, (0.0, 0.0)), b.get(n, (0.0, 0.0))
         ratio = f"{tb / ta:5.2f}" if ta and tb else "    -"

@@ -18,38 +18,39 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import multigpu as mg  # noqa: E402
-
-from autopar.trace import fingerprint_line, trace  # noqa: E402
+from autopar.models.losses import lm_loss
+from autopar.trace import fingerprint_line, trace
+from benchmarks.lib.models import MODELS, meta_model, model_spec
 
 
 def node_lines(model, batch: int, seq: int, device) -> tuple[str, list[str]]:
     x = torch.zeros(batch, seq, dtype=torch.long, device=device)
-    traced = trace(model, (x,), loss_fn=mg.LOSS["model"], target=x.clone())
+    traced = trace(model, (x,), loss_fn=lm_loss, target=x.clone())
     return traced.fingerprint, [fingerprint_line(n) for n in traced.graph_module.graph.nodes]
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("models", nargs="+", choices=list(mg.MODELS))
+    ap.add_argument("models", nargs="+", choices=list(MODELS))
     ap.add_argument("--gpus", type=int, default=2, help="sets the global batch (default 2)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dump", default=None, metavar="DIR", help="write both node lists here")
     args = ap.parse_args(argv)
     differ = 0
     for name in args.models:
-        spec = mg.model_spec(name, False, 2048)
+        spec = model_spec(name, False, 2048)
         batch = 8 * args.gpus
-        meta_fp, meta = node_lines(mg._meta_model(spec, torch.bfloat16), batch, 2048, "meta")
+        meta_fp, meta = node_lines(meta_model(spec, torch.bfloat16), batch, 2048, "meta")
         model = spec.build(torch.device(args.device), torch.float32).to(torch.bfloat16)
         real_fp, real = node_lines(model, batch, 2048, args.device)
         del model
         same = meta_fp == real_fp
         differ += not same
-        print(f"{name}: meta {meta_fp[:12]}, {args.device} {real_fp[:12]}: "
-              f"{'equal' if same else 'DIFFERENT'} ({len(meta)} / {len(real)} nodes), "
-              f"torch {torch.__version__}")
+        print(
+            f"{name}: meta {meta_fp[:12]}, {args.device} {real_fp[:12]}: "
+            f"{'equal' if same else 'DIFFERENT'} ({len(meta)} / {len(real)} nodes), "
+            f"torch {torch.__version__}"
+        )
         parted = [(i, a, b) for i, (a, b) in enumerate(zip(meta, real)) if a != b]
         for i, a, b in parted[:5]:
             print(f"  node {i}:\n    meta: {a}\n    {args.device}: {b}")

@@ -16,25 +16,29 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import autopar  # noqa: E402
-from autopar.planning.profile import TrainingPrecision  # noqa: E402
-from benchmarks.multigpu import lm_loss, model_spec  # noqa: E402
+import autopar
+from autopar.models.losses import lm_loss
+from autopar.planning.profile import TrainingPrecision
+from benchmarks.lib.models import model_spec
 
 
 def predicted(model, example, cluster, stage_s: float, args) -> float:
     cal = dataclasses.replace(cluster.device.calibration, pipeline_stage_s=stage_s)
     c = dataclasses.replace(cluster, device=dataclasses.replace(cluster.device, calibration=cal))
-    plan = autopar.plan(model, c, example, loss_fn=lm_loss,
-                        mesh={"pp": args.pp, "dp": args.gpus // args.pp},
-                        schedule=args.schedule, microbatch_size=args.microbatch,
-                        precision=TrainingPrecision.mixed_bf16(), time_limit=20)
+    plan = autopar.plan(
+        model,
+        c,
+        example,
+        loss_fn=lm_loss,
+        mesh={"pp": args.pp, "dp": args.gpus // args.pp},
+        schedule=args.schedule,
+        microbatch_size=args.microbatch,
+        precision=TrainingPrecision.mixed_bf16(),
+        time_limit=20,
+    )
     return plan.predicted["step_time_s"]
 
 
@@ -58,8 +62,10 @@ def main(argv=None) -> None:
     lo, hi = 0.0, 0.01
     p_lo, p_hi = (predicted(model, (x, x), cluster, s, args) for s in (lo, hi))
     fitted = lo + (args.measured - p_lo) * (hi - lo) / (p_hi - p_lo)
-    print(f"predicted {p_lo:.4f} s at pipeline_stage_s={lo}, {p_hi:.4f} s at {hi}; "
-          f"measured {args.measured:.4f} s -> pipeline_stage_s = {fitted:.4f} s")
+    print(
+        f"predicted {p_lo:.4f} s at pipeline_stage_s={lo}, {p_hi:.4f} s at {hi}; "
+        f"measured {args.measured:.4f} s -> pipeline_stage_s = {fitted:.4f} s"
+    )
 
 
 if __name__ == "__main__":

@@ -13,16 +13,18 @@ microbatch sizes 1, 2, 4 per dp rank).
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import time
 
 import torch
-import torch.nn.functional as F
 
 import autopar
 from autopar.models.gpt import GPT, GPTConfig
+from autopar.models.losses import lm_loss
 from autopar.planning.profile import TrainingPrecision
 from autopar.planning.search import SearchSpace, candidate_meshes, search
+from autopar.trace import trace_for_training
 
 
 def main() -> None:
@@ -33,31 +35,32 @@ def main() -> None:
     ap.add_argument("--microbatch", type=int, nargs="*", default=[1, 2, 4])
     ap.add_argument("--tp", type=int, nargs="*", default=None)
     args = ap.parse_args()
-    cfg = GPTConfig(vocab_size=51200, seq_len=2048, n_layer=args.layers, n_head=96,
-                    d_model=12288)
+    cfg = GPTConfig(vocab_size=51200, seq_len=2048, n_layer=args.layers, n_head=96, d_model=12288)
     with torch.device("meta"):
         model = GPT(cfg).to(torch.bfloat16)  # compute in bf16 (mixed precision)
     x = torch.zeros(args.batch, 2048, dtype=torch.long, device="meta")
     cluster = autopar.Cluster.preset("a100-80g", nodes=args.nodes)
     precision = TrainingPrecision.mixed_bf16()
 
-    def loss(out, target):
-        return F.cross_entropy(out.flatten(0, 1), target.flatten())
-
     def trace_fn(inputs):
-        return autopar.trace.trace_for_training(model, inputs, loss)
+        return trace_for_training(model, inputs, lm_loss)
 
     meshes = candidate_meshes(cluster, args.layers + 2)
     # tp within a node unless --tp says otherwise: the space of the dated report (the search
     # itself also tries tp across nodes, last)
     tps = args.tp or [t for t in range(1, cluster.devices_per_node + 1)]
     meshes = [m for m in meshes if m["tp"] in tps]
-    space = SearchSpace(meshes=meshes, microbatch_sizes=args.microbatch,
-                        schedules=("1F1B", "Interleaved1F1B"),
-                        flavours=("replicate", "zero2", "zero3"))
+    space = SearchSpace(
+        meshes=meshes,
+        microbatch_sizes=args.microbatch,
+        schedules=("1F1B", "Interleaved1F1B"),
+        flavours=("replicate", "zero2", "zero3"),
+    )
     print(f"# GPT-3 {args.layers} layers on {cluster.world_size} x {cluster.device.name}")
-    print(f"machine: {platform.processor() or platform.machine()}, "
-          f"{__import__('os').cpu_count()} CPU cores, torch {torch.__version__}\n")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} CPU cores, torch {torch.__version__}\n"
+    )
     start = time.perf_counter()
     plan = search(trace_fn, (x, x), cluster, space, precision=precision, log=print)
     planning_s = time.perf_counter() - start
@@ -66,11 +69,24 @@ def main() -> None:
     print("\n## planner's plan, simulated\n")
     print(autopar.simulate(plan).summary())
     if args.layers % 8 == 0 and args.nodes == 128:
-        manual = autopar.manual_plan(model, cluster, (x, x), loss_fn=loss, tp=8, pp=8, dp=16,
-                                     microbatch_size=1, schedule="Interleaved1F1B",
-                                     checkpoint="full", zero=0, precision=precision)
-        print("\n## Megatron-LM style config (tp 8, pp 8 interleaved, dp 16, mb 1, full "
-              "recompute), simulated\n")
+        manual = autopar.manual_plan(
+            model,
+            cluster,
+            (x, x),
+            loss_fn=lm_loss,
+            tp=8,
+            pp=8,
+            dp=16,
+            microbatch_size=1,
+            schedule="Interleaved1F1B",
+            checkpoint="full",
+            zero=0,
+            precision=precision,
+        )
+        print(
+            "\n## Megatron-LM style config (tp 8, pp 8 interleaved, dp 16, mb 1, full "
+            "recompute), simulated\n"
+        )
         print(autopar.simulate(manual).summary())
 
 

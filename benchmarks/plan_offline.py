@@ -17,28 +17,35 @@ from __future__ import annotations
 
 import argparse
 import ast
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import multigpu as mg  # noqa: E402
-
-import autopar  # noqa: E402
-from autopar.planning.profile import TrainingPrecision  # noqa: E402
+import autopar
+from autopar.models.losses import lm_loss
+from autopar.planning.profile import TrainingPrecision
+from benchmarks.lib.models import MODELS, meta_model, model_spec
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("model", choices=list(mg.MODELS))
+    ap.add_argument("model", choices=list(MODELS))
     ap.add_argument("--gpus", type=int, default=2, help="H200s in the node (default 2)")
-    ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                    help="an autopar.plan option, as a Python literal: checkpoint=False, "
-                         "data_parallel='zero2', mesh={'dp': 4}")
-    ap.add_argument("-o", "--output", default=None, metavar="PATH",
-                    help="also write the plan as JSON, for multigpu.py --plan-file")
+    ap.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an autopar.plan option, as a Python literal: checkpoint=False, "
+        "data_parallel='zero2', mesh={'dp': 4}",
+    )
+    ap.add_argument(
+        "-o",
+        "--output",
+        default=None,
+        metavar="PATH",
+        help="also write the plan as JSON, for multigpu.py --plan-file",
+    )
     args = ap.parse_args(argv)
     options = {}
     for item in args.option:
@@ -47,13 +54,20 @@ def main(argv=None) -> None:
             options[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
             options[key] = value
-    spec = mg.model_spec(args.model, False, 2048)
-    model = mg._meta_model(spec, torch.bfloat16)
+    spec = model_spec(args.model, False, 2048)
+    model = meta_model(spec, torch.bfloat16)
     x = torch.zeros(8 * args.gpus, 2048, dtype=torch.long, device="meta")
     cluster = autopar.Cluster.preset("h200-141g", devices_per_node=args.gpus)
     t0 = time.perf_counter()
-    plan = autopar.plan(model, cluster, (x, x.clone()), loss_fn=mg.LOSS["model"],
-                        precision=TrainingPrecision.mixed_bf16(), time_limit=30, **options)
+    plan = autopar.plan(
+        model,
+        cluster,
+        (x, x.clone()),
+        loss_fn=lm_loss,
+        precision=TrainingPrecision.mixed_bf16(),
+        time_limit=30,
+        **options,
+    )
     print(f"{args.model} on {args.gpus} x H200, planned in {time.perf_counter() - t0:.0f} s")
     print(plan.summary().split("\n  parameter")[0])
     if args.output:

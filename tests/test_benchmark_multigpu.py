@@ -20,11 +20,29 @@ def _run(tmp_path, *args, nproc: int | None = None):
     launch = [sys.executable]
     if nproc is not None:
         launch += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
-    cmd = launch + [str(SCRIPT), "--device", "cpu", "--tiny", "--dtype", "fp32", "--steps", "1",
-                    "--warmup", "1", "--no-predict-baselines", "--models", "gpt-1.3b",
-                    "--json", str(out), *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = launch + [
+        str(SCRIPT),
+        "--device",
+        "cpu",
+        "--tiny",
+        "--dtype",
+        "fp32",
+        "--steps",
+        "1",
+        "--warmup",
+        "1",
+        "--no-predict-baselines",
+        "--models",
+        "gpt-1.3b",
+        "--json",
+        str(out),
+        *args,
+    ]
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=REPO, env=env)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return json.loads(out.read_text())["runs"], proc.stdout
@@ -64,21 +82,22 @@ def test_a_plan_made_offline_on_meta_runs_as_the_autopar_system(tmp_path):
 
     import autopar
     from autopar.planning.profile import TrainingPrecision
+    from benchmarks.lib.models import LOSS, meta_model, model_spec
 
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import multigpu as mg
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
-    spec = mg.model_spec("gpt-1.3b", True, 32)
+    spec = model_spec("gpt-1.3b", True, 32)
     x = torch.zeros(4, 32, dtype=torch.long, device="meta")  # the script's tiny global batch
-    plan = autopar.plan(mg._meta_model(spec, torch.float32),
-                        autopar.Cluster.preset("cpu", devices_per_node=1), (x, x.clone()),
-                        loss_fn=mg.LOSS["model"], precision=TrainingPrecision.fp32())
+    plan = autopar.plan(
+        meta_model(spec, torch.float32),
+        autopar.Cluster.preset("cpu", devices_per_node=1),
+        (x, x.clone()),
+        loss_fn=LOSS["model"],
+        precision=TrainingPrecision.fp32(),
+    )
     path = tmp_path / "plan.json"
     plan.save(path)
-    runs, out = _run(tmp_path, "--systems", "autopar", "eager", "--ac", "none",
-                     "--plan-file", f"gpt-1.3b={path}")
+    runs, out = _run(
+        tmp_path, "--systems", "autopar", "eager", "--ac", "none", "--plan-file", f"gpt-1.3b={path}"
+    )
     ours, eager = runs
     assert ours.get("error") is None and eager.get("error") is None, runs
     assert ours["plan_file"] == str(path) and ours["planning_s"] is None

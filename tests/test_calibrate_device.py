@@ -11,14 +11,20 @@ import pytest
 
 import autopar
 from autopar.planning.cost import compute_time_s
-from benchmarks.calibrate_device import fit, write_device
+from benchmarks.lib.calibration import fit, write_device
 
 PEAK, BW = 100e12, 1e12
 
 
 def _row(op, flops, bytes_, seconds, count=1):
-    return {"op": op, "key": op, "count": count, "flops": flops, "bytes": bytes_,
-            "seconds": seconds}
+    return {
+        "op": op,
+        "key": op,
+        "count": count,
+        "flops": flops,
+        "bytes": bytes_,
+        "seconds": seconds,
+    }
 
 
 @pytest.fixture
@@ -30,8 +36,14 @@ def measured(tmp_path):
         _row("aten.neg.default", 0, 1e3, 2e-5),  # tiny: sets the floor, no per-op figure
         _row("aten.div.Tensor", 0, 1e2, 2e-5),
     ]
-    data = {"peak_flops": PEAK, "hbm_bandwidth_bytes_per_s": BW, "ops": rows,
-            "host": [{"runtime": "replay", "host_s_per_op": 5e-5}], "date": "d", "device": "x"}
+    data = {
+        "peak_flops": PEAK,
+        "hbm_bandwidth_bytes_per_s": BW,
+        "ops": rows,
+        "host": [{"runtime": "replay", "host_s_per_op": 5e-5}],
+        "date": "d",
+        "device": "x",
+    }
     path = tmp_path / "measured.json"
     path.write_text(json.dumps(data))
     return path
@@ -56,7 +68,9 @@ def test_the_cost_model_reproduces_what_was_measured(measured, tmp_path):
     device_file.write_text(json.dumps(data))
     write_device(str(device_file), fit(str(measured)))
     device = autopar.Cluster.from_file(device_file).device
-    for op, flops, bytes_, seconds in [("aten.mm.default", 1e12, 1e9, 0.02),
-                                       ("aten.gelu.default", 0, 1e11, 0.4),
-                                       ("aten.neg.default", 0, 1e3, 2e-5)]:
+    for op, flops, bytes_, seconds in [
+        ("aten.mm.default", 1e12, 1e9, 0.02),
+        ("aten.gelu.default", 0, 1e11, 0.4),
+        ("aten.neg.default", 0, 1e3, 2e-5),
+    ]:
         assert compute_time_s(flops, bytes_, device, "bfloat16", op=op) == pytest.approx(seconds)

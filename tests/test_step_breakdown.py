@@ -11,8 +11,9 @@ import pytest
 import torch
 
 import autopar
-from benchmarks import multigpu
-from benchmarks.step_breakdown import (
+from autopar.models.losses import lm_loss
+from autopar.planning.profile import TrainingPrecision
+from benchmarks.lib.breakdown import (
     ACCUMULATE_RANGE,
     CATEGORIES,
     OPTIMIZER_RANGE,
@@ -22,22 +23,36 @@ from benchmarks.step_breakdown import (
     predictable,
     union_s,
 )
+from benchmarks.lib.models import meta_model, model_spec
+from benchmarks.lib.predict import predicted_breakdown
 
 
-@pytest.mark.parametrize("op, want", [
-    ("aten.mm.default", "matmul"), ("aten::addmm", "matmul"),
-    ("aten.scaled_dot_product_attention.default", "attention"),
-    ("aten::_cudnn_attention_backward", "attention"),
-    ("aten.native_layer_norm.default", "norm"), ("aten::native_layer_norm_backward", "norm"),
-    ("aten._log_softmax.default", "loss"), ("aten::_log_softmax_backward_data", "loss"),
-    ("aten.embedding.default", "embedding"), ("aten::embedding_dense_backward", "embedding"),
-    ("aten::copy_", "copy"), ("aten::cat", "copy"), ("aten::_foreach_copy_", "copy"),
-    ("aten.split_with_sizes.default", "copy"),  # priced by its backward, a cat
-    ("record_param_comms", "collective"), ("nccl:all_gather_into_tensor", "collective"),
-    ("_c10d_functional::reduce_scatter_tensor", "collective"),
-    ("aten::_fused_adamw_", "optimizer"), ("aten::_foreach_mul_", "optimizer"),
-    ("aten::gelu_backward", "elementwise"), ("aten.add.Tensor", "elementwise"),
-])
+@pytest.mark.parametrize(
+    "op, want",
+    [
+        ("aten.mm.default", "matmul"),
+        ("aten::addmm", "matmul"),
+        ("aten.scaled_dot_product_attention.default", "attention"),
+        ("aten::_cudnn_attention_backward", "attention"),
+        ("aten.native_layer_norm.default", "norm"),
+        ("aten::native_layer_norm_backward", "norm"),
+        ("aten._log_softmax.default", "loss"),
+        ("aten::_log_softmax_backward_data", "loss"),
+        ("aten.embedding.default", "embedding"),
+        ("aten::embedding_dense_backward", "embedding"),
+        ("aten::copy_", "copy"),
+        ("aten::cat", "copy"),
+        ("aten::_foreach_copy_", "copy"),
+        ("aten.split_with_sizes.default", "copy"),  # priced by its backward, a cat
+        ("record_param_comms", "collective"),
+        ("nccl:all_gather_into_tensor", "collective"),
+        ("_c10d_functional::reduce_scatter_tensor", "collective"),
+        ("aten::_fused_adamw_", "optimizer"),
+        ("aten::_foreach_mul_", "optimizer"),
+        ("aten::gelu_backward", "elementwise"),
+        ("aten.add.Tensor", "elementwise"),
+    ],
+)
 def test_each_op_falls_in_its_category(op, want):
     assert category(op) == want
 
@@ -51,20 +66,32 @@ def test_union_counts_overlapping_time_once():
 
 # ---- measured, on events shaped as torch.profiler gives them --------------------------------
 
+
 def _device(name, start, end, annotation=False):
-    return types.SimpleNamespace(name=name, device_type=types.SimpleNamespace(name="CUDA"),
-                                 time_range=types.SimpleNamespace(start=start, end=end),
-                                 is_user_annotation=annotation, is_async=False)
+    return types.SimpleNamespace(
+        name=name,
+        device_type=types.SimpleNamespace(name="CUDA"),
+        time_range=types.SimpleNamespace(start=start, end=end),
+        is_user_annotation=annotation,
+        is_async=False,
+    )
 
 
 def _host(name, kernels, parent=None, start=0, end=0, thread=1):
-    launched = [types.SimpleNamespace(name=k.name, duration=k.time_range.end - k.time_range.start)
-                for k in kernels]
-    e = types.SimpleNamespace(name=name, device_type=types.SimpleNamespace(name="CPU"),
-                              kernels=launched,
-                              cpu_parent=parent, cpu_children=[], is_async=False,
-                              time_range=types.SimpleNamespace(start=start, end=end),
-                              thread=thread)
+    launched = [
+        types.SimpleNamespace(name=k.name, duration=k.time_range.end - k.time_range.start)
+        for k in kernels
+    ]
+    e = types.SimpleNamespace(
+        name=name,
+        device_type=types.SimpleNamespace(name="CPU"),
+        kernels=launched,
+        cpu_parent=parent,
+        cpu_children=[],
+        is_async=False,
+        time_range=types.SimpleNamespace(start=start, end=end),
+        thread=thread,
+    )
     if parent is not None:
         parent.cpu_children.append(e)
     return e
@@ -82,13 +109,21 @@ def test_measured_attributes_each_kernel_once_and_counts_the_busy_union():
     opt_gpu = _device(OPTIMIZER_RANGE, 200, 240, annotation=True)
     opt = _host(OPTIMIZER_RANGE, [opt_gpu])
     events = [
-        _host("aten::mm", [mm]), _host("record_param_comms", [nccl]),
+        _host("aten::mm", [mm]),
+        _host("record_param_comms", [nccl]),
         # the launch calls list the kernels they launched, as the ops that made them do
-        _host("cudaLaunchKernel", [mm]), _host("Command Buffer Full", [adam]),
-        opt, _host("aten::_fused_adamw_", [adam], parent=opt),
+        _host("cudaLaunchKernel", [mm]),
+        _host("Command Buffer Full", [adam]),
+        opt,
+        _host("aten::_fused_adamw_", [adam], parent=opt),
         _host("aten::copy_", [cast], parent=opt),  # the optimizer's casts: its category
         _host("aten::add_", [acc], parent=_host(ACCUMULATE_RANGE, [])),  # into .grad
-        mm, nccl, adam, cast, acc, opt_gpu,
+        mm,
+        nccl,
+        adam,
+        cast,
+        acc,
+        opt_gpu,
     ]
     prof = types.SimpleNamespace(events=lambda: events)
     m = measured(prof, steps=2)
@@ -115,17 +150,19 @@ def test_a_kernel_no_op_launched_is_unattributed():
 
 # ---- predicted -----------------------------------------------------------------------------
 
+
 def _plan(device: str):
-    spec = multigpu.model_spec("gpt-1.3b", True, 32)
-    model = multigpu._meta_model(spec, torch.bfloat16)
+    spec = model_spec("gpt-1.3b", True, 32)
+    model = meta_model(spec, torch.bfloat16)
     x = torch.zeros(4, 32, dtype=torch.long, device="meta")
     cluster = autopar.Cluster.preset(device, devices_per_node=1)
-    plan = autopar.plan(model, cluster, (x, x.clone()), loss_fn=multigpu.lm_loss,
-                        precision=multigpu.TrainingPrecision.mixed_bf16())
+    plan = autopar.plan(
+        model, cluster, (x, x.clone()), loss_fn=lm_loss, precision=TrainingPrecision.mixed_bf16()
+    )
     return spec, plan
 
 
-_CTX = types.SimpleNamespace(dtype=torch.bfloat16, loss=multigpu.lm_loss)
+_CTX = types.SimpleNamespace(dtype=torch.bfloat16, loss=lm_loss)
 
 
 @pytest.mark.parametrize("device, host_bound", [("h100-80g", False), ("h200-141g", True)])
@@ -136,7 +173,7 @@ def test_predicted_categories_add_up_to_the_plans_predicted_step(device, host_bo
     device without one (h100) charges none."""
     spec, plan = _plan(device)
     assert predictable(plan) is None
-    out = multigpu.predicted_breakdown(_CTX, spec, plan.to_json(), 4, 32)
+    out = predicted_breakdown(_CTX, spec, plan.to_json(), 4, 32)
     by = out["by_category"]
     assert set(by) == set(CATEGORIES)
     assert by["matmul"] > 0 and by["attention"] > 0 and by["optimizer"] > 0
@@ -148,33 +185,49 @@ def test_predicted_categories_add_up_to_the_plans_predicted_step(device, host_bo
 
 def _manual(devices: int, **config):
     """A hand configuration of the tiny GPT on `devices` H100s, batch 4 of 32 tokens."""
-    spec = multigpu.model_spec("gpt-1.3b", True, 32)
+    spec = model_spec("gpt-1.3b", True, 32)
     x = torch.zeros(4, 32, dtype=torch.long, device="meta")
-    plan = autopar.manual_plan(multigpu._meta_model(spec, torch.bfloat16),
-                               autopar.Cluster.preset("h100-80g", devices_per_node=devices),
-                               (x, x.clone()), loss_fn=multigpu.lm_loss, dp=1, pp=1,
-                               precision=multigpu.TrainingPrecision.mixed_bf16(), **config)
+    plan = autopar.manual_plan(
+        meta_model(spec, torch.bfloat16),
+        autopar.Cluster.preset("h100-80g", devices_per_node=devices),
+        (x, x.clone()),
+        loss_fn=lm_loss,
+        dp=1,
+        pp=1,
+        precision=TrainingPrecision.mixed_bf16(),
+        **config,
+    )
     return spec, plan
 
 
 def test_a_plan_with_tensor_parallelism_is_not_split_by_category():
     spec, plan = _manual(2, tp=2, microbatch_size=4)
     assert "splits ops" in predictable(plan)
-    assert "error" in multigpu.predicted_breakdown(_CTX, spec, plan.to_json(), 4, 32)
+    assert "error" in predicted_breakdown(_CTX, spec, plan.to_json(), 4, 32)
     piped = types.SimpleNamespace(mesh={"pp": 2, "dp": 1}, pipeline={"num_microbatches": 4})
     assert "splits ops over {'pp': 2}" in predictable(piped)
-    accumulating = types.SimpleNamespace(mesh={"pp": 1, "dp": 2},
-                                         pipeline={"num_microbatches": 4})
+    accumulating = types.SimpleNamespace(mesh={"pp": 1, "dp": 2}, pipeline={"num_microbatches": 4})
     assert predictable(accumulating) is None  # gradient accumulation: the same graph, 4 times
 
 
 def test_the_table_shows_measured_beside_predicted_and_the_idle_time():
     by = dict.fromkeys(CATEGORIES, 0.0)
-    row = {"model": "gpt", "system": "autopar", "gpus": 1, "measured_step_s": 0.3,
-           "predicted_step_s": 0.25,
-           "profile": {"device": {"kernels_s": 0.28, "busy_s": 0.27, "unattributed_s": 0.0,
-                                  "by_category": dict(by, matmul=0.28)}},
-           "predicted_breakdown": {"by_category": dict(by, matmul=0.25)}}
+    row = {
+        "model": "gpt",
+        "system": "autopar",
+        "gpus": 1,
+        "measured_step_s": 0.3,
+        "predicted_step_s": 0.25,
+        "profile": {
+            "device": {
+                "kernels_s": 0.28,
+                "busy_s": 0.27,
+                "unattributed_s": 0.0,
+                "by_category": dict(by, matmul=0.28),
+            }
+        },
+        "predicted_breakdown": {"by_category": dict(by, matmul=0.25)},
+    }
     text = compare(row)
     assert "matmul" in text and "280.0" in text and "250.0" in text
     idle = next(line for line in text.splitlines() if line.startswith("idle"))
@@ -195,7 +248,8 @@ def test_each_idle_gap_goes_to_the_host_event_that_overlaps_it_most():
     assert idle["outer"] == pytest.approx({OPTIMIZER_RANGE: 20e-6, "settle": 50e-6})
     assert idle["leaf"] == pytest.approx({"aten::copy_": 20e-6, "settle": 50e-6})
     assert sum(idle["outer"].values()) == pytest.approx(
-        union_s([(10, 30), (50, 100)]) * 1e-6)  # every idle microsecond, once
+        union_s([(10, 30), (50, 100)]) * 1e-6
+    )  # every idle microsecond, once
 
 
 def test_a_gap_no_host_event_overlaps_is_said_so():
@@ -207,9 +261,12 @@ def test_a_gap_no_host_event_overlaps_is_said_so():
 def test_gradient_accumulation_is_priced_once_per_microbatch():
     spec, plan = _manual(1, tp=1, microbatch_size=2)
     assert plan.pipeline["num_microbatches"] == 2
-    out = multigpu.predicted_breakdown(_CTX, spec, plan.to_json(), 4, 32)
+    out = predicted_breakdown(_CTX, spec, plan.to_json(), 4, 32)
     # one add of the second microbatch's gradients, one division: 5 passes over them
-    assert out["by_category"]["accumulate"] == pytest.approx(
-        plan.predicted["gradient_accumulation_s"]) and out["by_category"]["accumulate"] > 0
+    assert (
+        out["by_category"]["accumulate"] == pytest.approx(plan.predicted["gradient_accumulation_s"])
+        and out["by_category"]["accumulate"] > 0
+    )
     assert sum(out["by_category"].values()) + out["host_bound_s"] == pytest.approx(
-        plan.predicted["step_time_s"], rel=1e-6)
+        plan.predicted["step_time_s"], rel=1e-6
+    )

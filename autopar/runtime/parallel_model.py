@@ -63,6 +63,11 @@ class ParallelModel(nn.Module):
 
     # -- public ---------------------------------------------------------------------------
 
+    @property
+    def traced(self) -> TracedModel:
+        """The training graph this model runs: the one the plan was made for."""
+        return self._traced
+
     def train_step(self, inputs, target=None) -> torch.Tensor:
         """Forward and backward on one global batch; returns the loss (equal on every rank).
 
