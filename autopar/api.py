@@ -132,6 +132,7 @@ def manual_plan(
             f"that divides dp and is neither 1 nor dp (here one of "
             f"{[d for d in range(2, dp) if dp % d == 0] or 'none: dp has no such divisor'}), "
             "and shards like ZeRO-3 (zero=3 or leave zero out)")
+    precision = precision or TrainingPrecision()
     mesh = parallelism.full_mesh({"pp": pp, "dp": dp, "tp": tp}, cluster.world_size)
     inputs_only = example_inputs[0] if loss_fn is not None else example_inputs
     batch = batch_size(inputs_only)
@@ -144,8 +145,8 @@ def manual_plan(
     c = hand_configuration(
         trace_fn, example_inputs, cluster, mesh, batch=batch, microbatch_size=microbatch_size,
         layers=layers, checkpoint=checkpoint, schedule=schedule, flavour=name,
-        dp_shard=dp_shard, precision=precision or TrainingPrecision(), solver=solver)
-    return candidate_plan(c, cluster, precision or TrainingPrecision(), solver={"manual": 1})
+        dp_shard=dp_shard, precision=precision, solver=solver)
+    return candidate_plan(c, cluster, precision, solver={"manual": 1})
 
 
 def autoparallelize(
