@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import autopar
 from autopar.layers import decision_nodes
 from autopar.models.gpt import GPT, GPTConfig
 from autopar.models.llama import Llama, LlamaConfig
+from autopar.models.losses import lm_loss
 from autopar.planning.profile import TrainingPrecision, profile_graph
 from autopar.planning.search import (
     Candidate,
@@ -26,10 +26,6 @@ from autopar.planning.stand_in import stand_in, whole
 MESH = {"dp": 2, "tp": 2}
 CLUSTER = autopar.Cluster.preset("h100-80g", devices_per_node=8)  # pp2 x dp2 x tp2
 PRECISION = TrainingPrecision()
-
-
-def lm_loss(out, target):
-    return F.cross_entropy(out.flatten(0, 1), target.flatten())
 
 
 def traced_model(model, batch=4, seq=16, vocab=128):
@@ -51,6 +47,7 @@ def costs_of(stand):
                        solved=solved)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(MODELS))
 def test_stand_in_costs_equal_the_full_graph(name):
     torch.manual_seed(0)
