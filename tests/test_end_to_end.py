@@ -2,91 +2,49 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import autopar
-from autopar.cluster import Cluster, DeviceSpec, Link
-from autopar.models.gpt import GPT, GPTConfig
-from autopar.models.llama import Llama, LlamaConfig
+from autopar.models.gpt import GPT
+from autopar.models.losses import lm_loss
 from tests.helpers.distributed import run_on_ranks
-
-CONFIG = GPTConfig(vocab_size=64, seq_len=8, n_layer=2, n_head=4, d_model=64)
-LLAMA = LlamaConfig(vocab_size=64, seq_len=8, n_layer=2, n_head=4, n_kv_head=2, d_model=64,
-                    ffn_hidden=128)
-MODELS = {"gpt": lambda: GPT(CONFIG), "llama": lambda: Llama(LLAMA)}
-STEPS = 4
-LR = 0.5
-
-
-def lm_loss(logits, target):
-    return F.cross_entropy(logits.flatten(0, 1), target.flatten())
+from tests.helpers.models import (
+    CONFIG,
+    MODELS,
+    batches,
+    fast_cpu_cluster,
+    reference_losses,
+    sgd_losses,
+)
+from tests.helpers.plans import sample_plan
 
 
-def fast_cpu_cluster(world_size: int) -> Cluster:
-    """CPU processes described with GPU-like links, so that splitting work pays in the cost
-    model and the planner really shards (the figures only steer the plan, not correctness)."""
-    return Cluster(
-        name="test-cpu",
-        device=DeviceSpec(
-            name="cpu",
-            memory_bytes=16 * 2**30,
-            peak_flops={"float32": 1e11},
-            hbm_bandwidth_bytes_per_s=2e10,
-        ),
-        devices_per_node=world_size,
-        nodes=1,
-        intra_node=Link(bandwidth_bytes_per_s=1e11, latency_s=1e-6),
-        inter_node=Link(bandwidth_bytes_per_s=1e10, latency_s=1e-5),
-        device_type="cpu",
-    )
+def on_mesh(mesh: dict[str, int]) -> dict:
+    """Planning options: `mesh`, and each rank's whole share of the batch as one microbatch.
+    The search would also try smaller microbatches (gradient accumulation) and, on these meshes
+    and models, choose the same plan; fixing it halves the planning. The search over
+    microbatches is tested by test_autoparallelize_searches_and_passes_options_through and in
+    tests/planning/test_search.py."""
+    return {"mesh": mesh, "microbatch_size": len(batches()[0][0]) // mesh.get("dp", 1)}
 
 
-def batches(batch_size: int = 4):
-    g = torch.Generator().manual_seed(1)
-    return [
-        (
-            torch.randint(0, CONFIG.vocab_size, (batch_size, CONFIG.seq_len), generator=g),
-            torch.randint(0, CONFIG.vocab_size, (batch_size, CONFIG.seq_len), generator=g),
-        )
-        for _ in range(STEPS)
-    ]
-
-
-def sgd_losses(parameters, train_step, data) -> list[float]:
-    """Loss of every SGD step; `train_step(x, y)` runs forward and backward, returns the loss."""
-    opt = torch.optim.SGD(parameters, lr=LR)
-    losses = []
-    for x, y in data:
-        losses.append(float(train_step(x, y)))
-        opt.step()
-        opt.zero_grad()
-    return losses
-
-
-def reference_losses(model_name: str, batch_size: int = 4) -> list[float]:
-    """The same model, seed and batches, trained in this one process."""
-    torch.manual_seed(0)
-    model = MODELS[model_name]()
-
-    def step(x, y):
-        loss = lm_loss(model(x), y)
-        loss.backward()
-        return loss.item()
-
-    return sgd_losses(model.parameters(), step, batches(batch_size))
-
-
-def offline_plan(model_name: str, mesh: dict[str, int]) -> str:
-    """The plan made from the model on the meta device, as a file would carry it."""
+@functools.cache
+def _offline_plan(model_name: str, mesh: tuple[tuple[str, int], ...]) -> str:
     with torch.device("meta"):
         model = MODELS[model_name]()
     return autopar.plan(model, fast_cpu_cluster(4), batches()[0], loss_fn=lm_loss,
-                        mesh=mesh).to_json()
+                        **on_mesh(dict(mesh))).to_json()
+
+
+def offline_plan(model_name: str, mesh: dict[str, int]) -> str:
+    """The plan made from the model on the meta device, as a file would carry it; made once
+    per session (in this process, not on the ranks) for each model and mesh."""
+    return _offline_plan(model_name, tuple(mesh.items()))
 
 
 def train_parallel(model_name: str, mesh: dict[str, int], runtime: str = "replay",
@@ -99,7 +57,7 @@ def train_parallel(model_name: str, mesh: dict[str, int], runtime: str = "replay
     if plan_json is not None:
         options = {"plan": autopar.Plan.from_dict(json.loads(plan_json))}
     else:
-        options = {"mesh": mesh}
+        options = on_mesh(mesh)
     pm = autopar.autoparallelize(
         model, fast_cpu_cluster(4), example_inputs=data[0], loss_fn=lm_loss, runtime=runtime,
         **options,
@@ -112,9 +70,12 @@ def train_parallel(model_name: str, mesh: dict[str, int], runtime: str = "replay
 # both models on the 2-D mesh with the default (replay) runtime, GPT's planned offline on the
 # meta device; the 1-D meshes once each, op by op (the "eager" runtime), so both runtimes stay
 # proven
+# (gpt on dp=4 is the fast lane's end-to-end check: `pytest -m "not slow"`)
 @pytest.mark.parametrize("model_name, mesh, runtime, plan_on_meta", [
-    ("gpt", {"dp": 2, "tp": 2}, "replay", True), ("llama", {"dp": 2, "tp": 2}, "replay", False),
-    ("llama", {"tp": 4}, "eager", False), ("gpt", {"dp": 4}, "eager", False),
+    pytest.param("gpt", {"dp": 2, "tp": 2}, "replay", True, marks=pytest.mark.slow),
+    pytest.param("llama", {"dp": 2, "tp": 2}, "replay", False, marks=pytest.mark.slow),
+    pytest.param("llama", {"tp": 4}, "eager", False, marks=pytest.mark.slow),
+    ("gpt", {"dp": 4}, "eager", False),
 ], ids=str)
 def test_losses_match_single_process(model_name, mesh, runtime, plan_on_meta):
     reference = reference_losses(model_name)
@@ -164,6 +125,7 @@ def train_without_rules(plan_json: str):
     return losses, [str(w.message) for w in caught if "cannot shard" in str(w.message)], log_softmax
 
 
+@pytest.mark.slow
 def test_a_plan_made_with_another_torch_runs_where_dtensor_lacks_its_rules():
     with torch.device("meta"):
         model = MODELS["gpt"]()
@@ -200,22 +162,25 @@ def test_cluster_that_does_not_match_the_job():
         assert "has 4 devices but this job has 2 processes" in message
 
 
-def train_checkpointed(model_name: str):
-    """dp=2 x tp=2, the first block checkpointed in full, the second selectively."""
+def train_checkpointed(model_name: str, plan_json: str):
+    """The planner's dp=2 x tp=2 plan, the first block checkpointed in full, the second
+    selectively."""
     torch.manual_seed(0)
     model = MODELS[model_name]()
     data = batches()
     cluster = fast_cpu_cluster(4)
-    plan = autopar.plan(model, cluster, data[0], loss_fn=lm_loss, mesh={"dp": 2, "tp": 2})
+    plan = autopar.Plan.from_dict(json.loads(plan_json))
     first = "blocks" if hasattr(model, "blocks") else "layers"
     plan.checkpoint = {f"{first}.0": "full", f"{first}.1": "selective"}
     pm = autopar.autoparallelize(model, cluster, data[0], loss_fn=lm_loss, plan=plan)
     return sgd_losses(pm.parameters(), pm.train_step, data)
 
 
+@pytest.mark.slow
 def test_checkpointed_layers_match_single_process():
-    # GPT here; the pipeline tests checkpoint Llama layers
-    results = run_on_ranks(train_checkpointed, 4, "gpt")
+    # GPT here; the pipeline tests checkpoint Llama layers. The plan is the one the GPT case of
+    # test_losses_match_single_process runs (made once, here, instead of on each rank)
+    results = run_on_ranks(train_checkpointed, 4, "gpt", offline_plan("gpt", {"dp": 2, "tp": 2}))
     assert results[0] == pytest.approx(reference_losses("gpt"), rel=1e-5)
 
 
@@ -246,6 +211,7 @@ def train_searched():
     return runs
 
 
+@pytest.mark.slow
 def test_autoparallelize_searches_and_passes_options_through():
     results = run_on_ranks(train_searched, 4)
     reference = reference_losses("gpt")
@@ -280,9 +246,7 @@ def test_unknown_option_names_the_valid_ones():
 
 
 def test_planning_options_beside_a_ready_plan_are_refused():
-    from tests.test_plan import make_plan
-
     with pytest.raises(autopar.AutoparError, match=r"plan= and planning option\(s\) "
                                                    r"\['memory_limit', 'mesh'\]"):
         autopar.autoparallelize(GPT(CONFIG), fast_cpu_cluster(4), batches()[0], loss_fn=lm_loss,
-                                plan=make_plan(), mesh={"dp": 4}, memory_limit=2**30)
+                                plan=sample_plan(), mesh={"dp": 4}, memory_limit=2**30)

@@ -13,45 +13,7 @@ from autopar.plan import (
     placement_from_str,
     placement_to_str,
 )
-
-FINGERPRINT = "ab" * 32
-
-
-def make_plan(n_layers: int = 3, **overrides) -> Plan:
-    parameters = {"wte.weight": ["S(0)", "R"], "ln_f.weight": ["R", "R"]}
-    for i in range(n_layers):
-        parameters[f"blocks.{i}.attn.qkv.weight"] = ["R", "S(0)"]
-        parameters[f"blocks.{i}.attn.proj.weight"] = ["R", "S(1)"]
-    fields = dict(
-        schema_version=SCHEMA_VERSION,
-        model="GPT",
-        graph_fingerprint=FINGERPRINT,
-        cluster={"name": "cpu", "nodes": 1, "devices_per_node": 4},
-        mesh={"dp": 2, "tp": 2},
-        parameters=parameters,
-        inputs={"idx": ["S(0)", "R"]},
-        ops={
-            "mm": OpSharding(inputs=[["S(0)", "R"], ["R", "S(1)"]], outputs=[["S(0)", "S(1)"]]),
-            "mm_1": OpSharding(
-                inputs=[["S(0)", "S(1)"], ["R", "S(0)"]], outputs=[["S(0)", "P(sum)"]]
-            ),
-        },
-        predicted={
-            "step_time_s": 0.0125,
-            "compute_s": 0.01,
-            "communication_s": 0.0025,
-            "peak_memory_bytes": 3 * 2**30,
-        },
-        solver={
-            "name": "highs",
-            "status": "Optimal",
-            "gap": 0.0,
-            "objective_s": 0.0125,
-            "solve_time_s": 0.31,
-        },
-    )
-    fields.update(overrides)
-    return Plan(**fields)
+from tests.helpers.plans import FINGERPRINT, sample_plan
 
 
 class TestPlacementStrings:
@@ -81,7 +43,7 @@ class TestPlacementStrings:
 
 class TestRoundTrip:
     def test_dict_and_json_round_trip(self, tmp_path):
-        plan = make_plan()
+        plan = sample_plan()
         assert Plan.from_dict(plan.to_dict()) == plan
         path = tmp_path / "plan.json"
         plan.save(path)
@@ -91,11 +53,11 @@ class TestRoundTrip:
         assert loaded.source_path == str(path)
 
     def test_json_is_byte_identical_and_independent_of_dict_order(self, tmp_path):
-        plan = make_plan()
+        plan = sample_plan()
         text = plan.to_json()
         assert text == plan.to_json()
         assert text.endswith("}\n")
-        shuffled = make_plan(
+        shuffled = sample_plan(
             parameters=dict(reversed(plan.parameters.items())),
             ops=dict(reversed(plan.ops.items())),
             predicted=dict(reversed(plan.predicted.items())),
@@ -106,7 +68,7 @@ class TestRoundTrip:
         assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
 
     def test_mesh_order_is_kept_and_names_sort_naturally(self):
-        d = json.loads(make_plan(n_layers=12, mesh={"tp": 2, "dp": 2}).to_json())
+        d = json.loads(sample_plan(n_layers=12, mesh={"tp": 2, "dp": 2}).to_json())
         assert list(d["mesh"]) == ["tp", "dp"]
         names = list(d["parameters"])
         assert names.index("blocks.2.attn.proj.weight") < names.index("blocks.10.attn.proj.weight")
@@ -115,21 +77,21 @@ class TestRoundTrip:
         ops = {
             "split": OpSharding(inputs=[["R", "S(1)"], []], outputs=[[], ["R", "R"]], rule="split")
         }
-        plan = make_plan(ops=ops)
+        plan = sample_plan(ops=ops)
         loaded = Plan.from_dict(json.loads(plan.to_json()))
         assert loaded.ops["split"] == ops["split"]
         assert loaded.ops["split"].rule == "split"
 
     def test_the_torch_that_made_it_round_trips_and_may_be_absent(self):
-        plan = make_plan(made_with={"torch": "2.11.0+cu130"})
+        plan = sample_plan(made_with={"torch": "2.11.0+cu130"})
         assert Plan.from_dict(json.loads(plan.to_json())).made_with == {"torch": "2.11.0+cu130"}
         assert "made with  torch 2.11.0+cu130" in plan.summary()
-        older = make_plan().to_dict()
+        older = sample_plan().to_dict()
         del older["made_with"]  # plans from before 2026-11-30
         assert Plan.from_dict(older).made_with == {}
 
     def test_floats_keep_full_precision(self):
-        plan = make_plan(predicted={"step_time_s": 0.1 + 0.2})
+        plan = sample_plan(predicted={"step_time_s": 0.1 + 0.2})
         assert Plan.from_dict(json.loads(plan.to_json())).predicted["step_time_s"] == 0.1 + 0.2
 
 
@@ -150,7 +112,7 @@ class TestLoadErrors:
             Plan.load(path)
 
     def test_newer_schema_version(self, tmp_path):
-        d = make_plan().to_dict() | {"schema_version": SCHEMA_VERSION + 1}
+        d = sample_plan().to_dict() | {"schema_version": SCHEMA_VERSION + 1}
         path = self.write(tmp_path, d)
         with pytest.raises(PlanMismatchError) as info:
             Plan.load(path)
@@ -159,29 +121,29 @@ class TestLoadErrors:
         assert "upgrade autopar" in str(info.value)
 
     def test_unknown_old_schema_version(self, tmp_path):
-        path = self.write(tmp_path, make_plan().to_dict() | {"schema_version": 0})
+        path = self.write(tmp_path, sample_plan().to_dict() | {"schema_version": 0})
         with pytest.raises(ValueError, match="unknown plan schema version 0"):
             Plan.load(path)
 
     def test_missing_key(self, tmp_path):
-        d = make_plan().to_dict()
+        d = sample_plan().to_dict()
         del d["mesh"]
         path = self.write(tmp_path, d)
         with pytest.raises(ValueError, match=r"plan\.json: missing field\(s\) mesh"):
             Plan.load(path)
 
     def test_wrong_type(self, tmp_path):
-        path = self.write(tmp_path, make_plan().to_dict() | {"parameters": []})
+        path = self.write(tmp_path, sample_plan().to_dict() | {"parameters": []})
         with pytest.raises(ValueError, match="field 'parameters' should be dict, got list"):
             Plan.load(path)
 
     def test_bad_made_with(self, tmp_path):
-        path = self.write(tmp_path, make_plan().to_dict() | {"made_with": {"torch": 2.11}})
+        path = self.write(tmp_path, sample_plan().to_dict() | {"made_with": {"torch": 2.11}})
         with pytest.raises(ValueError, match="made_with should map names to versions"):
             Plan.load(path)
 
     def test_bad_placement_string(self, tmp_path):
-        d = make_plan().to_dict()
+        d = sample_plan().to_dict()
         d["parameters"]["wte.weight"] = ["S(0)", "Shard(1)"]
         path = self.write(tmp_path, d)
         with pytest.raises(
@@ -190,7 +152,7 @@ class TestLoadErrors:
             Plan.load(path)
 
     def test_placement_count_must_match_mesh(self, tmp_path):
-        d = make_plan().to_dict()
+        d = sample_plan().to_dict()
         d["ops"]["mm"]["outputs"] = [["S(0)"]]
         path = self.write(tmp_path, d)
         with pytest.raises(
@@ -200,15 +162,15 @@ class TestLoadErrors:
 
     def test_bad_mesh_size(self):
         with pytest.raises(ValueError, match="mesh axis 'tp' has size 0"):
-            make_plan(mesh={"dp": 2, "tp": 0})
+            sample_plan(mesh={"dp": 2, "tp": 0})
 
 
 class TestCheckMatches:
     def test_matching_plan_passes(self):
-        make_plan().check_matches(graph_fingerprint=FINGERPRINT, world_size=4)
+        sample_plan().check_matches(graph_fingerprint=FINGERPRINT, world_size=4)
 
     def test_other_graph(self, tmp_path):
-        make_plan().save(tmp_path / "plan.json")
+        sample_plan().save(tmp_path / "plan.json")
         plan = Plan.load(tmp_path / "plan.json")
         with pytest.raises(PlanMismatchError) as info:
             plan.check_matches(graph_fingerprint="cd" * 32, world_size=4)
@@ -219,7 +181,7 @@ class TestCheckMatches:
 
     def test_other_world_size(self):
         with pytest.raises(PlanMismatchError) as info:
-            make_plan().check_matches(graph_fingerprint=FINGERPRINT, world_size=8)
+            sample_plan().check_matches(graph_fingerprint=FINGERPRINT, world_size=8)
         msg = str(info.value)
         assert "is for 4 devices (mesh dp=2 x tp=2), this job has 8" in msg
         assert "re-plan for 8 devices" in msg
@@ -227,7 +189,7 @@ class TestCheckMatches:
 
 class TestSummary:
     def test_header(self):
-        text = make_plan().summary()
+        text = sample_plan().summary()
         assert "plan for GPT" in text
         assert "dp=2 x tp=2 = 4 devices" in text
         assert "cpu, 4 devices" in text
@@ -236,7 +198,7 @@ class TestSummary:
         assert "highs: Optimal gap 0.00% in 0.31 s" in text
 
     def test_repeated_layers_collapse(self):
-        text = make_plan(n_layers=12).summary()
+        text = sample_plan(n_layers=12).summary()
         rows = [line.split() for line in text.splitlines()]
         assert ["blocks.{0..11}.attn.qkv.weight", "R", "S(0)"] in rows
         assert ["blocks.{0..11}.attn.proj.weight", "R", "S(1)"] in rows
@@ -244,7 +206,7 @@ class TestSummary:
         assert not any(r and r[0].startswith("blocks.3.") for r in rows)
 
     def test_layers_with_other_placements_stay_apart(self):
-        plan = make_plan(n_layers=4)
+        plan = sample_plan(n_layers=4)
         plan.parameters["blocks.2.attn.qkv.weight"] = ["S(0)", "R"]
         rows = [line.split() for line in plan.summary().splitlines()]
         assert ["blocks.{0,1,3}.attn.qkv.weight", "R", "S(0)"] in rows
@@ -253,6 +215,6 @@ class TestSummary:
 
     def test_nested_indices_collapse(self):
         params = {f"layers.{i}.experts.{j}.w": ["S(0)"] for i in range(2) for j in range(8)}
-        plan = make_plan(mesh={"ep": 8}, parameters=params, inputs={}, ops={})
+        plan = sample_plan(mesh={"ep": 8}, parameters=params, inputs={}, ops={})
         rows = [line.split() for line in plan.summary().splitlines()]
         assert ["layers.{0..1}.experts.{0..7}.w", "S(0)"] in rows

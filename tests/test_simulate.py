@@ -7,11 +7,12 @@ import json
 import pytest
 
 import autopar
-from tests.test_search import BATCH, lm_loss, setup  # noqa: F401
+from autopar.models.losses import lm_loss
+from tests.helpers.models import SEARCH_BATCH as BATCH
 
 
-def test_report_fields_and_round_trip(setup, tmp_path):  # noqa: F811
-    model, batch, cluster = setup
+def test_report_fields_and_round_trip(gpt_on_four_h100s, tmp_path):
+    model, batch, cluster = gpt_on_four_h100s
     plan = autopar.manual_plan(model, cluster, batch, loss_fn=lm_loss, tp=2, pp=2, dp=1,
                                microbatch_size=2)
     path = tmp_path / "p.json"
@@ -29,7 +30,7 @@ def test_report_fields_and_round_trip(setup, tmp_path):  # noqa: F811
 
 
 def test_intra_op_only_plan_is_refused_clearly():
-    from tests.test_plan import make_plan
+    from tests.helpers.plans import sample_plan
 
     with pytest.raises(ValueError, match="re-plan"):
-        autopar.simulate(make_plan())
+        autopar.simulate(sample_plan())

@@ -9,13 +9,10 @@ from torch import nn
 
 from autopar.errors import TraceError
 from autopar.models.gpt import GPT, GPTConfig
+from autopar.models.losses import lm_loss
 from autopar.trace import graph_fingerprint, layer_of, trace
 
 CFG = GPTConfig(vocab_size=64, seq_len=8, n_layer=2, n_head=4, d_model=32)
-
-
-def lm_loss(logits, target):
-    return F.cross_entropy(logits.flatten(0, 1), target.flatten())
 
 
 def gpt_batch(batch=2, device="cpu"):

@@ -8,7 +8,11 @@
     assert run_on_ranks(_sum_ranks, 4) == [6.0] * 4
 
 `fn` must be importable by the child processes (a module-level function) and its arguments and
-return value picklable. Each child sets the environment torchrun would (MASTER_ADDR, MASTER_PORT,
+return value picklable. The children are forked from a fork server that has imported torch and
+autopar once (multiprocessing's "forkserver" start method): a fresh interpreter per rank would
+import them again, about 3 s each, which on 2 cores made start-up most of an 8-rank test. The
+server forks before any torch op has run, so no thread pool or process group is inherited; the
+server lives as long as the test session. Each child sets the environment torchrun would (MASTER_ADDR, MASTER_PORT,
 RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE), uses one intra-op thread, and joins a gloo group
 before calling `fn`. If a rank raises, the parent raises with that rank and its traceback and
 stops the others; if the ranks do not finish within `timeout_s`, it stops them all and says which
@@ -26,12 +30,17 @@ import traceback
 from datetime import timedelta
 from typing import Any
 
+# imported once by the fork server, before it forks the ranks (an ImportError is ignored there)
+PRELOAD = ["torch", "torch.distributed", "torch.export._trace", "autopar", "pytest",
+           "tests.helpers.models"]
+
 
 def run_on_ranks(fn, world_size: int, *args: Any, timeout_s: float = 300) -> list:
     """Call `fn(*args)` on `world_size` gloo ranks; return their results in rank order."""
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)  # read when the server starts, on the first call
     results_q = ctx.Queue()
     port = _free_port()
     procs = [

@@ -20,6 +20,7 @@ from torch import nn
 
 from autopar.models.gpt import GPT, GPTConfig
 from autopar.models.llama import Llama, LlamaConfig
+from autopar.models.losses import lm_loss
 from autopar.planning.strategies import _signature
 from autopar.trace import trace
 from tests.helpers.simulate import (
@@ -32,10 +33,6 @@ from tests.helpers.simulate import (
 )
 
 MESHES = [(2,), (4,), (2, 2)]
-
-
-def _cross_entropy(logits, target):
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1))
 
 
 class _MLP(nn.Module):
@@ -71,7 +68,7 @@ def _gpt():
     cfg = GPTConfig(vocab_size=64, seq_len=8, n_layer=1, n_head=4, d_model=32)
     idx = torch.randint(0, cfg.vocab_size, (4, cfg.seq_len))
     target = torch.randint(0, cfg.vocab_size, (4, cfg.seq_len))
-    return GPT(cfg), (idx,), target, _cross_entropy
+    return GPT(cfg), (idx,), target, lm_loss
 
 
 def _llama():
@@ -79,7 +76,7 @@ def _llama():
                       ffn_hidden=48)
     idx = torch.randint(0, cfg.vocab_size, (4, cfg.seq_len))
     target = torch.randint(0, cfg.vocab_size, (4, cfg.seq_len))
-    return Llama(cfg), (idx,), target, _cross_entropy
+    return Llama(cfg), (idx,), target, lm_loss
 
 
 def _mlp():
@@ -130,8 +127,17 @@ def _work(traced, mesh_shape):
     return work, covered_by
 
 
-@pytest.mark.parametrize("model", sorted(MODELS))
-@pytest.mark.parametrize("mesh_shape", MESHES, ids=lambda s: "x".join(map(str, s)))
+def _cases():
+    """(mesh, model) pairs; the 2-D mesh and the two language models on the 1-D ones take
+    5-50 s each: slow (the fast lane checks the MLP and the functional model on 1-D meshes)."""
+    for mesh_shape in MESHES:
+        for model in sorted(MODELS):
+            slow = len(mesh_shape) > 1 or model in ("gpt", "llama")
+            yield pytest.param(mesh_shape, model, marks=[pytest.mark.slow] if slow else [],
+                               id=f"{'x'.join(map(str, mesh_shape))}-{model}")
+
+
+@pytest.mark.parametrize("mesh_shape, model", _cases())
 def test_every_strategy_matches_unsharded(model, mesh_shape, one_thread):
     traced, values = _traced(model)
     work, covered_by = _work(traced, mesh_shape)
@@ -159,6 +165,7 @@ def test_every_strategy_matches_unsharded(model, mesh_shape, one_thread):
     assert not unchecked, f"nodes with no strategy checked: {unchecked}"
 
 
+@pytest.mark.slow  # enumerates the strategies of the slow cases above: their guard
 def test_strategies_checked_are_in_the_hundreds():
     """The test above must not pass by checking nothing: every op of every model has
     strategies to run, and they add up to hundreds."""

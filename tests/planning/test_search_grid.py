@@ -12,20 +12,18 @@ checkpointing a schedule cannot run.
 
 from __future__ import annotations
 
-import inspect
 import itertools
-import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import autopar
-from autopar import trace
 from autopar.models.gpt import GPT, GPTConfig
 from autopar.models.llama import Llama, LlamaConfig
+from autopar.models.losses import lm_loss
 from autopar.parallelism import POLICIES
-from autopar.planning import manual, search
+from autopar.planning import search
+from tests.helpers.planning import shared_planning_work
 
 BATCH = 4
 SEQ = 64
@@ -38,54 +36,15 @@ CLUSTERS = {
     "1x4": lambda: autopar.Cluster.preset("h100-80g", devices_per_node=4),
     "4x2": lambda: autopar.Cluster.preset("h100-80g", nodes=4, devices_per_node=2),
 }
+pytestmark = pytest.mark.slow  # hundreds of hand configurations planned per case
 MIN_HAND_CONFIGS = 100  # per case: the grid must really compare, not skip its way to a pass
-
-
-def lm_loss(out, target):
-    return F.cross_entropy(out.flatten(0, 1), target.flatten())
-
-
-def _memo(fn, key):
-    """`fn` remembering its results by `key(*args, **kwargs)` (the values it holds keep the
-    objects whose ids are in the keys alive)."""
-    seen: dict = {}
-
-    def memoized(*args, **kwargs):
-        k = key(*args, **kwargs)
-        if k not in seen:
-            seen[k] = (fn(*args, **kwargs), args)
-        return seen[k][0]
-
-    return memoized
-
-
-_SOLVE_LAYERS = search.solve_layers
-
-
-def _solve_key(*args, **kwargs):
-    """solve_layers' arguments, however passed (the search and manual_plan pass them apart)."""
-    bound = inspect.signature(_SOLVE_LAYERS).bind(*args, **kwargs)
-    bound.apply_defaults()
-    a = dict(bound.arguments)
-    return (id(a.pop("stand")), id(a.pop("profiles")), json.dumps(a.pop("cluster").to_dict()),
-            tuple(a.pop("sub_mesh").items()), repr(sorted(a.items())))
 
 
 @pytest.fixture(scope="module", autouse=True)
 def shared_work():
     """The plans and hand configurations of a model share its traces, stand-ins and intra-op
-    solves: each is a pure function of its arguments, so sharing them changes no result, only
-    the time (a solve is the slow part of planning, and hundreds of hand configurations reuse a
-    few dozen)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(trace, "trace_for_training", _memo(
-            trace.trace_for_training,
-            lambda model, inputs, loss_fn: (id(model), trace.inputs_key(inputs), loss_fn)))
-        prepare = _memo(search.prepare, id)
-        solve_layers = _memo(search.solve_layers, _solve_key)
-        for planning in (search, manual):  # the search's and manual_plan's
-            mp.setattr(planning, "prepare", prepare)
-            mp.setattr(planning, "solve_layers", solve_layers)
+    solves (tests/helpers/planning.py): hundreds of hand configurations reuse a few dozen."""
+    with shared_planning_work():
         yield
 
 

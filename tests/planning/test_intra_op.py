@@ -10,11 +10,12 @@ from torch import nn
 import autopar
 from autopar.errors import InfeasibleError, MeshError
 from autopar.models.gpt import GPT, GPTConfig
+from autopar.models.losses import lm_loss
 from autopar.planning.intra_op import build_problem
 from autopar.planning.profile import TrainingPrecision, profile_graph
 from autopar.planning.search import candidate_meshes
 from autopar.trace import trace
-from tests.test_end_to_end import fast_cpu_cluster
+from tests.helpers.models import fast_cpu_cluster
 
 
 class MLP(nn.Module):
@@ -56,6 +57,7 @@ class TestMegatronPattern:
 
 
 class TestMemory:
+    @pytest.mark.slow
     def test_tight_memory_forces_sharding(self):
         # Replicated fp32 AdamW state of the MLP is ~8.4 MB per device, sharded it halves.
         # Many tokens make replicated weights the fastest plan; a limit halfway between the
@@ -118,16 +120,12 @@ def test_tied_weight_with_a_vocabulary_dp_cannot_divide():
     assert plan.parameters["lm_head.weight"] == ["R"]
 
 
-def lm_loss(out, target):
-    return F.cross_entropy(out.flatten(0, 1), target.flatten())
-
-
 class TestRepeatedLayers:
+    @pytest.mark.slow
     def test_identical_blocks_share_decisions(self):
         cfg = GPTConfig(vocab_size=64, seq_len=8, n_layer=4, n_head=4, d_model=32)
         x = torch.randint(0, 64, (4, 8))
-        traced = trace(GPT(cfg), (x,), loss_fn=lambda o, t: F.cross_entropy(
-            o.flatten(0, 1), t.flatten()), target=x)
+        traced = trace(GPT(cfg), (x,), loss_fn=lm_loss, target=x)
         decisions = build_problem(
             traced, profile_graph(traced.graph_module), fast_cpu_cluster(4), {"dp": 2, "tp": 2},
             precision=TrainingPrecision(), memory_budget_bytes=float("inf"),
@@ -137,8 +135,7 @@ class TestRepeatedLayers:
         # and keeps its own where its candidates differ
         assert len(ties) > 20 and all(len(group) >= 3 for group in ties)
         assert sum(len(group) == 4 for group in ties) > len(ties) / 2
-        plan = autopar.plan(GPT(cfg), fast_cpu_cluster(4), (x, x),
-                            loss_fn=lambda o, t: F.cross_entropy(o.flatten(0, 1), t.flatten()),
+        plan = autopar.plan(GPT(cfg), fast_cpu_cluster(4), (x, x), loss_fn=lm_loss,
                             mesh={"dp": 2, "tp": 2})
         per_block = [
             {k.split(".", 2)[2]: v for k, v in plan.parameters.items()

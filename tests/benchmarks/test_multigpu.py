@@ -11,8 +11,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "benchmarks" / "multigpu.py"
+pytestmark = pytest.mark.slow  # each test launches the script: ~10 s
 
 
 def _run(tmp_path, *args, nproc: int | None = None):

@@ -8,65 +8,49 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import autopar
 import solvers
 from autopar.batches import microbatch_inputs
 from autopar.models.gpt import GPT, GPTConfig
+from autopar.models.losses import lm_loss
 from autopar.planning.candidate import bubble_weight, pipeline_problem
 from autopar.schedules import SCHEDULES, get_schedule
-
-BATCH = 8
-
-
-def lm_loss(out, target):
-    return F.cross_entropy(out.flatten(0, 1), target.flatten())
-
-
-@pytest.fixture(scope="module")
-def setup():
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=128, seq_len=16, n_layer=4, n_head=4, d_model=64))
-    x = torch.randint(0, 128, (BATCH, 16))
-    cluster = autopar.Cluster.preset("h100-80g", devices_per_node=4)
-    return model, (x, x.clone()), cluster
-
-
-@pytest.fixture(scope="module")
-def best(setup):
-    model, batch, cluster = setup
-    return autopar.plan(model, cluster, batch, loss_fn=lm_loss)
-
+from tests.helpers.models import SEARCH_BATCH as BATCH
+from tests.helpers.planning import shared_planning_work
 
 # The planner against every hand configuration, on a grid of models, clusters and memory
-# limits: tests/test_search_grid.py.
+# limits: tests/planning/test_search_grid.py.
 
 
-def test_choice_is_the_min_over_every_config_of_its_mesh(setup, best):
+@pytest.mark.slow
+def test_choice_is_the_min_over_every_config_of_its_mesh(gpt_on_four_h100s):
     """Brute force over microbatch, checkpoint, flavour and schedule on the chosen mesh: the
-    planner's step time is the minimum (even cuts are in the planner's space)."""
-    model, batch, cluster = setup
-    mesh = {"pp": 1, "dp": 1, "tp": 1} | best.mesh
-    pp, dp, tp = mesh["pp"], mesh["dp"], mesh["tp"]
-    times = []
-    for mb, ckpt, zero, schedule in itertools.product(
-        [d for d in range(1, BATCH // dp + 1) if (BATCH // dp) % d == 0],
-        ["none", "full"], [0, 2, 3] if dp > 1 else [0], ["1F1B", "Interleaved1F1B"],
-    ):
-        try:
-            p = autopar.manual_plan(model, cluster, batch, loss_fn=lm_loss, tp=tp, pp=pp, dp=dp,
-                                    microbatch_size=mb, checkpoint=ckpt, schedule=schedule,
-                                    zero=zero)
-        except autopar.MeshError:
-            continue
-        times.append(autopar.simulate(p).step_time_s)
+    planner's step time is the minimum (even cuts are in the planner's space). The search and
+    the hand configurations share traces and solves (tests/helpers/planning.py)."""
+    model, batch, cluster = gpt_on_four_h100s
+    with shared_planning_work():
+        best = autopar.plan(model, cluster, batch, loss_fn=lm_loss)
+        mesh = {"pp": 1, "dp": 1, "tp": 1} | best.mesh
+        pp, dp, tp = mesh["pp"], mesh["dp"], mesh["tp"]
+        times = []
+        for mb, ckpt, zero, schedule in itertools.product(
+            [d for d in range(1, BATCH // dp + 1) if (BATCH // dp) % d == 0],
+            ["none", "full"], [0, 2, 3] if dp > 1 else [0], ["1F1B", "Interleaved1F1B"],
+        ):
+            try:
+                p = autopar.manual_plan(model, cluster, batch, loss_fn=lm_loss, tp=tp, pp=pp,
+                                        dp=dp, microbatch_size=mb, checkpoint=ckpt,
+                                        schedule=schedule, zero=zero)
+            except autopar.MeshError:
+                continue
+            times.append(autopar.simulate(p).step_time_s)
     assert times
     assert autopar.simulate(best).step_time_s <= min(times) * (1 + 1e-9)
 
 
-def test_pipelined_plan_follows_the_contract(setup):
-    model, batch, cluster = setup
+def test_pipelined_plan_follows_the_contract(gpt_on_four_h100s):
+    model, batch, cluster = gpt_on_four_h100s
     plan = autopar.plan(model, cluster, batch, loss_fn=lm_loss, mesh={"pp": 2, "dp": 2},
                         schedule="1F1B", microbatch_size=1)
     assert list(plan.mesh) == ["pp", "dp"]
@@ -79,8 +63,8 @@ def test_pipelined_plan_follows_the_contract(setup):
     assert again == plan
 
 
-def test_memory_limit_that_nothing_fits_says_smallest_peak(setup):
-    model, batch, cluster = setup
+def test_memory_limit_that_nothing_fits_says_smallest_peak(gpt_on_four_h100s):
+    model, batch, cluster = gpt_on_four_h100s
     with pytest.raises(autopar.InfeasibleError, match="smallest peak found") as e:
         autopar.plan(model, cluster, batch, loss_fn=lm_loss, mesh={"pp": 2, "dp": 2},
                      memory_limit=1000)
@@ -104,6 +88,7 @@ def compute_bound():
     return model, (x, x.clone()), autopar.Cluster.preset("h100-80g", devices_per_node=4)
 
 
+@pytest.mark.slow
 def test_search_picks_zero_bubble_and_zbv_stages_follow_the_v(compute_bound):
     model, batch, cluster = compute_bound
     args = dict(loss_fn=lm_loss, mesh={"pp": 2, "dp": 2}, microbatch_size=1)
@@ -131,8 +116,8 @@ def test_search_picks_zero_bubble_and_zbv_stages_follow_the_v(compute_bound):
         assert [st["rank"] for st in plan.pipeline["stages"]] == [0, 1, 1, 0]
 
 
-def test_selective_checkpointing_under_split_backward_is_refused(setup):
-    model, batch, cluster = setup
+def test_selective_checkpointing_under_split_backward_is_refused(gpt_on_four_h100s):
+    model, batch, cluster = gpt_on_four_h100s
     with pytest.raises(autopar.AutoparError, match=r"allows one .* layers \['blocks.0', .*"
                                                    r"checkpoint them 'full' or 'none'"):
         autopar.manual_plan(model, cluster, batch, loss_fn=lm_loss, tp=1, pp=2, dp=2,
@@ -175,7 +160,8 @@ def test_split_backward_charges_a_second_recompute():
         assert [o.bwd_s for o in problem.layers[0].options] == [2.0, full_bwd]
 
 
-def test_host_time_is_charged_and_favours_few_microbatches(setup):
+@pytest.mark.slow
+def test_host_time_is_charged_and_favours_few_microbatches(gpt_on_four_h100s):
     """On a device whose host needs 1 ms per op, a layer costs at least its ops' host time:
     the step is never predicted below the host's, and the plan runs the batch in as few
     microbatches as fit (each one issues every op again)."""
@@ -184,7 +170,7 @@ def test_host_time_is_charged_and_favours_few_microbatches(setup):
     from autopar.cluster import Calibration
     from autopar.trace import trace
 
-    model, batch, cluster = setup
+    model, batch, cluster = gpt_on_four_h100s
     slow_host = Calibration(host_s_per_op={"replay": 1e-3, "eager": 1e-3})
     cluster = dataclasses.replace(
         cluster, devices_per_node=1,
@@ -214,6 +200,7 @@ def test_the_pipeline_runtime_cost_is_charged_per_stage_send():
     assert charged.p2p_latency_s == pytest.approx(plain.p2p_latency_s + 0.5)
 
 
+@pytest.mark.slow
 def test_plan_keeps_nothing_of_the_model_alive():
     # a fresh interpreter: the solvers' first import happens inside autopar.plan, where pulp's
     # import-time tracebacks once held plan's frame, and so the model, for good
@@ -221,12 +208,12 @@ def test_plan_keeps_nothing_of_the_model_alive():
     import sys
 
     script = """
-import gc, weakref, torch, torch.nn.functional as F, autopar
+import gc, weakref, torch, autopar
 from autopar.models.gpt import GPT, GPTConfig
+from autopar.models.losses import lm_loss
 model = GPT(GPTConfig(vocab_size=64, seq_len=8, n_layer=2, n_head=2, d_model=16))
 x = torch.randint(0, 64, (4, 8))
-loss = lambda out, y: F.cross_entropy(out.flatten(0, 1), y.flatten())
-autopar.plan(model, autopar.Cluster.preset("cpu", devices_per_node=2), (x, x), loss_fn=loss,
+autopar.plan(model, autopar.Cluster.preset("cpu", devices_per_node=2), (x, x), loss_fn=lm_loss,
              mesh={"dp": 2})
 refs = [weakref.ref(p) for p in model.parameters()]
 del model
@@ -260,7 +247,7 @@ def test_zero_collectives_are_charged_per_microbatch_where_the_runtime_issues_th
     assert traffic("zero3") == (0.0, gather, gather + scatter)
 
 
-def test_zero2_gathered_weights_live_with_the_activations_unless_checkpointed(setup):
+def test_zero2_gathered_weights_live_with_the_activations_unless_checkpointed(gpt_on_four_h100s):
     # forward keeps the weights it gathered for backward (FSDP without reshard-after-forward);
     # a checkpointed layer's recomputation gathers them again instead
     from autopar.planning.layer_costs import layer_costs, solve_layers
@@ -268,7 +255,7 @@ def test_zero2_gathered_weights_live_with_the_activations_unless_checkpointed(se
     from autopar.planning.stand_in import stand_in
     from autopar.trace import trace_for_training
 
-    model, batch, _ = setup
+    model, batch, _ = gpt_on_four_h100s
     cluster = autopar.Cluster.preset("h100-80g", devices_per_node=2)
     stand = stand_in(trace_for_training(model, batch, lm_loss))
     profiles = profile_graph(stand.traced.graph_module)
@@ -309,7 +296,7 @@ def test_mixed_precision_steps_fp32_masters_on_fp32_gradients():
         2 * (2 + 12) * n + 2 * n + 2 * 4 * n)  # ... and the fp32 gradient, written and read
 
 
-def test_gradient_accumulation_is_charged_per_later_microbatch(setup):
+def test_gradient_accumulation_is_charged_per_later_microbatch(gpt_on_four_h100s):
     from autopar.planning.cost import gradient_accumulation_s
 
     device = autopar.Cluster.preset("h100-80g").device
@@ -320,7 +307,7 @@ def test_gradient_accumulation_is_charged_per_later_microbatch(setup):
         0.0, (3 * 3 + 2) * g, device, "float32")
     import dataclasses
 
-    model, batch, cluster = setup
+    model, batch, cluster = gpt_on_four_h100s
     cluster = dataclasses.replace(cluster, devices_per_node=1)
     one = autopar.manual_plan(model, cluster, batch, loss_fn=lm_loss, tp=1, pp=1, dp=1,
                               microbatch_size=BATCH)

@@ -8,19 +8,13 @@ import json
 import pytest
 import torch
 
+from autopar.models.losses import lm_loss
 from autopar.runtime.mesh import make_mesh
 from autopar.runtime.parallel_model import ParallelModel
 from autopar.trace import trace
 from tests.helpers.distributed import run_on_ranks
 from tests.helpers.intra_op_plans import make_plan
-from tests.test_end_to_end import (
-    MODELS,
-    batches,
-    fast_cpu_cluster,
-    lm_loss,
-    reference_losses,
-    sgd_losses,
-)
+from tests.helpers.models import MODELS, batches, fast_cpu_cluster, reference_losses, sgd_losses
 
 
 def zero_plan(model, batch, mesh, flavour):
@@ -41,17 +35,29 @@ def zero_plan(model, batch, mesh, flavour):
     return traced, plan
 
 
-def train_zero(model_name, mesh, flavour):
+def zero_plan_json(model_name, mesh, flavour) -> str:
+    """Planned once here, not on every rank."""
+    torch.manual_seed(0)
+    _, plan = zero_plan(MODELS[model_name](), batches()[0], mesh, flavour)
+    return plan.to_json()
+
+
+def train_zero(model_name, plan_json):
+    from autopar.plan import Plan
+
     torch.manual_seed(0)
     model = MODELS[model_name]()
     data = batches()
-    traced, plan = zero_plan(model, data[0], mesh, flavour)
+    x, y = data[0]
+    traced = trace(model, (x,), loss_fn=lm_loss, target=y)
+    plan = Plan.from_dict(json.loads(plan_json))
     pm = ParallelModel(model, traced, plan, make_mesh(plan))
     losses = sgd_losses(pm.parameters(), pm.train_step, data)
     held = sum(p.to_local().numel() for p in pm.parameters())
     return losses, held, sum(p.numel() for p in pm.parameters())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "model_name, mesh, flavour",
     [("gpt", {"dp": 4}, "zero3"), ("gpt", {"dp": 2, "tp": 2}, "zero3"),
@@ -59,7 +65,7 @@ def train_zero(model_name, mesh, flavour):
     ids=str,
 )
 def test_zero_matches_single_process_and_shards_state(model_name, mesh, flavour):
-    results = run_on_ranks(train_zero, 4, model_name, mesh, flavour)
+    results = run_on_ranks(train_zero, 4, model_name, zero_plan_json(model_name, mesh, flavour))
     losses, held, total = results[0]
     assert all(r[0] == losses for r in results)
     assert losses == pytest.approx(reference_losses(model_name), rel=1e-5)
@@ -86,6 +92,7 @@ def train_hsdp(model_name, plan_json):
         sum(p.numel() for p in pm.parameters())
 
 
+@pytest.mark.slow
 def test_hybrid_sharding_matches_single_process_and_shards_within_a_node():
     """HSDP on 2 nodes x 2: parameters sharded over the 2 ranks of a node (dp), replicated
     over the nodes (dp_replicate); the batch split over all 4."""

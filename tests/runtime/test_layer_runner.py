@@ -16,10 +16,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import autopar
 from autopar.layers import assign_layers
+from autopar.models.losses import lm_loss
 from autopar.parallelism import KEEP, check_policies
 from autopar.runtime.layer_runner import LayerRunner
 from autopar.trace import trace
-from tests.test_end_to_end import MODELS, batches, lm_loss
+from tests.helpers.models import MODELS, batches
 
 aten = torch.ops.aten
 
@@ -105,7 +106,9 @@ def test_selective_recomputes_the_cheap_ops(runs):
         assert runs["full"][0][op] == runs["selective"][0][op] == 2 * per_block
 
 
-@pytest.mark.parametrize("policy", ["none", "full", "selective"])
+@pytest.mark.parametrize("policy", [
+    "none", pytest.param("full", marks=pytest.mark.slow),
+    pytest.param("selective", marks=pytest.mark.slow)])
 def test_the_replay_runtime_gives_the_same_loss_and_gradients(runs, policy):
     """Layers traced once and replayed (the default runtime) compute what op-by-op does, also
     when the first call ran without grad (an inference trace must not be replayed in training),

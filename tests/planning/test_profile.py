@@ -9,6 +9,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from autopar.models.gpt import GPT, GPTConfig
+from autopar.models.losses import lm_loss
 from autopar.planning.profile import (
     PROFILE_KEY,
     TrainingPrecision,
@@ -133,10 +134,6 @@ class TestLayerNorm:
         assert profiles[ln.name].output_bytes == 4 * (B * T * C + 2 * B * T)
 
 
-def _loss(logits, targets):
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
-
-
 CFG = GPTConfig(vocab_size=64, seq_len=16, n_layer=2, n_head=2, d_model=32)
 BATCH = 2
 
@@ -146,7 +143,7 @@ def _traced_gpt():
     model = GPT(CFG)
     idx = torch.randint(0, CFG.vocab_size, (BATCH, CFG.seq_len))
     target = torch.randint(0, CFG.vocab_size, (BATCH, CFG.seq_len))
-    traced = trace(model, (idx,), loss_fn=_loss, target=target)
+    traced = trace(model, (idx,), loss_fn=lm_loss, target=target)
     return model, traced, idx, target
 
 
@@ -188,7 +185,7 @@ class TestGPT:
         with torch.device("meta"):
             model = GPT(CFG)
         with FlopCounterMode(display=False) as counter:
-            _loss(model(idx.to("meta")), target.to("meta"))
+            lm_loss(model(idx.to("meta")), target.to("meta"))
         assert sum(p.fwd_flops for p in profiles.values()) == counter.get_total_flops()
 
     def test_backward_flops_equal_whole_model_backward_but_attention(self):
@@ -199,7 +196,7 @@ class TestGPT:
         profiles = profile_graph(gm)
         with torch.device("meta"):
             model = GPT(CFG)
-        loss = _loss(model(idx.to("meta")), target.to("meta"))
+        loss = lm_loss(model(idx.to("meta")), target.to("meta"))
         with FlopCounterMode(display=False) as counter:
             loss.backward()
         sdpa = [

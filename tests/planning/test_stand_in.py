@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import autopar
 from autopar.layers import decision_nodes
 from autopar.models.gpt import GPT, GPTConfig
 from autopar.models.llama import Llama, LlamaConfig
+from autopar.models.losses import lm_loss
 from autopar.planning.assemble import candidate_plan
 from autopar.planning.candidate import Candidate, evaluate, even_stages
 from autopar.planning.layer_costs import layer_costs, solve_layers
@@ -22,10 +22,6 @@ from autopar.trace import trace_for_training
 MESH = {"dp": 2, "tp": 2}
 CLUSTER = autopar.Cluster.preset("h100-80g", devices_per_node=8)  # pp2 x dp2 x tp2
 PRECISION = TrainingPrecision()
-
-
-def lm_loss(out, target):
-    return F.cross_entropy(out.flatten(0, 1), target.flatten())
 
 
 def traced_model(model, batch=4, seq=16, vocab=128):
@@ -47,6 +43,7 @@ def costs_of(stand):
                        solved=solved)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(MODELS))
 def test_stand_in_costs_equal_the_full_graph(name):
     torch.manual_seed(0)
