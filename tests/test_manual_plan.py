@@ -23,6 +23,7 @@ def test_even_stages_checkpoint_and_zero(gpt_on_four_h100s):
     assert plan.data_parallel == "zero3"
     assert any(p[0].startswith("S(") for p in plan.parameters.values())
     none = manual(gpt_on_four_h100s, zero=0)
+    assert none.data_parallel == "replicate"
     rz, rn = autopar.simulate(plan), autopar.simulate(none)
     assert rz.memory_bytes["optimizer"] < rn.memory_bytes["optimizer"]
     assert rz.memory_bytes["activations"] < rn.memory_bytes["activations"]

@@ -183,8 +183,9 @@ def train_manual_pipeline(model_name, plan_json):
     return sgd_losses(pm.parameters(), pm.train_step, data)
 
 
-# (ZeRO-0 on pp 2 x dp 2, once a case here, runs the same hand plan path as ZeRO-3 but for the
-# flavour; replicated dp in a 1F1B pipeline is gpt-pp4xdp2-1F1B-checkpoint above)
+# ZeRO-0 on pp 2 x dp 2 was a case here too: the same hand-plan path as ZeRO-3 but for the
+# flavour (zero=0 -> "replicate": tests/test_manual_plan.py), and replicated dp in a 1F1B
+# pipeline runs in gpt-pp4xdp2-1F1B-checkpoint above
 @pytest.mark.parametrize("zero, pp", [  # pp 1 on 2 ranks: the fast lane's pipeline run
     pytest.param(3, 2, marks=pytest.mark.slow), (2, 1)])
 def test_manual_pipeline_plan_runs_through_autoparallelize(zero, pp):
