@@ -12,7 +12,7 @@ imports the other: what both must agree on is here, as data.
 A new mesh axis or flavour is one entry in `AXES` or `FLAVOURS`: the search enumerates an axis's
 sizes, the cost model prices its collectives by what it splits and the link its position gives
 it, the plan names it and the runtime builds its DeviceMesh from the plan. docs/architecture.md
-walks through adding one (tests/test_architecture.py runs that walkthrough).
+walks through adding one (tests/test_toy_axis.py runs that walkthrough).
 """
 
 from __future__ import annotations

@@ -67,7 +67,7 @@ def candidate_meshes(cluster: Cluster, n_layers: int) -> list[dict[str, int]]:
     tp across nodes included: its collectives run over the slower inter-node link, yet where
     the work is latency-bound (small layers, many ranks) it still beats the in-node meshes;
     left out, a hand configuration with tp 4 on 2-GPU nodes was 2.2x faster than the plan
-    (tests/test_search_grid.py). `search` tries those meshes last."""
+    (tests/planning/test_search_grid.py). `search` tries those meshes last."""
     names = parallelism.axis_names(searched=True)
     free = [a for a in reversed(names) if a != DATA]  # innermost first: the outermost loop
     out: list[dict[str, int]] = []

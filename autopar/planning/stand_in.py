@@ -13,7 +13,7 @@ Blocks 0 and 1 are kept apart because block 0 reads the embedding, not a block, 
 its first ops differently; block 1 is the first block fed by a block. A stand-in is only made
 when every block has the same ops, shapes and wiring (`_signature`); block 2 then stands for
 the rest on the assumption that blocks fed by the same kind of block get the same strategy
-lists, which `tests/test_stand_in.py` checks for GPT and Llama against the full graph.
+lists, which `tests/planning/test_stand_in.py` checks for GPT and Llama against the full graph.
 """
 
 from __future__ import annotations
