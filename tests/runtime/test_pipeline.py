@@ -124,9 +124,13 @@ def plan_json(model_name, batch_size, config) -> str:
     return plan.to_json()
 
 
-# The three 8-rank meshes of the planner issue, each with GPT and Llama; between them 1F1B,
-# Interleaved1F1B and GPipe, with and without checkpointing (full and selective), replicated and
-# ZeRO-3 (FSDP) dp.
+# The three 8-rank meshes of the planner issue, pp2 x dp2 x tp2 and pp2 x tp4 each with GPT and
+# Llama, pp4 x dp2 with GPT (its tied embedding on the first and last of 4 ranks); between them
+# 1F1B, Interleaved1F1B and GPipe, with and without checkpointing (full and selective),
+# replicated and ZeRO-3 (FSDP) dp, and checkpointing under ZeRO-3 (recomputed layers gather their
+# weights again). pp4 x dp2 once held two cases, GPT checkpointed and Llama under ZeRO-3, one
+# option each: one case now carries both (Llama on 4 stages is llama-pp2xtp4-interleaved, Llama
+# under ZeRO-3 the InterleavedZeroBubble case below).
 CASES = {
     "gpt-pp2xdp2xtp2-interleaved-zero3": ("gpt", 4, dict(
         pp=2, sub_mesh={"dp": 2, "tp": 2}, microbatches=2, schedule="Interleaved1F1B", v=2,
@@ -134,11 +138,9 @@ CASES = {
     "llama-pp2xdp2xtp2-1F1B-checkpoint": ("llama", 4, dict(
         pp=2, sub_mesh={"dp": 2, "tp": 2}, microbatches=2, schedule="1F1B",
         checkpoint={"layers.0": "full", "layers.1": "selective"})),
-    "gpt-pp4xdp2-1F1B-checkpoint": ("gpt", 8, dict(
+    "gpt-pp4xdp2-1F1B-checkpoint-zero3": ("gpt", 8, dict(
         pp=4, sub_mesh={"dp": 2}, microbatches=4, schedule="1F1B",
-        checkpoint={"blocks.0": "selective", "blocks.1": "full"})),
-    "llama-pp4xdp2-1F1B-zero3": ("llama", 8, dict(
-        pp=4, sub_mesh={"dp": 2}, microbatches=4, schedule="1F1B", zero=3)),
+        checkpoint={"blocks.0": "selective", "blocks.1": "full"}, zero=3)),
     "gpt-pp2xtp4-GPipe-checkpoint": ("gpt", 4, dict(
         pp=2, sub_mesh={"tp": 4}, microbatches=2, schedule="GPipe",
         checkpoint={"blocks.0": "full"})),
@@ -185,7 +187,7 @@ def train_manual_pipeline(model_name, plan_json):
 
 # ZeRO-0 on pp 2 x dp 2 was a case here too: the same hand-plan path as ZeRO-3 but for the
 # flavour (zero=0 -> "replicate": tests/test_manual_plan.py), and replicated dp in a 1F1B
-# pipeline runs in gpt-pp4xdp2-1F1B-checkpoint above
+# pipeline runs in llama-pp2xdp2xtp2-1F1B-checkpoint above
 @pytest.mark.parametrize("zero, pp", [  # pp 1 on 2 ranks: the fast lane's pipeline run
     pytest.param(3, 2, marks=pytest.mark.slow), (2, 1)])
 def test_manual_pipeline_plan_runs_through_autoparallelize(zero, pp):
