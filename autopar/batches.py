@@ -1,12 +1,110 @@
-"""One global batch as `train_step` takes it (the inputs, or (inputs, target)): its size, and
-the microbatch every pipelined plan is traced with."""
+"""One global batch as `train_step` takes it: the inputs, or (inputs, target) with a loss_fn.
+
+The inputs are a tensor, a tuple (or list) of positional arguments, which may hold None and
+other non-tensors, or a dict of keyword arguments (`model(**inputs)`, as Hugging Face models are
+called). The traced graph takes only the tensors, in pytree order, then the target; `BatchLayout`
+remembers where they sit among the rest, so a trace can call the model as the user does and the
+runtime can find the graph's inputs in the batch a user passes to `train_step`.
+"""
 
 from __future__ import annotations
 
-import torch
-from torch.utils._pytree import tree_leaves, tree_map
+from dataclasses import dataclass
 
-from autopar.errors import MeshError
+import torch
+from torch.utils._pytree import TreeSpec, tree_flatten, tree_leaves, tree_map, tree_unflatten
+
+from autopar.errors import AutoparError, MeshError
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """Where the tensors of one batch's inputs sit among its other values."""
+
+    spec: TreeSpec  # of the inputs (not the target)
+    constants: tuple  # every leaf in pytree order; None where a tensor goes
+    has_target: bool
+
+    @classmethod
+    def of(cls, inputs, *, has_target: bool) -> BatchLayout:
+        leaves, spec = tree_flatten(_canonical(inputs))
+        consts = tuple(None if isinstance(x, torch.Tensor) else x for x in leaves)
+        return cls(spec, consts, has_target)
+
+    @property
+    def n_tensors(self) -> int:
+        return sum(1 for c in self.constants if c is None)
+
+    def rebuild(self, tensors) -> object:
+        """The inputs with `tensors` in the tensor slots: what the model is called with."""
+        it = iter(tensors)
+        return tree_unflatten([next(it) if c is None else c for c in self.constants], self.spec)
+
+    def tensors(self, inputs, target=None) -> list[torch.Tensor]:
+        """The graph's inputs from a batch shaped like the one traced: its tensors, then the
+        target. A batch of another structure is an AutoparError that says how it differs."""
+        out = self.input_tensors(inputs)
+        if self.has_target:
+            if target is None:
+                raise AutoparError("the model was planned with a loss_fn: pass the target too, "
+                                   "train_step(inputs, target)")
+            out.append(torch.as_tensor(target))
+        elif target is not None:
+            raise AutoparError(
+                "train_step got a target, but the model was planned without a loss_fn (it "
+                "computes its own loss): pass the labels among the inputs")
+        return out
+
+    def inputs_of_call(self, args: tuple, kwargs: dict):
+        """The inputs of a call `model(*args, **kwargs)`, structured as the traced inputs."""
+        if kwargs and args:
+            raise AutoparError("pass the inputs as the model was planned with: all positional "
+                               "arguments or all keywords")
+        return kwargs if self.spec.type is dict else args
+
+    def input_tensors(self, inputs) -> list[torch.Tensor]:
+        """The tensors among `inputs`, which must be shaped like the traced inputs."""
+        leaves, spec = tree_flatten(_canonical(inputs))
+        if spec != self.spec:
+            raise AutoparError(
+                f"the inputs are shaped {_describe(spec)}, the model was traced (and the plan "
+                f"made) with {_describe(self.spec)}: pass the inputs the same way (same "
+                "positional arguments or the same keywords)"
+            )
+        out = []
+        for leaf, const in zip(leaves, self.constants):
+            if const is None:
+                if not isinstance(leaf, torch.Tensor):
+                    raise AutoparError(f"expected a tensor among the inputs, got {leaf!r}")
+                out.append(leaf)
+            elif isinstance(leaf, torch.Tensor) or leaf != const:
+                raise AutoparError(
+                    f"an input that was {const!r} when the model was traced is {leaf!r} now: "
+                    "non-tensor inputs are part of the traced graph; re-plan to change them"
+                )
+        return out
+
+
+def as_call(inputs) -> tuple[tuple, dict]:
+    """(args, kwargs) to call the model with: a dict is keywords, a tuple or list positional
+    arguments, anything else the one argument."""
+    inputs = _canonical(inputs)
+    return ((), inputs) if isinstance(inputs, dict) else (inputs, {})
+
+
+def _canonical(inputs) -> dict | tuple:
+    """Keywords as a dict, positional arguments as a tuple (`x` and `(x,)` are one call)."""
+    if isinstance(inputs, dict):
+        return dict(inputs)
+    if isinstance(inputs, (tuple, list)):
+        return tuple(inputs)
+    return (inputs,)
+
+
+def _describe(spec: TreeSpec) -> str:
+    if spec.type is dict:
+        return f"keywords {list(spec.context)}"
+    return f"{spec.num_children} positional argument(s)"
 
 
 def microbatch_inputs(example_inputs, microbatch_size: int):

@@ -11,13 +11,16 @@ the FQN of the module the op belongs to.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import operator
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, is_dataclass
 
 import torch
 from torch import fx, nn
 from torch.utils._pytree import tree_flatten
 
+from autopar.batches import BatchLayout, as_call
 from autopar.errors import AutoparError, TraceError
 
 # Composite ops we keep whole: decomposing them would lose the fused kernel at run time.
@@ -31,25 +34,96 @@ KEEP_WHOLE = (
 )
 
 
-class _WithLoss(nn.Module):
-    """model + loss_fn as one module, so the loss is planned with the model.
+class _Call(nn.Module):
+    """The model called as the user calls it, with its loss: one module to export.
 
-    Returns (loss, output): the loss drives backward, the output serves evaluation calls.
+    `forward(*tensors)` takes the batch's tensors (then the target, with a loss_fn), puts them
+    back among the inputs' other values (`BatchLayout`), calls the model with them as its
+    positional or keyword arguments, and returns (loss, output): the loss drives backward, the
+    output serves evaluation calls. The loss is `loss_fn(model output, target)`, or the model's
+    own (a scalar it returns, or `.loss` / `["loss"]` / the first element of what it returns).
     """
 
-    def __init__(self, model: nn.Module, loss_fn):
+    def __init__(self, model: nn.Module, loss_fn, layout: BatchLayout, quiet: dict):
         super().__init__()
         setattr(self, _WRAPPED, model)
         self.loss_fn = loss_fn
+        self._layout = layout
+        self._quiet = quiet
 
     def forward(self, *args):
-        *inputs, target = args
-        out = getattr(self, _WRAPPED)(*inputs)
-        return self.loss_fn(out, target), out
+        inputs = self._layout.rebuild(args[: self._layout.n_tensors])
+        pos, kw = as_call(inputs)
+        out = getattr(self, _WRAPPED)(*pos, **{**self._quiet, **kw})
+        if self.loss_fn is not None:
+            loss = self.loss_fn(out, args[-1])
+        else:
+            loss = own_loss(out, type(getattr(self, _WRAPPED)).__name__)
+        main = main_output(out, loss)
+        return (loss,) if main is loss else (loss, main)
 
 
-# The attribute _WithLoss keeps the model under; stripped from every FQN we report.
+# The attribute _Call keeps the model under; stripped from every FQN we report.
 _WRAPPED = "_autopar_model"
+# Names of tensor constants among TracedModel.buffers: no module of the model holds them.
+CONSTANT_PREFIX = "<constant>."
+
+# Keyword arguments that ask a model for more than training needs, and the value that turns
+# that off; passed when the model's forward takes them and the inputs do not set them.
+# use_cache: Hugging Face decoders return a key/value cache (DynamicCache), useless to a
+# training step and not a tensor the graph can return.
+QUIET_KWARGS = {"use_cache": False}
+
+
+def _quiet_kwargs(model: nn.Module, given: dict) -> dict:
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {k: v for k, v in QUIET_KWARGS.items() if k in params and k not in given}
+
+
+def own_loss(out, model_name: str) -> torch.Tensor:
+    """The loss a model computes itself: a scalar it returns, or the `loss` of a
+    Hugging Face `ModelOutput` / dict, or the first element of a tuple it returns."""
+    found = _scalar(out)
+    if found is None and isinstance(out, Mapping):
+        found = _scalar(out.get("loss"))
+    if found is None and isinstance(out, (tuple, list)) and out:
+        found = _scalar(out[0])
+    if found is None and is_dataclass(out) and hasattr(out, "loss"):
+        found = _scalar(out.loss)
+    if found is None:
+        raise TraceError(
+            f"{model_name} returned {_what(out)}, which holds no scalar loss, and no loss_fn was "
+            "given: pass loss_fn=... with (inputs, target), or, for a model that computes its own "
+            "loss (Hugging Face models do from `labels`), pass the labels among the inputs, e.g. "
+            '{"input_ids": ids, "labels": ids}.'
+        )
+    return found
+
+
+def main_output(out, loss: torch.Tensor) -> torch.Tensor:
+    """What evaluation returns: the model's output tensor, or of a structured output the first
+    tensor that is not the loss (a Hugging Face model's logits); the loss if nothing else."""
+    if isinstance(out, torch.Tensor):
+        return out
+    values = (list(out.values()) if isinstance(out, Mapping)
+              else list(out) if isinstance(out, (tuple, list))
+              else [getattr(out, f.name) for f in fields(out)] if is_dataclass(out) else [])
+    return next((v for v in values if isinstance(v, torch.Tensor) and v is not loss), loss)
+
+
+def _scalar(x) -> torch.Tensor | None:
+    return x if isinstance(x, torch.Tensor) and x.numel() == 1 else None
+
+
+def _what(out) -> str:
+    if isinstance(out, torch.Tensor):
+        return f"a tensor of shape {tuple(out.shape)}"
+    if isinstance(out, Mapping):
+        return f"{type(out).__name__} with keys {list(out.keys())}"
+    return type(out).__name__
 
 
 @dataclass
@@ -60,15 +134,25 @@ class TracedModel:
     # placeholder node name -> parameter / buffer FQN in the user's model
     parameters: dict[str, str]
     buffers: dict[str, str]
-    # placeholder node names of the user inputs, in call order (target last when there is a loss)
+    # placeholder node names of the batch's tensors, in pytree order, then the target's
     inputs: list[str]
+    # placeholder of the loss_fn's target (the last input), None when the model has its own loss
+    target: str | None
     loss_node: str  # name of the node holding the scalar loss
     output_node: str  # name of the node holding the model's output (the loss itself if no loss_fn)
     model_name: str
+    # where the graph's inputs sit in a batch as the user passes it
+    layout: BatchLayout | None = None
+    # "buffers" the forward creates (CONSTANT_PREFIX + name -> value), not the model's own
+    constants: dict[str, torch.Tensor] = field(default_factory=dict)
     fingerprint: str = field(default="")
 
     def node(self, name: str) -> fx.Node:
         return self._nodes[name]
+
+    def buffer(self, model: nn.Module, fqn: str) -> torch.Tensor:
+        """The value of the buffer `fqn`: the model's, or a constant its forward creates."""
+        return self.constants[fqn] if fqn in self.constants else model.get_buffer(fqn)
 
     def __post_init__(self):
         self._nodes = {n.name: n for n in self.graph_module.graph.nodes}
@@ -81,25 +165,24 @@ def _model_name(model: nn.Module) -> str:
 
 
 def trace(model: nn.Module, example_inputs, *, loss_fn=None, target=None) -> TracedModel:
-    """Export `model` (with `loss_fn(model(*example_inputs), target)` when given) to an ATen graph.
+    """Export `model` called with `example_inputs` (a tensor, a tuple of positional arguments or
+    a dict of keyword arguments), with `loss_fn(output, target)` when given, to an ATen graph.
 
     The model may live on any device, meta included; no real computation runs.
     """
     if not isinstance(model, nn.Module):
         raise TraceError(f"autopar needs a torch.nn.Module, got {type(model).__name__}.")
-    inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (
-        example_inputs,
-    )
     if loss_fn is not None and target is None:
         raise TraceError("loss_fn was given without a target: pass example targets with the inputs.")
-    module = _WithLoss(model, loss_fn) if loss_fn is not None else model
-    args = inputs + ((target,) if loss_fn is not None else ())
+    layout = BatchLayout.of(example_inputs, has_target=loss_fn is not None)
+    module = _Call(model, loss_fn, layout, _quiet_kwargs(model, as_call(example_inputs)[1]))
+    args = tuple(layout.tensors(example_inputs, target))
     ep = _export(module, args, model)
     table = torch.export.default_decompositions()
     for op in KEEP_WHOLE:
         table.pop(op, None)
     ep = ep.run_decompositions(table)
-    return _traced_model(ep, model, has_loss=loss_fn is not None)
+    return _traced_model(ep, model, layout)
 
 
 def trace_for_training(model: nn.Module, example_inputs, loss_fn) -> TracedModel:
@@ -183,8 +266,7 @@ def _explain_export_failure(e: Exception, model: nn.Module) -> str:
     reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     fix = (
         "Make the forward traceable by torch.export: avoid Python control flow on tensor values "
-        "(use torch.where / torch.cond), data-dependent shapes and .item(); Hugging Face models "
-        "need use_cache=False for training."
+        "(use torch.where / torch.cond), data-dependent shapes and .item()."
     )
     return f"could not trace {_model_name(model)}{where}: {type(e).__name__}: {reason}\n{fix}"
 
@@ -222,17 +304,19 @@ def _exception_chain(e: BaseException) -> list[BaseException]:
     return chain
 
 
-def _traced_model(ep, model: nn.Module, *, has_loss: bool) -> TracedModel:
+def _traced_model(ep, model: nn.Module, layout: BatchLayout) -> TracedModel:
     sig = ep.graph_signature
     prefix = _WRAPPED + "."
     params = {k: v.removeprefix(prefix) for k, v in sig.inputs_to_parameters.items()}
     buffers = {k: v.removeprefix(prefix) for k, v in sig.inputs_to_buffers.items()}
     user_inputs = list(sig.user_inputs)
-    if sig.inputs_to_lifted_tensor_constants:
-        raise TraceError(
-            f"{_model_name(model)} creates tensor constants in forward "
-            f"({', '.join(sig.inputs_to_lifted_tensor_constants.values())}); register them as buffers."
-        )
+    # tensors the forward makes from Python values (T5's `torch.tensor(decoder_start_token_id)`):
+    # export lifts them to inputs; they are held like buffers, replicated
+    constants = {}
+    for node_name, name in sig.inputs_to_lifted_tensor_constants.items():
+        fqn = CONSTANT_PREFIX + name.removeprefix(prefix)
+        buffers[node_name] = fqn
+        constants[fqn] = ep.constants[name].detach().clone()
     gm = ep.graph_module
     # tied weights: export keeps one placeholder per name; only the one the graph uses counts
     used = {n.name for n in gm.graph.nodes if n.op == "placeholder" and n.users}
@@ -241,18 +325,20 @@ def _traced_model(ep, model: nn.Module, *, has_loss: bool) -> TracedModel:
     out = next(n for n in gm.graph.nodes if n.op == "output")
     results = out.args[0]
     loss = results[0]
-    output = results[1] if has_loss else loss
+    output = results[1] if len(results) > 1 else loss
     if not isinstance(loss, fx.Node) or loss.meta["val"].numel() != 1:
-        what = "loss_fn" if has_loss else "the model (no loss_fn was given)"
-        raise TraceError(f"{what} must return a scalar loss tensor, got {loss.meta.get('val')!r}.")
+        raise TraceError(f"loss_fn must return a scalar loss tensor, got {loss.meta.get('val')!r}.")
     return TracedModel(
         graph_module=gm,
         parameters=params,
         buffers=buffers,
         inputs=user_inputs,
+        target=user_inputs[-1] if layout.has_target else None,
         loss_node=loss.name,
         output_node=output.name if isinstance(output, fx.Node) else loss.name,
         model_name=_model_name(model),
+        layout=layout,
+        constants=constants,
     )
 
 

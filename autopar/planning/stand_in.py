@@ -162,9 +162,12 @@ def _cut(traced: TracedModel, counterpart: dict[str, str]) -> TracedModel | None
         parameters={k: v for k, v in traced.parameters.items() if k in kept},
         buffers={k: v for k, v in traced.buffers.items() if k in kept},
         inputs=list(traced.inputs),
+        target=traced.target,
         loss_node=traced.loss_node,
         output_node=traced.output_node,
         model_name=traced.model_name,
+        layout=traced.layout,
+        constants=traced.constants,
     )
 
 

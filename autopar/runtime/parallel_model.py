@@ -46,7 +46,7 @@ class ParallelModel(nn.Module):
             self._names[node_name] = key
         self._buffers_by_node = {
             node_name: distribute_tensor(
-                model.get_buffer(fqn).detach().to(self._device), mesh, (Replicate(),) * mesh.ndim
+                traced.buffer(model, fqn).detach().to(self._device), mesh, (Replicate(),) * mesh.ndim
             )
             for node_name, fqn in traced.buffers.items()
         }
@@ -74,22 +74,25 @@ class ParallelModel(nn.Module):
         Gradients land in `p.grad` of `self.parameters()` with the parameters' own placements,
         so any torch.optim optimizer can step them.
         """
-        loss = self._run(_as_tuple(inputs), target, self._traced.loss_node)
+        loss = self._run(self._traced.layout.tensors(inputs, target), self._traced.loss_node)
         loss = loss.redistribute(self.mesh, (Replicate(),) * self.mesh.ndim)
         loss.backward()
         self._settle_gradients()
         return loss.to_local().detach()
 
-    def forward(self, *inputs):
-        """Evaluation: the model's output for `inputs`, as a full tensor on every rank."""
-        out = self._run(inputs, None, self._traced.output_node)
+    def forward(self, *args, **kwargs):
+        """Evaluation: the model's output (of a structured output, the first tensor that is not
+        the loss: a Hugging Face model's logits) for inputs passed as to the model itself, as a
+        full tensor on every rank."""
+        layout = self._traced.layout
+        tensors = layout.input_tensors(layout.inputs_of_call(args, kwargs))
+        out = self._run(tensors, self._traced.output_node)
         return out.full_tensor() if isinstance(out, DTensor) else out
 
     # -- the interpreter ------------------------------------------------------------------
 
-    def _run(self, inputs: tuple, target, want: str):
-        values = list(inputs) + ([target] if target is not None else [])
-        user = dict(zip(self._traced.inputs, values))
+    def _run(self, tensors: list, want: str):
+        user = dict(zip(self._traced.inputs, tensors))
         training = torch.is_grad_enabled() and want == self._traced.loss_node
         runner, placeholders = self._runner(want, training)
         env: dict[fx.Node, object] = {node: self._placeholder(node, user) for node in placeholders}
@@ -138,10 +141,6 @@ class ParallelModel(nn.Module):
         for p in self._params.values():
             if p.grad is not None and tuple(p.grad.placements) != tuple(p.placements):
                 p.grad = p.grad.redistribute(self.mesh, p.placements)
-
-
-def _as_tuple(x):
-    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
 
 
 def _ancestors(node: fx.Node) -> set[fx.Node]:

@@ -57,9 +57,12 @@ _STEP_RETURNS_OUTPUTS = "return_outputs" in inspect.signature(PipelineScheduleMu
 
 
 def _loss_nodes(traced: TracedModel) -> set[str]:
-    """Ops that read the target, directly or not: they run in the schedule's loss_fn."""
+    """Ops that read the target, directly or not: they run in the schedule's loss_fn. A model
+    that computes its own loss has no target: its last op (the loss) runs there alone."""
     gm = traced.graph_module
-    target = traced.inputs[-1]
+    if traced.target is None:
+        return {traced.loss_node}
+    target = traced.target
     tainted = {target}
     for n in _ops(gm):
         if any(a.name in tainted for a in n.all_input_nodes):
@@ -74,7 +77,7 @@ def _ops(gm: fx.GraphModule) -> list[fx.Node]:
     return [n for n in gm.graph.nodes if n.op == "call_function" and n.users]
 
 
-def split_stages(traced: TracedModel, plan: Plan, *, has_target: bool):
+def split_stages(traced: TracedModel, plan: Plan):
     """(stage of every op node, inputs of each stage, outputs of each stage, loss-part inputs).
 
     A stage's inputs are the values made before it and read by it or after it; its outputs are
@@ -88,7 +91,7 @@ def split_stages(traced: TracedModel, plan: Plan, *, has_target: bool):
     missing = sorted(set(layer.values()) - set(stage_of_layer))
     if missing:
         raise MeshError(f"the plan's pipeline stages do not place the layers {missing}")
-    loss = _loss_nodes(traced) if has_target else set()
+    loss = _loss_nodes(traced)
     states = set(traced.parameters) | set(traced.buffers)
     stage_of: dict[str, int] = {}
     for n in _ops(gm):
@@ -110,11 +113,10 @@ def split_stages(traced: TracedModel, plan: Plan, *, has_target: bool):
         live = [
             v for v in order
             if v in made_in and v not in loss and made_in[v] < s <= last_use.get(v, -1)
-            and v not in (traced.inputs[-1:] if has_target else [])
+            and v != traced.target
         ]
         boundary.append(live)
-    user_inputs = [i for i in traced.inputs[: len(traced.inputs) - has_target]]
-    boundary[0] = user_inputs
+    boundary[0] = [i for i in traced.inputs if i != traced.target]
     return stage_of, boundary, loss
 
 
@@ -151,8 +153,11 @@ class StageModule(nn.Module):
             else:
                 env[node] = DTensor.from_local(value, self.mesh, pl, run_check=False)
         self.run(env)
+        # contiguous: the send of an expanded (stride-0) value, such as an attention mask
+        # broadcast over the batch, carries its storage, not its elements (seen with gloo)
         outs = tuple(
-            env[n].redistribute(self.mesh, self._placements[n.name]).to_local() for n in self._out
+            env[n].redistribute(self.mesh, self._placements[n.name]).to_local().contiguous()
+            for n in self._out
         )
         return tuple(o.clone() for o in outs) if self._split else outs
 
@@ -184,8 +189,7 @@ class PipelinedModel(nn.Module):
         self.pp_rank = mesh.get_local_rank(PIPELINE)
         self.pp = plan.mesh[PIPELINE]
         device = mesh_device(mesh)
-        has_target = traced.loss_node != traced.output_node
-        stage_of, boundary, loss = split_stages(traced, plan, has_target=has_target)
+        stage_of, boundary, loss = split_stages(traced, plan)
         self._traced, self._loss = traced, loss
         layer = assign_layers(traced)
         placements = self._travel_placements(traced, boundary)
@@ -194,8 +198,9 @@ class PipelinedModel(nn.Module):
         mine = [s for s, st in enumerate(plan.pipeline["stages"]) if st["rank"] == self.pp_rank]
         n_stages = len(plan.pipeline["stages"])
         self._params = self._make_params(model, traced, stage_of, loss, mine, device)
+        carries_grad = _carries_grad(traced)
         buffers = {
-            node: distribute_tensor(model.get_buffer(fqn).detach().to(device), self.sub,
+            node: distribute_tensor(traced.buffer(model, fqn).detach().to(device), self.sub,
                                     (Replicate(),) * self.sub.ndim)
             for node, fqn in traced.buffers.items()
         }
@@ -223,8 +228,10 @@ class PipelinedModel(nn.Module):
                     # runs the whole backward at I and calls what the builder returns at W
                     dw_builder = _nothing_left
                     self.whole_backward.append(s)
-            self.stages.append(PipelineStage(module, s, n_stages, device, group=self.pp_group,
-                                             dw_builder=dw_builder))
+            self.stages.append(PipelineStage(
+                module, s, n_stages, device, group=self.pp_group, dw_builder=dw_builder,
+                input_args=self._example(boundary[s], s == 0, carries_grad),
+                output_args=self._example(boundary[s + 1], False, carries_grad)))
         self._loss_module = StageModule(
             nodes=loss_nodes,
             inputs=[traced.node(v) for v in boundary[n_stages]], outputs=[], plan=plan,
@@ -241,7 +248,7 @@ class PipelinedModel(nn.Module):
         self._num_microbatches = m
         self._has_first = 0 in mine
         self._has_last = (n_stages - 1) in mine
-        self._target_name = traced.inputs[-1] if has_target else None
+        self._target_name = traced.target
 
     def _travel_placements(self, traced, boundary):
         """Boundary values travel with their producer's output placements, Partial made whole;
@@ -258,6 +265,23 @@ class PipelinedModel(nn.Module):
                 pl = placements_of(self.plan.ops[src.name].outputs[k])
                 out[v] = tuple(Replicate() if p.is_partial() else p for p in pl)
         return out
+
+    def _example(self, names: list[str], first: bool, carries_grad: set[str]) -> tuple:
+        """What a stage receives or sends, as meta tensors, for torch's PipelineStage.
+
+        Given them, torch does not infer them by running each stage once on uninitialised
+        buffers before the first step: that run cost a forward and backward, and crashed where a
+        stage indexes with a received integer tensor (a Hugging Face model's labels). The first
+        stage receives whole microbatches (it shards them itself); the others local shards, in
+        their travel placements."""
+        out = []
+        for name in names:
+            val = self._traced.node(name).meta["val"]
+            shape = tuple(val.shape) if first else local_shape(
+                val.shape, self._placements[name], tuple(self.sub.shape))
+            t = torch.empty(shape, dtype=val.dtype, device="meta")
+            out.append(t.requires_grad_(not first and name in carries_grad))
+        return tuple(out)
 
     def _make_params(self, model, traced, stage_of, loss, mine, device):
         """This rank's parameters: those its stages (or, on the last stage, the loss) read."""
@@ -289,16 +313,22 @@ class PipelinedModel(nn.Module):
         for node, value in zip(self._loss_module._in, values):
             pl = self._placements[node.name]
             env[node] = DTensor.from_local(value, self.sub, pl, run_check=False)
-        target_node = self._traced.node(self._target_name)
-        env[target_node] = shard_local(target.to(value.device), self.sub,
-                                        self._placements[self._target_name])
+        if self._target_name is not None:
+            target_node = self._traced.node(self._target_name)
+            env[target_node] = shard_local(target.to(value.device), self.sub,
+                                            self._placements[self._target_name])
         self._loss_module.run(env)
         loss = env[self._traced.node(self._traced.loss_node)]
         loss = loss.redistribute(self.sub, (Replicate(),) * self.sub.ndim).to_local()
         return loss.clone() if self._split else loss  # torch detaches it in place after I
 
     def train_step(self, inputs, target=None) -> torch.Tensor:
-        inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+        tensors = self._traced.layout.tensors(inputs, target)
+        inputs = tensors[: self._traced.layout.n_tensors]
+        if self._target_name is None:
+            # a model with its own loss: the schedule still splits a target into microbatches
+            # and hands each to our loss_fn, which ignores it
+            target = torch.zeros(self._num_microbatches)
         losses: list = []
         kwargs = {}
         if self._has_last:
@@ -379,6 +409,24 @@ def _floating(n: fx.Node) -> bool:
     val = n.meta.get("val")
     vals = val if isinstance(val, (tuple, list)) else (val,)
     return any(isinstance(v, torch.Tensor) and v.is_floating_point() for v in vals)
+
+
+def _carries_grad(traced: TracedModel) -> set[str]:
+    """Values that require grad in training: floating values computed from a parameter that
+    requires grad (user inputs never do)."""
+    model = traced.graph_module
+    out = {n for n in traced.parameters if _requires_grad(model, n)}
+    for n in model.graph.nodes:
+        if (n.op == "call_function" and _floating(n)
+                and getattr(n.target, "_opname", "") not in _NO_GRAD_OPS
+                and any(a.name in out for a in n.all_input_nodes)):
+            out.add(n.name)
+    return out
+
+
+def _requires_grad(gm: fx.GraphModule, placeholder: str) -> bool:
+    val = next(n for n in gm.graph.nodes if n.name == placeholder).meta.get("val")
+    return bool(getattr(val, "requires_grad", True))
 
 
 def weight_only_outputs(nodes, inputs, outputs, params: set[str]) -> list[str]:
