@@ -4,6 +4,7 @@
     autopar.simulate(plan)                                      -> Report    (predictions)
     autopar.manual_plan(model, cluster, inputs, tp=, pp=, dp=, ...) -> Plan  (hand configs)
     autopar.autoparallelize(model, cluster, example_inputs)    -> ParallelModel (in torchrun)
+    autopar.register_rule(op, fn)                               -> a sharding rule for an op
 """
 
 from autopar.api import autoparallelize, manual_plan, plan
@@ -13,10 +14,12 @@ from autopar.errors import (
     ClusterSpecError,
     InfeasibleError,
     MeshError,
+    NoShardingRuleWarning,
     PlanMismatchError,
     TraceError,
 )
 from autopar.plan import Plan
+from autopar.planning.op_rules import register_rule
 from autopar.runtime.parallel_model import ParallelModel
 from autopar.simulate import Report, simulate
 
@@ -26,6 +29,7 @@ __all__ = [
     "ClusterSpecError",
     "InfeasibleError",
     "MeshError",
+    "NoShardingRuleWarning",
     "ParallelModel",
     "Plan",
     "Report",
@@ -34,5 +38,6 @@ __all__ = [
     "autoparallelize",
     "manual_plan",
     "plan",
+    "register_rule",
     "simulate",
 ]

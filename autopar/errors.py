@@ -1,4 +1,4 @@
-"""Errors autopar raises for problems a user can fix.
+"""Errors autopar raises for problems a user can fix, and the warnings it gives.
 
 Every message says what was wrong, where (module FQN, op, file, field) and what to do about it.
 Catching `AutoparError` catches them all; internal bugs stay ordinary exceptions.
@@ -33,3 +33,7 @@ class InfeasibleError(AutoparError):
 
 class PlanMismatchError(AutoparError, ValueError):
     """A saved plan was made for another model, cluster or world size."""
+
+
+class NoShardingRuleWarning(UserWarning):
+    """An op has no sharding rule, so it runs whole on every rank (`autopar.register_rule`)."""

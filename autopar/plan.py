@@ -26,6 +26,10 @@ optional; a version 1 file loads as a plan without them):
                     parallel mesh, "dp_replicate" x "dp": sharded as ZeRO-3 over "dp" (ranks of
                     one node), replicated over "dp_replicate" (across nodes).
     checkpoint      layer name -> "full" (absent: none).
+    fallback_ops    ATen op -> how many of its nodes run whole on every rank (all "R") because
+                    no sharding rule covers them: neither DTensor's, nor autopar's own, nor one
+                    registered with `autopar.register_rule`. Left out when there are none (and
+                    absent from files written before it existed).
 
 A "pp" mesh axis is always the first; placement lists have one entry per axis OTHER than "pp".
 
@@ -147,6 +151,8 @@ class Plan:
     # what made the plan: {"torch": version}; a runtime of another torch checks the ops the plan
     # lets DTensor shard (its rules differ between releases)
     made_with: dict[str, str] = field(default_factory=dict)
+    # ATen op -> number of its nodes replicated for want of a sharding rule (see the docstring)
+    fallback_ops: dict[str, int] = field(default_factory=dict)
     source_path: str | None = field(
         default=None, compare=False, repr=False
     )  # set by load(); not saved
@@ -175,7 +181,7 @@ class Plan:
 
     def to_dict(self) -> dict:
         """Plain dict, keys in a fixed order (see module docstring), ready for json.dumps."""
-        return {
+        d = {
             "schema_version": self.schema_version,
             "model": self.model,
             "graph_fingerprint": self.graph_fingerprint,
@@ -191,6 +197,9 @@ class Plan:
             "checkpoint": {k: self.checkpoint[k] for k in natural_sorted(self.checkpoint)},
             "made_with": {k: self.made_with[k] for k in sorted(self.made_with)},
         }
+        if self.fallback_ops:  # left out when empty: plans without fallbacks read as before
+            d["fallback_ops"] = {k: self.fallback_ops[k] for k in sorted(self.fallback_ops)}
+        return d
 
     @classmethod
     def from_dict(cls, d: Any, *, where: str = "plan") -> Plan:
@@ -218,6 +227,7 @@ class Plan:
             data_parallel=d.get("data_parallel", REPLICATE),
             checkpoint=dict(d.get("checkpoint") or {}),
             made_with=dict(d.get("made_with") or {}),
+            fallback_ops=dict(d.get("fallback_ops") or {}),
         )
 
     def to_json(self) -> str:

@@ -93,7 +93,7 @@ def validate_plan(d: Any, *, where: str) -> None:
 
 _OP_KEYS = {"inputs", "outputs", "rule"}
 
-OPTIONAL = ("pipeline", "data_parallel", "checkpoint", "made_with")
+OPTIONAL = ("pipeline", "data_parallel", "checkpoint", "made_with", "fallback_ops")
 PIPELINE_KEYS = ("schedule", "stages_per_rank", "microbatch_size", "num_microbatches", "stages")
 
 
@@ -112,6 +112,13 @@ def _validate_pipeline(d: dict, mesh: dict, fail) -> None:
         isinstance(k, str) and isinstance(v, str) for k, v in made.items()
     ):
         fail(f"made_with should map names to versions like {{'torch': '2.11.0'}}, got {made!r}")
+    fallback = d.get("fallback_ops") or {}
+    if not isinstance(fallback, dict) or not all(
+        isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 1
+        for k, v in fallback.items()
+    ):
+        fail("fallback_ops should map ATen ops to node counts like "
+             f"{{'aten._cdist_forward.default': 2}}, got {fallback!r}")
     p = d.get("pipeline")
     if p is None:
         if PIPELINE in mesh and mesh[PIPELINE] > 1:

@@ -8,7 +8,8 @@ from autopar.plan_schema import natural_key, natural_sorted
 
 
 def summary(plan) -> str:
-    """Model, mesh, cluster, predictions, solver, pipeline, then parameter placements."""
+    """Model, mesh, cluster, predictions, solver, pipeline, flavour, ops with no sharding rule,
+    checkpointing, then parameter placements."""
     lines = [
         f"plan for {plan.model} (schema {plan.schema_version}, graph {short_fingerprint(plan.graph_fingerprint)})"
     ]
@@ -28,6 +29,9 @@ def summary(plan) -> str:
     if plan.made_with:
         lines.append("  made with  " + ", ".join(f"{k} {v}" for k, v in
                                                 sorted(plan.made_with.items())))
+    for op, count in sorted(plan.fallback_ops.items()):
+        lines.append(f"  no rule    {op} ({count} node{'s' * (count != 1)}) runs replicated: "
+                     "shard it with autopar.register_rule")
     if plan.checkpoint:
         lines.append(f"  checkpoint {_layers_str(sorted(plan.checkpoint, key=natural_key))} "
                      f"({', '.join(sorted(set(plan.checkpoint.values())))})")

@@ -1,6 +1,7 @@
 """A scored candidate -> the Plan: placements from its intra-op solution (expanded from the
 stand-in to every layer), the pipeline section, the data-parallel flavour's placements and mesh,
-checkpointing, and everything `simulate` reads in `plan.predicted`."""
+checkpointing, and everything `simulate` reads in `plan.predicted`; a warning per op that runs
+replicated for want of a sharding rule."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from autopar import parallelism
 from autopar.cluster import Cluster
 from autopar.parallelism import DATA, DATA_REPLICAS, PIPELINE
 from autopar.plan import SCHEMA_VERSION, Plan
+from autopar.planning import op_rules
 from autopar.planning.candidate import Candidate
 from autopar.planning.intra_op import to_plan
 from autopar.planning.layer_costs import sub_cluster
@@ -70,6 +72,7 @@ def candidate_plan(c: Candidate, cluster: Cluster, precision: TrainingPrecision,
         predicted[f"memory_{k}_bytes"] = val
     plan.predicted = {k: float(v) for k, v in predicted.items()}
     plan.solver = dict(plan.solver, **solver)
+    op_rules.warn_fallbacks(plan.fallback_ops)  # once per planning call: this is its plan
     return Plan.from_dict(plan.to_dict())  # validates the assembled plan
 
 

@@ -58,7 +58,6 @@ class Decisions:
     strategies: dict[str, list[Strategy]]  # decision node name -> its strategies
     problem: solvers.ShardingProblem
     compute_s: dict[str, list[float]] = field(default_factory=dict)
-    unsupported_ops: list[str] = field(default_factory=list)  # ops that fell back to replicate
 
 
 def source_of(arg: fx.Node) -> tuple[fx.Node, int]:
@@ -91,15 +90,12 @@ def build_problem(
     gm = traced.graph_module
     strategies: dict[str, list[Strategy]] = {}
     nodes, compute = [], {}
-    unsupported = []
     for n in decision_nodes(gm):
         if n.op == "placeholder":
             sts = [Strategy((), (pl,), "input") for pl in _placeholder_options(n, traced, mesh)]
         else:
             options = [output_options(a, strategies) for a in tensor_inputs(n)]
             sts = node_strategies(n, pmesh, options)
-            if sts[0].rule == "replicate":
-                unsupported.append(str(n.target))
         strategies[n.name] = sts
         skip = _dp_axes(mesh) if not param_grad_sync and n.op != "placeholder" else ()
         secs = [_node_time_s(n, s, profiles, cluster, shape, links, skip, traced) for s in sts]
@@ -114,7 +110,7 @@ def build_problem(
         memory_budget_bytes=memory_budget_bytes,
         ties=_layer_ties(gm, traced, strategies) if share_layers else (),
     )
-    return Decisions(mesh, strategies, problem, compute, sorted(set(unsupported)))
+    return Decisions(mesh, strategies, problem, compute)
 
 
 def _placeholder_options(n: fx.Node, traced: TracedModel, mesh: dict[str, int]) -> list[Placements]:
@@ -334,10 +330,13 @@ def to_plan(traced: TracedModel, cluster: Cluster, decisions: Decisions, solutio
     strs = lambda pl: [placement_to_str(p) for p in pl]  # noqa: E731
     parameters = {fqn: strs(chosen[node].outputs[0]) for node, fqn in traced.parameters.items()}
     inputs = {name: strs(chosen[name].outputs[0]) for name in traced.inputs}
-    ops = {}
+    ops, fallback_ops = {}, {}
     for name, s in chosen.items():
         if s.rule == "input":
             continue
+        if s.rule == "replicate":  # no sharding rule (strategies.node_strategies)
+            op = str(traced.node(name).target)
+            fallback_ops[op] = fallback_ops.get(op, 0) + 1
         ops[name] = OpSharding(
             inputs=[strs(pl) for pl in s.inputs],
             outputs=[strs(pl) if pl is not None else [] for pl in s.outputs],
@@ -366,4 +365,5 @@ def to_plan(traced: TracedModel, cluster: Cluster, decisions: Decisions, solutio
             "objective_s": solution.objective_s,
         },
         made_with={"torch": torch.__version__},
+        fallback_ops=fallback_ops,
     )

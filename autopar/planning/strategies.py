@@ -3,10 +3,12 @@
 A *strategy* of a node is one placement per mesh axis for each tensor input and each output.
 They come from three sources, in order:
 
-1. our own rules (`op_rules.RULES`), for ops DTensor cannot shard (run on local shards);
+1. a rule registered with `autopar.register_rule`, or one of ours (`op_rules.RULES`), for ops
+   DTensor cannot shard (run on local shards);
 2. DTensor's own op rules, asked through `dtensor.propagate`, probing input placements taken
    from the producers' candidate outputs and keeping the placements DTensor settles on;
-3. otherwise replicate everything (the op runs whole on every rank), reported once by the planner.
+3. otherwise replicate everything (the op runs whole on every rank): the plan lists those ops
+   (`Plan.fallback_ops`) and planning warns once per op (`op_rules.warn_fallbacks`).
 
 Only placements that divide a tensor evenly are kept (DTensor runs uneven shards, but their
 cost and memory differ per rank and the planner does not model that yet).
@@ -36,7 +38,8 @@ class Strategy:
 
     inputs: tuple[Placements, ...]
     outputs: tuple[Placements | None, ...]
-    rule: str  # "dtensor", "local" (op_rules, runs on local shards), "replicate", "factory", "input"
+    rule: str  # "dtensor", "local" (op_rules' or registered, runs on local shards), "replicate",
+    #            "factory", "input"
 
 
 def output_vals(node: fx.Node) -> tuple:
@@ -93,11 +96,9 @@ def node_strategies(node: fx.Node, mesh, options: list[list[Placements]]) -> lis
     ins = tensor_inputs(node)
     if not ins:
         return [Strategy((), (replicate,) * n_out, "factory")]
-    if node.target in op_rules.RULES:
-        found = [
-            Strategy(i, o, "local")
-            for i, o in op_rules.expand_to_mesh(op_rules.RULES[node.target](node), ndim)
-        ]
+    local = op_rules.rule_strategies(node)
+    if local is not None:
+        found = [Strategy(i, o, "local") for i, o in op_rules.expand_to_mesh(local, ndim)]
     elif dtensor.has_rule(node.target):
         found = _probe_dtensor(node, mesh, options)
     else:
