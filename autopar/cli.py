@@ -23,7 +23,8 @@ import torch
 
 from autopar.console import parse_mesh, solver_output_to_stderr
 from autopar.errors import AutoparError
-from autopar.models.registry import BUILTIN_MODELS, build_model, positive
+from autopar.models.hf import parse_overrides
+from autopar.models.registry import BUILTIN_MODELS, build_model, is_factory, positive
 from autopar.parallelism import check_world_size
 from autopar.units import format_bytes, parse_bytes
 
@@ -77,10 +78,11 @@ def cmd_plan(args) -> int:
         check_world_size(mesh, cluster.world_size, cluster=(
             f"cluster {cluster.name!r} ({cluster.nodes} node(s) x {cluster.devices_per_node})"))
     batch = args.batch
-    if batch is None and ":" not in args.model:
+    if batch is None and not is_factory(args.model):
         batch = math.lcm(8, cluster.world_size)  # splits evenly over any dp axis
     with torch.device("meta"):
-        model, example_inputs, loss_fn = build_model(args.model, batch=batch, seq=args.seq)
+        model, example_inputs, loss_fn = build_model(args.model, batch=batch, seq=args.seq,
+                                                     overrides=parse_overrides(args.set))
     with solver_output_to_stderr():
         plan = autopar.plan(
             model,
@@ -175,10 +177,11 @@ def _ops_by_layer(plan, args) -> dict[str, list[str]]:
     from autopar.trace import layer_of, trace_for_training
 
     batch = args.batch
-    if batch is None and ":" not in args.model:
+    if batch is None and not is_factory(args.model):
         batch = math.lcm(8, plan.world_size)  # as `autopar plan` defaults it
     with torch.device("meta"):
-        model, example_inputs, loss_fn = build_model(args.model, batch=batch, seq=args.seq)
+        model, example_inputs, loss_fn = build_model(args.model, batch=batch, seq=args.seq,
+                                                     overrides=parse_overrides(args.set))
     traced = trace_for_training(model, example_inputs, loss_fn)
     plan.check_matches(graph_fingerprint=traced.fingerprint, world_size=plan.world_size)
     layers: dict[str, list[str]] = {}
@@ -210,6 +213,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         help="global batch size (built-ins: default lcm(8, devices), so any dp axis divides it)",
     )
     p.add_argument("--seq", type=int, help="sequence length (built-ins: the config's)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="with hf:<model_type>: a config field, e.g. --set num_hidden_layers=4 "
+                   "(repeatable; values are JSON, else strings)")
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -228,7 +234,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "model",
         metavar="MODEL",
-        help=f"built-in ({', '.join(BUILTIN_MODELS)}) or "
+        help=f"built-in ({', '.join(BUILTIN_MODELS)}), hf:<model_type> or "
+        "hf:path/to/config.json (Hugging Face), or "
         "module.path:factory returning (model, example_inputs, loss_fn)",
     )
     p.add_argument(

@@ -16,6 +16,7 @@ import torch
 
 from autopar.errors import AutoparError
 from autopar.models.gpt import GPT, GPTConfig
+from autopar.models.hf import build_hf, is_hf
 from autopar.models.losses import lm_loss
 
 BUILTIN_MODELS: dict[str, GPTConfig] = {
@@ -28,18 +29,26 @@ BUILTIN_MODELS: dict[str, GPTConfig] = {
 }
 
 
-def build_model(spec: str, *, batch: int | None, seq: int | None):
-    """(model, example_inputs, loss_fn) for a built-in name or a `module.path:factory`.
+def build_model(spec: str, *, batch: int | None, seq: int | None,
+                overrides: dict | None = None):
+    """(model, example_inputs, loss_fn) for a built-in name, `hf:<model_type or config>`
+    (`autopar.models.hf`, with config `overrides`) or a `module.path:factory`.
 
     Call it under `torch.device("meta")` to build without memory. `batch` and `seq` default to
     batch 8 and the config's sequence length; a factory gets them as keyword
     arguments only when they are given.
     """
+    if is_hf(spec):
+        return build_hf(spec, batch=positive(batch, "--batch") if batch else 8, seq=seq,
+                        overrides=overrides)
+    if overrides:
+        raise AutoparError("--set changes a Hugging Face config: use it with hf:<model_type>")
     if ":" in spec:
         return _from_factory(spec, batch=batch, seq=seq)
     if spec not in BUILTIN_MODELS:
         raise AutoparError(
-            f"unknown model {spec!r}: use a built-in one ({', '.join(BUILTIN_MODELS)}) or "
+            f"unknown model {spec!r}: use a built-in one ({', '.join(BUILTIN_MODELS)}), "
+            "hf:<model_type> or hf:path/to/config.json (Hugging Face transformers), or "
             "module.path:factory, a function returning (model, example_inputs, loss_fn)"
         )
     cfg = BUILTIN_MODELS[spec]
@@ -49,6 +58,11 @@ def build_model(spec: str, *, batch: int | None, seq: int | None):
     x = torch.randint(0, cfg.vocab_size, (b, cfg.seq_len))  # (B, T)
     y = torch.randint(0, cfg.vocab_size, (b, cfg.seq_len))  # (B, T)
     return GPT(cfg), (x, y), lm_loss
+
+
+def is_factory(spec: str) -> bool:
+    """`module.path:factory`: the user's function decides its own batch."""
+    return ":" in spec and not is_hf(spec)
 
 
 def positive(value: int, flag: str) -> int:

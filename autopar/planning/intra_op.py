@@ -334,7 +334,9 @@ def to_plan(traced: TracedModel, cluster: Cluster, decisions: Decisions, solutio
     for name, s in chosen.items():
         if s.rule == "input":
             continue
-        if s.rule == "replicate":  # no sharding rule (strategies.node_strategies)
+        # no sharding rule (strategies.node_strategies); checks that make nothing (export's
+        # _assert_tensor_metadata, no users) run wherever they are and are not worth a warning
+        if s.rule == "replicate" and traced.node(name).users:
             op = str(traced.node(name).target)
             fallback_ops[op] = fallback_ops.get(op, 0) + 1
         ops[name] = OpSharding(
