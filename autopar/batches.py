@@ -17,28 +17,39 @@ from torch.utils._pytree import TreeSpec, tree_flatten, tree_leaves, tree_map, t
 from autopar.errors import AutoparError, MeshError
 
 
+class _Tensor:
+    """Marks where a tensor goes among a batch's leaves (None is a leaf value of its own)."""
+
+    def __repr__(self) -> str:
+        return "a tensor"
+
+
+TENSOR = _Tensor()
+
+
 @dataclass(frozen=True)
 class BatchLayout:
     """Where the tensors of one batch's inputs sit among its other values."""
 
     spec: TreeSpec  # of the inputs (not the target)
-    constants: tuple  # every leaf in pytree order; None where a tensor goes
+    constants: tuple  # every leaf in pytree order; TENSOR where a tensor goes
     has_target: bool
 
     @classmethod
     def of(cls, inputs, *, has_target: bool) -> BatchLayout:
         leaves, spec = tree_flatten(_canonical(inputs))
-        consts = tuple(None if isinstance(x, torch.Tensor) else x for x in leaves)
+        consts = tuple(TENSOR if isinstance(x, torch.Tensor) else x for x in leaves)
         return cls(spec, consts, has_target)
 
     @property
     def n_tensors(self) -> int:
-        return sum(1 for c in self.constants if c is None)
+        return sum(1 for c in self.constants if c is TENSOR)
 
     def rebuild(self, tensors) -> object:
         """The inputs with `tensors` in the tensor slots: what the model is called with."""
         it = iter(tensors)
-        return tree_unflatten([next(it) if c is None else c for c in self.constants], self.spec)
+        return tree_unflatten([next(it) if c is TENSOR else c for c in self.constants],
+                              self.spec)
 
     def tensors(self, inputs, target=None) -> list[torch.Tensor]:
         """The graph's inputs from a batch shaped like the one traced: its tensors, then the
@@ -73,7 +84,7 @@ class BatchLayout:
             )
         out = []
         for leaf, const in zip(leaves, self.constants):
-            if const is None:
+            if const is TENSOR:
                 if not isinstance(leaf, torch.Tensor):
                     raise AutoparError(f"expected a tensor among the inputs, got {leaf!r}")
                 out.append(leaf)
