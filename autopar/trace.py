@@ -20,6 +20,7 @@ import torch
 from torch import fx, nn
 from torch.utils._pytree import tree_flatten
 
+from autopar import rewrites
 from autopar.batches import BatchLayout, as_call
 from autopar.errors import AutoparError, TraceError
 
@@ -228,9 +229,10 @@ def _on_meta(model: nn.Module) -> bool:
 
 def _export(module: nn.Module, args: tuple, model: nn.Module):
     try:
-        if _on_meta(model):
-            return _export_as_fake_cpu(module, args)
-        return torch.export.export(module, args, strict=False)
+        with rewrites.applied(model):  # what export cannot trace as written (autopar.rewrites)
+            if _on_meta(model):
+                return _export_as_fake_cpu(module, args)
+            return torch.export.export(module, args, strict=False)
     except Exception as e:  # export raises many types; all mean "this model did not trace"
         raise TraceError(_explain_export_failure(e, model)) from e
 

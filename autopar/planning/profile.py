@@ -288,10 +288,24 @@ def _used_outputs(n: fx.Node, out) -> list[torch.Tensor]:
 
 
 def _runnable(target):
-    """What to call for a node's target: fused attention for SDPA, the target otherwise."""
+    """What to call for a node's target: fused attention for SDPA, reshape for views, the target
+    otherwise."""
     if target is aten.scaled_dot_product_attention.default:
         return _sdpa_fused
+    if target in _VIEWS:
+        return aten.reshape.default
     return target
+
+
+# Views run as reshape, as the runtime runs them (`runtime/op_runner.py`): export chose view for
+# a reshape from the strides it saw, which the kernel that runs need not give. Attention with a
+# mask made from parameters (T5's position bias, Swin's relative bias) is one: export's
+# decomposition retraces without autograd, so the mask seemed to need no grad, SDPA took the
+# fused kernel, laid out (B, T, H, D), and `y.transpose(1, 2).reshape(B, T, C)` became a view.
+# In training the mask requires grad, which the fused CPU kernel cannot differentiate: SDPA
+# takes the math path, contiguous (B, H, T, D), and no view fits. reshape is the view wherever
+# the view is valid, a copy elsewhere.
+_VIEWS = {aten.view.default, aten._unsafe_view.default}
 
 
 def _sdpa_fused(

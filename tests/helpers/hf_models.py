@@ -32,8 +32,10 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     "bert": ("masked-lm", dict(_DECODER)),
     "roberta": ("masked-lm", dict(_DECODER)),
     "t5": ("seq2seq-lm", dict(_T5)),
+    # capacity 3 of 16 tokens per sequence and expert: the top-1 router drops tokens
     "switch_transformers": ("seq2seq-lm", dict(_T5, num_sparse_encoder_layers=1,
-                                               num_sparse_decoder_layers=1, num_experts=4)),
+                                               num_sparse_decoder_layers=1, num_experts=4,
+                                               expert_capacity=3)),
     "vit": ("image-classification", dict(_DECODER, image_size=IMAGE, patch_size=8,
                                          num_labels=CLASSES)),
     "swin": ("image-classification", dict(embed_dim=16, depths=[2, 2], num_heads=[2, 4],

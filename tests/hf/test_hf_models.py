@@ -6,8 +6,10 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from autopar import cli
+from autopar.planning.layer_costs import prepare
 from autopar.trace import trace
 from tests.helpers.hf_models import FAMILIES, hf_batch, hf_model
 
@@ -21,6 +23,26 @@ def test_traces_as_it_comes(model_type):
     assert traced.target is None
     assert traced.node(traced.loss_node).meta["val"].numel() == 1
     assert traced.output_node != traced.loss_node  # the logits, for evaluation
+
+
+@pytest.mark.parametrize("model_type", ["t5", "swin"])
+def test_attention_with_a_learned_bias_profiles(model_type):
+    """What failed: the profile ran a view the trace made on the fused attention kernel's
+    layout, which attention with a mask that requires grad does not get in training."""
+    stand, profiles = prepare(trace(hf_model(model_type), hf_batch(model_type)))
+    assert profiles and all(n in profiles for n in stand.traced.inputs)
+
+
+def test_switch_sparse_layer_traces_without_data_dependent_shapes():
+    """What failed: the router casts its classifier in forward; the experts loop over the
+    experts nonzero() finds (autopar.rewrites gives it a fixed-capacity dispatch)."""
+    model = hf_model("switch_transformers", dropout_off=True)
+    sparse = model.encoder.block[1].layer[1].mlp
+    x = torch.randn(4, 16, 64)
+    traced = trace(sparse, (x,), loss_fn=F.mse_loss, target=x)
+    targets = {str(n.target) for n in traced.graph_module.graph.nodes}
+    assert "aten.nonzero.default" not in targets and "aten.bmm.default" in targets
+    assert set(traced.parameters.values()) == {name for name, _ in sparse.named_parameters()}
 
 
 def test_cli_plans_a_hugging_face_model_type(capsys):

@@ -226,6 +226,55 @@ class TestGPT:
         assert sorted(s.shape for s in profiles[node.name].saves) == expected
 
 
+class _AttentionWithRelativeBias(nn.Module):
+    """Attention masked by a learned relative-position bias (as T5's and Swin's), then
+    `transpose(1, 2).reshape(B, T, C)` as every attention block ends."""
+
+    def __init__(self, d_model: int = 32, n_head: int = 4, seq_len: int = 8):
+        super().__init__()
+        self.n_head = n_head
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.table = nn.Parameter(torch.randn(2 * seq_len - 1, n_head))
+        pos = torch.arange(seq_len)
+        self.register_buffer("offset", pos[None, :] - pos[:, None] + seq_len - 1)
+
+    def forward(self, x):
+        b, t, c = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.n_head, c // self.n_head).permute(2, 0, 3, 1, 4)
+        bias = self.table[self.offset].permute(2, 0, 1).unsqueeze(0)  # (1, H, T, T)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return y.transpose(1, 2).reshape(b, t, c)
+
+
+class TestViewsOnLayoutsTheTraceDidNotSee:
+    def test_view_after_attention_with_a_learned_mask_runs_on_meta_and_cpu(self):
+        # Export's decomposition retraces without autograd, so the mask seemed to need no
+        # grad: SDPA took the fused kernel, laid out (B, T, H, D), and the reshape became a
+        # view. In training the mask requires grad, which the fused CPU kernel cannot
+        # differentiate: SDPA takes the math path, (B, H, T, D) contiguous, and no view fits.
+        # The profile runs views as the runtime does (reshape), so both profiles run.
+        torch.manual_seed(0)
+        model = _AttentionWithRelativeBias()
+        x, target = torch.randn(2, 8, 32), torch.randn(2, 8, 32)
+        traced = trace(model, (x,), loss_fn=F.mse_loss, target=target)
+        gm = traced.graph_module
+        sdpa = _only(gm, aten.scaled_dot_product_attention.default)
+        after = next(iter(sdpa.users))
+        while after.target != aten.view.default or after.meta["val"].ndim != 3:
+            after = next(iter(after.users))
+        # the layout export assumed: the fused kernel's, where the transpose is contiguous
+        assert not sdpa.meta["val"].is_contiguous() and after.args[0].meta["val"].is_contiguous()
+        meta = profile_graph(gm)
+        state = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+        names = {**traced.parameters, **traced.buffers}
+        user = dict(zip(traced.inputs, (x, target)))
+        args = [state[names[n.name]].detach().clone() if n.name in names else user[n.name]
+                for n in gm.graph.nodes if n.op == "placeholder"]
+        real = profile_graph(gm, args=args)
+        assert meta.keys() == real.keys()
+        assert meta[after.name].is_view and meta[sdpa.name].fwd_flops > 0
+
+
 class TestParameterStateBytes:
     def test_fp32_adamw_is_16_bytes_per_param(self):
         state = parameter_state_bytes(1000, TrainingPrecision.fp32())

@@ -1,0 +1,131 @@
+"""Trace-time rewrites: what autopar changes while `torch.export` traces a model, so that
+models whose forward export cannot follow as written still trace, with no edit by the user.
+
+Planning and training both run the traced graph, never the module's own forward, so a rewrite
+decides what runs everywhere. Each must therefore compute what the module computes (the tests
+train with it and compare with the unmodified model in one process), with static shapes.
+
+Two kinds:
+
+- **`Module.to` that changes nothing.** A module cast inside forward to the dtype and device it
+  already has (Switch Transformers' router runs `self.classifier = self.classifier.to(float32)`
+  on every call) returns the module itself. Left alone, `Module._apply` swaps each parameter
+  with its own conversion, which export's fake parameters refuse ("Couldn't swap
+  Linear.weight"). A cast that changes something is left to `Module.to` (and fails as before).
+- **`REWRITES`: a module class -> a forward of the same math export can trace**, installed on
+  each instance of exactly that class (not its subclasses) while export runs. Data-dependent
+  code (`nonzero`, a Python loop over the experts a batch reaches, `torch.where` with one
+  argument) has shapes that depend on the values, which export cannot trace and a plan cannot
+  price. Classes are named by `module.qualname`, so this module imports no model library.
+
+Adding one: a function `forward(module, *args, **kwargs)` and `register(class or its name,
+forward)`; a docstring saying what it computes, and why it equals the original.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import types
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+REWRITES: dict[str, Callable] = {}
+
+
+def register(cls: type | str, forward: Callable) -> None:
+    """Trace every instance of `cls` (a class, or "module.QualName") with `forward` instead."""
+    REWRITES[cls if isinstance(cls, str) else _name(cls)] = forward
+
+
+@contextlib.contextmanager
+def applied(model: nn.Module):
+    """While tracing `model`: no-op `Module.to` calls return the module, and each submodule
+    whose class has a rewrite forwards through it. Everything is restored on exit."""
+    patched = []
+    original_to = nn.Module.to
+    try:
+        for mod in model.modules():
+            forward = REWRITES.get(_name(type(mod)))
+            if forward is not None and "forward" not in vars(mod):
+                mod.forward = types.MethodType(forward, mod)
+                patched.append(mod)
+        nn.Module.to = _to_unless_unchanged(original_to)
+        yield
+    finally:
+        nn.Module.to = original_to
+        for mod in patched:
+            del mod.forward
+
+
+def _name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _to_unless_unchanged(original_to):
+    """`Module.to`, except that a cast every tensor of the module already satisfies returns the
+    module untouched (as `Tensor.to` returns the tensor itself)."""
+
+    def to(self, *args, **kwargs):
+        device, dtype, _non_blocking, memory_format = torch._C._nn._parse_to(*args, **kwargs)
+        if memory_format is None and all(
+            (device is None or t.device == device)
+            and (dtype is None or not (t.is_floating_point() or t.is_complex())
+                 or t.dtype == dtype)
+            for t in itertools.chain(self.parameters(), self.buffers())
+        ):
+            return self
+        return original_to(self, *args, **kwargs)
+
+    return to
+
+
+# --- Switch Transformers (Hugging Face): top-1 routing with expert capacity -------------------
+
+
+def switch_sparse_mlp_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    """`SwitchTransformersSparseMLP.forward` with static shapes: the expert-capacity dispatch
+    of the Switch Transformer's own implementation (Fedus et al. 2021, Mesh TensorFlow).
+
+    The router is called as is: a one-hot expert per token (B, S, E), zero where the token
+    arrived after `expert_capacity` others of its sequence had (capacity is per sequence), and
+    the chosen expert's probability (B, S, 1). Each expert gets C = min(S, expert_capacity)
+    slots per sequence; the k-th token of a sequence routed to expert e fills slot k. A one-hot
+    dispatch (B, S, E x C) gathers the tokens into a (B, E x C, d) buffer by batched matmul,
+    each expert runs on its (B, C, d) slots (empty ones hold zeros), and the same one-hot
+    scatters the results back, times the probability. Every token reaches the expert the
+    original sends it to and comes back times the same probability (a one-hot matmul copies
+    values exactly); a dropped token gets zeros, as in the original. So the result and its
+    gradients are the original's, up to the rounding of the expert matmuls on more rows.
+    (Batch stays dim 0 throughout, and no view is 4-D, which `fixed_mesh` would take for
+    attention heads.)
+
+    The original loops over the experts `nonzero` finds and runs each on the tokens
+    `torch.where` picks: shapes that depend on the routing, which export cannot trace. Here
+    every expert computes C slots per sequence whether they are filled or not, as the Switch
+    Transformer does on accelerators; the plan prices that work.
+    """
+    seq = hidden_states.shape[1]
+    selected, weights, _logits = self.router(hidden_states)  # (B, S, E), (B, S, 1), (B, S, E)
+    num_experts = self.router.num_experts
+    capacity = min(seq, int(self.router.expert_capacity))
+    position = torch.cumsum(selected, dim=1) - 1  # slot of each kept token in its expert
+    slots = torch.arange(capacity, device=hidden_states.device)
+    dispatch = (selected.unsqueeze(-1) * (position.unsqueeze(-1) == slots))  # (B, S, E, C)
+    dispatch = dispatch.flatten(2).to(hidden_states.dtype)  # (B, S, E * C)
+    expert_in = torch.bmm(dispatch.transpose(1, 2), hidden_states)  # (B, E * C, d)
+    expert_out = torch.cat([
+        self.experts[f"expert_{e}"](expert_in[:, e * capacity:(e + 1) * capacity])
+        for e in range(num_experts)
+    ], dim=1).to(hidden_states.dtype)
+    combined = torch.bmm(dispatch, expert_out)  # (B, S, d)
+    return combined * weights
+
+
+register(
+    "transformers.models.switch_transformers.modeling_switch_transformers."
+    "SwitchTransformersSparseMLP",
+    switch_sparse_mlp_forward,
+)

@@ -1,0 +1,120 @@
+"""Trace-time rewrites (autopar/rewrites.py): no-op `Module.to` in forward, registered forwards
+for data-dependent modules, each undone after tracing; Switch Transformers' sparse layer
+rewritten computes what the original computes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from autopar import rewrites
+from autopar.errors import TraceError
+from autopar.trace import trace
+
+
+class _CastsItsLayerInForward(nn.Module):
+    """As Switch Transformers' router: `self.classifier = self.classifier.to(float32)`."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 4)
+
+    def forward(self, x):
+        self.lin = self.lin.to(torch.float32)
+        return self.lin(x)
+
+
+class _RunsTheRowsThatAreHit(nn.Module):
+    """As a mixture of experts in eager code: a loop over what nonzero() finds."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x):
+        out = torch.zeros_like(x)
+        for row in torch.nonzero(x.sum(-1) > 0):
+            out[row] = self.lin(x[row])
+        return out
+
+
+def _dense_rows(self, x):
+    """_RunsTheRowsThatAreHit with static shapes: every row computed, the others masked."""
+    return torch.where((x.sum(-1, keepdim=True) > 0), self.lin(x), torch.zeros_like(x))
+
+
+def _branches_on_a_value(self, x):
+    """Python control flow on a tensor's value: export cannot follow it."""
+    return self.lin(x) if x.sum() > 0 else x
+
+
+def _trace(model, x):
+    return trace(model, (x,), loss_fn=F.mse_loss, target=torch.zeros_like(model(x)))
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_a_module_cast_to_what_it_already_is_in_forward_traces(device):
+    to = nn.Module.to
+    with torch.device(device):
+        model = _CastsItsLayerInForward()
+    traced = trace(model, (torch.randn(2, 8, device=device),), loss_fn=F.mse_loss,
+                   target=torch.zeros(2, 4, device=device))
+    assert set(traced.parameters.values()) == {"lin.weight", "lin.bias"}
+    assert nn.Module.to is to, "Module.to is restored after tracing"
+
+
+def test_a_cast_that_changes_the_module_is_left_to_module_to():
+    model = nn.Linear(2, 2)
+    with rewrites.applied(model):
+        model.to(torch.float64)
+        assert model.weight.dtype == torch.float64
+
+
+def test_registered_rewrite_traces_a_data_dependent_module(monkeypatch):
+    monkeypatch.setattr(rewrites, "REWRITES", {})  # the registry as it was, after the test
+    torch.manual_seed(0)
+    model = _RunsTheRowsThatAreHit()
+    x = torch.randn(6, 8)
+    with pytest.raises(TraceError):
+        _trace(model, x)
+    rewrites.register(_RunsTheRowsThatAreHit, _dense_rows)
+    traced = _trace(model, x)
+    assert "forward" not in vars(model), "the rewrite is removed after tracing"
+    targets = {str(n.target) for n in traced.graph_module.graph.nodes}
+    assert "aten.nonzero.default" not in targets
+    torch.testing.assert_close(_dense_rows(model, x), model(x))
+
+
+def test_rewrites_are_undone_when_tracing_fails(monkeypatch):
+    monkeypatch.setattr(rewrites, "REWRITES", {})
+    to = nn.Module.to
+    model = _RunsTheRowsThatAreHit()
+    rewrites.register(_RunsTheRowsThatAreHit, _branches_on_a_value)
+    with pytest.raises(TraceError):
+        _trace(model, torch.randn(6, 8))
+    assert nn.Module.to is to and "forward" not in vars(model)
+
+
+def test_switch_sparse_layer_rewritten_equals_the_original():
+    tf = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = tf.AutoConfig.for_model(
+        "switch_transformers", d_model=32, d_ff=64, num_experts=4, expert_capacity=3,
+        router_jitter_noise=0.0, dropout_rate=0.0)
+    from transformers.models.switch_transformers.modeling_switch_transformers import (
+        SwitchTransformersSparseMLP,
+    )
+
+    layer = SwitchTransformersSparseMLP(cfg).train()
+    x = torch.randn(4, 16, 32, requires_grad=True)
+    selected = layer.router(x)[0]
+    assert selected.sum() < 4 * 16, "capacity 3 of 16 tokens: some tokens are dropped"
+    want = layer(x)
+    got = rewrites.switch_sparse_mlp_forward(layer, x)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    inputs = [x, *layer.parameters()]
+    for g, w in zip(torch.autograd.grad(got.square().sum(), inputs),
+                    torch.autograd.grad(want.square().sum(), inputs)):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
