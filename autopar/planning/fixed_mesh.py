@@ -56,9 +56,17 @@ def check_divides(traced: TracedModel, mesh: dict[str, int], batch: int, microba
         )
 
 
+_ATTENTION = (torch.ops.aten.scaled_dot_product_attention.default,)
+
+
 def _head_counts(traced: TracedModel) -> set[int]:
-    """Attention heads: dim 2 of 4-D (B, T, H, D) views inside repeated blocks."""
-    heads = set()
+    """Attention heads: dim 1 of scaled-dot-product attention's (B, H, T, D) query, key and
+    value; in a model without it, dim 2 of 4-D (B, T, H, D) views inside repeated blocks."""
+    heads = {int(a.meta["val"].shape[1])
+             for n in traced.graph_module.graph.nodes if n.target in _ATTENTION
+             for a in n.args[:3] if isinstance(a, torch.fx.Node)}
+    if heads:
+        return heads
     for n in traced.graph_module.graph.nodes:
         if n.op == "call_function" and "view" in str(n.target) and block_of(n, traced):
             v = n.meta.get("val")

@@ -136,6 +136,12 @@ def redistribute(x: DTensor, mesh, placements) -> DTensor:
     """x with `placements`; Partial(sum) targets are reached from Replicate by `to_partial`."""
     if tuple(x.placements) == tuple(placements):
         return x
+    averaged = tuple(a for a, p in enumerate(x.placements)
+                     if isinstance(p, Partial) and p.reduce_op == "avg" and placements[a] != p)
+    if averaged:
+        x = _AverageAsSum.apply(x, averaged)
+        if tuple(x.placements) == tuple(placements):
+            return x
     partial_axes = [
         a for a, p in enumerate(placements) if isinstance(p, Partial) and x.placements[a] != p
     ]
@@ -143,6 +149,27 @@ def redistribute(x: DTensor, mesh, placements) -> DTensor:
         return x.redistribute(mesh, placements)
     staged = tuple(Replicate() if a in partial_axes else p for a, p in enumerate(placements))
     return to_partial(x.redistribute(mesh, staged), partial_axes)
+
+
+class _AverageAsSum(torch.autograd.Function):
+    """A Partial(avg) value (a mean over a sharded dim) as the same value in Partial(sum), by
+    dividing each rank's piece locally. Redistributed from Partial(avg) by DTensor, the value's
+    gradient must come back as Partial(avg), which DTensor cannot make from the Partial(sum)
+    gradients of replicated inputs to ops run on local shards (`_call_locally`, `to_partial`);
+    from Partial(sum) it can. The value does not change, so neither does its gradient."""
+
+    @staticmethod
+    def forward(ctx, x: DTensor, axes: tuple[int, ...]) -> DTensor:
+        n = 1
+        for a in axes:
+            n *= x.device_mesh.size(a)
+        placements = tuple(Partial("sum") if a in axes else p for a, p in enumerate(x.placements))
+        return DTensor.from_local(x.to_local() / n, x.device_mesh, placements, run_check=False,
+                                  shape=x.shape, stride=x.stride())
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
 
 
 def to_partial(x: DTensor, axes: list[int]) -> DTensor:
