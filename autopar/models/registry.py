@@ -189,9 +189,11 @@ BUILTIN_MODELS: dict[str, Entry] = {
     "t5-3b": _t5(24, 1024, 16384, 128, 32),
     "t5-11b": _t5(24, 1024, 65536, 128, 128),
     # -- Switch Transformer (Fedus et al. 2022, Table 9; the released checkpoints' shapes)
+    # capacity factor 1 (the paper's Table 1 trains with 1.0 too): 4 and 2 tokens per expert
+    # and sequence, so that tokens are dropped in tests
     "switch-test": Entry(SWITCH, SwitchConfig(vocab_size=128, seq_len=16, target_len=8,
                                               n_layer=2, d_model=64, d_ff=128, d_kv=16,
-                                              n_head=4, n_experts=4)),
+                                              n_head=4, n_experts=4, capacity_factor=1.0)),
     **{f"switch-base-{e}": _switch("base", e) for e in (8, 16, 32, 64, 128)},
     "switch-large-128": _switch("large", 128),
     # -- ViT (Dosovitskiy et al. 2021, Table 1: layers, width, MLP, heads)
@@ -202,7 +204,7 @@ BUILTIN_MODELS: dict[str, Entry] = {
     "vit-h14": _vit(14, 32, 1280, 5120, 16),
     # -- Swin (Liu et al. 2021, section 3.3: C, layer numbers; heads of 32 channels)
     "swin-test": Entry(SWIN, SwinConfig(image_size=32, patch_size=2, embed_dim=32,
-                                        depths=(2, 2, 2, 2), heads=(1, 2, 4, 8), window=4,
+                                        depths=(2, 2, 2, 2), heads=(2, 4, 8, 16), window=4,
                                         n_classes=10)),
     "swin-t": _swin(96, (2, 2, 6, 2), (3, 6, 12, 24)),
     "swin-b": _swin(128, (2, 2, 18, 2), (4, 8, 16, 32)),
