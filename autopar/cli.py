@@ -3,9 +3,10 @@
     autopar plan MODEL --cluster PRESET_OR_FILE [--mesh dp=2,tp=2] [-o plan.json] [--json]
     autopar explain plan.json [--model MODEL] [--json]
     autopar demo [--nproc 4] [--steps 5] [--mesh dp=2,tp=2]
+    autopar models [--json]
 
-MODEL is a built-in name (`autopar.models.registry.BUILTIN_MODELS`) or `module.path:factory`, a function returning
-`(model, example_inputs, loss_fn)`; it is called under `torch.device("meta")`, so any size plans
+MODEL is a built-in name (`autopar models` lists them: `autopar.models.registry.BUILTIN_MODELS`)
+or `module.path:factory`, a function returning `(model, example_inputs, loss_fn)`; it is called under `torch.device("meta")`, so any size plans
 with no memory. A user's mistake (an `AutoparError`, a bad value, a missing file) prints
 `autopar: error: <message>` on stderr and exits with status 2, never a traceback.
 """
@@ -24,9 +25,15 @@ import torch
 from autopar.console import parse_mesh, solver_output_to_stderr
 from autopar.errors import AutoparError
 from autopar.models.hf import parse_overrides
-from autopar.models.registry import BUILTIN_MODELS, build_model, is_factory, positive
+from autopar.models.registry import (
+    BUILTIN_MODELS,
+    build_model,
+    is_factory,
+    parameter_count,
+    positive,
+)
 from autopar.parallelism import check_world_size
-from autopar.units import format_bytes, parse_bytes
+from autopar.units import format_bytes, format_count, parse_bytes
 
 EXIT_USAGE = 2  # what argparse itself uses for a bad command line
 
@@ -203,6 +210,24 @@ def cmd_demo(args) -> int:
     )
 
 
+def cmd_models(args) -> int:
+    """Every built-in model: name, family, parameters (counted on meta) and inputs."""
+    rows = [
+        {"name": name, "family": entry.family.name, "parameters": parameter_count(name),
+         "inputs": entry.inputs, "takes_seq": entry.family.takes_seq}
+        for name, entry in BUILTIN_MODELS.items()
+    ]
+    if args.json:
+        _print_json(rows)
+        return 0
+    table = [("name", "family", "params", "inputs (B: --batch)")] + [
+        (r["name"], r["family"], format_count(r["parameters"]), r["inputs"]) for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(3)]
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[3])
+    return 0
+
+
 # -- argument parser ------------------------------------------------------------------------------
 
 
@@ -212,7 +237,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         type=int,
         help="global batch size (built-ins: default lcm(8, devices), so any dp axis divides it)",
     )
-    p.add_argument("--seq", type=int, help="sequence length (built-ins: the config's)")
+    p.add_argument(
+        "--seq",
+        type=int,
+        help="sequence length (built-ins: the config's; encoder-decoders: both lengths; "
+        "not for image models)",
+    )
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="with hf:<model_type>: a config field, e.g. --set num_hidden_layers=4 "
                    "(repeatable; values are JSON, else strings)")
@@ -234,8 +264,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "model",
         metavar="MODEL",
-        help=f"built-in ({', '.join(BUILTIN_MODELS)}), hf:<model_type> or "
-        "hf:path/to/config.json (Hugging Face), or "
+        help="a built-in model (`autopar models` lists them, e.g. gpt3-175b, llama3-8b), "
+        "hf:<model_type> or hf:path/to/config.json (Hugging Face), or "
         "module.path:factory returning (model, example_inputs, loss_fn)",
     )
     p.add_argument(
@@ -302,6 +332,15 @@ def make_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        "models",
+        help="list the built-in models",
+        description="List every built-in model: its family, parameter count (counted on the "
+        "meta device) and the inputs it takes at its default sizes.",
+    )
+    p.add_argument("--json", action="store_true", help="print the list as JSON")
+    p.set_defaults(func=cmd_models)
     return parser
 
 

@@ -33,7 +33,7 @@ from autopar.models.gpt import GPT
 from autopar.models.losses import lm_loss
 from autopar.models.registry import BUILTIN_MODELS
 
-CONFIG = BUILTIN_MODELS["gpt-tiny"]
+CONFIG = BUILTIN_MODELS["gpt-tiny"].config
 LR = 0.2
 SEED = 0
 REL_TOL = 1e-5  # fp32: the sharded run sums in a different order, nothing more

@@ -1,4 +1,5 @@
-"""Byte sizes as text, both ways: "40GiB" -> 42949672960.0 -> "40 GiB"."""
+"""Byte sizes as text, both ways: "40GiB" -> 42949672960.0 -> "40 GiB"; counts as text:
+6658596864 -> "6.66B"."""
 
 from __future__ import annotations
 
@@ -40,3 +41,11 @@ def format_bytes(n: float) -> str:
         if n >= size:
             return f"{n / size:.3g} {unit}"
     return f"{n:.0f} B"
+
+
+def format_count(n: float) -> str:
+    """6658596864 -> '6.66B', 125262336 -> '125M': decimal units, three significant digits."""
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g}{unit}"
+    return f"{n:.0f}"

@@ -12,8 +12,9 @@ import pytest
 
 from autopar.cli import main
 from autopar.console import parse_mesh
+from autopar.models.registry import BUILTIN_MODELS
 from autopar.plan import Plan
-from autopar.units import parse_bytes
+from autopar.units import format_count, parse_bytes
 
 PLAN_ARGS = [
     "plan",
@@ -104,6 +105,8 @@ class TestExplain:
          "smallest peak"),
         (["plan", "no_such_module:build", "--cluster", "cpu"], "cannot import 'no_such_module'"),
         (["explain", "no/such/plan.json"], "no plan file at no/such/plan.json"),
+        (["plan", "vit-test", "--cluster", "cpu", "--seq", "8"], "image model"),
+        (["plan", "bert-test", "--cluster", "cpu", "--seq", "64"], "exceeds its 32 learned"),
     ],
     ids=[
         "model",
@@ -114,6 +117,8 @@ class TestExplain:
         "memory-1KiB",
         "factory",
         "plan-file",
+        "seq-of-an-image-model",
+        "seq-beyond-positions",
     ],
 )
 def test_user_mistakes_exit_2_without_traceback(capsys, argv, message):
@@ -156,6 +161,27 @@ def test_factory_model(capsys, tmp_path, monkeypatch):
     assert json.loads(out)["model"] == "Sequential"
 
 
+class TestModels:
+    def test_lists_every_builtin_with_its_size_and_inputs(self, capsys):
+        rc, out, _ = run_cli(capsys, "models")
+        assert rc == 0
+        names = [line.split()[0] for line in out.splitlines()[1:]]
+        assert names == list(BUILTIN_MODELS)
+        rows = {line.split()[0]: line.split(None, 3)[1:] for line in out.splitlines()[1:]}
+        assert rows["gpt3-175b"] == ["GPT", "175B", "tokens (B, 2048)"]
+        assert rows["t5-11b"] == ["T5", "11.3B", "tokens (B, 512), decoder tokens (B, 114)"]
+        assert rows["swin-t"] == ["Swin", "28.3M", "images (B, 3, 224, 224)"]
+
+    def test_json(self, capsys):
+        rc, out, _ = run_cli(capsys, "models", "--json")
+        rows = {r["name"]: r for r in json.loads(out)}
+        assert rc == 0 and set(rows) == set(BUILTIN_MODELS)
+        assert rows["llama3-8b"] == {"name": "llama3-8b", "family": "Llama",
+                                     "parameters": 8_030_261_248, "inputs": "tokens (B, 8192)",
+                                     "takes_seq": True}
+        assert rows["vit-b16"]["takes_seq"] is False
+
+
 class TestParsing:
     def test_mesh(self):
         assert parse_mesh("dp=2,tp=4") == {"dp": 2, "tp": 4}
@@ -172,6 +198,10 @@ class TestParsing:
         for bad in ("40XB", "GiB", "-1GB", "0"):
             with pytest.raises(ValueError):
                 parse_bytes(bad)
+
+    def test_counts(self):
+        assert [format_count(n) for n in (6_658_596_864, 125_262_336, 90_432, 999, 1.75e14)] == [
+            "6.66B", "125M", "90.4K", "999", "175T"]
 
 
 @pytest.mark.slow
