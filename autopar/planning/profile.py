@@ -5,7 +5,8 @@ node's `meta["val"]` (nothing real is allocated), and stores an `OpProfile` on e
 and `call_function` node under `node.meta[PROFILE_KEY]`:
 
 - FLOPs come from `torch.utils.flop_counter.FlopCounterMode`: forward around the op, backward
-  around `torch.autograd.grad` of the op alone, with the same inputs requiring grad as in training.
+  around `torch.autograd.grad` of the op alone, with the same inputs requiring grad as in training
+  (a placeholder requires grad when its traced value did: parameters, not buffers or the batch).
 - Saved activations are observed, not modelled: the op runs inside
   `torch.autograd.graph.saved_tensors_hooks`, whose `pack` sees every tensor autograd keeps for
   backward. Each saved tensor is charged to the node whose output owns its storage (a view of a
@@ -111,8 +112,9 @@ def profile_graph(
     gm : an exported ATen graph whose nodes carry `meta["val"]`.
     args : placeholder values in graph order. Default: meta tensors shaped like `meta["val"]`
         (allocates nothing). Real CPU tensors run the same code, to check the meta result.
-    no_grad : placeholder names that do not require grad (buffers, frozen weights). Every other
-        floating-point placeholder requires grad, as parameters do in training.
+    no_grad : placeholder names that do not require grad, whatever the graph says. Otherwise a
+        floating-point placeholder requires grad when its traced value did (`_trains`):
+        parameters do, frozen ones, buffers and the batch do not, as in training.
 
     Returns
     -------
@@ -126,7 +128,7 @@ def profile_graph(
             f"profile_graph: the graph has {len(placeholders)} placeholders "
             f"but {len(args)} args were given."
         )
-    leaves = [_leaf(a, n.name not in no_grad) for a, n in zip(args, placeholders)]
+    leaves = [_leaf(a, _trains(n) and n.name not in no_grad) for a, n in zip(args, placeholders)]
     device = next((a.device for a in leaves if isinstance(a, torch.Tensor)), torch.device("meta"))
     interp = _ProfileInterpreter(gm, device)
     with torch.enable_grad():
@@ -377,6 +379,15 @@ def _meta_like(val):
     if isinstance(val, torch.Tensor):
         return torch.empty_strided(val.shape, val.stride(), dtype=val.dtype, device="meta")
     return val
+
+
+def _trains(placeholder: fx.Node) -> bool:
+    """Whether training computes this placeholder's gradient: as its traced value requires grad
+    (export records it: a parameter does unless frozen; a buffer, a token id or an image does
+    not). Giving a buffer a gradient would also make autograd save what that gradient needs:
+    RoPE's `q * cos` would keep the unrotated q and k, 5-7% of a Llama or PaLM block."""
+    val = placeholder.meta.get("val")
+    return val.requires_grad if isinstance(val, torch.Tensor) else True
 
 
 def _leaf(value, wants_grad: bool):

@@ -47,8 +47,10 @@ class _MatmulViewSum(nn.Module):
 class TestFlopsAndBytes:
     M, K, N = 8, 16, 4
 
-    def _profiles(self):
-        gm = _export(_MatmulViewSum(self.K, self.N), torch.randn(self.M, self.K))
+    def _profiles(self, x_requires_grad=True):
+        # x stands for an activation (it requires grad), unless the test says it is the batch
+        x = torch.randn(self.M, self.K, requires_grad=x_requires_grad)
+        gm = _export(_MatmulViewSum(self.K, self.N), x)
         return gm, profile_graph(gm)
 
     def test_mm_flops_forward_and_backward(self):
@@ -60,6 +62,18 @@ class TestFlopsAndBytes:
         assert mm.bwd_bytes == 2 * mm.fwd_bytes
         assert mm.output_bytes == 4 * self.M * self.N
         assert not mm.is_view
+
+    def test_an_input_that_needs_no_gradient_gets_none(self):
+        """Training computes no gradient for the batch (nor for buffers or frozen weights): the
+        profile gives a placeholder a gradient only when its traced value required one, so the
+        matmul's backward is dW alone, and autograd keeps no W for a dX nobody needs."""
+        gm, profiles = self._profiles(x_requires_grad=False)
+        x, w = [n.name for n in gm.graph.nodes if n.op == "placeholder"][::-1]
+        mm = profiles[_only(gm, aten.mm.default).name]
+        assert mm.bwd_flops == 2 * self.M * self.N * self.K  # dW = X^T dY only
+        assert {s.owner for s in mm.saves} == {x}
+        forced = profile_graph(gm, no_grad={w})  # no_grad takes a parameter's gradient away
+        assert forced[_only(gm, aten.mm.default).name].bwd_flops == 0
 
     def test_view_moves_nothing(self):
         gm, profiles = self._profiles()
