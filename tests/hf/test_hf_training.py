@@ -3,7 +3,7 @@
 Each family's tiny model (tests/helpers/hf_models.py: default config, dropout off so runs
 compare) is planned by hand on `dp=2 x tp=2` and on `pp=2 x dp=2` (two microbatches a step),
 called the way Hugging Face's Trainer calls it (a dict of keyword arguments with `labels`, the
-model's own loss, no loss_fn), and trained a few SGD steps; the loss after every step equals
+model's own loss, no loss_fn), and trained two SGD steps; the loss after every step equals
 single-process training of the same model within 1e-5 relative. One launch of 4 ranks trains
 every family of a mesh (each launch and each rank's imports cost seconds on 2 cores).
 """
@@ -20,7 +20,7 @@ from tests.helpers.distributed import run_on_ranks
 from tests.helpers.hf_models import FAMILIES, hf_batch, hf_model
 from tests.helpers.models import fast_cpu_cluster
 
-STEPS, LR = 3, 0.1
+STEPS, LR = 2, 0.1
 
 # T5 under tensor parallelism: the losses of the first two steps agree, but every gradient is
 # about 0.4% off single-process training (the same on tp=2 and tp=4; dp alone and pp x dp are
@@ -50,10 +50,10 @@ def single_process_losses(model_type: str) -> list[float]:
     return _sgd_losses(model_type, model.parameters(), step)
 
 
-def hand_plan(model_type: str, mesh: dict[str, int]) -> str:
+def hand_plan(model_type: str, mesh: dict[str, int], dropout_off: bool = True) -> str:
     """The plan of `mesh` (two microbatches per step with pp), made from the model on meta."""
     with torch.device("meta"):
-        model = hf_model(model_type, dropout_off=True)
+        model = hf_model(model_type, dropout_off=dropout_off)
     batch = hf_batch(model_type, seed=0)
     dp, pp = mesh.get("dp", 1), mesh.get("pp", 1)
     return autopar.manual_plan(
@@ -66,7 +66,11 @@ def parallel_losses(model_type: str, plan_json: str, dropout_off: bool = True) -
     torch.manual_seed(0)
     model = hf_model(model_type, dropout_off=dropout_off)
     plan = autopar.Plan.from_dict(json.loads(plan_json))
-    pm = autopar.autoparallelize(model, fast_cpu_cluster(4), hf_batch(model_type), plan=plan)
+    # op by op: over two steps, the replay runtime's tracing on the first costs more than it
+    # saves (both runtimes run the same ops and collectives; tests/test_end_to_end.py covers
+    # replay)
+    pm = autopar.autoparallelize(model, fast_cpu_cluster(4), hf_batch(model_type), plan=plan,
+                                 runtime="eager")
     return _sgd_losses(model_type, pm.parameters(), pm.train_step)
 
 
@@ -97,7 +101,7 @@ def test_pipeline_and_data_parallel_train_as_one_process():
 def test_dropout_stays_on_and_ranks_agree():
     """BERT as it comes (dropout 0.1) on dp=2 x tp=2: every rank reports the same losses, and
     they are not those of the same model without dropout (dropout really ran)."""
-    plan = hand_plan("bert", {"dp": 2, "tp": 2})
+    plan = hand_plan("bert", {"dp": 2, "tp": 2}, dropout_off=False)
     ranks = run_on_ranks(parallel_losses, 4, "bert", plan, False)
     assert all(r == ranks[0] for r in ranks)
     assert all(torch.isfinite(torch.tensor(ranks[0])))
