@@ -117,36 +117,37 @@ def stand_in(traced: TracedModel) -> StandIn:
 
 def find_runs(signatures: list, kinds: list) -> list[tuple[int, int, int]]:
     """(first layer, period, units) of every run of at least MIN_BLOCKS units: maximal repeats
-    of one signature (period 1) or of a pair of different ones (period 2), the longer cover
-    first; the unit before a run joins it when its kinds match (its inputs may differ)."""
+    of one signature (period 1) or of a pair of different ones (period 2), whichever covers
+    more layers, left to right; a run's first unit needs only the kinds of the others (its
+    inputs come from before the run)."""
     runs: list[tuple[int, int, int]] = []
     i = 0
     while i < len(signatures):
-        p, n = _repeat(signatures, i)
-        first, free = i, runs[-1][0] + runs[-1][1] * runs[-1][2] if runs else 0
-        if i - p >= free and kinds[i - p:i] == kinds[i:i + p]:
-            first, n = i - p, n + 1
+        best = (1, 1)
+        for p in PERIODS:
+            n = _repeat(signatures, i, p)
+            if kinds[i:i + p] == kinds[i + p:i + 2 * p]:
+                n = max(n, 1 + _repeat(signatures, i + p, p))
+            if n * p > best[0] * best[1]:
+                best = (p, n)
+        p, n = best
         if n >= MIN_BLOCKS:
-            runs.append((first, p, n))
-            i = first + p * n
+            runs.append((i, p, n))
+            i += p * n
         else:
             i += 1
     return runs
 
 
-def _repeat(signatures: list, i: int) -> tuple[int, int]:
-    """(period, units) of the longest repeat starting at layer i (period 1 on a tie)."""
-    best = (1, 1)
-    for p in PERIODS:
-        unit = signatures[i:i + p]
-        if len(unit) < p or (p > 1 and any(a == b for a, b in zip(unit, unit[1:]))):
-            continue
-        n = 1
-        while signatures[i + n * p:i + (n + 1) * p] == unit:
-            n += 1
-        if n * p > best[0] * best[1]:
-            best = (p, n)
-    return best
+def _repeat(signatures: list, i: int, p: int) -> int:
+    """How many times the unit of p different signatures at layer i repeats from there."""
+    unit = signatures[i:i + p]
+    if len(unit) < p or any(a == b for a, b in zip(unit, unit[1:])):
+        return 0
+    n = 1
+    while signatures[i + n * p:i + (n + 1) * p] == unit:
+        n += 1
+    return n
 
 
 def _members(traced: TracedModel) -> dict[str, list[fx.Node]]:
