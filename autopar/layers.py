@@ -24,7 +24,7 @@ Layers need not form a chain: a T5 decoder block reads the encoder's output, mad
 `crossing` lists, for each cut between two layers, every value made before it and read after it
 (the values a pipeline stage boundary there carries, as `runtime.pipeline.split_stages` sends).
 
-    assign_layers(traced) -> {node name: layer name}, in graph order (cached per graph)
+    assign_layers(traced) -> {node name: layer name}, ops in graph order, then placeholders
     layer_order(assignment) -> ["pre", "blocks.0", ..., "post"]
     crossing(traced) -> per layer of layer_order: the values a cut after it carries
 """
@@ -71,7 +71,7 @@ def is_glue(layer: str) -> bool:
 
 
 def layer_order(assignment: dict[str, str]) -> list[str]:
-    """Layer names in the order their first op appears."""
+    """Layer names in the order their first op appears (`assign_layers` lists ops first)."""
     return list(dict.fromkeys(assignment.values()))
 
 
@@ -160,7 +160,9 @@ def _assign(traced: TracedModel) -> dict[str, str]:
     for n in gm.graph.nodes:  # getitems follow their op
         if is_getitem(n):
             layer[n.name] = layer[n.args[0].name]
-    return {n.name: layer[n.name] for n in gm.graph.nodes if n.name in layer}
+    ordered = [n for n in gm.graph.nodes if n.op != "placeholder"]  # ops first: layer_order
+    ordered += [n for n in gm.graph.nodes if n.op == "placeholder"]
+    return {n.name: layer[n.name] for n in ordered if n.name in layer}
 
 
 def _element_keys(ops: list[fx.Node]) -> list[str | None]:
