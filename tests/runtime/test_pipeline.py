@@ -117,7 +117,8 @@ class EncoderDecoder(nn.Module):
 
     def __init__(self, d=32):
         super().__init__()
-        self.wte, self.dec_wte = nn.Embedding(CONFIG.vocab_size, d), nn.Embedding(CONFIG.vocab_size, d)
+        self.wte = nn.Embedding(CONFIG.vocab_size, d)
+        self.dec_wte = nn.Embedding(CONFIG.vocab_size, d)
         self.encoder = nn.ModuleList(_Encoder(d) for _ in range(2))
         self.norm = nn.LayerNorm(d)
         self.decoder = nn.ModuleList(_Decoder(d) for _ in range(3))
