@@ -353,6 +353,19 @@ def layer_of(node: fx.Node) -> str:
     return _clean_fqn(path)
 
 
+def module_stack(node: fx.Node) -> list[tuple[str, str]]:
+    """(FQN, class name) of every module `node` was traced in, outermost first (the root, "",
+    left out)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    out = []
+    for path, kind in stack.values():
+        fqn = _clean_fqn(path)
+        if fqn:
+            out.append((fqn, kind if isinstance(kind, str) else getattr(kind, "__qualname__",
+                                                                         str(kind))))
+    return out
+
+
 def _clean_fqn(path: str) -> str:
     # export names paths like "L['self'].model.blocks.0" or "L__self__.model.blocks.0"
     for prefix in ("L['self'].", "L__self__.", "L['self']", "L__self__"):

@@ -16,13 +16,15 @@ Variables (code indexes layers with `i`, the docstring with `l`)
                          one-hot, row s* and column k* must sum to 1 and all others to 0, so
                          w[l,s*,k*] = 1 and every other entry is 0 -- integral.     (`_add_pairs`)
     c[l,s] >= 0          a cut follows layer l, which ends stage s (s < S-1, l < L-1); only a
-                         lower bound, which the objective makes tight.             (`_add_cuts`)
+                         lower bound, which the objective makes tight (c adds time and
+                         memory and nothing else).                                 (`_add_cuts`)
     t_max >= 0           the largest rank time.               (`pipeline_ranks.set_step_objective`)
 
 Stage time and memory, linear in w and c                     (`_stage_time`, `_stage_memory`)
     T_s = sum_(l,k) (fwd_s + bwd_s)_(l,k) * w[l,s,k]
           + [s < S-1] * (p2p_latency_s + p2p_s_per_byte * sum_(l < L-1) boundary_l * c[l,s])
     M_s = sum_l (state_l * x[l,s] + in_flight[s] * sum_k act_(l,k) * w[l,s,k])
+          + [s > 0] * in_flight[s] * sum_(l < L-1) carry_l * c[l,s-1]
 
 Objective                                                 (`pipeline_ranks.set_step_objective`)
     min  b * sum_s T_s  +  (m - b) * t_max,   scaled so that the largest coefficient is 1.
@@ -46,9 +48,10 @@ Constraints
     rank_time[r]:        sum_(s in S_r) T_s <= t_max      (`pipeline_ranks.set_step_objective`)
     memory[r]:           sum_(s in S_r) M_s <= budget        (`pipeline_ranks.add_memory_rows`)
 
-With `minimise="peak"` (when nothing fits) the model keeps the cut, option and pair families,
-drops cut[l,s], memory[r] and the time rows, and minimises a continuous `peak` with peak[r]:
-sum_(s in S_r) M_s <= peak (`pipeline_ranks.set_peak_objective`).
+With `minimise="peak"` (when nothing fits) the model keeps the cut, option and pair families
+(and cut[l,s] when some layer carries bytes), drops memory[r] and the time rows, and minimises
+a continuous `peak` with peak[r]: sum_(s in S_r) M_s <= peak
+(`pipeline_ranks.set_peak_objective`).
 
 Names in brackets are written with parentheses in the model, e.g. `contiguous(block_3,2)`,
 `memory(1)`. `build_pipeline_ilp` builds the model; `read_layers_plan` reads the cut and options
@@ -98,9 +101,11 @@ def build_pipeline_ilp(problem: PipelineProblem, *, minimise: str = "time") -> P
     _add_option_vars(ilp, problem, tokens)
     _add_pairs(ilp, problem, tokens)
     _add_symmetry_breaking(ilp, problem, tokens)
+    carries = any(layer.carry_bytes for layer in problem.layers)
+    if minimise == "time" or carries:
+        _add_cuts(ilp, problem, tokens)
     memory = rank_memory(problem, _stage_memory(ilp, problem))
     if minimise == "time":
-        _add_cuts(ilp, problem, tokens)
         times = [_stage_time(ilp, problem, s) for s in range(problem.num_stages)]
         set_step_objective(ilp.lp, problem, times)
         add_memory_rows(ilp.lp, problem, memory)
@@ -208,10 +213,12 @@ def _stage_time(ilp: PipelineIlp, problem: PipelineProblem, s: int) -> pulp.LpAf
 
 
 def _stage_memory(ilp: PipelineIlp, problem: PipelineProblem) -> list[pulp.LpAffineExpression]:
-    """Bytes held by each stage as expressions of x and w."""
+    """Bytes held by each stage as expressions of x, w (and c, for carried bytes)."""
     memory = []
     for s, flight in enumerate(problem.in_flight):
-        terms = []
+        terms = [flight * layer.carry_bytes * ilp.c[i, s - 1]
+                 for i, layer in enumerate(problem.layers[:-1])
+                 if s > 0 and flight * layer.carry_bytes]
         for i, layer in enumerate(problem.layers):
             if layer.state_bytes:
                 terms.append(layer.state_bytes * ilp.x[i, s])

@@ -18,19 +18,22 @@ Cost model (Narayanan et al., SC'21, section 2.2; Alpa, OSDI'22, section 5 eq. 2
     interleaved 1F1B time of Narayanan et al. (bubble fraction (pp-1)/(v*m)). b = 0 models a
     schedule without bubble (m * max_r T_rank_r). The send time is charged after every stage but
     the last, even if two consecutive stages share a rank. 0 <= b <= m is required.
-    Memory of rank r = sum_(s on r) sum_(l in s) (state_bytes_l + in_flight[s] * activation_bytes
-    of l's option): parameters, gradients and optimizer state, plus the activations of the
-    microbatches the schedule keeps in flight on that stage at its peak (Piper, NeurIPS'21).
+    Memory of rank r = sum_(s on r) (sum_(l in s) (state_bytes_l + in_flight[s] * activation_bytes
+    of l's option) + [s > 0] * in_flight[s] * carry_bytes of the last layer of stage s-1):
+    parameters, gradients and optimizer state, plus the activations of the microbatches the
+    schedule keeps in flight on that stage at its peak (Piper, NeurIPS'21), plus what the stage
+    receives from further back than the layer before it (layers that are not a chain: T5's
+    encoder output, received and held by every decoder stage).
 
 `evaluate_pipeline` scores a plan given by names; `stage_costs` and `score_stages` are the same
 model on layer and option indices, for the solvers. A plan fits when the largest rank's memory is
 at most `memory_budget_bytes`; the solvers (`solvers.pipeline`, `solvers.pipeline_brute_force`)
 minimise step_s over the plans that fit.
 
-Runs of identical layers: two layers are `same_kind` when they have the same options, state bytes
-and boundary bytes, so swapping them in a plan changes nothing but names. `layer_runs` groups
-adjacent identical layers; the runs model (`solvers.pipeline_runs`) and the per-layer model's
-symmetry breaking (`solvers.pipeline_layers`) rest on it.
+Runs of identical layers: two layers are `same_kind` when they have the same options, state
+bytes, boundary bytes and carry bytes, so swapping them in a plan changes nothing but names.
+`layer_runs` groups adjacent identical layers; the runs model (`solvers.pipeline_runs`) and the
+per-layer model's symmetry breaking (`solvers.pipeline_layers`) rest on it.
 """
 
 from __future__ import annotations
@@ -98,13 +101,19 @@ class Layer:
     state_bytes : float
         Parameters + gradients + optimizer state held (per device) by the stage that owns it.
     boundary_bytes : float
-        Bytes of the layer's output sent to the next stage when a cut follows it.
+        Bytes sent to the next stage when a cut follows the layer: every value made up to it and
+        read after it (its output, and what later layers read from further back).
+    carry_bytes : float
+        Of `boundary_bytes`, what the next stage holds per microbatch in flight besides this
+        layer's own outputs (which its `activation_bytes` count): values made further back that
+        the stage receives, reads or passes on. 0 (default) for a chain of layers.
     """
 
     name: str
     options: tuple[LayerOption, ...]
     state_bytes: float
     boundary_bytes: float
+    carry_bytes: float = 0.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -204,6 +213,7 @@ def _validate_layer(layer: Layer) -> None:
         raise ValueError(f"{where} has no options; give it at least one LayerOption")
     _check_number(f"{where}: state_bytes", layer.state_bytes, allow_inf=False)
     _check_number(f"{where}: boundary_bytes", layer.boundary_bytes, allow_inf=False)
+    _check_number(f"{where}: carry_bytes", layer.carry_bytes, allow_inf=False)
     names = [option.name for option in layer.options]
     if len(set(names)) != len(names):
         raise ValueError(f"{where}: option names {names} must be unique")
@@ -282,6 +292,8 @@ def stage_costs(
             option = layer.options[options[i]]
             t_s += option.fwd_s + option.bwd_s
             mem_bytes += layer.state_bytes + problem.in_flight[s] * option.activation_bytes
+        if s > 0:
+            mem_bytes += problem.in_flight[s] * problem.layers[stages[s - 1][-1]].carry_bytes
         if s < last:
             boundary = problem.layers[members[-1]].boundary_bytes
             t_s += problem.p2p_latency_s + problem.p2p_s_per_byte * boundary
@@ -410,10 +422,11 @@ class Run:
 
 def same_kind(a: Layer, b: Layer) -> bool:
     """Whether swapping `a` and `b` in a plan changes nothing but names (time, memory, sends)."""
-    return (a.options, a.state_bytes, a.boundary_bytes) == (
+    return (a.options, a.state_bytes, a.boundary_bytes, a.carry_bytes) == (
         b.options,
         b.state_bytes,
         b.boundary_bytes,
+        b.carry_bytes,
     )
 
 

@@ -90,7 +90,7 @@ def _memory_scale(problem: PipelineProblem) -> float:
     most = max(problem.in_flight)
     entries = [layer.state_bytes for layer in problem.layers] + [
         most * option.activation_bytes for layer in problem.layers for option in layer.options
-    ]
+    ] + [most * layer.carry_bytes for layer in problem.layers]
     return max(entries) or 1.0
 
 

@@ -41,9 +41,10 @@ Every integer solution is a contiguous cut into S non-empty stages with an optio
     T_s      = sum_(j,k) (fwd_s + bwd_s of option k of run j) * z[s,j,k]
                + [s < S-1] * (p2p_latency_s + p2p_s_per_byte * sum_j boundary_bytes_j * e[s,j])
     memory_s = sum_(j,k) (state_bytes_j + in_flight[s] * activation_bytes_(j,k)) * z[s,j,k]
+               + [s > 0] * in_flight[s] * sum_j carry_bytes_j * e[s-1,j]
 
-(layers of one run share boundary bytes, so the send after stage s depends only on the run that
-ends it).
+(layers of one run share boundary and carry bytes, so the send after stage s, and what the next
+stage holds of it, depend only on the run that ends it).
 
 Objective and rows over ranks (`build_pipeline_runs_ilp`, from `solvers.pipeline_ranks`, the same
 as the per-layer model's): t_max >= 0,
@@ -229,10 +230,13 @@ def stage_times(ilp: RunsIlp, problem: PipelineProblem) -> list[pulp.LpAffineExp
 
 
 def stage_memory(ilp: RunsIlp, problem: PipelineProblem) -> list[pulp.LpAffineExpression]:
-    """Bytes per stage (state plus in-flight activations) as expressions of z."""
+    """Bytes per stage (state plus in-flight activations and carried bytes) as expressions of
+    z and e."""
     memory = []
     for s, flight in enumerate(problem.in_flight):
-        terms = []
+        terms = [flight * run.layer.carry_bytes * ilp.end[s - 1, j]
+                 for j, run in enumerate(ilp.runs)
+                 if s > 0 and flight * run.layer.carry_bytes and (s - 1, j) in ilp.end]
         for j, run in enumerate(ilp.runs):
             for k, option in enumerate(run.layer.options):
                 per_layer = run.layer.state_bytes + flight * option.activation_bytes

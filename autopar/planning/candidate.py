@@ -11,11 +11,15 @@ Cost model of one candidate (all seconds per training step, per device):
     pipeline_s   stage model of solvers.pipeline_problem (Narayanan et al. SC'21): b * sum_s T_s
                  + (m - b) * max_r T_rank_r, T_s = per-microbatch fwd + bwd of the stage's layers
                  (intra-op compute + resharding on the stage mesh) + p2p send of the boundary
-                 over the pp link; b = 1 (GPipe, 1F1B), 1/v (interleaved), about 1/(3v) for zero
-                 bubble (`bubble_weight`). Stage s runs on the rank the schedule puts it
-                 (`Schedule.stage_ranks`: s % pp, or ZBV's V). With a split backward a "full"
-                 layer recomputes its forward twice (see autopar/runtime/pipeline.py), and
-                 "selective" is not offered (`Schedule.checkpoint_problem`).
+                 over the pp link (every value made before the cut and read after it:
+                 `layer_costs.boundary_bytes`); b = 1 (GPipe, 1F1B), 1/v (interleaved),
+                 about 1/(3v) for zero bubble (`bubble_weight`). Stage s runs on the rank
+                 the schedule puts it (`Schedule.stage_ranks`: s % pp, or ZBV's V). With a
+                 split backward a "full" layer recomputes its forward twice (see
+                 autopar/runtime/pipeline.py), and "selective" is not offered
+                 (`Schedule.checkpoint_problem`). Memory per rank: the stage model's, with
+                 what a stage receives from further back than the layer before it
+                 (`solvers.Layer.carry_bytes`) held per microbatch in flight.
     dp_sync_s    once per step, after gradient accumulation, max over pp ranks of its layers':
                  the flavour's once-a-step collectives (replicate: all-reduce of the gradients
                  over dp); plus the optimizer step, a memory-bound pass over the rank's local
@@ -150,6 +154,9 @@ def evaluate(c: Candidate, cluster: Cluster) -> Candidate:
     accumulate = [0.0] * c.pp
     for s, members in enumerate(c.stages):
         r = problem.stage_of_rank[s]
+        if s > 0:  # what the stage receives from further back than the layer before it
+            carried = by_name[c.stages[s - 1][-1]].carry_bytes
+            ranks[r]["activations"] += problem.in_flight[s] * carried
         for name in members:
             opt = next(o for o in by_name[name].options if o.name == c.options[name])
             for k, val in c.costs.state[name].items():

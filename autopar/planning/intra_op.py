@@ -28,7 +28,7 @@ import solvers
 from autopar import dtensor, parallelism
 from autopar.cluster import Cluster
 from autopar.errors import MeshError
-from autopar.layers import block_of, decision_nodes
+from autopar.layers import POST, PRE, assign_layers, decision_nodes
 from autopar.parallelism import BATCH
 from autopar.plan import SCHEMA_VERSION, OpSharding, Plan, placement_to_str
 from autopar.planning import cost
@@ -292,14 +292,15 @@ def _memory_points(gm, traced: TracedModel, profiles) -> tuple[solvers.MemoryPoi
 
 
 def _layer_ties(gm, traced: TracedModel, strategies) -> tuple[tuple[str, ...], ...]:
-    """Tie the i-th decision of every repeated block of the same shape, so depth adds no
-    variables. Position i is tied only across blocks where its strategy list is the same (the
-    first block reads the embedding, not a block, so some of its early choices may differ)."""
+    """Tie the i-th decision of every repeated layer of the same shape (blocks, and the layers
+    between them), so depth adds no variables. Position i is tied only across layers where its
+    strategy list is the same (the first block reads the embedding, not a block, so some of its
+    early choices may differ)."""
+    layer = assign_layers(traced)
     blocks: dict[str, list[fx.Node]] = {}
     for n in decision_nodes(gm):
-        b = block_of(n, traced)
-        if b is not None:
-            blocks.setdefault(b, []).append(n)
+        if layer[n.name] not in (PRE, POST):
+            blocks.setdefault(layer[n.name], []).append(n)
     by_shape: dict[tuple, list[list[fx.Node]]] = {}
     for b, members in blocks.items():
         template = re.sub(r"\.\d+$", ".*", b)

@@ -35,14 +35,14 @@ import solvers
 from autopar import parallelism
 from autopar.cluster import Cluster
 from autopar.errors import MeshError
-from autopar.layers import POST, PRE, assign_layers, decision_users, layer_order
+from autopar.layers import POST, PRE, assign_layers, crossing, decision_users, layer_order
 from autopar.parallelism import DATA, KEEP_IN_GRAPH, OPS
 from autopar.planning import cost
 from autopar.planning.intra_op import build_problem
 from autopar.planning.profile import parameter_state_bytes, profile_graph
 from autopar.planning.stand_in import StandIn, stand_in
 from autopar.planning.strategies import shard_factor, work_factor
-from autopar.trace import TracedModel
+from autopar.trace import TracedModel, is_getitem
 
 
 @dataclass
@@ -150,8 +150,9 @@ def layer_costs(stand: StandIn, profiles, cluster, sub_mesh, flavour, *, precisi
         dp_links = sub.axis_links((dp // shard, shard, sub.world_size // dp))[:2]
     elif dp_axis is not None:
         dp_links = (links[dp_axis],) * 2
-    layer_of = assign_layers(traced)
-    order = layer_order(layer_of)
+    layer_of = assign_layers(stand.full)  # the stand-in's nodes keep their full-graph layers
+    full_order = layer_order(layer_of)
+    order = [name for name in full_order if stand.planned_layer(name) == name]
     chosen = {n: decisions.strategies[n][i] for n, i in solution.choices.items()}
     fwd = dict.fromkeys(order, 0.0)
     bwd = dict.fromkeys(order, 0.0)
@@ -221,7 +222,7 @@ def layer_costs(stand: StandIn, profiles, cluster, sub_mesh, flavour, *, precisi
         fwd[layer] += c / 2
         bwd[layer] += c / 2
         comm_s[reshard_axis] += c * weight(e.dst)
-    layers = []
+    options_of = {}
     for k, name in enumerate(order):
         f, b = fwd[name] + dp_fwd[name], bwd[name] + dp_bwd[name]
         hf, hb = cost.host_split_s(issued[name], sub.device, "replay")
@@ -240,27 +241,67 @@ def layer_costs(stand: StandIn, profiles, cluster, sub_mesh, flavour, *, precisi
                 name="selective", fwd_s=max(f, hf),
                 bwd_s=max(b + redo - kept_fwd[name], hb + hf),
                 activation_bytes=min(kept + kept_bytes[name], act[name])))
-        for full in stand.represents.get(name, (name,)):
-            layers.append(solvers.Layer(
-                name=full, options=tuple(options), state_bytes=sum(state[name].values()),
-                boundary_bytes=out_bytes[name] if name != order[-1] else 0.0,
-            ))
+        options_of[name] = tuple(options)
+    sent, carried = boundary_bytes(stand, chosen, shape, layer_of)
+    layers = tuple(
+        solvers.Layer(name=full, options=options_of[stand.planned_layer(full)],
+                      state_bytes=sum(state[stand.planned_layer(full)].values()),
+                      boundary_bytes=sent[i], carry_bytes=carried[i])
+        for i, full in enumerate(full_order))
     temporaries = 0.0
     if kind.regathers and dp > 1:
         temporaries = 2 * max(numel.values()) * precision.compute_bytes
     if dp_axis is not None:
         comm_s[DATA] = 0.0  # dp traffic is the per-step sync, reported separately
-    full = lambda per_layer: {f: per_layer[name] for name in order  # noqa: E731
-                              for f in stand.represents.get(name, (name,))}
+    full = lambda per_layer: {f: per_layer[stand.planned_layer(f)]  # noqa: E731
+                              for f in full_order}
     update = {name: cost.optimizer_step_s(state[name], sub.device, precision) for name in order}
     return LayerCosts(
         traced=stand.full, stand=stand, sub_mesh=dict(sub_mesh), decisions=decisions,
-        solution=solution, layers=tuple(layers), sync_s=full(sync),
+        solution=solution, layers=layers, sync_s=full(sync),
         dp_microbatch_s=sum(sum(full(d).values()) for d in (dp_fwd, dp_bwd)),
         update_s=full(update), issued=full(issued),
         param_numel=full(numel), state=full(state), temporaries_bytes=temporaries,
         flavour=flavour, comm_s=comm_s, model_flops=model_flops, dp_shard=shard,
     )
+
+
+def boundary_bytes(stand: StandIn, chosen: dict, mesh_shape, layer_of: dict[str, str]):
+    """Per layer of the full graph, bytes per device a stage cut after it carries: every value
+    made before the cut and read after it (`layers.crossing`: the layer DAG's cut, not only the
+    last layer's output), each as its strategy shards it; and, of those, the bytes the next
+    stage holds besides the last layer's own outputs (`solvers.Layer.carry_bytes`: values from
+    further back, such as T5's encoder output on every decoder stage, and the batch's inputs
+    that later stages read)."""
+    full = stand.full
+    order = layer_order(layer_of)
+    sent, carried = [], []
+    for name, values in zip(order, crossing(full)):
+        total = own = 0.0
+        for v in values:
+            n = full.node(v)
+            nbytes = _value_bytes(n, chosen, stand.counterpart, mesh_shape)
+            total += nbytes
+            if n.op != "placeholder" and layer_of[v] == name:
+                own += nbytes
+        sent.append(total)
+        carried.append(total - own)
+    return sent, carried
+
+
+def _value_bytes(n, chosen, counterpart, mesh_shape) -> float:
+    """Bytes per device of value `n` under the chosen strategy of (the counterpart of) its op."""
+    v = n.meta.get("val")
+    if not isinstance(v, torch.Tensor):
+        return 0.0
+    index = 0
+    op = n
+    if is_getitem(n):
+        op, index = n.args[0], n.args[1]
+    s = chosen.get(counterpart.get(op.name, op.name))
+    outputs = s.outputs if s is not None else ()
+    placements = outputs[index] if index < len(outputs) else (outputs[0] if outputs else None)
+    return float(v.numel() * v.element_size()) / shard_factor(placements, mesh_shape)
 
 
 def hybrid_shard(cluster: Cluster, dp: int, inner: int) -> int | None:

@@ -1,19 +1,30 @@
-"""A shallow stand-in for a deep model: pre, the first three blocks, post.
+"""A shallow stand-in for a deep model: every run of identical layers cut to three.
 
-Repeated blocks take the same strategy position by position (the planner ties them), so every
-block after the first two costs the same: same ops, same shardings, same resharding from the
-block before it. The planner therefore solves a graph that keeps blocks 0, 1 and 2, where block 2
-stands for blocks 2 .. n-1: its nodes and the edges into it weigh n-2 in the objective. For step
+Repeated layers take the same strategy position by position (the planner ties them,
+`intra_op._layer_ties`), so in a run of n identical layers every layer after the first two costs
+the same: same ops, same shardings, same resharding from what feeds it. The planner therefore
+solves a graph that keeps layers 0, 1 and 2 of each run, where layer 2 (the representative)
+stands for layers 2 .. n-1: its nodes and the edges into it weigh n-2 in the objective. For step
 time this is exact (the weighted objective equals the full graph's under the ties); it makes
-planning cost independent of depth (GPT-3's 96 blocks solve like 3).
+planning cost independent of depth (GPT-3's 96 blocks solve like 3, T5's two stacks like 3 + 3).
 
     stand_in(traced) -> StandIn   the shallow graph, node weights, and how to map back
 
-Blocks 0 and 1 are kept apart because block 0 reads the embedding, not a block, and may shard
-its first ops differently; block 1 is the first block fed by a block. A stand-in is only made
-when every block has the same ops, shapes and wiring (`_signature`); block 2 then stands for
-the rest on the assumption that blocks fed by the same kind of block get the same strategy
-lists, which `tests/planning/test_stand_in.py` checks for GPT and Llama against the full graph.
+Runs. Each layer (`autopar.layers`) has a signature: its template (`encoder.block.*`), and per
+decision node its op, shape and where each input comes from: a position in the layer, a position
+in a layer of a repeated kind (`_kind`: the same template, ops and shapes; the ties make such
+positions take one strategy), or one named node (T5's encoder output, read by every decoder
+block; Llama's rotary tables). A run is a maximal sequence of units with one signature, a unit
+being one layer or a period of two different ones (Switch's dense and MoE blocks, Swin's plain
+and shifted-window blocks); the unit before it joins when it has the same kind but other inputs
+(T5's encoder block 1 reads the position bias from block 0, the block right before it; later
+blocks read it from two or more blocks back). Runs of at least MIN_BLOCKS units are cut: units
+0 and 1 are kept apart because unit 0 reads what came before the run and may shard its first
+ops differently, and unit 1 is the first fed by a unit; unit 2 stands for the rest, on the
+assumption that units fed by the same kind get the same strategy lists, which
+`tests/planning/test_stand_in.py` checks for GPT, Llama, T5 and a model of several stacks
+against the full graph. What a dropped unit read, its representative reads: the same node, or
+the tied node at the same place, so every dropped edge costs what the weighted one does.
 """
 
 from __future__ import annotations
@@ -24,11 +35,12 @@ from dataclasses import dataclass, field
 
 from torch import fx
 
-from autopar.layers import block_of, decision_nodes
+from autopar.layers import assign_layers, decision_nodes, layer_order
 from autopar.trace import TracedModel, is_getitem
 
-KEPT_BLOCKS = 3  # blocks 0, 1 and 2 (which stands for 2 .. n-1)
-MIN_BLOCKS = 5  # shallower models are planned whole
+KEPT_BLOCKS = 3  # units 0, 1 and 2 of a run (2 stands for 2 .. n-1)
+MIN_BLOCKS = 5  # shorter runs are planned whole
+PERIODS = (1, 2)  # layers per unit of a run
 
 
 @dataclass
@@ -43,6 +55,7 @@ class StandIn:
     weight: dict[str, int] = field(default_factory=dict)  # planned node -> full nodes it counts
     counterpart: dict[str, str] = field(default_factory=dict)  # full node -> planned node
     represents: dict[str, tuple[str, ...]] = field(default_factory=dict)  # layer -> full layers
+    stands_for: dict[str, str] = field(default_factory=dict)  # full layer -> planned layer
 
     @property
     def is_shallow(self) -> bool:
@@ -50,6 +63,10 @@ class StandIn:
 
     def weight_of(self, name: str) -> int:
         return self.weight.get(name, 1)
+
+    def planned_layer(self, full_layer: str) -> str:
+        """The planned layer whose costs `full_layer` takes (itself, unless dropped)."""
+        return self.stands_for.get(full_layer, full_layer)
 
     def expand(self, strategies: dict[str, list], choices: dict[str, int]) -> dict[str, object]:
         """The strategy of every decision node of the full graph, from the planned graph's
@@ -67,61 +84,115 @@ def whole(traced: TracedModel) -> StandIn:
 
 
 def stand_in(traced: TracedModel) -> StandIn:
-    """The shallow stand-in of `traced`, or `whole(traced)` when its blocks do not all repeat
-    (different shapes or ops, fewer than MIN_BLOCKS, or blocks that are not contiguous)."""
-    blocks = _blocks(traced)
-    if blocks is None or len(blocks) < MIN_BLOCKS:
+    """The shallow stand-in of `traced`, or `whole(traced)` when no run of identical layers is
+    MIN_BLOCKS units long."""
+    members = _members(traced)
+    names = list(members)
+    kinds = [_kind(name, members[name]) for name in names]
+    repeated = {k for k in kinds if kinds.count(k) > 1}
+    where = {n.name: (kinds[i] if kinds[i] in repeated else None, p)
+             for i, name in enumerate(names) for p, n in enumerate(members[name])}
+    signatures = [(kinds[i], _inputs(members[name], where)) for i, name in enumerate(names)]
+    runs = find_runs(signatures, kinds)
+    if not runs:
         return whole(traced)
-    names = list(blocks)
-    signatures = {_signature(name, members) for name, members in blocks.items()}
-    if len(signatures) != 1:
-        return whole(traced)
-    rep = names[KEPT_BLOCKS - 1]
-    dropped = names[KEPT_BLOCKS:]
-    counterpart = {}
-    for name in dropped:
-        for full_node, kept_node in zip(blocks[name], blocks[rep]):
-            counterpart[full_node.name] = kept_node.name
+    counterpart, weight, represents, stands_for = {}, {}, {}, {}
+    for first, period, count in runs:
+        units = [names[first + u * period:first + (u + 1) * period] for u in range(count)]
+        rep = units[KEPT_BLOCKS - 1]
+        for unit in units[KEPT_BLOCKS:]:
+            for name, kept in zip(unit, rep):
+                stands_for[name] = kept
+                for full_node, kept_node in zip(members[name], members[kept]):
+                    counterpart[full_node.name] = kept_node.name
+        for j, kept in enumerate(rep):
+            represents[kept] = (kept, *(unit[j] for unit in units[KEPT_BLOCKS:]))
+            weight.update({n.name: count - KEPT_BLOCKS + 1 for n in members[kept]})
     shallow = _cut(traced, counterpart)
     if shallow is None:
         return whole(traced)
-    weight = {n.name: len(names) - KEPT_BLOCKS + 1 for n in blocks[rep]}
-    represents = {name: (name,) for name in names[:KEPT_BLOCKS - 1]}
-    represents[rep] = (rep, *dropped)
     return StandIn(full=traced, traced=shallow, weight=weight, counterpart=counterpart,
-                   represents=represents)
+                   represents=represents, stands_for=stands_for)
 
 
-def _blocks(traced: TracedModel) -> dict[str, list[fx.Node]] | None:
-    """Decision nodes of each block in graph order; None unless the ops run as pre, block after
-    block, post (a block's ops interleaved with another's, or ops between blocks)."""
-    blocks: dict[str, list[fx.Node]] = {}
-    runs: list[str | None] = []
+def find_runs(signatures: list, kinds: list) -> list[tuple[int, int, int]]:
+    """(first layer, period, units) of every run of at least MIN_BLOCKS units: maximal repeats
+    of one signature (period 1) or of a pair of different ones (period 2), whichever covers
+    more layers, left to right; a run's first unit needs only the kinds of the others (its
+    inputs come from before the run)."""
+    runs: list[tuple[int, int, int]] = []
+    i = 0
+    while i < len(signatures):
+        best = (1, 1)
+        for p in PERIODS:
+            n = _repeat(signatures, i, p)
+            if kinds[i:i + p] == kinds[i + p:i + 2 * p]:
+                n = max(n, 1 + _repeat(signatures, i + p, p))
+            if n * p > best[0] * best[1]:
+                best = (p, n)
+        p, n = best
+        if n >= MIN_BLOCKS:
+            runs.append((i, p, n))
+            i += p * n
+        else:
+            i += 1
+    return runs
+
+
+def _repeat(signatures: list, i: int, p: int) -> int:
+    """How many times the unit of p different signatures at layer i repeats from there."""
+    unit = signatures[i:i + p]
+    if len(unit) < p or any(a == b for a, b in zip(unit, unit[1:])):
+        return 0
+    n = 1
+    while signatures[i + n * p:i + (n + 1) * p] == unit:
+        n += 1
+    return n
+
+
+def _members(traced: TracedModel) -> dict[str, list[fx.Node]]:
+    """Decision nodes of each layer in graph order, layers in order."""
+    layer = assign_layers(traced)
+    members: dict[str, list[fx.Node]] = {name: [] for name in layer_order(layer)}
     for n in decision_nodes(traced.graph_module):
-        b = block_of(n, traced)
-        if n.op == "call_function" and (not runs or runs[-1] != b):
-            runs.append(b)
-        if b is not None:
-            blocks.setdefault(b, []).append(n)
-    middle = runs[1:] if runs and runs[0] is None else runs
-    middle = middle[:-1] if middle and middle[-1] is None else middle
-    if None in middle or len(set(middle)) != len(middle):
-        return None
-    return blocks
+        members[layer[n.name]].append(n)
+    return members
 
 
-def _signature(name: str, members: list[fx.Node]) -> tuple:
+def _kind(name: str, members: list[fx.Node]) -> tuple:
+    """What layers of one kind share: template, ops, shapes, wiring inside the layer (the key
+    `intra_op._layer_ties` ties layers by, and the wiring)."""
     template = re.sub(r"\.\d+$", ".*", name)
     index = {n.name: i for i, n in enumerate(members)}
 
-    def ref(a):  # where an input comes from: a position in this block, or outside it
-        return ("in", index[a.name]) if a.name in index else ("out",)
+    def inside(a):
+        while is_getitem(a):
+            a = a.args[0]
+        return index.get(a.name)
 
     return (template, tuple(
         (n.op, str(n.target) if n.op != "placeholder" else "", _shape(n),
-         tuple(ref(a) for a in n.all_input_nodes))
+         tuple(inside(a) for a in n.all_input_nodes))
         for n in members
     ))
+
+
+def _inputs(members: list[fx.Node], where: dict) -> tuple:
+    """Where each input from outside the layer comes from: a place in a layer of a repeated
+    kind (kind, position), or one named node."""
+    own = {n.name for n in members}
+
+    def ref(a):
+        picks = []
+        while is_getitem(a):
+            picks.append(a.args[1])
+            a = a.args[0]
+        if a.name in own:
+            return None
+        kind, position = where.get(a.name, (None, None))
+        return (kind, position, tuple(picks)) if kind is not None else (a.name, tuple(picks))
+
+    return tuple(tuple(ref(a) for a in n.all_input_nodes) for n in members)
 
 
 def _shape(n: fx.Node):

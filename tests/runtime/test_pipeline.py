@@ -93,9 +93,51 @@ class BiasPassing(nn.Module):
         return self.head(x)
 
 
+class _Encoder(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.lin = nn.Linear(d, d)
+
+    def forward(self, x):
+        return x + torch.tanh(self.lin(x))
+
+
+class _Decoder(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.lin, self.cross = nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x, memory):
+        return x + torch.tanh(self.lin(x)) + torch.tanh(self.cross(memory))
+
+
+class EncoderDecoder(nn.Module):
+    """Two stacks, a norm and an embedding between them, every decoder block reading the
+    encoder's output (as T5): layers that are not a chain."""
+
+    def __init__(self, d=32):
+        super().__init__()
+        self.wte = nn.Embedding(CONFIG.vocab_size, d)
+        self.dec_wte = nn.Embedding(CONFIG.vocab_size, d)
+        self.encoder = nn.ModuleList(_Encoder(d) for _ in range(2))
+        self.norm = nn.LayerNorm(d)
+        self.decoder = nn.ModuleList(_Decoder(d) for _ in range(3))
+        self.head = nn.Linear(d, CONFIG.vocab_size)
+
+    def forward(self, idx):
+        x = self.wte(idx)
+        for block in self.encoder:
+            x = block(x)
+        memory, y = self.norm(x), self.dec_wte(idx)
+        for block in self.decoder:
+            y = block(y, memory)
+        return self.head(y)
+
+
 MORE_MODELS = {
     "gpt6": lambda: GPT(dataclasses.replace(CONFIG, n_layer=6)),  # 8 layers: pp 4 x 2 stages
     "bias-passing": BiasPassing,
+    "encoder-decoder": EncoderDecoder,
 }
 
 
@@ -329,3 +371,19 @@ def test_bf16_pipeline_with_an_upcast_loss():
         assert dtype == torch.float32
         assert got == results[0][1]
         assert got == pytest.approx(want, rel=1e-2)  # bf16 rounding, microbatches of 2
+
+
+@pytest.mark.slow
+def test_encoder_output_crosses_the_decoder_stages():
+    """pre, encoder.0 | encoder.1, between.0 | decoder.0, decoder.1 | decoder.2, post: the
+    encoder's output enters stage 2, passes through it to stage 3; losses as one process."""
+    config = dict(pp=4, sub_mesh={"dp": 1}, microbatches=4, schedule="1F1B")
+    plan = json.loads(plan_json("encoder-decoder", 4, config))
+    assert [st["layers"] for st in plan["pipeline"]["stages"]] == [
+        ["pre", "encoder.0"], ["encoder.1", "between.0"], ["decoder.0", "decoder.1"],
+        ["decoder.2", "post"]]
+    results = run_on_ranks(train_pipelined, 4, "encoder-decoder", 4, json.dumps(plan))
+    for losses in results:
+        assert losses == results[0]
+    assert results[0] == pytest.approx(
+        reference_losses("encoder-decoder", 4, models=MODELS | MORE_MODELS), rel=1e-5)

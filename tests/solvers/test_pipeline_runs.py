@@ -232,3 +232,42 @@ def test_deep_tight_memory_is_proven_optimal(pp, v, budget):
     sol = solve_pipeline(p, time_limit_s=20.0)
     check_plan(p, sol)
     assert sol.step_time_s == pytest.approx(one_run_optimum(p), rel=1e-6)
+
+
+def _with_carry(p: PipelineProblem, rng: random.Random) -> PipelineProblem:
+    """`p` with random carried bytes (what a stage holds of values from further back), equal
+    within each run of identical layers so that runs stay runs."""
+    carry = {}
+    layers = []
+    for x in p.layers:
+        key = (x.options, x.state_bytes, x.boundary_bytes)
+        carry.setdefault(key, float(rng.randint(0, 100)) * 1e6)
+        layers.append(dataclasses.replace(x, carry_bytes=carry[key]))
+    return dataclasses.replace(p, layers=tuple(layers))
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_carried_bytes_are_held_by_the_next_stage_in_every_formulation(seed):
+    """Layers that are not a chain: the stage after a cut holds the cut's carried bytes per
+    microbatch in flight; the runs model, the per-layer ILP and the brute force agree, on the
+    fastest plan and (when nothing fits) on the smallest peak."""
+    rng = random.Random(9100 + seed)
+    p = _with_carry(runs_problem(rng), rng)
+    expected = outcome(solve_pipeline_brute_force, p)
+    for formulation in ("runs", "layers"):
+        kind, value = outcome(partial(solve_pipeline, formulation=formulation), p)
+        assert kind == expected[0], formulation
+        assert value == pytest.approx(expected[1], rel=1e-9), formulation
+
+
+def test_carried_bytes_count_on_the_stage_after_the_cut():
+    a = dataclasses.replace(layer("a", state_bytes=1.0), carry_bytes=100.0)
+    b, c = layer("b", state_bytes=1.0), layer("c", state_bytes=1.0)
+    p = problem([a, b, c], num_stages=2, in_flight=(2, 1))
+    # NONE keeps 10 bytes per microbatch in flight: (a | b c) holds 1+20, 2+20 and 100 carried
+    assert evaluate_pipeline(p, (("a",), ("b", "c")), {n: "none" for n in "abc"})[1] == (
+        21.0, 122.0)
+    assert evaluate_pipeline(p, (("a", "b"), ("c",)), {n: "none" for n in "abc"})[1] == (
+        42.0, 11.0)
+    assert solve_pipeline(dataclasses.replace(p, memory_budget_bytes=60.0)).stages == (
+        ("a", "b"), ("c",))
