@@ -1,7 +1,8 @@
 """Hugging Face models as they come, trained on 4 CPU processes against one process.
 
 Each family's tiny model (tests/helpers/hf_models.py: default config, dropout off so runs
-compare) is planned by hand on `dp=2 x tp=2` and on `pp=2 x dp=2` (two microbatches a step),
+compare) is planned by hand on `dp=2 x tp=2` (and six kinds on `pp=2 x dp=2`, two
+microbatches a step),
 called the way Hugging Face's Trainer calls it (a dict of keyword arguments with `labels`, the
 model's own loss, no loss_fn), and trained two SGD steps; the loss after every step equals
 single-process training of the same model within 1e-5 relative. One launch of 4 ranks trains
@@ -26,6 +27,12 @@ STEPS, LR = 2, 0.1
 # about 0.4% off single-process training (the same on tp=2 and tp=4; dp alone and pp x dp are
 # exact). Not found yet; issue 15 stays open for it.
 TENSOR_PARALLEL = [t for t in FAMILIES if t != "t5"]
+# Pipelines of one family of each kind (decoders with learned positions and with RoPE and
+# grouped-query attention, an encoder, an encoder-decoder, windowed vision, experts): what
+# crosses their stages differs (labels, masks, position tables, the encoder's output); the
+# zoo's T5 and Switch pipelines are tests/models/test_training.py's. All twelve pass
+# (checked 2026-12-04), at 12 s a family on 2 cores.
+PIPELINED = ["gpt2", "llama", "bert", "t5", "swin", "mixtral"]
 
 
 def _sgd_losses(model_type: str, parameters, train_step) -> list[float]:
@@ -94,7 +101,7 @@ def test_tensor_and_data_parallel_train_as_one_process():
 
 @pytest.mark.slow
 def test_pipeline_and_data_parallel_train_as_one_process():
-    _check(list(FAMILIES), {"pp": 2, "dp": 2})
+    _check(PIPELINED, {"pp": 2, "dp": 2})
 
 
 @pytest.mark.slow

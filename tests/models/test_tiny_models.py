@@ -10,8 +10,6 @@ import math
 import pytest
 import torch
 
-import autopar
-from autopar.cluster import Cluster
 from autopar.errors import AutoparError
 from autopar.models.registry import BUILTIN_MODELS, build_model
 from autopar.models.switch import SwitchConfig, SwitchFFN
@@ -55,15 +53,6 @@ def test_traces_and_trains_a_step_on_cpu(name):
     assert math.isfinite(loss.item())
     for fqn, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), fqn
-
-
-@pytest.mark.slow  # 20 s to 3 min each: the full search over eight GPUs
-@pytest.mark.parametrize("name", TINY)
-def test_plans_for_a_node_of_eight_h100s(name):
-    model, batch, loss_fn = build(name, "meta")
-    cluster = Cluster.preset("h100-80g", nodes=1)
-    plan = autopar.plan(model, cluster, batch, loss_fn=loss_fn)
-    assert math.prod(plan.mesh.values()) == 8
 
 
 class TestSeq:
