@@ -4,7 +4,8 @@ The rule, from the module paths export records for every op (`nn_module_stack`):
 
 * A *stack* is a module list (children named 0, 1, 2, ...) whose elements are all of one class
   and run as a chain: each element reads, directly or through ops outside the list, what the
-  element before it made. GPT's `blocks`, Llama's `model.layers`, T5's `encoder.block` and
+  element before it made. A chained list of several classes is a stack too where no element of
+  a stack holds it (a flat list of Swin blocks and patch mergings). GPT's `blocks`, Llama's `model.layers`, T5's `encoder.block` and
   `decoder.block`, Swin's `swin.encoder.layers` (stages) and each stage's `blocks` are stacks;
   T5's `block.3.layer` (self-attention, cross-attention, feed-forward: three classes) is not,
   nor is a list of experts that all read the router's output.
@@ -177,9 +178,14 @@ def _element_keys(ops: list[fx.Node]) -> list[str | None]:
             m = _ELEMENT.match(fqn)
             if m and fqn not in lists.setdefault(m.group(1), []):
                 lists[m.group(1)].append(fqn)
-    candidates = {name: elements for name, elements in lists.items()
-                  if len({kind[e] for e in elements}) == 1}
-    elements = {e for name, es in candidates.items() if _is_chain(ops, stacks, es) for e in es}
+    one_class = {name: elements for name, elements in lists.items()
+                 if len({kind[e] for e in elements}) == 1}
+    elements = {e for name, es in one_class.items() if _is_chain(ops, stacks, es) for e in es}
+    # a list of several classes is a stack only where no stack element holds it: a model's
+    # one list of blocks and patch mergings (Swin written flat), not T5's block.3.layer
+    elements |= {e for name, es in lists.items() if name not in one_class
+                 and not any(name == f or name.startswith(f + ".") for f in elements)
+                 and _is_chain(ops, stacks, es) for e in es}
     keys = []
     for stack in stacks:
         inner = [fqn for fqn, _ in stack if fqn in elements]

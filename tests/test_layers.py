@@ -13,6 +13,7 @@ from torch import nn
 from autopar.layers import assign_layers, block_of, crossing, layer_order
 from autopar.models.gpt import GPT, GPTConfig
 from autopar.models.losses import lm_loss
+from autopar.models.registry import build_model
 from autopar.trace import trace, trace_for_training
 from tests.helpers.hf_models import hf_batch, hf_model
 
@@ -125,3 +126,12 @@ def test_layers_are_contiguous():
                 if n.op == "call_function" and n.name in layer]
         changes = [a for a, b in zip(runs, runs[1:]) if a != b] + runs[-1:]
         assert len(changes) == len(set(changes))
+
+
+def test_a_flat_list_of_blocks_and_patch_mergings_is_a_stack():
+    """The zoo's Swin keeps its blocks and patch mergings in one list of two classes: each is a
+    layer (T5's `block.3.layer`, a list of three classes inside a block, is not a stack)."""
+    with torch.device("meta"):
+        model, batch, loss_fn = build_model("swin-test", batch=2, seq=None)
+    order = layer_order(assign_layers(trace_for_training(model, batch, loss_fn)))
+    assert order == ["pre", *(f"blocks.{i}" for i in range(len(model.blocks))), "post"]
