@@ -21,6 +21,12 @@ reshard-after-forward; "full": only the layer's input; "selective": the input an
 the matmuls and attention, `parallelism.KEEP_IN_GRAPH`; a checkpointed layer gathers its weights
 again when it recomputes) + temporaries (a flavour that `regathers`: the gathered parameters of
 the largest layer, twice for prefetch).
+
+Stage boundaries (`boundary_bytes`): a cut after a layer sends every value made up to it and read
+after it, as sharded (the layer DAG's cut, `layers.crossing`: with T5, the encoder's output and
+the position biases as well as the block's output); of those, what comes from further back than
+the layer itself is held per microbatch in flight by the stage after the cut (`carry_bytes`).
+The layer's own output is counted where it is made, as it was for a chain of layers.
 """
 
 from __future__ import annotations
@@ -277,15 +283,15 @@ def boundary_bytes(stand: StandIn, chosen: dict, mesh_shape, layer_of: dict[str,
     order = layer_order(layer_of)
     sent, carried = [], []
     for name, values in zip(order, crossing(full)):
-        total = own = 0.0
+        total = carry = 0.0
         for v in values:
             n = full.node(v)
             nbytes = _value_bytes(n, chosen, stand.counterpart, mesh_shape)
             total += nbytes
-            if n.op != "placeholder" and layer_of[v] == name:
-                own += nbytes
+            if n.op == "placeholder" or layer_of[v] != name:
+                carry += nbytes
         sent.append(total)
-        carried.append(total - own)
+        carried.append(carry)
     return sent, carried
 
 
