@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autopar.models.llama import apply_rope, rope_tables
+from autopar.models.llama import FeedForward, apply_rope, rope_tables
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,19 +57,6 @@ class MultiQueryAttention(nn.Module):
         return self.wo(y.transpose(1, 2).reshape(B, T, H * D))
 
 
-class SwiGLU(nn.Module):
-    """w2(silu(w1 x) * w3 x) (Shazeer 2020)."""
-
-    def __init__(self, cfg: PaLMConfig):
-        super().__init__()
-        self.w1 = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=False)
-        self.w3 = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=False)
-        self.w2 = nn.Linear(cfg.ffn_hidden, cfg.d_model, bias=False)
-
-    def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
-
-
 class ParallelBlock(nn.Module):
     """Attention and MLP read the same normalised input and their outputs are summed: one
     norm, and (PaLM section 2) about 15% faster training at scale than the serial block."""
@@ -78,7 +65,7 @@ class ParallelBlock(nn.Module):
         super().__init__()
         self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=False)
         self.attn = MultiQueryAttention(cfg)
-        self.mlp = SwiGLU(cfg)
+        self.mlp = FeedForward(cfg)  # SwiGLU, as Llama's
 
     def forward(self, x, cos, sin):
         h = self.norm(x)
