@@ -32,7 +32,7 @@ from typing import Any
 
 # imported once by the fork server, before it forks the ranks (an ImportError is ignored there)
 PRELOAD = ["torch", "torch.distributed", "torch.export._trace", "autopar", "pytest",
-           "tests.helpers.models"]
+           "tests.helpers.models", "tests.helpers.hf_preload"]
 
 
 def run_on_ranks(fn, world_size: int, *args: Any, timeout_s: float = 300) -> list:
