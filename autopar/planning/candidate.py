@@ -118,6 +118,13 @@ def pipeline_problem(costs: LayerCosts, cluster: Cluster, pp, m, schedule, v, bu
     full = (pp, *costs.sub_mesh.values())
     link = cluster.axis_links(full)[0]
     layers = costs.layers
+    if n == 1:  # one stage holds every reader of a tied weight, and one copy of it
+        less = {}
+        for t in costs.tied:
+            for later in t.readers[1:]:
+                less[later] = less.get(later, 0.0) + sum(t.state.values())
+        layers = tuple(dataclasses.replace(x, state_bytes=x.state_bytes - less.get(x.name, 0.0))
+                       for x in layers)
     if sched.split_backward and pp > 1:
         # non-reentrant checkpointing recomputes once per backward call: at I and again at W
         # (stage 0 runs one whole backward and recomputes once; charged twice all the same);
@@ -166,6 +173,14 @@ def evaluate(c: Candidate, cluster: Cluster) -> Candidate:
                                                c.num_microbatches, cluster.device)
             sync[r] += c.costs.sync_s[name] + c.costs.update_s[name] + acc
             accumulate[r] += acc
+    for r in range(c.pp):  # a tied weight: one copy per rank, however many readers it holds
+        held = {name for s, members in enumerate(c.stages) if problem.stage_of_rank[s] == r
+                for name in members}
+        for t in c.costs.tied:
+            extra = t.duplicates(held)
+            for k, val in t.state.items():
+                ranks[r][k] -= extra * val
+            sync[r] -= extra * t.sync_s
     c.pipeline_s = pipe_s
     worst = max(range(c.pp), key=lambda r: sync[r])
     c.dp_sync_s = sync[worst]

@@ -73,6 +73,24 @@ class LayerCosts:
     comm_s: dict[str, float]  # intra-op resharding per microbatch, attributed to axes
     model_flops: float  # forward + backward FLOPs of one microbatch, whole model
     dp_shard: int = 1  # ranks one parameter is sharded over (dp, or hsdp's group in a node)
+    tied: tuple[Tied, ...] = ()  # weights several layers read, each charged to every reader
+
+
+@dataclass(frozen=True)
+class Tied:
+    """A weight several layers read (GPT's embedding and output head): `state` and `sync_s`
+    (per device, per step) are in each reader's `state` and `sync_s`, as each stage that reads
+    it holds and reduces its own copy; a rank holding several readers holds one copy, which
+    `duplicates` says. Only layers that stand for themselves (not blocks the stand-in
+    repeats) are tracked; a weight shared between blocks stays charged to each block."""
+
+    readers: tuple[str, ...]  # layer names, in layer order
+    state: dict[str, float]  # parameters / gradients / optimizer bytes of one copy
+    sync_s: float
+
+    def duplicates(self, layers) -> int:
+        """Copies charged beyond one to a rank that holds `layers`."""
+        return max(sum(r in layers for r in self.readers) - 1, 0)
 
 
 def sub_cluster(cluster: Cluster, sub_size: int) -> Cluster:
@@ -174,6 +192,8 @@ def layer_costs(stand: StandIn, profiles, cluster, sub_mesh, flavour, *, precisi
     dp_bwd = dict.fromkeys(order, 0.0)  # ... and in its backward
     gathered = dict.fromkeys(order, 0.0)  # the gathered weights forward saves (no regather)
     model_flops = 0.0
+    tied: list[Tied] = []
+    unique = {name for name in order if name not in stand.stands_for.values()}
     nodes = {n.name: n for n in gm.graph.nodes}
     comm_s = {axis: 0.0 for axis in sub_mesh}
     # resharding between op strategies is charged to the first axis that splits ops
@@ -188,18 +208,23 @@ def layer_costs(stand: StandIn, profiles, cluster, sub_mesh, flavour, *, precisi
                 local = n.meta["val"].numel() / shard_factor(_non_dp(s.outputs[0], dp_axis), shape)
                 parts = parameter_state_bytes(local, precision)
                 divide = shard if kind.shards_state else 1
+                step_s = fwd_s = bwd_s = 0.0
+                if dp > 1:
+                    step_s, fwd_s, bwd_s = cost.data_parallel_traffic_s(
+                        kind, local, precision, dp, shard, dp_links)
                 for owner in users:  # a tied weight lives on every stage that reads it
                     for part, nbytes in parts.items():
                         state[owner][part] += nbytes / divide
                     if kind.keeps_gathered_weights and shard > 1:
                         gathered[owner] += local * precision.compute_bytes
                     numel[owner] += local
-                    if dp > 1:
-                        step_s, fwd_s, bwd_s = cost.data_parallel_traffic_s(
-                            kind, local, precision, dp, shard, dp_links)
-                        sync[owner] += step_s
-                        dp_fwd[owner] += fwd_s
-                        dp_bwd[owner] += bwd_s
+                    sync[owner] += step_s
+                    dp_fwd[owner] += fwd_s
+                    dp_bwd[owner] += bwd_s
+                if len(users) > 1 and all(u in unique for u in users):
+                    tied.append(Tied(readers=tuple(sorted(users, key=order.index)),
+                                     state={k: v / divide for k, v in parts.items()},
+                                     sync_s=step_s))
             elif name in traced.inputs:
                 act[layer] += _nbytes(n) / shard_factor(s.outputs[0], shape)
             continue
@@ -269,6 +294,7 @@ def layer_costs(stand: StandIn, profiles, cluster, sub_mesh, flavour, *, precisi
         update_s=full(update), issued=full(issued),
         param_numel=full(numel), state=full(state), temporaries_bytes=temporaries,
         flavour=flavour, comm_s=comm_s, model_flops=model_flops, dp_shard=shard,
+        tied=tuple(tied),
     )
 
 
