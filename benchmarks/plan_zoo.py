@@ -1,0 +1,224 @@
+"""Plan every model of the zoo (`autopar models`, less the `-test` sizes) for 1 GPU, one 8-GPU
+node, 8 nodes and 128 nodes of H100-80GB, offline on meta tensors, and time each plan; plan a
+GPT of the same depth and width beside each other family's model, for the "as fast as a GPT"
+comparison. The figures of docs/benchmarks/2026-12-05-zoo-plans/ and docs/models.md.
+
+    python benchmarks/plan_zoo.py -o plans.jsonl                 # every case (hours on 2 cores)
+    python benchmarks/plan_zoo.py -o plans.jsonl --models t5-11b swin-l --gpus 8 64
+    python benchmarks/plan_zoo.py --report plans.jsonl           # the markdown tables
+
+Each case runs in its own process (a fresh interpreter: no cache carries over from another
+plan) under a wall-clock limit, `--timeout` (default 900 s); a case over it is recorded as
+such. Cases already in the output file are skipped, so an interrupted run resumes.
+
+What a case plans is what `autopar plan NAME --cluster h100-80g --nodes N` plans, with the
+model cast to bf16 and bf16 mixed precision (the way these models are trained; the command
+line plans fp32 until issue 18): the global batch is lcm(8, GPUs) (one sequence or image a GPU
+at 64 GPUs and up), the search is the default one (every pp x dp x tp, microbatch size,
+schedule, ZeRO flavour and checkpointing), each stage-cut solve limited to `--time-limit` s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+
+GPU_COUNTS = (1, 8, 64, 1024)
+NODE = 8  # GPUs a node
+
+
+def _zoo() -> list[str]:
+    from autopar.models.registry import BUILTIN_MODELS
+
+    return [n for n in BUILTIN_MODELS if not n.endswith("-test") and not n.startswith("gpt-")]
+
+
+def depth_and_width(name: str) -> tuple[int, int]:
+    """Blocks (every stack's, summed) and model width of a zoo model."""
+    from autopar.models.registry import entry
+
+    cfg = entry(name).config
+    fields = dataclasses.asdict(cfg)
+    if "depths" in fields:  # Swin: blocks of every stage; its widest stage's width
+        return sum(cfg.depths), cfg.embed_dim * 2 ** (len(cfg.depths) - 1)
+    stacks = 2 if entry(name).family.name in ("T5", "Switch") else 1  # encoder and decoder
+    return stacks * cfg.n_layer, cfg.d_model
+
+
+def reference_gpt(name: str) -> str:
+    """The GPT of `name`'s depth: the GPT-3 of that depth nearest in width, else a GPT of that
+    depth and width, as a case name (`gpt@<layers>x<width>`)."""
+    from autopar.models.registry import BUILTIN_MODELS
+
+    layers, width = depth_and_width(name)
+    same = [n for n in BUILTIN_MODELS if n.startswith("gpt3-") and depth_and_width(n)[0] == layers]
+    if same:
+        return min(same, key=lambda n: abs(depth_and_width(n)[1] - width))
+    return f"gpt@{layers}x{width}"
+
+
+def _build(case: str, batch: int):
+    import torch
+
+    from autopar.models.gpt import GPT, GPTConfig
+    from autopar.models.inputs import next_token_batch
+    from autopar.models.losses import lm_loss
+    from autopar.models.registry import build_model
+
+    with torch.device("meta"):
+        if case.startswith("gpt@"):
+            layers, width = map(int, case[4:].split("x"))
+            cfg = GPTConfig(vocab_size=50304, seq_len=2048, n_layer=layers,
+                            n_head=max(1, width // 128), d_model=width)
+            model, example, loss = GPT(cfg), next_token_batch(cfg, batch), lm_loss
+        else:
+            model, example, loss = build_model(case, batch=batch, seq=None)
+        return model.to(torch.bfloat16), example, loss
+
+
+def plan_one(case: str, gpus: int, time_limit: float) -> dict:
+    """Plan `case` for `gpus` H100s; the row of the report."""
+    import torch
+
+    import autopar
+    from autopar.errors import AutoparError
+    from autopar.planning.profile import TrainingPrecision
+
+    nodes = max(1, gpus // NODE)
+    cluster = autopar.Cluster.preset("h100-80g", nodes=nodes, devices_per_node=min(gpus, NODE))
+    batch = math.lcm(8, gpus)
+    model, example, loss_fn = _build(case, batch)
+    row = {"model": case, "gpus": gpus, "batch": batch,
+           "params": sum(p.numel() for p in model.parameters())}
+    t0 = time.perf_counter()
+    try:
+        plan = autopar.plan(model, cluster, example, loss_fn=loss_fn,
+                            precision=TrainingPrecision.mixed_bf16(), time_limit=time_limit)
+    except AutoparError as e:  # no plan fits: a finding, recorded
+        row.update(status="no plan", plan_s=round(time.perf_counter() - t0, 1),
+                   why=str(e).split("\n")[0])
+        return row
+    row["plan_s"] = round(time.perf_counter() - t0, 1)
+    pipe = plan.pipeline or {}
+    p = plan.predicted
+    row.update(
+        status="planned",
+        mesh=dict(plan.mesh),
+        data_parallel=plan.data_parallel,
+        microbatch_size=pipe.get("microbatch_size", batch),  # over all dp ranks
+        microbatches=pipe.get("num_microbatches", 1),
+        schedule=pipe.get("schedule"),
+        checkpointed=len(plan.checkpoint),
+        step_time_s=p.get("step_time_s"),
+        peak_memory_gib=round(p.get("peak_memory_bytes", 0) / 2**30, 1),
+        candidates=plan.solver.get("candidates"),
+        stage_cut=plan.solver.get("stage_cut"),
+        torch=torch.__version__,
+    )
+    return row
+
+
+def run_all(out: str, names: list[str], gpus: list[int], timeout: float, time_limit: float):
+    done = set()
+    if os.path.exists(out):
+        with open(out) as f:
+            done = {(r["model"], r["gpus"]) for r in map(json.loads, f)}
+    cases = []
+    for name in names:
+        cases.append(name)
+        if not name.startswith("gpt3-"):
+            cases.append(reference_gpt(name))  # planned right after, on the same machine state
+    for n in gpus:
+        for case in dict.fromkeys(cases):  # a reference shared by models of one shape once
+            if (case, n) in done:
+                continue
+            t0 = time.perf_counter()
+            cmd = [sys.executable, __file__, "--one", case, str(n), "--time-limit", str(time_limit)]
+            try:
+                res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+                if res.returncode == 0:
+                    row = json.loads(res.stdout.strip().splitlines()[-1])
+                else:
+                    row = {"model": case, "gpus": n, "status": "error",
+                           "why": res.stderr.strip().splitlines()[-1][:300]}
+            except subprocess.TimeoutExpired:
+                row = {"model": case, "gpus": n, "status": "timeout", "plan_s": timeout}
+            row["wall_s"] = round(time.perf_counter() - t0, 1)
+            row["machine"] = f"{platform.machine()}, {os.cpu_count()} cores"
+            with open(out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(f"{case:>18} {n:>5} GPUs  {row['status']:>8}  {row.get('plan_s', '-')} s  "
+                  f"{row.get('mesh', row.get('why', ''))}", flush=True)
+
+
+# -- report ---------------------------------------------------------------------------------------
+
+
+def _mesh(row: dict) -> str:
+    if row["status"] != "planned":
+        return row["status"]
+    m = {k: v for k, v in row["mesh"].items() if v > 1} or {"dp": 1}
+    s = " x ".join(f"{k}{v}" for k, v in m.items())
+    if row["mesh"].get("pp", 1) > 1:
+        s += f", {row['microbatches']} mb of {row['microbatch_size']} ({row['schedule']})"
+    elif row.get("microbatches") and row["microbatches"] > 1:
+        s += f", {row['microbatches']} mb"
+    if row["data_parallel"] != "replicate" and row["mesh"].get("dp", 1) > 1:
+        s += f", {row['data_parallel']}"
+    if row["checkpointed"]:
+        s += f", ckpt {row['checkpointed']}"
+    return s
+
+
+def report(path: str) -> str:
+    with open(path) as f:
+        rows = {(r["model"], r["gpus"]): r for r in map(json.loads, f)}
+    names = [n for n in _zoo() if any((n, g) in rows for g in GPU_COUNTS)]
+    lines = ["| model | GPUs | plan | step (predicted) | peak | plan time | GPT of same depth |",
+             "|---|---|---|---|---|---|---|"]
+    for name in names:
+        for g in GPU_COUNTS:
+            r = rows.get((name, g))
+            if r is None:
+                continue
+            ref = rows.get((reference_gpt(name), g)) if not name.startswith("gpt3-") else None
+            step = f"{r['step_time_s']:.3f} s" if r.get("step_time_s") else "-"
+            peak = f"{r['peak_memory_gib']} GiB" if r.get("peak_memory_gib") else "-"
+            refs = "-"
+            if ref is not None and ref.get("plan_s"):
+                refs = f"{ref['plan_s']} s ({reference_gpt(name)}, {ref['status']})"
+            lines.append(f"| {name} | {g} | {_mesh(r)} | {step} | {peak} | "
+                         f"{r.get('plan_s', '-')} s | {refs} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("-o", "--output", default="plans.jsonl", help="rows are appended here")
+    ap.add_argument("--models", nargs="*", default=None, help="zoo names (default: all)")
+    ap.add_argument("--gpus", nargs="*", type=int, default=list(GPU_COUNTS))
+    ap.add_argument("--timeout", type=float, default=900, help="wall-clock seconds a case")
+    ap.add_argument("--time-limit", type=float, default=30, help="seconds a stage-cut solve")
+    ap.add_argument("--one", nargs=2, metavar=("CASE", "GPUS"), help=argparse.SUPPRESS)
+    ap.add_argument("--report", metavar="JSONL", help="print the tables of a finished run")
+    args = ap.parse_args(argv)
+    if args.report:
+        print(report(args.report))
+    elif args.one:
+        import warnings
+
+        warnings.filterwarnings("ignore")
+        print(json.dumps(plan_one(args.one[0], int(args.one[1]), args.time_limit)))
+    else:
+        run_all(args.output, args.models or _zoo(), args.gpus, args.timeout, args.time_limit)
+
+
+if __name__ == "__main__":
+    main()
