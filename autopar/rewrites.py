@@ -20,6 +20,13 @@ Two kinds:
 
 Adding one: a function `forward(module, *args, **kwargs)` and `register(class or its name,
 forward)`; a docstring saying what it computes, and why it equals the original.
+
+And one for a library's own switch: **Hugging Face experts run as a Python loop.** transformers'
+mixture-of-experts layers (Mixtral, Qwen-MoE, ...) pick their implementation from
+`config._experts_implementation`; "eager" loops over the experts a batch reaches (`nonzero`).
+While export runs, such a config says `"grouped_mm"`: transformers' own implementation of the
+same function (each token through its top-k experts, weighted by its routing weights) with one
+grouped matmul, which traces. The config is restored on exit.
 """
 
 from __future__ import annotations
@@ -33,6 +40,8 @@ import torch
 from torch import nn
 
 REWRITES: dict[str, Callable] = {}
+# transformers' names (transformers.integrations.moe): the loop, and the grouped matmul
+_LOOPED_EXPERTS, _TRACEABLE_EXPERTS = "eager", "grouped_mm"
 
 
 def register(cls: type | str, forward: Callable) -> None:
@@ -45,6 +54,7 @@ def applied(model: nn.Module):
     """While tracing `model`: no-op `Module.to` calls return the module, and each submodule
     whose class has a rewrite forwards through it. Everything is restored on exit."""
     patched = []
+    configs = []  # Hugging Face configs whose experts loop in Python
     original_to = nn.Module.to
     try:
         for mod in model.modules():
@@ -52,12 +62,20 @@ def applied(model: nn.Module):
             if forward is not None and "forward" not in vars(mod):
                 mod.forward = types.MethodType(forward, mod)
                 patched.append(mod)
+            config = getattr(mod, "config", None)
+            if (getattr(config, "_experts_implementation", None) == _LOOPED_EXPERTS
+                    and all(c is not config for c in configs)):
+                configs.append(config)
+        for config in configs:
+            config._experts_implementation = _TRACEABLE_EXPERTS
         nn.Module.to = _to_unless_unchanged(original_to)
         yield
     finally:
         nn.Module.to = original_to
         for mod in patched:
             del mod.forward
+        for config in configs:
+            config._experts_implementation = _LOOPED_EXPERTS
 
 
 def _name(cls: type) -> str:

@@ -118,3 +118,28 @@ def test_switch_sparse_layer_rewritten_equals_the_original():
     for g, w in zip(torch.autograd.grad(got.square().sum(), inputs),
                     torch.autograd.grad(want.square().sum(), inputs)):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_hugging_face_experts_in_a_python_loop_trace_as_the_same_function():
+    """Mixtral built with `experts_implementation="eager"` (a loop over the experts a batch
+    reaches, which export cannot follow) traces, and the traced graph computes the loss and
+    gradients of the model as built; its config is as the user left it."""
+    import transformers as tf  # in the test extra
+
+    from tests.helpers.hf_models import FAMILIES, hf_batch
+
+    torch.manual_seed(0)
+    config = tf.AutoConfig.for_model("mixtral", **FAMILIES["mixtral"][1])
+    model = tf.AutoModelForCausalLM.from_config(config, experts_implementation="eager").train()
+    batch = hf_batch("mixtral")
+    traced = trace(model, batch)
+    assert model.config._experts_implementation == "eager"
+    want = model(**batch).loss
+    user = dict(zip(traced.inputs, traced.layout.tensors(batch, None)))
+    args = [model.get_parameter(traced.parameters[n.name]) if n.name in traced.parameters
+            else traced.buffer(model, traced.buffers[n.name]) if n.name in traced.buffers
+            else user.get(n.name)  # a buffer nothing reads: no value needed
+            for n in traced.graph_module.graph.nodes if n.op == "placeholder"]
+    got = traced.graph_module(*args)
+    got = got[0] if isinstance(got, (tuple, list)) else got
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
