@@ -26,6 +26,7 @@ import json
 import math
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -80,6 +81,10 @@ def _build(case: str, batch: int):
             model, example, loss = GPT(cfg), next_token_batch(cfg, batch), lm_loss
         else:
             model, example, loss = build_model(case, batch=batch, seq=None)
+        # bf16 weights take bf16 images (token ids and labels stay integers)
+        example = torch.utils._pytree.tree_map(
+            lambda t: t.to(torch.bfloat16) if torch.is_tensor(t) and t.is_floating_point() else t,
+            example)
         return model.to(torch.bfloat16), example, loss
 
 
@@ -162,10 +167,13 @@ def run_all(out: str, names: list[str], gpus: list[int], timeout: float, time_li
 
 
 def _mesh(row: dict) -> str:
+    if row["status"] == "no plan":
+        peak = re.search(r"smallest peak found is ([0-9.]+ \w+)", row["why"])
+        return f"does not fit (least peak {peak.group(1)})" if peak else row["why"]
     if row["status"] != "planned":
-        return row["status"]
-    m = {k: v for k, v in row["mesh"].items() if v > 1} or {"dp": 1}
-    s = " x ".join(f"{k}{v}" for k, v in m.items())
+        return f"{row['status']} ({row.get('why', '')})" if row.get("why") else row["status"]
+    m = {k: v for k, v in row["mesh"].items() if v > 1}
+    s = " x ".join(f"{k}{v}" for k, v in m.items()) or "one device"
     if row["mesh"].get("pp", 1) > 1:
         s += f", {row['microbatches']} mb of {row['microbatch_size']} ({row['schedule']})"
     elif row.get("microbatches") and row["microbatches"] > 1:
@@ -177,26 +185,43 @@ def _mesh(row: dict) -> str:
     return s
 
 
+def _params(n: float) -> str:
+    return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.0f}M"
+
+
 def report(path: str) -> str:
+    """Two markdown tables: what the planner chose for each model and cluster, and how long it
+    took beside a GPT of the same depth."""
     with open(path) as f:
         rows = {(r["model"], r["gpus"]): r for r in map(json.loads, f)}
     names = [n for n in _zoo() if any((n, g) in rows for g in GPU_COUNTS)]
-    lines = ["| model | GPUs | plan | step (predicted) | peak | plan time | GPT of same depth |",
-             "|---|---|---|---|---|---|---|"]
+    sizes = [g for g in GPU_COUNTS if any((n, g) in rows for n in names)]
+    heads = " | ".join(f"{g} GPU{'s' * (g > 1)}" for g in sizes)
+    chose = [f"| model | parameters | {heads} |", "|---" * (2 + len(sizes)) + "|"]
+    timed = [f"| model | blocks | GPT of that depth | {heads} |", "|---" * (3 + len(sizes)) + "|"]
     for name in names:
-        for g in GPU_COUNTS:
+        first = next(rows[(name, g)] for g in sizes if (name, g) in rows)
+        cells, times = [], []
+        for g in sizes:
             r = rows.get((name, g))
             if r is None:
+                cells.append("")
+                times.append("")
                 continue
-            ref = rows.get((reference_gpt(name), g)) if not name.startswith("gpt3-") else None
-            step = f"{r['step_time_s']:.3f} s" if r.get("step_time_s") else "-"
-            peak = f"{r['peak_memory_gib']} GiB" if r.get("peak_memory_gib") else "-"
-            refs = "-"
-            if ref is not None and ref.get("plan_s"):
-                refs = f"{ref['plan_s']} s ({reference_gpt(name)}, {ref['status']})"
-            lines.append(f"| {name} | {g} | {_mesh(r)} | {step} | {peak} | "
-                         f"{r.get('plan_s', '-')} s | {refs} |")
-    return "\n".join(lines)
+            cell = _mesh(r)
+            if r.get("step_time_s"):
+                cell += f"; {r['step_time_s']:.3g} s, {r['peak_memory_gib']} GiB"
+            cells.append(cell)
+            t = f"{r['plan_s']} s" if r.get("plan_s") is not None else r["status"]
+            ref = rows.get((reference_gpt(name), g))
+            if ref is not None and ref is not r and ref.get("plan_s"):
+                t += f" ({ref['plan_s']} s, {r['plan_s'] / ref['plan_s']:.1f}x)"
+            times.append(t)
+        params = _params(first["params"]) if "params" in first else ""
+        chose.append(f"| {name} | {params} | " + " | ".join(cells) + " |")
+        depth = depth_and_width(name)[0]
+        timed.append(f"| {name} | {depth} | {reference_gpt(name)} | " + " | ".join(times) + " |")
+    return "\n".join(chose) + "\n\n" + "\n".join(timed)
 
 
 def main(argv=None) -> None:
