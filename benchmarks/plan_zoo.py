@@ -103,8 +103,9 @@ def plan_one(case: str, gpus: int, time_limit: float) -> dict:
     row = {"model": case, "gpus": gpus, "batch": batch,
            "params": sum(p.numel() for p in model.parameters())}
     t0 = time.perf_counter()
+    said: list[str] = []
     try:
-        plan = autopar.plan(model, cluster, example, loss_fn=loss_fn,
+        plan = autopar.plan(model, cluster, example, loss_fn=loss_fn, log=said.append,
                             precision=TrainingPrecision.mixed_bf16(), time_limit=time_limit)
     except AutoparError as e:  # no plan fits: a finding, recorded
         row.update(status="no plan", plan_s=round(time.perf_counter() - t0, 1),
@@ -124,6 +125,9 @@ def plan_one(case: str, gpus: int, time_limit: float) -> dict:
         step_time_s=p.get("step_time_s"),
         peak_memory_gib=round(p.get("peak_memory_bytes", 0) / 2**30, 1),
         candidates=plan.solver.get("candidates"),
+        # scored candidates with pp > 1 (the search's last line says how many)
+        pipelined_candidates=next((int(m.group(1)) for m in map(
+            re.compile(r"\((\d+) with pipeline stages\)").search, said) if m), None),
         stage_cut=plan.solver.get("stage_cut"),
         torch=torch.__version__,
     )
@@ -216,6 +220,8 @@ def report(path: str) -> str:
             ref = rows.get((reference_gpt(name), g))
             if ref is not None and ref is not r and ref.get("plan_s"):
                 t += f" ({ref['plan_s']} s, {r['plan_s'] / ref['plan_s']:.1f}x)"
+            if r.get("pipelined_candidates") is not None and g > 1:
+                t += f"; {r['candidates']} scored, {r['pipelined_candidates']} with pp"
             times.append(t)
         params = _params(first["params"]) if "params" in first else ""
         chose.append(f"| {name} | {params} | " + " | ".join(cells) + " |")

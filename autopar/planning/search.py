@@ -176,7 +176,8 @@ def search(trace_fn, example_inputs, cluster: Cluster, space: SearchSpace, *,
             min_peak_bytes=smallest[0], budget_bytes=budget,
         )
     if log:
-        log(f"searched {found.tried} candidates in {time.perf_counter() - start:.1f} s")
+        log(f"searched {found.tried} candidates ({found.pipelined} with pipeline stages) in "
+            f"{time.perf_counter() - start:.1f} s")
     return candidate_plan(best, cluster, precision,
                           solver={"candidates": found.tried, "stage_cut": best.cut})
 
@@ -191,10 +192,12 @@ class _Found:
     best: Candidate | None = None
     smallest: tuple[float, str] | None = None
     tried: int = 0
+    pipelined: int = 0  # of those tried, candidates with pipeline stages
 
     def add(self, c: Candidate) -> bool:
         """Keep `c` if it fits and is the fastest yet; say whether it fits."""
         self.tried += 1
+        self.pipelined += c.pp > 1
         if c.peak_memory_bytes > self.budget:
             if self.smallest is None or c.peak_memory_bytes < self.smallest[0]:
                 self.smallest = (c.peak_memory_bytes, c.describe())
