@@ -159,8 +159,10 @@ def evaluate(c: Candidate, cluster: Cluster) -> Candidate:
                   temporaries=c.costs.temporaries_bytes) for _ in range(c.pp)]
     sync = [0.0] * c.pp
     accumulate = [0.0] * c.pp
+    held: list[set[str]] = [set() for _ in range(c.pp)]  # each rank's layers
     for s, members in enumerate(c.stages):
         r = problem.stage_of_rank[s]
+        held[r].update(members)
         if s > 0:  # what the stage receives from further back than the layer before it
             carried = by_name[c.stages[s - 1][-1]].carry_bytes
             ranks[r]["activations"] += problem.in_flight[s] * carried
@@ -174,10 +176,8 @@ def evaluate(c: Candidate, cluster: Cluster) -> Candidate:
             sync[r] += c.costs.sync_s[name] + c.costs.update_s[name] + acc
             accumulate[r] += acc
     for r in range(c.pp):  # a tied weight: one copy per rank, however many readers it holds
-        held = {name for s, members in enumerate(c.stages) if problem.stage_of_rank[s] == r
-                for name in members}
         for t in c.costs.tied:
-            extra = t.duplicates(held)
+            extra = t.duplicates(held[r])
             for k, val in t.state.items():
                 ranks[r][k] -= extra * val
             sync[r] -= extra * t.sync_s

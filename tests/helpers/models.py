@@ -59,9 +59,9 @@ def batches(batch_size: int = 4) -> list[tuple[torch.Tensor, torch.Tensor]]:
     ]
 
 
-def sgd_losses(parameters, train_step, data) -> list[float]:
+def sgd_losses(parameters, train_step, data, lr: float = LR) -> list[float]:
     """Loss of every SGD step; `train_step(x, y)` runs forward and backward, returns the loss."""
-    opt = torch.optim.SGD(parameters, lr=LR)
+    opt = torch.optim.SGD(parameters, lr=lr)
     losses = []
     for x, y in data:
         losses.append(float(train_step(x, y)))

@@ -17,7 +17,7 @@ import torch
 import autopar
 from autopar.models.registry import BUILTIN_MODELS, build_model
 from tests.helpers.distributed import run_on_ranks
-from tests.helpers.models import fast_cpu_cluster
+from tests.helpers.models import fast_cpu_cluster, sgd_losses
 from tests.models.test_tiny_models import TINY
 
 BATCH = 4
@@ -44,16 +44,6 @@ def model_and_data(name: str, device: str = "cpu"):
     return model, data, loss_fn
 
 
-def sgd(parameters, train_step, data) -> list[float]:
-    opt = torch.optim.SGD(parameters, lr=LR)
-    losses = []
-    for inputs, target in data:
-        losses.append(float(train_step(inputs, target)))
-        opt.step()
-        opt.zero_grad()
-    return losses
-
-
 @functools.cache
 def reference_losses(name: str) -> list[float]:
     model, data, loss_fn = model_and_data(name)
@@ -63,7 +53,7 @@ def reference_losses(name: str) -> list[float]:
         loss.backward()
         return loss.item()
 
-    return sgd(model.parameters(), step, data)
+    return sgd_losses(model.parameters(), step, data, LR)
 
 
 def make_plan(name: str, mesh: str) -> str:
@@ -81,7 +71,7 @@ def train_all(jobs: list[tuple[str, str]]) -> list:
             plan = autopar.Plan.from_dict(json.loads(plan_json))
             pm = autopar.autoparallelize(model, fast_cpu_cluster(4), data[0], loss_fn=loss_fn,
                                          plan=plan, runtime=RUNTIME)
-            results.append(sgd(pm.parameters(), pm.train_step, data))
+            results.append(sgd_losses(pm.parameters(), pm.train_step, data, LR))
         except Exception as e:  # reported per case; the ranks stay in step (all fail alike)
             results.append(f"{type(e).__name__}: {e}")
     return results
