@@ -27,14 +27,34 @@ mixture-of-experts layers (Mixtral, Qwen-MoE, ...) pick their implementation fro
 While export runs, such a config says `"grouped_mm"`: transformers' own implementation of the
 same function (each token through its top-k experts, weighted by its routing weights) with one
 grouped matmul, which traces. The config is restored on exit.
+
+And one for a library's own guards: **Hugging Face attention masks built because export runs.**
+transformers (`masking_utils`) leaves the attention mask out when no token is padded, so that
+SDPA runs causal (`is_causal=True`) or unmasked and takes the flash kernel. While export runs it
+always builds the full (B, 1, S, S) mask instead: an exported program may later see padded or
+packed batches, and the values that would tell are not known while tracing. autopar's graph
+only ever runs batches of the example's structure (`trace.inputs_key`), so what the example
+leaves out, no batch passes:
+
+- no `attention_mask`: no token is padded. transformers' masking code is told it is not
+  exporting; a mask the example does pass is a traced input (`is_tracing(padding_mask)`), still
+  built and applied.
+- no `position_ids`: the model counts positions itself (0, 1, 2, ... in every row), so rows
+  are not packed sequences, as transformers finds outside export. Positions the example passes
+  are still checked for packing (and keep the mask).
+
+The mask dropped would be all causal (decoders) or all true (encoders, ViT). Without this, a
+Hugging Face Llama runs SDPA with an explicit mask: the memory-efficient kernel, slower than the
+flash kernel the same model gets in eager PyTorch.
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
+import sys
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import torch
 from torch import nn
@@ -42,6 +62,9 @@ from torch import nn
 REWRITES: dict[str, Callable] = {}
 # transformers' names (transformers.integrations.moe): the loop, and the grouped matmul
 _LOOPED_EXPERTS, _TRACEABLE_EXPERTS = "eager", "grouped_mm"
+# transformers' mask builders; the export check and the packed-rows check they skip a mask on
+_HF_MASKING = "transformers.masking_utils"
+_EXPORT_CHECK, _PACKED_CHECK = "is_torchdynamo_exporting", "find_packed_sequence_indices"
 
 
 def register(cls: type | str, forward: Callable) -> None:
@@ -50,9 +73,10 @@ def register(cls: type | str, forward: Callable) -> None:
 
 
 @contextlib.contextmanager
-def applied(model: nn.Module):
-    """While tracing `model`: no-op `Module.to` calls return the module, and each submodule
-    whose class has a rewrite forwards through it. Everything is restored on exit."""
+def applied(model: nn.Module, given: Collection[str] = ()):
+    """While tracing `model` called with the arguments named in `given`: no-op `Module.to`
+    calls return the module, each submodule whose class has a rewrite forwards through it, and
+    Hugging Face masks are decided as outside export. Everything is restored on exit."""
     patched = []
     configs = []  # Hugging Face configs whose experts loop in Python
     original_to = nn.Module.to
@@ -69,13 +93,40 @@ def applied(model: nn.Module):
         for config in configs:
             config._experts_implementation = _TRACEABLE_EXPERTS
         nn.Module.to = _to_unless_unchanged(original_to)
-        yield
+        with _hf_masks_as_in_eager(given):
+            yield
     finally:
         nn.Module.to = original_to
         for mod in patched:
             del mod.forward
         for config in configs:
             config._experts_implementation = _LOOPED_EXPERTS
+
+
+@contextlib.contextmanager
+def _hf_masks_as_in_eager(given: Collection[str]):
+    """transformers' masking code, if loaded, decides on masks as it does outside export, for
+    a call that passes the arguments named in `given`."""
+    masking = sys.modules.get(_HF_MASKING)  # not loaded: no Hugging Face model is traced
+    patches = {_EXPORT_CHECK: _not_exporting}
+    if "position_ids" not in given:
+        patches[_PACKED_CHECK] = _one_sequence_per_row
+    saved = {name: getattr(masking, name) for name in patches if hasattr(masking, name)}
+    try:
+        for name in saved:
+            setattr(masking, name, patches[name])
+        yield
+    finally:
+        for name, original in saved.items():
+            setattr(masking, name, original)
+
+
+def _not_exporting() -> bool:
+    return False
+
+
+def _one_sequence_per_row(position_ids):
+    return None  # transformers' answer for positions with no restart in any row
 
 
 def _name(cls: type) -> str:

@@ -178,7 +178,7 @@ def trace(model: nn.Module, example_inputs, *, loss_fn=None, target=None) -> Tra
     layout = BatchLayout.of(example_inputs, has_target=loss_fn is not None)
     module = _Call(model, loss_fn, layout, _quiet_kwargs(model, as_call(example_inputs)[1]))
     args = tuple(layout.tensors(example_inputs, target))
-    ep = _export(module, args, model)
+    ep = _export(module, args, model, _given_arguments(model, example_inputs))
     table = torch.export.default_decompositions()
     for op in KEEP_WHOLE:
         table.pop(op, None)
@@ -227,9 +227,23 @@ def _on_meta(model: nn.Module) -> bool:
     return any(p.device.type == "meta" for p in model.parameters())
 
 
-def _export(module: nn.Module, args: tuple, model: nn.Module):
+def _given_arguments(model: nn.Module, inputs) -> set[str]:
+    """The names of the forward's parameters the inputs pass a value other than None to."""
+    pos, kw = as_call(inputs)
+    given = {name for name, value in kw.items() if value is not None}
     try:
-        with rewrites.applied(model):  # what export cannot trace as written (autopar.rewrites)
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return given
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    names = [p.name for p in params if p.kind in kinds]
+    return given | {name for name, value in zip(names, pos) if value is not None}
+
+
+def _export(module: nn.Module, args: tuple, model: nn.Module, given: set[str]):
+    try:
+        # what export cannot trace as written, or traces worse than eager runs it
+        with rewrites.applied(model, given):
             if _on_meta(model):
                 return _export_as_fake_cpu(module, args)
             return torch.export.export(module, args, strict=False)

@@ -134,12 +134,70 @@ def test_hugging_face_experts_in_a_python_loop_trace_as_the_same_function():
     batch = hf_batch("mixtral")
     traced = trace(model, batch)
     assert model.config._experts_implementation == "eager"
-    want = model(**batch).loss
+    torch.testing.assert_close(_graph_loss(traced, model, batch), model(**batch).loss,
+                               rtol=1e-5, atol=1e-6)
+
+
+def _graph_loss(traced, model, batch) -> torch.Tensor:
+    """The loss the traced graph computes from the model's own weights and `batch`."""
     user = dict(zip(traced.inputs, traced.layout.tensors(batch, None)))
     args = [model.get_parameter(traced.parameters[n.name]) if n.name in traced.parameters
             else traced.buffer(model, traced.buffers[n.name]) if n.name in traced.buffers
             else user.get(n.name)  # a buffer nothing reads: no value needed
             for n in traced.graph_module.graph.nodes if n.op == "placeholder"]
     got = traced.graph_module(*args)
-    got = got[0] if isinstance(got, (tuple, list)) else got
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    return got[0] if isinstance(got, (tuple, list)) else got
+
+
+def _attention_calls(traced) -> list[tuple[bool, bool]]:
+    """(has a mask, is causal) of every SDPA call in the graph."""
+    calls = []
+    for n in traced.graph_module.graph.nodes:
+        if n.target is torch.ops.aten.scaled_dot_product_attention.default:
+            mask = n.args[3] if len(n.args) > 3 else n.kwargs.get("attn_mask")
+            causal = n.args[5] if len(n.args) > 5 else n.kwargs.get("is_causal", False)
+            calls.append((isinstance(mask, torch.fx.Node), bool(causal)))
+    return calls
+
+
+@pytest.mark.parametrize("family,causal", [("gpt2", True), ("llama", True), ("bert", False),
+                                           ("vit", False)])
+def test_hugging_face_attention_without_a_mask_traces_as_in_eager(family, causal):
+    """A batch with no attention_mask (fixed-length chunks, images) traces to SDPA with no mask,
+    causal for decoders, as transformers runs it outside export (the flash kernel on GPUs), and
+    the graph computes the model's loss."""
+    from tests.helpers.hf_models import hf_batch, hf_model
+
+    torch.manual_seed(0)
+    model = hf_model(family, dropout_off=True)
+    batch = {k: v for k, v in hf_batch(family).items() if k != "attention_mask"}
+    traced = trace(model, batch)
+    assert _attention_calls(traced) == [(False, causal)] * 2
+    torch.testing.assert_close(_graph_loss(traced, model, batch), model(**batch).loss,
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_hugging_face_padding_and_packed_positions_keep_their_mask():
+    """A padded attention_mask, or position_ids that restart inside a row (packed sequences),
+    are inputs whose values decide the mask: the graph builds and applies it, and computes the
+    model's loss on a batch with padding and packing. (The model is called without a cache, as
+    autopar traces it: with its default cache, transformers does not look for packed rows.)"""
+    from tests.helpers.hf_models import hf_batch, hf_model
+
+    torch.manual_seed(0)
+    model = hf_model("llama", dropout_off=True)
+    ids = hf_batch("llama")["input_ids"]
+    padded = torch.ones_like(ids)
+    padded[0, -5:] = 0
+    packed = torch.arange(ids.shape[1]).repeat(ids.shape[0], 1)
+    packed[1, 6:] -= 6  # row 1 holds two sequences
+    for extra in ({"attention_mask": padded}, {"position_ids": packed}):
+        batch = {"input_ids": ids, "labels": ids, **extra}
+        traced = trace(model, batch)
+        assert _attention_calls(traced) == [(True, False)] * 2, list(extra)
+        want = model(**batch, use_cache=False).loss
+        torch.testing.assert_close(_graph_loss(traced, model, batch), want, rtol=1e-5, atol=1e-6)
+    import transformers.masking_utils as masking  # its checks are restored after tracing
+
+    for name in ("is_torchdynamo_exporting", "find_packed_sequence_indices"):
+        assert getattr(masking, name).__module__.startswith("transformers"), name

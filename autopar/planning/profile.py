@@ -323,11 +323,12 @@ def _sdpa_fused(
 ):
     """SDPA through the fused CPU flash kernel (which has a meta kernel), so that meta and CPU
     save the same tensors as GPU flash attention: q, k, v, output and log-sum-exp."""
-    if enable_gqa or query.device.type not in ("cpu", "meta"):
-        # The CPU flash kernel has no GQA; fall back to whatever SDPA picks (math on meta).
+    if query.device.type not in ("cpu", "meta"):
         return aten.scaled_dot_product_attention.default(
             query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa
         )
+    if enable_gqa and key.shape[-3] != query.shape[-3]:
+        return _GroupedFlash.apply(query, key, value, attn_mask, dropout_p, is_causal, scale)
     try:
         out, _logsumexp = aten._scaled_dot_product_flash_attention_for_cpu.default(
             query, key, value, dropout_p, is_causal, attn_mask=attn_mask, scale=scale
@@ -337,6 +338,53 @@ def _sdpa_fused(
             query, key, value, attn_mask, dropout_p, is_causal, scale=scale
         )
     return out
+
+
+class _GroupedFlash(torch.autograd.Function):
+    """Grouped-query attention (fewer key/value heads than query heads, `enable_gqa`) as GPU
+    flash kernels run it: each key/value head serves its group of query heads in the kernel, so
+    k and v are saved at their own size. The CPU flash kernel has no GQA and plain SDPA on meta
+    takes the math path (which saves the (B, H, T, T) scores), so here k and v are repeated
+    per group around the kernel, forward and backward, and the repeats are not what is saved.
+    FLOPs are those of the query heads, as on the GPU."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, attn_mask, dropout_p, is_causal, scale):
+        group = query.shape[-3] // key.shape[-3]
+        out, logsumexp = aten._scaled_dot_product_flash_attention_for_cpu.default(
+            query,
+            key.repeat_interleave(group, dim=-3),
+            value.repeat_interleave(group, dim=-3),
+            dropout_p,
+            is_causal,
+            attn_mask=attn_mask,
+            scale=scale,
+        )
+        ctx.save_for_backward(query, key, value, out, logsumexp)
+        ctx.args = (group, attn_mask, dropout_p, is_causal, scale)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        query, key, value, out, logsumexp = ctx.saved_tensors
+        group, attn_mask, dropout_p, is_causal, scale = ctx.args
+        dq, dk, dv = aten._scaled_dot_product_flash_attention_for_cpu_backward.default(
+            grad_out,
+            query,
+            key.repeat_interleave(group, dim=-3),
+            value.repeat_interleave(group, dim=-3),
+            out,
+            logsumexp,
+            dropout_p,
+            is_causal,
+            attn_mask=attn_mask,
+            scale=scale,
+        )
+
+        def per_head(g):  # the gradient of a repeated head is the sum over its group
+            return g.unflatten(-3, (key.shape[-3], group)).sum(-3)
+
+        return dq, per_head(dk), per_head(dv), None, None, None, None
 
 
 def _sdpa_fwd_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:

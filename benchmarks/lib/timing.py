@@ -48,12 +48,12 @@ def time_steps(ctx: Ctx, step, batches, warmup: int, steps: int) -> dict:
     cuda = ctx.device.type == "cuda"
     events = []
     for i in range(steps):
-        x, y = batches[(warmup + i) % len(batches)]
+        batch = batches[(warmup + i) % len(batches)]  # a step's arguments: (x, y), or (inputs,)
         if cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
         t0 = time.perf_counter()
-        last = step(x, y)
+        last = step(*batch)
         host.append(time.perf_counter() - t0)
         if cuda:
             end.record()

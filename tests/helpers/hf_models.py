@@ -67,6 +67,12 @@ def hf_model(model_type: str, *, dropout_off: bool = False) -> torch.nn.Module:
     return auto.from_config(config).train()
 
 
+# Families whose batches carry no attention mask, as fixed-length pretraining chunks come; the
+# others pass the all-ones mask a tokenizer gives. Both ways are tested: transformers builds
+# the full mask from a mask that is passed, and leaves it out (flash attention) otherwise.
+NO_ATTENTION_MASK = {"llama", "mixtral", "gpt_neox", "roberta"}
+
+
 def hf_batch(model_type: str, seed: int = 0, batch: int = BATCH) -> dict[str, torch.Tensor]:
     """One batch of keyword arguments, labels included, always the same for a seed."""
     g = torch.Generator().manual_seed(seed)
@@ -75,7 +81,9 @@ def hf_batch(model_type: str, seed: int = 0, batch: int = BATCH) -> dict[str, to
         return {"pixel_values": torch.randn(batch, 3, IMAGE, IMAGE, generator=g),
                 "labels": torch.randint(0, CLASSES, (batch,), generator=g)}
     ids = torch.randint(1, VOCAB, (batch, SEQ), generator=g)
-    out = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    out = {"input_ids": ids}
+    if model_type not in NO_ATTENTION_MASK:
+        out["attention_mask"] = torch.ones_like(ids)
     if task == "masked-lm":  # predict every token, as a fully masked batch would
         return {**out, "labels": ids.roll(1, dims=1)}
     return {**out, "labels": torch.randint(1, VOCAB, (batch, SEQ), generator=g)}

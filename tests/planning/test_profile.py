@@ -240,6 +240,40 @@ class TestGPT:
         assert sorted(s.shape for s in profiles[node.name].saves) == expected
 
 
+class _GroupedQueryAttention(nn.Module):
+    """SDPA with 4 query heads over 2 key/value heads (`enable_gqa`), as Hugging Face's Llama
+    calls it when no mask is needed."""
+
+    def forward(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+
+class TestGroupedQueryAttention:
+    def test_saves_k_and_v_at_their_own_size_and_counts_query_head_flops(self):
+        # As a GPU's flash kernel: q, k, v, output, log-sum-exp; not k and v repeated per
+        # group, and not the math path's (B, H, T, T) scores.
+        q = torch.randn(2, 4, 16, 8, requires_grad=True)
+        k, v = (torch.randn(2, 2, 16, 8, requires_grad=True) for _ in range(2))
+        gm = _export(_GroupedQueryAttention(), q, k, v)
+        node = _only(gm, aten.scaled_dot_product_attention.default)
+        profile = profile_graph(gm)[node.name]
+        assert sorted(s.shape for s in profile.saves) == sorted(
+            [(2, 4, 16, 8), (2, 2, 16, 8), (2, 2, 16, 8), (2, 4, 16, 8), (2, 4, 16)])
+        assert profile.fwd_flops == 2 * 2 * 4 * 16 * 16 * (8 + 8)  # both matmuls, every q head
+
+    def test_gradients_equal_torch_grouped_attention(self):
+        from autopar.planning.profile import _sdpa_fused
+
+        torch.manual_seed(0)
+        q = torch.randn(2, 4, 16, 8, requires_grad=True)
+        k, v = (torch.randn(2, 2, 16, 8, requires_grad=True) for _ in range(2))
+        got = _sdpa_fused(q, k, v, None, 0.0, True, enable_gqa=True)
+        want = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        torch.testing.assert_close(got, want)
+        for g, w in zip(torch.autograd.grad(got.square().sum(), (q, k, v)),
+                        torch.autograd.grad(want.square().sum(), (q, k, v))):
+            torch.testing.assert_close(g, w)
+
 class _AttentionWithRelativeBias(nn.Module):
     """Attention masked by a learned relative-position bias (as T5's and Swin's), then
     `transpose(1, 2).reshape(B, T, C)` as every attention block ends."""
