@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 
 import torch.distributed as dist
 from torch import nn
@@ -11,7 +12,7 @@ from torch import nn
 from autopar import parallelism
 from autopar.batches import batch_size, microbatch_inputs
 from autopar.cluster import Cluster
-from autopar.errors import AutoparError, MeshError
+from autopar.errors import AutoparError, InfeasibleError, MeshError
 from autopar.layers import assign_layers, layer_order
 from autopar.parallelism import POLICIES, check_runtime
 from autopar.plan import Plan
@@ -19,11 +20,12 @@ from autopar.planning import search
 from autopar.planning.assemble import candidate_plan
 from autopar.planning.fixed_mesh import check_divides
 from autopar.planning.manual import hand_configuration
-from autopar.planning.profile import TrainingPrecision
+from autopar.planning.profile import TrainingPrecision, parameter_state_bytes
 from autopar.runtime.mesh import make_mesh
 from autopar.runtime.parallel_model import ParallelModel
 from autopar.runtime.pipeline import PipelinedModel
 from autopar.trace import trace_for_training, tracer
+from autopar.units import format_bytes
 
 
 def plan(
@@ -61,6 +63,7 @@ def plan(
     `autopar.batches.microbatch_inputs(example_inputs, plan.pipeline["microbatch_size"])`.
     """
     inputs_only = example_inputs[0] if loss_fn is not None else example_inputs
+    _check_state_fits(model, cluster, precision or TrainingPrecision(), memory_limit)
     trace_fn = tracer(model, loss_fn)
     probe = trace_fn(example_inputs)
     n_layers = len(layer_order(assign_layers(probe)))
@@ -87,6 +90,29 @@ def plan(
         trace_fn, example_inputs, cluster, space, memory_limit_bytes=memory_limit,
         precision=precision, solver=solver, time_limit_s=time_limit, log=log,
     )
+
+
+def _check_state_fits(model: nn.Module, cluster: Cluster, precision: TrainingPrecision,
+                      memory_limit: float | None) -> None:
+    """Fail at once, before any trace, when the model's parameters, gradients and optimizer
+    state alone cannot fit: every plan holds all of it somewhere, so some device holds at least
+    its share over every device (all of it sharded evenly, no activations), whatever the mesh."""
+    budget = memory_limit if memory_limit is not None else cluster.device.memory_bytes
+    total = 0.0
+    for p in model.parameters():  # each tensor once, tied ones included
+        state = parameter_state_bytes(p.numel(), precision)
+        total += sum(state.values()) if p.requires_grad else state["parameters"]
+    share = total / cluster.world_size
+    if share > budget:
+        need = math.ceil(total / budget)
+        raise InfeasibleError(
+            f"no plan fits the memory limit of {format_bytes(budget)} per device: the model's "
+            f"parameters, gradients and optimizer state alone take {format_bytes(total)}, "
+            f"{format_bytes(share)} per device even sharded over all {cluster.world_size} "
+            f"devices. Use at least {need} devices of this memory, raise memory_limit, or "
+            "train in a precision that holds less per parameter.",
+            min_peak_bytes=share, budget_bytes=budget,
+        )
 
 
 def manual_plan(

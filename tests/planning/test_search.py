@@ -63,12 +63,33 @@ def test_pipelined_plan_follows_the_contract(gpt_on_four_h100s):
     assert again == plan
 
 
+def _state_share(model, world: int) -> float:
+    """fp32 AdamW state (16 bytes a parameter) spread evenly over `world` devices."""
+    return 16 * sum(p.numel() for p in model.parameters()) / world
+
+
 def test_memory_limit_that_nothing_fits_says_smallest_peak(gpt_on_four_h100s):
     model, batch, cluster = gpt_on_four_h100s
+    limit = _state_share(model, cluster.world_size) * 1.01  # the state would fit, sharded
     with pytest.raises(autopar.InfeasibleError, match="smallest peak found") as e:
         autopar.plan(model, cluster, batch, loss_fn=lm_loss, mesh={"pp": 2, "dp": 2},
-                     memory_limit=1000)
-    assert e.value.min_peak_bytes > 1000
+                     memory_limit=limit)
+    assert e.value.min_peak_bytes > limit
+
+
+def test_state_that_cannot_fit_fails_before_any_trace(gpt_on_four_h100s, monkeypatch):
+    """Parameters, gradients and optimizer state over every device's memory: no plan can fit,
+    said at once (a 405B model on 8 GPUs traced for minutes before), with the devices needed."""
+    model, batch, cluster = gpt_on_four_h100s
+    share = _state_share(model, cluster.world_size)
+
+    def no_trace(*args, **kwargs):
+        raise AssertionError("traced")
+
+    monkeypatch.setattr(autopar.api, "tracer", no_trace)
+    with pytest.raises(autopar.InfeasibleError, match=r"Use at least 5 devices") as e:
+        autopar.plan(model, cluster, batch, loss_fn=lm_loss, memory_limit=share * 4 / 4.5)
+    assert e.value.min_peak_bytes == pytest.approx(share)
 
 
 def test_microbatch_inputs_slices_every_tensor():
