@@ -49,6 +49,22 @@ def has_rule(op) -> bool:
     return bool(has_decomp and has_decomp(op))
 
 
+def rule_name(op) -> str | None:
+    """The DTensor function that decides `op`'s shardings, as "module.qualname" (module relative
+    to torch.distributed.tensor._ops), in the order the propagator looks them up; None for ops it
+    shards through a decomposition or not at all. Callers that reason about a rule's code (which
+    ones read exact sizes) key on this name, so a torch release that moves an op to another
+    rule is noticed."""
+    prop = _propagator()
+    for table in ("op_single_dim_strategy_funcs", "op_strategy_funcs", "op_to_rules"):
+        fn = getattr(prop, table, {}).get(op)
+        if fn is not None:
+            fn = getattr(fn, "func", fn)  # single-dim strategies are wrapped in an info object
+            module = getattr(fn, "__module__", "").rsplit(".", 1)[-1]
+            return f"{module}.{getattr(fn, '__qualname__', '?')}"
+    return None
+
+
 def _fake_dtensor(val: torch.Tensor, mesh: DeviceMesh, placements: Placements) -> DTensor:
     # a meta tensor of the global shape: allocates nothing; only the spec matters to propagation
     local = torch.empty_strided(val.shape, val.stride(), dtype=val.dtype, device="meta")

@@ -127,6 +127,115 @@ def _signature(node: fx.Node) -> str:
 
 _PROBE_CACHE: dict = {}
 _ASKED: dict = {}  # (signature, mesh shape, device type, placements) -> DTensor's answer
+# (size-class signature, mesh shape, device type, placements) -> an answer that holds for every
+# node of that class (see `_size_class_signature` and `_size_free`)
+_ASKED_BY_CLASS: dict = {}
+NORMALISE_SIZES = True  # False: ask DTensor for every exact signature (tests compare the two)
+
+# DTensor rules (`dtensor.rule_name`) whose answers depend on the tensors' sizes only through
+# what `_size_class_signature` keeps (and through the bytes that price redistributions, which
+# `_size_free` deals with): the op, the non-tensor args, ranks, dtypes, which dims are 0 or 1
+# (broadcasting), and whether each size divides by and is at least each shard count the mesh
+# can make (DTensor's `is_tensor_shardable`, `is_tensor_evenly_shardable`). Read in torch
+# 2.13's source: these strategies come from dims and einsum letters (pointwise ops broadcast by
+# rank and size-1 dims; mm/addmm/bmm/baddbmm by "mk,kn->mn" with a bias's size-1 dims; softmax
+# and reductions by their dim args, avg needing even shards; layer/rms norm by
+# len(normalized_shape); index_select, embedding, SDPA by dims). A release that moves an op to
+# another rule renames it, and the op is asked with exact sizes again. Left out, so asked with
+# exact sizes: views, reshapes, expand, permute, slice, cat, split, convolution, indexing,
+# factories and every other rule; views split and merge dims by their exact sizes, others read
+# sizes from their args.
+_SIZE_FREE_RULES = frozenset({
+    "_pointwise_ops._register_single_dim_pointwise.<locals>.strategy_fn",
+    "_matrix_ops.mm_single_dim_strategy",
+    "_matrix_ops.addmm_single_dim_strategy",
+    "_matrix_ops.bmm_single_dim_strategy",
+    "_matrix_ops.baddbmm_single_dim_strategy",
+    "_matrix_ops.scaled_dot_product_flash_attention_strategy",
+    "_matrix_ops.scaled_dot_product_efficient_attention_strategy",
+    "_math_ops.softmax_strategy",
+    "_math_ops.linear_reduction_strategy",
+    "_math_ops.layer_norm_single_dim_strategy",
+    "_math_ops.rms_norm_single_dim_strategy",
+    "_tensor_ops._to_copy_single_dim_strategy",
+    "_tensor_ops.index_select_single_dim_strategy",
+    "_embedding_ops.embedding_strategy",  # its row-wise answers carry the weight's shape in
+    #                                       a _MaskPartial: `_size_free` keeps those exact
+})
+
+
+def _size_class_signature(node: fx.Node, mesh_shape) -> str | None:
+    """`_signature` with each tensor size replaced by its class on this mesh, for ops whose
+    DTensor rule is in `_SIZE_FREE_RULES`; None for every other op (asked with exact sizes).
+
+    A size's class: whether it is 0 or 1 (1 broadcasts), and for every shard count k the mesh
+    can make (the product of any set of its axes, as a dim may be split over several), whether
+    k divides it and whether it is at least k. Equalities between sizes are not kept: these
+    rules never compare two dims (a valid node's broadcast and contracted dims agree by
+    construction). Strides become the order of the dims by stride, which are 0 and whether the
+    tensor is contiguous. A norm's normalized_shape, its input's last sizes, becomes its length
+    (all that the rule reads).
+    """
+    if not NORMALISE_SIZES or node.target.name().split("::")[-1].startswith(
+            ("_foreach_", "_fused_", "_amp_foreach_")):  # list ops expand per element: exact
+        return None
+    rule = dtensor.rule_name(node.target)
+    if rule not in _SIZE_FREE_RULES:
+        return None
+    counts = _shard_counts(tuple(mesh_shape))
+
+    def size(s):
+        return (s == 0, s == 1, tuple((s % k == 0, s >= k) for k in counts))
+
+    def meta(a):
+        if isinstance(a, fx.Node):
+            v = a.meta["val"]
+            if not isinstance(v, torch.Tensor):
+                return ("V", repr(v))
+            stride = v.stride()
+            order = tuple(sorted(range(v.ndim), key=lambda d: -stride[d]))
+            return ("T", tuple(size(int(s)) for s in v.shape), str(v.dtype), order,
+                    tuple(st == 0 for st in stride), v.is_contiguous())
+        return a
+    args = node.args
+    if rule in _NORMALIZED_SHAPE_ARG and len(args) > 1:
+        args = (*args[:1], ("normalized_shape of length", len(args[1])), *args[2:])
+    return repr((str(node.target), tree_map(meta, (args, node.kwargs))))
+
+
+# the norms' rules read only len(normalized_shape) (arg 1), the input's trailing sizes
+_NORMALIZED_SHAPE_ARG = frozenset({"_math_ops.layer_norm_single_dim_strategy",
+                                   "_math_ops.rms_norm_single_dim_strategy"})
+
+
+def _shard_counts(mesh_shape: tuple[int, ...]) -> tuple[int, ...]:
+    counts = {math.prod(c) for r in range(1, len(mesh_shape) + 1)
+              for c in itertools.combinations(mesh_shape, r)}
+    return tuple(sorted(k for k in counts if k > 1))
+
+
+def _is_plain(p) -> bool:
+    return type(p) in (Replicate, Shard) or dtensor.is_plain_partial(p)
+
+
+def _size_free(placements, answer) -> bool:
+    """Whether DTensor's `answer` to `placements` is the same for every size of the class.
+
+    DTensor keeps inputs as they are where a strategy takes them, else redistributes to the
+    strategy of least cost, in bytes moved: that choice depends on sizes. A move from fully
+    replicated, or no move, costs 0 whatever the sizes, and DTensor then picks among the
+    zero-cost strategies in an order set by placements alone (the first, or the one needing no
+    move). So an answer is size-free when every input stays or was replicated. A refusal is
+    size-free too: whether any strategy exists is the rule's (dims and the size classes) and
+    which moves are possible is the placements'. Answers naming placements that carry sizes
+    (_MaskPartial, _StridedShard) stay exact."""
+    if answer is None:
+        return True
+    ins, outs = answer
+    if not all(_is_plain(p) for pl in (*ins, *(o for o in outs if o is not None)) for p in pl):
+        return False
+    return all(q == p or all(isinstance(x, Replicate) for x in p)
+               for p, q in zip(placements, ins))
 
 
 def _probe_cached(key, node, mesh, options):
@@ -156,14 +265,24 @@ def _probe(node: fx.Node, mesh, options: list[list[Placements]]):
         probes.add(tuple(o if o in options[j] else rep for j in range(len(ins))))
     args, kwargs = dtensor.node_args(node)
     asked = (_signature(node), tuple(mesh.shape), mesh.device_type)
+    by_class = _size_class_signature(node, mesh.shape)
+    by_class = by_class and (by_class, tuple(mesh.shape), mesh.device_type)
 
     def ask(placements):
         # DTensor answers a question (op, shapes, mesh shape, placements) the same way whatever
         # the mesh's axis names or the other probes: ask each once per process (other meshes of
-        # this shape, microbatches of this size and nodes with this signature ask it again)
+        # this shape, microbatches of this size and nodes with this signature ask it again).
+        # Answers that hold for a whole size class (other microbatch sizes, widths, window
+        # counts) are kept by class too, so other sizes do not ask again.
         key = (asked, placements)
         if key not in _ASKED:
-            _ASKED[key] = dtensor.ask(node.target, args, kwargs, vals, placements, mesh)
+            if by_class and (by_class, placements) in _ASKED_BY_CLASS:
+                _ASKED[key] = _ASKED_BY_CLASS[by_class, placements]
+            else:
+                answer = dtensor.ask(node.target, args, kwargs, vals, placements, mesh)
+                _ASKED[key] = answer
+                if by_class and _size_free(placements, answer):
+                    _ASKED_BY_CLASS[by_class, placements] = answer
         return _ASKED[key]
 
     results = {}
