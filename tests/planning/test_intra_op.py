@@ -66,7 +66,8 @@ class TestMemory:
         cluster = fast_cpu_cluster(2)
         free = autopar.plan(model, cluster, batch, loss_fn=mse, mesh={"tp": 2})
         with pytest.raises(InfeasibleError) as err:
-            autopar.plan(model, cluster, batch, loss_fn=mse, mesh={"tp": 2}, memory_limit=1)
+            autopar.plan(model, cluster, batch, loss_fn=mse, mesh={"tp": 2},
+                         memory_limit=_state_share(model, 2) * 1.001)
         smallest = err.value.min_peak_bytes
         assert smallest < free.predicted["peak_memory_bytes"]
         limit = (smallest + free.predicted["peak_memory_bytes"]) / 2
@@ -78,11 +79,19 @@ class TestMemory:
         assert tight.predicted["step_time_s"] >= free.predicted["step_time_s"]
 
     def test_nothing_fits_says_smallest_peak_and_budget(self):
+        model = MLP()
+        limit = _state_share(model, 2) * 1.001  # the state fits sharded; a plan does not
         with pytest.raises(InfeasibleError) as err:
-            autopar.plan(MLP(), fast_cpu_cluster(2), mlp_batch(), loss_fn=mse, memory_limit=1024)
+            autopar.plan(model, fast_cpu_cluster(2), mlp_batch(), loss_fn=mse, memory_limit=limit)
         e = err.value
-        assert e.budget_bytes == 1024 and e.min_peak_bytes > 1024
-        assert "smallest peak found is 4.02 MiB" in str(e) and "limit of 1 KiB" in str(e)
+        assert e.budget_bytes == limit and e.min_peak_bytes > limit
+        assert "smallest peak found is 4.02 MiB" in str(e) and "limit of 4.01 MiB" in str(e)
+
+
+def _state_share(model, world: int) -> float:
+    """fp32 AdamW state (16 bytes a parameter) spread evenly over `world` devices: the least
+    memory limit that gets past `autopar.plan`'s first check to the search."""
+    return 16 * sum(p.numel() for p in model.parameters()) / world
 
 
 class TestMeshes:
