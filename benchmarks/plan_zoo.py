@@ -173,7 +173,10 @@ def run_all(out: str, names: list[str], gpus: list[int], timeout: float, time_li
 def _mesh(row: dict) -> str:
     if row["status"] == "no plan":
         peak = re.search(r"smallest peak found is ([0-9.e+]+ \w+)", row["why"])
-        return f"does not fit (least peak {peak.group(1)})" if peak else row["why"]
+        if peak:
+            return f"does not fit (least peak {peak.group(1)})"
+        state = re.search(r"([0-9.e+]+ \w+) per device even sharded", row["why"])  # no search
+        return f"does not fit (its state alone {state.group(1)} a GPU)" if state else row["why"]
     if row["status"] != "planned":
         return f"{row['status']} ({row.get('why', '')})" if row.get("why") else row["status"]
     m = {k: v for k, v in row["mesh"].items() if v > 1}
