@@ -28,6 +28,10 @@ Scripts, and the report each produces:
     plan_gpt3_175b.py    GPT-3 175B planned for 1024 A100s, beside Megatron's hand configuration
                          (the same report)
     stage_ilp_depth.py   stage-cut ILP solve times on a deep model, per-layer against runs model
+    plan_zoo.py          every zoo model planned for 1 to 1024 H100s, timed beside a GPT of its
+                         depth (docs/benchmarks/2026-12-05-zoo-plans)
+    hf_one_gpu.py        Hugging Face Llama, BERT and ViT of ~1B through autoparallelize against
+                         the same models in eager PyTorch on one GPU (issue 15; no report yet)
 
 Library modules (`benchmarks/lib/`), one job each:
 
