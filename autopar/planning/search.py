@@ -135,26 +135,28 @@ def search(trace_fn, example_inputs, cluster: Cluster, space: SearchSpace, *,
     # early good plan lets the bound prune the rest (ops split across nodes last)
     mesh_order = lambda x: (_ops_size(x) > cluster.devices_per_node, -_ops_size(x),  # noqa: E731
                             x[PIPELINE])
-    for mesh in sorted(space.meshes, key=mesh_order):
+    pairs = [(mesh, local) for mesh in sorted(space.meshes, key=mesh_order)
+             if batch % mesh[DATA] == 0
+             for local in space.microbatch_sizes or divisors(batch // mesh[DATA])
+             if (batch // mesh[DATA]) % local == 0]
+    for i, (mesh, local) in enumerate(pairs):
         pp, dp = mesh[PIPELINE], mesh[DATA]
-        if batch % dp:
+        mb = local * dp
+        m = batch // mb
+        if log:  # a progress line: what is being solved, the best so far, elapsed
+            best = f"best so far {found.best.step_time_s:.4g} s" if found.best else "none fits yet"
+            log(f"[{i + 1}/{len(pairs)}] {_mesh_text(mesh)}, {m} x {mb}: {best}, "
+                f"{time.perf_counter() - start:.0f} s")
+        if mb not in traces:  # one trace, stand-in and layer order per microbatch size
+            stand, profiles = prepare(trace_fn(microbatch_inputs(example_inputs, mb)))
+            traces[mb] = (stand, profiles, layer_order(assign_layers(stand.full)))
+        stand, profiles, order = traces[mb]
+        if pp > len(order):
             continue
-        locals_ = space.microbatch_sizes or divisors(batch // dp)
-        for local in locals_:
-            if (batch // dp) % local:
-                continue
-            mb = local * dp
-            m = batch // mb
-            if mb not in traces:  # one trace, stand-in and layer order per microbatch size
-                stand, profiles = prepare(trace_fn(microbatch_inputs(example_inputs, mb)))
-                traces[mb] = (stand, profiles, layer_order(assign_layers(stand.full)))
-            stand, profiles, order = traces[mb]
-            if pp > len(order):
-                continue
-            fits = score(stand, profiles, order, mesh, mb, m, least=False)
-            # all over the limit (not merely pruned by the bound): the fallback may fit
-            if fits and not any(fits):
-                fallbacks.append((stand, profiles, order, mesh, mb, m))
+        fits = score(stand, profiles, order, mesh, mb, m, least=False)
+        # all over the limit (not merely pruned by the bound): the fallback may fit
+        if fits and not any(fits):
+            fallbacks.append((stand, profiles, order, mesh, mb, m))
     for stand, profiles, order, mesh, mb, m in fallbacks:
         sub_mesh = parallelism.intra_op_mesh(mesh)
         fastest = solved[(mb, tuple(sub_mesh.items()), False)]
@@ -207,6 +209,10 @@ class _Found:
             if self.log:
                 self.log(f"best so far: {c.describe()} step {c.step_time_s:.4g} s")
         return True
+
+
+def _mesh_text(mesh: dict[str, int]) -> str:
+    return " ".join(f"{a}={n}" for a, n in mesh.items())
 
 
 def _least_memory_bound(fastest, pp: int, m: int) -> float:

@@ -338,3 +338,18 @@ def test_gradient_accumulation_is_charged_per_later_microbatch(gpt_on_four_h100s
     acc = four.predicted["gradient_accumulation_s"]
     assert acc > 0 and four.predicted["dp_sync_s"] >= acc
     assert four.predicted["dp_sync_s"] - acc == pytest.approx(one.predicted["dp_sync_s"])
+
+
+def test_progress_lines_say_what_is_solved_and_the_best_so_far(gpt_on_four_h100s):
+    """A long plan says where it is: one line per (mesh, microbatch) it solves, numbered out of
+    all of them, with the best step found so far and the time since the search began."""
+    model, batch, cluster = gpt_on_four_h100s
+    said: list[str] = []
+    plan = autopar.plan(model, cluster, batch, loss_fn=lm_loss, mesh={"pp": 2, "dp": 2},
+                        schedule="1F1B", log=said.append)
+    progress = [line for line in said if line.startswith("[")]
+    n = len(progress)
+    assert n > 1 and progress[0].startswith(f"[1/{n}] pp=2 dp=2") and "none fits yet" in progress[0]
+    assert progress[-1].startswith(f"[{n}/{n}]") and "best so far" in progress[-1]
+    assert said[-1].startswith("searched")
+    assert plan.predicted["step_time_s"] > 0
