@@ -168,9 +168,12 @@ def _size_class_signature(node: fx.Node, mesh_shape) -> str | None:
     """`_signature` with each tensor size replaced by its class on this mesh, for ops whose
     DTensor rule is in `_SIZE_FREE_RULES`; None for every other op (asked with exact sizes).
 
-    A size's class: whether it is 0 or 1 (1 broadcasts), and for every shard count k the mesh
-    can make (the product of any set of its axes, as a dim may be split over several), whether
-    k divides it and whether it is at least k. Equalities between sizes are not kept: these
+    A size's class: whether it is 0 or 1 (1 broadcasts), and for every set of the mesh's axes
+    (a dim may be split over several), whether the set's device count k divides it and whether
+    it is at least k. The sets are listed by axis, not by k, so the class is the same on every
+    mesh of the rank where the same sets of axes divide the same sizes: DTensor reads the axes'
+    sizes only through these tests (`is_tensor_shardable`, `is_tensor_evenly_shardable`), and
+    answers are kept by class and mesh rank. Equalities between sizes are not kept: these
     rules never compare two dims (a valid node's broadcast and contracted dims agree by
     construction). Strides become the order of the dims by stride, which are 0 and whether the
     tensor is contiguous. A norm's normalized_shape, its input's last sizes, becomes its length
@@ -182,7 +185,7 @@ def _size_class_signature(node: fx.Node, mesh_shape) -> str | None:
     rule = dtensor.rule_name(node.target)
     if rule not in _SIZE_FREE_RULES:
         return None
-    counts = _shard_counts(tuple(mesh_shape))
+    counts = _axis_set_sizes(tuple(mesh_shape))
 
     def size(s):
         return (s == 0, s == 1, tuple((s % k == 0, s >= k) for k in counts))
@@ -203,15 +206,49 @@ def _size_class_signature(node: fx.Node, mesh_shape) -> str | None:
     return repr((str(node.target), tree_map(meta, (args, node.kwargs))))
 
 
+# Views keep their exact sizes (they split and merge dims by them), but read the mesh only
+# through whether each set of axes divides a size (`propagate_shape_and_sharding`: a split
+# output dim's size, a sharded dim's local size, by the axes that shard it); answers naming a
+# _StridedShard, whose split factor carries sizes, are kept exact by `_size_free`.
+_VIEW_RULES = frozenset({"_view_ops.register_op_strategy_map.<locals>.reshape_strategy"})
+
+
+def _view_signature(node: fx.Node, mesh_shape) -> str | None:
+    """For a view: `_signature` (exact sizes) with which sets of the mesh's axes divide each
+    size the node names (its inputs' and output's shapes and its shape args), so that meshes of
+    one rank share answers where the same sets divide; None for other ops."""
+    if not NORMALISE_SIZES or dtensor.rule_name(node.target) not in _VIEW_RULES:
+        return None
+    counts = _axis_set_sizes(tuple(mesh_shape))
+    sizes: list[int] = []
+
+    def collect(a):
+        if isinstance(a, fx.Node):
+            a = a.meta.get("val")
+        if isinstance(a, torch.Tensor):
+            sizes.extend(int(x) for x in a.shape)
+        elif isinstance(a, (list, tuple)):
+            for x in a:
+                collect(x)
+        elif isinstance(a, int) and not isinstance(a, bool):
+            sizes.append(a)
+    collect((node.args, list(node.kwargs.values()), output_vals(node)))
+    divides = tuple(tuple((s % k == 0, s >= k) for k in counts) for s in dict.fromkeys(sizes))
+    return repr((_signature(node), divides))
+
+
 # the norms' rules read only len(normalized_shape) (arg 1), the input's trailing sizes
 _NORMALIZED_SHAPE_ARG = frozenset({"_math_ops.layer_norm_single_dim_strategy",
                                    "_math_ops.rms_norm_single_dim_strategy"})
 
 
-def _shard_counts(mesh_shape: tuple[int, ...]) -> tuple[int, ...]:
-    counts = {math.prod(c) for r in range(1, len(mesh_shape) + 1)
-              for c in itertools.combinations(mesh_shape, r)}
-    return tuple(sorted(k for k in counts if k > 1))
+def _axis_set_sizes(mesh_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The devices of every set of mesh axes (a dim may be split over several), in a fixed
+    order of the sets: the i-th entry is the same set of axes on every mesh of this rank, so a
+    size's class says which sets of axes can split it, whatever the axes' sizes."""
+    axes = range(len(mesh_shape))
+    return tuple(math.prod(mesh_shape[a] for a in c) for r in range(1, len(mesh_shape) + 1)
+                 for c in itertools.combinations(axes, r))
 
 
 def _is_plain(p) -> bool:
@@ -265,8 +302,10 @@ def _probe(node: fx.Node, mesh, options: list[list[Placements]]):
         probes.add(tuple(o if o in options[j] else rep for j in range(len(ins))))
     args, kwargs = dtensor.node_args(node)
     asked = (_signature(node), tuple(mesh.shape), mesh.device_type)
-    by_class = _size_class_signature(node, mesh.shape)
-    by_class = by_class and (by_class, tuple(mesh.shape), mesh.device_type)
+    by_class = _size_class_signature(node, mesh.shape) or _view_signature(node, mesh.shape)
+    # by the mesh's rank, not its shape: the class already says which sets of axes divide
+    # each size, all DTensor's rules read of the axes' sizes (so a 2 x 4 mesh answers for 4 x 8)
+    by_class = by_class and (by_class, mesh.ndim, mesh.device_type)
 
     def ask(placements):
         # DTensor answers a question (op, shapes, mesh shape, placements) the same way whatever

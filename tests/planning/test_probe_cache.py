@@ -128,23 +128,29 @@ def asked(monkeypatch):
         cache.update(was)
 
 
-def _check_exact(family, sizes, mesh, enumerate_fn, monkeypatch):
+def _check_exact(family, sizes, meshes, enumerate_fn, monkeypatch):
+    """Each size on each mesh: the strategies asked with exact sizes (caches emptied each
+    time) against those from one cache shared by every mesh and size in turn."""
+    meshes = meshes if isinstance(meshes, list) else [meshes]
     traced = [_traced(*size) for size in sizes]
     monkeypatch.setattr(strategies, "NORMALISE_SIZES", False)
-    exact = []
-    for t in traced:
-        _empty_caches()
-        exact.append(enumerate_fn(t, mesh))
+    exact = {}
+    for mesh in meshes:
+        for i, t in enumerate(traced):
+            _empty_caches()
+            exact[i, tuple(mesh.values())] = enumerate_fn(t, mesh)
     monkeypatch.setattr(strategies, "NORMALISE_SIZES", True)
     _empty_caches()
-    for size, t, want in zip(sizes, traced, exact):
-        got = enumerate_fn(t, mesh)
-        assert got.keys() == want.keys()
-        for name in want:
-            assert got[name] == want[name], (
-                f"{family} at batch {size[1]}, {size[2]} on mesh {mesh}: node {name} "
-                f"({t.node(name).target}) has {got[name]} by size class, {want[name]} by "
-                "exact sizes")
+    for mesh in meshes:
+        for i, (size, t) in enumerate(zip(sizes, traced)):
+            want = exact[i, tuple(mesh.values())]
+            got = enumerate_fn(t, mesh)
+            assert got.keys() == want.keys()
+            for name in want:
+                assert got[name] == want[name], (
+                    f"{family} at batch {size[1]}, {size[2]} on mesh {mesh}: node {name} "
+                    f"({t.node(name).target}) has {got[name]} by size class, {want[name]} by "
+                    "exact sizes")
     assert strategies._ASKED_BY_CLASS, "no answer was kept by class"
 
 
@@ -153,6 +159,27 @@ def _check_exact(family, sizes, mesh, enumerate_fn, monkeypatch):
 def test_size_classes_give_the_exact_strategies(family, mesh, asked, monkeypatch):
     """The fast lane: two sizes of one class, the inputs the planner gives."""
     _check_exact(family, SIZES[family][:2], mesh, planner_strategies, monkeypatch)
+
+
+def test_meshes_of_one_rank_share_the_answers(asked, monkeypatch):
+    """Answers are kept by class and mesh rank, not mesh shape: on 2 x 4, then 4 x 2, 4 x 8
+    and 2 x 2 (where other sets of axes divide the sizes), every node still gets exactly the
+    strategies its exact sizes on that mesh give; and 4 x 8 after 2 x 4 asks DTensor less."""
+    meshes = [{"dp": 2, "tp": 4}, {"dp": 4, "tp": 2}, {"dp": 4, "tp": 8}, {"dp": 2, "tp": 2}]
+    _check_exact("gpt", SIZES["gpt"][:1], meshes, planner_strategies, monkeypatch)
+    small = _traced(*SIZES["gpt"][0])
+    _empty_caches()
+    asked.update({"all": 0, "by class": 0})
+    for mesh in meshes:  # one cache, as one search keeps it
+        planner_strategies(small, mesh)
+    shared = asked["all"]
+    fresh = 0
+    for mesh in meshes:
+        _empty_caches()
+        asked.update({"all": 0, "by class": 0})
+        planner_strategies(small, mesh)
+        fresh += asked["all"]
+    assert shared < 0.8 * fresh, (shared, fresh)
 
 
 # The slow lane's families, one mesh each: ops the fast lane's GPT and Swin do not have (RoPE,
