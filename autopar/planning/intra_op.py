@@ -16,6 +16,7 @@ no overlap (a conservative serial model); backward communication is mirrored fro
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass, field
@@ -228,16 +229,22 @@ def _edge_time_s(src: Placements, dst: Placements, val, shape, links) -> float:
     dst to src, with Partial turned into Replicate (DTensor's backward of a redistribute)."""
     if src == dst:
         return 0.0
+    return _both_ways_s(tuple(src), tuple(dst), tuple(val.shape), val.element_size(),
+                        val.dtype.is_floating_point, tuple(shape), tuple(links))
+
+
+# The same pairs recur on every copy of a block, every microbatch size's tied nodes and every
+# mesh of one shape in a search: one price per question, not one per edge entry.
+@functools.lru_cache(maxsize=1 << 18)
+def _both_ways_s(src, dst, size, item, floating, shape, links) -> float:
     if any(isinstance(d, Partial) and d != s for s, d in zip(src, dst)):
         # Into a Partial only from Replicate and only as a sum (compile.to_partial does it
         # locally: one rank keeps the value, the others hold zeros); other pairs are not run.
         if not all(d == s or (d == Partial("sum") and isinstance(s, Replicate))
                    for s, d in zip(src, dst)):
             return math.inf
-    size = tuple(val.shape)
-    item = val.element_size()
     fwd = cost.reshard_time_s(src, dst, size, item, shape, links)
-    if not val.dtype.is_floating_point:
+    if not floating:
         return fwd
     unpartial = lambda pl: tuple(Replicate() if isinstance(p, Partial) else p for p in pl)  # noqa: E731
     return fwd + cost.reshard_time_s(unpartial(dst), unpartial(src), size, item, shape, links)
