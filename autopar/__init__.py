@@ -5,6 +5,8 @@
     autopar.manual_plan(model, cluster, inputs, tp=, pp=, dp=, ...) -> Plan  (hand configs)
     autopar.autoparallelize(model, cluster, example_inputs)    -> ParallelModel (in torchrun)
     autopar.register_rule(op, fn)                               -> a sharding rule for an op
+    autopar.sweep(models, clusters, options)                    -> rows (plain dicts)
+    autopar.sweep.to_csv(rows, path), .to_dataframe(rows), .plot(rows, x=, y=, path=)
 """
 
 from autopar.api import autoparallelize, manual_plan, plan
@@ -22,6 +24,7 @@ from autopar.plan import Plan
 from autopar.planning.op_rules import register_rule
 from autopar.runtime.parallel_model import ParallelModel
 from autopar.simulate import Report, simulate
+from autopar.sweep import sweep
 
 __all__ = [
     "AutoparError",
@@ -40,4 +43,5 @@ __all__ = [
     "plan",
     "register_rule",
     "simulate",
+    "sweep",
 ]

@@ -4,6 +4,7 @@
     autopar explain plan.json [--model MODEL] [--json]
     autopar demo [--nproc 4] [--steps 5] [--mesh dp=2,tp=2]
     autopar models [--json]
+    autopar sweep MODEL... --cluster PRESET_OR_FILE [--nodes 1 8] [-o table.csv] [--plot fig.png]
 
 MODEL is a built-in name (`autopar models` lists them: `autopar.models.registry.BUILTIN_MODELS`)
 or `module.path:factory`, a function returning `(model, example_inputs, loss_fn)`; it is called under `torch.device("meta")`, so any size plans
@@ -228,6 +229,62 @@ def cmd_models(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    """Plan every MODEL on every --nodes count with every option; a table, a CSV, a plot."""
+    from autopar.sweep import check_plot, plot, sweep, to_csv, to_text
+
+    clusters = [load_cluster(args.cluster, nodes=n, devices_per_node=args.devices_per_node)
+                for n in args.nodes or [None]]
+    by = args.by.split(",") if args.by else None
+    if args.plot:
+        check_plot(x=args.x, y=args.y, by=by)  # now, not after an hour of planning
+    with solver_output_to_stderr():
+        rows = sweep(args.models, clusters, sweep_options(args), batch=args.batch, seq=args.seq,
+                     processes=positive(args.processes, "--processes"), timeout=args.timeout,
+                     log=lambda line: print(line, file=sys.stderr, flush=True))
+    if args.output:
+        to_csv(rows, args.output)
+    if args.plot:
+        plot(rows, x=args.x, y=args.y, by=by, path=args.plot, logx=args.logx, logy=args.logy)
+    if args.json:
+        _print_json(rows)
+        return 0
+    print(to_text(rows))
+    for path in (args.output, args.plot):
+        if path:
+            print(f"wrote {path}")
+    return 0
+
+
+def sweep_options(args) -> list[dict]:
+    """The options dicts of `autopar sweep`: the planner's search at each --memory-limit, then
+    each --manual configuration at each."""
+    limits = [parse_bytes(m) for m in args.memory_limit] if args.memory_limit else [None]
+    solver = {"solver": args.solver} if args.solver else {}
+    searched = {**solver, **({"time_limit": args.time_limit} if args.time_limit else {})}
+    options = [{**searched, **_limit(m)} for m in limits]
+    for text in args.manual or []:
+        options += [{"manual": parse_manual(text), **solver, **_limit(m)} for m in limits]
+    return options
+
+
+def _limit(memory_limit: float | None) -> dict:
+    return {} if memory_limit is None else {"memory_limit": memory_limit}
+
+
+def parse_manual(text: str) -> dict:
+    """ "tp=2,zero=3,checkpoint=full" -> {"tp": 2, "zero": 3, "checkpoint": "full"}."""
+    hand = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, eq, value = part.partition("=")
+        if not eq or not key or not value:
+            raise ValueError(f"bad --manual {text!r}: {part!r} is not key=value; e.g. "
+                             "--manual tp=2,zero=3 (keys: tp, pp, dp, microbatch_size, "
+                             "checkpoint, schedule, zero, dp_shard)")
+        hand[key] = int(value) if value.isdigit() else value
+    return hand
+
+
 # -- argument parser ------------------------------------------------------------------------------
 
 
@@ -341,6 +398,49 @@ def make_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print the list as JSON")
     p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser(
+        "sweep",
+        help="plan models x cluster sizes x options: a table, a CSV, a plot",
+        description="Plan every MODEL on every --nodes count of the cluster, with the planner's "
+        "search at each --memory-limit and each --manual hand configuration; print a table, "
+        "write it as CSV (-o) and plot it (--plot). A case that does not plan is a row with "
+        "its reason. See docs/research.md.",
+    )
+    p.add_argument("models", nargs="+", metavar="MODEL",
+                   help="built-in models (`autopar models`), hf:..., or module.path:factory")
+    p.add_argument("--cluster", required=True, metavar="PRESET_OR_FILE",
+                   help="a preset (a100-40g, a100-80g, h100-80g, h200-141g, cpu) or a JSON file")
+    p.add_argument("--nodes", type=int, nargs="+", metavar="N",
+                   help="node counts to sweep, e.g. --nodes 1 8 64 (default: the preset's 1)")
+    p.add_argument("--devices-per-node", type=int, help="devices per node (default: preset's)")
+    p.add_argument("--memory-limit", nargs="+", metavar="SIZE",
+                   help="bytes per device, one case each, e.g. 40GiB 80GB (default: the "
+                   "device's memory)")
+    p.add_argument("--manual", action="append", metavar="KEY=VALUE,...",
+                   help="also a hand configuration (autopar.manual_plan), e.g. zero=0 (plain "
+                   "data parallel), zero=3 (FSDP), tp=8,pp=4,checkpoint=full; tp and pp "
+                   "default to 1, dp to the remaining devices (repeatable)")
+    p.add_argument("--batch", type=int,
+                   help="global batch (built-ins: default lcm(8, devices) for each cluster)")
+    p.add_argument("--seq", type=int, help="sequence length (built-ins: the config's)")
+    p.add_argument("--solver", choices=("highs", "cbc"), help="ILP backend (default highs)")
+    p.add_argument("--time-limit", type=float, metavar="S", help="solver time limit, seconds")
+    p.add_argument("--processes", type=int, default=1,
+                   help="cases planned at once, each in its own process (default 1)")
+    p.add_argument("--timeout", type=float, metavar="S",
+                   help="seconds a case may take; over it the case is a 'timeout' row")
+    p.add_argument("-o", "--output", metavar="TABLE_CSV", help="write the rows as CSV")
+    p.add_argument("--plot", metavar="FIGURE", help="plot --y against --x (PNG, PDF, SVG)")
+    p.add_argument("--x", default="gpus", help="the x axis's column (default gpus)")
+    p.add_argument("--y", default="step_time_s", help="the y axis's column (default step_time_s)")
+    p.add_argument("--by", metavar="COL[,COL]",
+                   help="one line per value of these columns (default: those of model, label "
+                   "and cluster that differ between rows)")
+    p.add_argument("--logx", action="store_true", help="log scale (base 2) on x")
+    p.add_argument("--logy", action="store_true", help="log scale on y")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    p.set_defaults(func=cmd_sweep)
     return parser
 
 
