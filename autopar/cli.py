@@ -101,6 +101,7 @@ def cmd_plan(args) -> int:
             memory_limit=memory_limit,
             solver=args.solver,
             time_limit=args.time_limit,
+            log=None if args.quiet else _progress,
         )
     if args.output:
         plan.save(args.output)
@@ -111,6 +112,12 @@ def cmd_plan(args) -> int:
         if args.output:
             print(f"\nwrote {args.output}")
     return 0
+
+
+def _progress(line: str) -> None:
+    """The search's progress (what it solves, the best so far, elapsed) on stderr, so that
+    stdout stays the plan."""
+    print(line, file=sys.stderr, flush=True)
 
 
 def cmd_explain(args) -> int:
@@ -345,6 +352,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-limit", type=float, metavar="S", help="solver time limit, seconds")
     p.add_argument("-o", "--output", metavar="PLAN_JSON", help="write the plan here")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress lines on stderr (each mesh x microbatch solved, the best "
+                        "plan so far, seconds elapsed)")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser(

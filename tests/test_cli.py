@@ -221,3 +221,17 @@ def test_demo_runs_and_losses_agree():
     assert "losses agree within 1e-05" in proc.stdout
     assert "local (" in proc.stdout  # at least one weight is split under tp
     assert "step | autopar loss (4 procs) | single-process loss | rel. diff" in proc.stdout
+
+
+def test_plan_shows_its_progress_on_stderr_and_quiet_hides_it(capsys):
+    """A long plan says what it solves and the best so far on stderr; stdout stays the plan."""
+    args = ["plan", "gpt-tiny", "--cluster", "cpu", "--mesh", "dp=2,tp=2", "--json"]
+    assert main(args) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["mesh"]
+    progress = [line for line in err.splitlines() if line.startswith("[")]
+    assert progress and progress[0].startswith(f"[1/{len(progress)}] ")
+    assert "searched" in err
+    assert main([*args, "--quiet"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["mesh"] and "[1/" not in err and "searched" not in err
