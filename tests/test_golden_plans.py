@@ -3,13 +3,10 @@ equal byte for byte the files in tests/golden/ (written by `python -m tests.gold
 first at 26f9232, before issue 14's renovation)."""
 
 import difflib
-import tempfile
-from pathlib import Path
 
 import pytest
 
 from tests.golden import make_golden
-from tests.helpers import background
 
 
 def _assert_same(golden, made) -> None:
@@ -27,17 +24,8 @@ def test_demo_plan_unchanged(tmp_path):
     _assert_same(make_golden.DEMO_4CPU, made)
 
 
-def gpt_small_plan_text() -> str:
-    """The README's offline plan, re-made (by the session's worker: 40 s of planning)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        made = Path(tmp) / "gpt-small.json"
-        make_golden.gpt_small_plan_json(made)
-        return made.read_text()
-
-
 @pytest.mark.slow
-@background.work(gpt_small_plan_text)
 def test_gpt_small_two_h100_nodes_plan_unchanged(tmp_path):
     made = tmp_path / "gpt-small.json"
-    made.write_text(background.value(gpt_small_plan_text))
+    make_golden.gpt_small_plan_json(made)
     _assert_same(make_golden.GPT_SMALL_16XH100, made)

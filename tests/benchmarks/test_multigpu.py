@@ -9,60 +9,78 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
-
-from tests.helpers import background
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "benchmarks" / "multigpu.py"
 pytestmark = pytest.mark.slow  # each test launches the script: ~10 s
 
 
-def run_script(args: tuple[str, ...], nproc: int | None = None) -> tuple[list, str]:
-    """The script's runs (its --json file) and stdout. The session's worker runs it
-    (tests/helpers/background.py), beside other tests: each launch is ~10 s, mostly imports."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "runs.json"
-        launch = [sys.executable]
-        if nproc is not None:
-            launch += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                       str(nproc)]
-        cmd = launch + [
-            str(SCRIPT),
-            "--device",
-            "cpu",
-            "--tiny",
-            "--dtype",
-            "fp32",
-            "--steps",
-            "1",
-            "--warmup",
-            "1",
-            "--no-predict-baselines",
-            "--models",
-            "gpt-1.3b",
-            "--json",
-            str(out),
-            *args,
-        ]
-        env = dict(
-            os.environ,
-            OMP_NUM_THREADS="1",
-            PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-        )
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=REPO,
-                              env=env)
-        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-        return json.loads(out.read_text())["runs"], proc.stdout
+def _run(tmp_path, *args, nproc: int | None = None):
+    out = tmp_path / "runs.json"
+    launch = [sys.executable]
+    if nproc is not None:
+        launch += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    cmd = launch + [
+        str(SCRIPT),
+        "--device",
+        "cpu",
+        "--tiny",
+        "--dtype",
+        "fp32",
+        "--steps",
+        "1",
+        "--warmup",
+        "1",
+        "--no-predict-baselines",
+        "--models",
+        "gpt-1.3b",
+        "--json",
+        str(out),
+        *args,
+    ]
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=REPO, env=env)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return json.loads(out.read_text())["runs"], proc.stdout
 
 
-def plan_offline_then_run() -> tuple[str, float, list, str]:
-    """--plan-file: the plan is made here, from a meta-device model (as
-    benchmarks/plan_offline.py makes one with no GPU), and the script runs it on the real model
-    without planning again. The plan's path and predicted step, the runs, stdout."""
+def _close(values, rel):
+    return max(values) - min(values) <= rel * abs(values[0])
+
+
+def test_baselines_on_two_gloo_ranks(tmp_path):
+    runs, out = _run(tmp_path, "--systems", "fsdp2", "tp", "pp2-fsdp2", "--ac", "none", nproc=2)
+    assert [r["system"] for r in runs] == ["fsdp2", "tp2-fsdp2", "pp2-fsdp2"]
+    for r in runs:
+        assert r.get("error") is None, r
+        assert r["measured_step_s"] > 0 and r["tokens_per_s"] > 0 and r["gpus"] == 2
+    # same weights, same batches: ZeRO-3, tensor and pipeline splits compute the same losses
+    assert _close([r["first_loss"] for r in runs], 1e-5), runs
+    assert _close([r["last_loss"] for r in runs], 1e-4), runs
+    assert "best baseline" in out
+
+
+def test_autopar_beside_eager_in_one_process(tmp_path):
+    runs, out = _run(tmp_path, "--systems", "autopar", "eager", "--ac", "none")
+    assert [r["system"] for r in runs] == ["autopar", "eager"]
+    autopar, eager = runs
+    assert autopar.get("error") is None and eager.get("error") is None, runs
+    assert autopar["predicted_step_s"] > 0 and autopar["graph_ops"] > 0
+    assert _close([autopar["first_loss"], eager["first_loss"]], 1e-5), runs
+    assert _close([autopar["last_loss"], eager["last_loss"]], 1e-4), runs  # one AdamW step
+    assert "x best (eager)" in out
+
+
+def test_a_plan_made_offline_on_meta_runs_as_the_autopar_system(tmp_path):
+    """--plan-file: the plan is made here, from a meta-device model (as benchmarks/plan_offline.py
+    makes one with no GPU), and the script runs it on the real model without planning again."""
     import torch
 
     import autopar
@@ -78,56 +96,15 @@ def plan_offline_then_run() -> tuple[str, float, list, str]:
         loss_fn=LOSS["model"],
         precision=TrainingPrecision.fp32(),
     )
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "plan.json"
-        plan.save(path)
-        runs, out = run_script(
-            ("--systems", "autopar", "eager", "--ac", "none", "--plan-file", f"gpt-1.3b={path}"))
-    return str(path), plan.predicted["step_time_s"], runs, out
-
-
-BASELINES = (("--systems", "fsdp2", "tp", "pp2-fsdp2", "--ac", "none"), 2)
-BESIDE_EAGER = (("--systems", "autopar", "eager", "--ac", "none"),)
-
-
-def _close(values, rel):
-    return max(values) - min(values) <= rel * abs(values[0])
-
-
-@background.work(run_script, *BASELINES)
-def test_baselines_on_two_gloo_ranks():
-    runs, out = background.value(run_script, *BASELINES)
-    assert [r["system"] for r in runs] == ["fsdp2", "tp2-fsdp2", "pp2-fsdp2"]
-    for r in runs:
-        assert r.get("error") is None, r
-        assert r["measured_step_s"] > 0 and r["tokens_per_s"] > 0 and r["gpus"] == 2
-    # same weights, same batches: ZeRO-3, tensor and pipeline splits compute the same losses
-    assert _close([r["first_loss"] for r in runs], 1e-5), runs
-    assert _close([r["last_loss"] for r in runs], 1e-4), runs
-    assert "best baseline" in out
-
-
-@background.work(run_script, *BESIDE_EAGER)
-def test_autopar_beside_eager_in_one_process():
-    runs, out = background.value(run_script, *BESIDE_EAGER)
-    assert [r["system"] for r in runs] == ["autopar", "eager"]
-    autopar, eager = runs
-    assert autopar.get("error") is None and eager.get("error") is None, runs
-    assert autopar["predicted_step_s"] > 0 and autopar["graph_ops"] > 0
-    assert _close([autopar["first_loss"], eager["first_loss"]], 1e-5), runs
-    assert _close([autopar["last_loss"], eager["last_loss"]], 1e-4), runs  # one AdamW step
-    assert "x best (eager)" in out
-
-
-@background.work(plan_offline_then_run)
-def test_a_plan_made_offline_on_meta_runs_as_the_autopar_system():
-    """--plan-file: the plan is made from a meta-device model (as benchmarks/plan_offline.py
-    makes one with no GPU), and the script runs it on the real model without planning again."""
-    path, predicted_step_s, runs, out = background.value(plan_offline_then_run)
+    path = tmp_path / "plan.json"
+    plan.save(path)
+    runs, out = _run(
+        tmp_path, "--systems", "autopar", "eager", "--ac", "none", "--plan-file", f"gpt-1.3b={path}"
+    )
     ours, eager = runs
     assert ours.get("error") is None and eager.get("error") is None, runs
-    assert ours["plan_file"] == path and ours["planning_s"] is None
-    assert ours["predicted_step_s"] == predicted_step_s
+    assert ours["plan_file"] == str(path) and ours["planning_s"] is None
+    assert ours["predicted_step_s"] == plan.predicted["step_time_s"]
     assert "made offline" in out
     assert _close([ours["first_loss"], eager["first_loss"]], 1e-5), runs
     assert _close([ours["last_loss"], eager["last_loss"]], 1e-4), runs

@@ -12,7 +12,6 @@ import torch
 
 import autopar
 import autopar.trace
-from tests.helpers import background
 
 
 def _t5(layers: int):
@@ -24,8 +23,8 @@ def _t5(layers: int):
         return transformers.T5ForConditionalGeneration(config).train()
 
 
-def _planning_s(layers: int) -> tuple[float, int]:
-    """CPU seconds of `autopar.plan` less those of its traces; the candidates it compared."""
+def _planning_s(layers: int, monkeypatch) -> tuple[float, autopar.Plan]:
+    """CPU seconds of `autopar.plan` less those of its traces."""
     traced_s = [0.0]
     trace = autopar.trace.trace_for_training
 
@@ -36,27 +35,17 @@ def _planning_s(layers: int) -> tuple[float, int]:
         finally:
             traced_s[0] += time.process_time() - start
 
+    monkeypatch.setattr(autopar.trace, "trace_for_training", timed)
     ids = torch.ones(8, 16, dtype=torch.long)
-    autopar.trace.trace_for_training = timed
-    try:
-        start = time.process_time()
-        plan = autopar.plan(_t5(layers), autopar.Cluster.preset("h100-80g", devices_per_node=4),
-                            {"input_ids": ids, "labels": ids}, schedule="1F1B",
-                            microbatch_size=1)
-        return time.process_time() - start - traced_s[0], plan.solver["candidates"]
-    finally:
-        autopar.trace.trace_for_training = trace
-
-
-def shallow_and_deep() -> list[tuple[float, int]]:
-    """Both plans' seconds and candidates, one after the other in one process (the session's
-    worker: a minute of planning). CPU seconds, so that other processes do not count."""
-    return [_planning_s(4), _planning_s(12)]
+    start = time.process_time()
+    plan = autopar.plan(_t5(layers), autopar.Cluster.preset("h100-80g", devices_per_node=4),
+                        {"input_ids": ids, "labels": ids}, schedule="1F1B", microbatch_size=1)
+    return time.process_time() - start - traced_s[0], plan
 
 
 @pytest.mark.slow
-@background.work(shallow_and_deep)
-def test_t5_planning_time_does_not_grow_with_depth():
-    (shallow_s, shallow), (deep_s, deep) = background.value(shallow_and_deep)
-    assert shallow == deep
+def test_t5_planning_time_does_not_grow_with_depth(monkeypatch):
+    shallow_s, shallow = _planning_s(4, monkeypatch)
+    deep_s, deep = _planning_s(12, monkeypatch)
+    assert shallow.solver["candidates"] == deep.solver["candidates"]
     assert deep_s <= 1.5 * shallow_s, (shallow_s, deep_s)

@@ -73,7 +73,6 @@ from autopar.models.vit import ViTConfig
 from autopar.planning.layer_costs import layer_costs, prepare, solve_layers
 from autopar.planning.profile import TrainingPrecision, profile_graph
 from autopar.trace import trace_for_training
-from tests.helpers import background
 
 # --- building and profiling ------------------------------------------------------------------
 
@@ -407,23 +406,15 @@ def _allocated_by_forward(model, family, example, layers) -> dict[str, int]:
     return held
 
 
-def activation_bytes(family_name: str) -> tuple[dict, dict]:
-    """The profiled and the measured bytes of the family's measured layers (made by the
-    session's worker, tests/helpers/background.py: seconds of CPU training a family)."""
+@pytest.mark.parametrize("family_name", list(ACTIVATION_CASES))
+def test_layer_activation_bytes_are_what_training_allocates(family_name):
     name, cfg, layers = ACTIVATION_CASES[family_name]
     family, _ = entry(name)
     torch.manual_seed(0)
     model = family.model(cfg)
     example = family.batch(cfg, _B)
     profiled = _profiled_activation_bytes(trace_for_training(model, example, family.loss))
-    return profiled, _allocated_by_forward(model, family, example, layers)
-
-
-@pytest.mark.parametrize("family_name", [
-    pytest.param(f, marks=background.work(activation_bytes, f)) for f in ACTIVATION_CASES])
-def test_layer_activation_bytes_are_what_training_allocates(family_name):
-    _, _, layers = ACTIVATION_CASES[family_name]
-    profiled, measured = background.value(activation_bytes, family_name)
+    measured = _allocated_by_forward(model, family, example, layers)
     for layer in layers:
         assert profiled[layer] == pytest.approx(measured[layer], rel=0.05), layer
 

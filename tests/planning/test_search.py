@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import sys
 from types import SimpleNamespace
 
 import pytest
@@ -17,7 +16,6 @@ from autopar.models.gpt import GPT, GPTConfig
 from autopar.models.losses import lm_loss
 from autopar.planning.candidate import bubble_weight, pipeline_problem
 from autopar.schedules import SCHEDULES, get_schedule
-from tests.helpers import background
 from tests.helpers.models import SEARCH_BATCH as BATCH
 from tests.helpers.planning import shared_planning_work
 
@@ -223,9 +221,14 @@ def test_the_pipeline_runtime_cost_is_charged_per_stage_send():
     assert charged.p2p_latency_s == pytest.approx(plain.p2p_latency_s + 0.5)
 
 
-# a fresh interpreter: the solvers' first import happens inside autopar.plan, where pulp's
-# import-time tracebacks once held plan's frame, and so the model, for good
-KEEPS_NOTHING = (sys.executable, "-c", """
+@pytest.mark.slow
+def test_plan_keeps_nothing_of_the_model_alive():
+    # a fresh interpreter: the solvers' first import happens inside autopar.plan, where pulp's
+    # import-time tracebacks once held plan's frame, and so the model, for good
+    import subprocess
+    import sys
+
+    script = """
 import gc, weakref, torch, autopar
 from autopar.models.gpt import GPT, GPTConfig
 from autopar.models.losses import lm_loss
@@ -237,15 +240,11 @@ refs = [weakref.ref(p) for p in model.parameters()]
 del model
 gc.collect()
 print(sum(r() is not None for r in refs))
-""")
-
-
-@pytest.mark.slow
-@background.work(background.command, KEEPS_NOTHING)  # run by the session's worker
-def test_plan_keeps_nothing_of_the_model_alive():
-    returncode, stdout, stderr = background.value(background.command, KEEPS_NOTHING)
-    assert returncode == 0, stderr[-2000:]
-    assert stdout.split()[-1] == "0", "parameters of a deleted model are still alive"
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == "0", "parameters of a deleted model are still alive"
 
 
 def test_zero_collectives_are_charged_per_microbatch_where_the_runtime_issues_them():

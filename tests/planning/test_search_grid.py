@@ -13,7 +13,6 @@ checkpointing a schedule cannot run.
 from __future__ import annotations
 
 import itertools
-import json
 
 import pytest
 import torch
@@ -24,7 +23,6 @@ from autopar.models.llama import Llama, LlamaConfig
 from autopar.models.losses import lm_loss
 from autopar.parallelism import POLICIES
 from autopar.planning import search
-from tests.helpers import background
 from tests.helpers.planning import shared_planning_work
 
 BATCH = 4
@@ -40,6 +38,14 @@ CLUSTERS = {
 }
 pytestmark = pytest.mark.slow  # hundreds of hand configurations planned per case
 MIN_HAND_CONFIGS = 100  # per case: the grid must really compare, not skip its way to a pass
+
+
+@pytest.fixture(scope="module", autouse=True)
+def shared_work():
+    """The plans and hand configurations of a model share its traces, stand-ins and intra-op
+    solves (tests/helpers/planning.py): hundreds of hand configurations reuse a few dozen."""
+    with shared_planning_work():
+        yield
 
 
 def _divisors(n: int) -> list[int]:
@@ -69,91 +75,87 @@ def _dp_shardings(dp: int) -> list[dict]:
         dict(zero=3, dp_shard=d) for d in _divisors(dp) if 1 < d < dp]
 
 
+class Grid:
+    """The cases, each model built once; every case's hand configurations scored and its plans
+    made once (per memory limit)."""
+
+    def __init__(self):
+        x = torch.zeros(BATCH, SEQ, dtype=torch.long, device="meta")
+        self.cases = {}
+        for m, c in itertools.product(MODELS, CLUSTERS):
+            with torch.device("meta"):
+                self.cases[m, c] = (MODELS[m](), (x, x), CLUSTERS[c]())
+        self._hand: dict = {}
+        self._plans: dict = {}
+
+    def hand(self, case) -> list[tuple[float, float, dict]]:
+        """(step seconds, peak bytes, config) of every hand configuration manual_plan takes."""
+        if case not in self._hand:
+            model, batch, cluster = self.cases[case]
+            scored = []
+            for config in hand_configurations(cluster.world_size):
+                try:
+                    plan = autopar.manual_plan(model, cluster, batch, loss_fn=lm_loss, **config)
+                except autopar.AutoparError:  # a MeshError, or checkpointing the schedule refuses
+                    continue
+                report = autopar.simulate(plan)
+                scored.append((report.step_time_s, plan.predicted["peak_memory_bytes"], config))
+            self._hand[case] = scored
+        return self._hand[case]
+
+    def plan(self, case, memory_limit=None) -> autopar.Plan:
+        if (case, memory_limit) not in self._plans:
+            model, batch, cluster = self.cases[case]
+            self._plans[case, memory_limit] = autopar.plan(model, cluster, batch, loss_fn=lm_loss,
+                                                           memory_limit=memory_limit)
+        return self._plans[case, memory_limit]
+
+
+@pytest.fixture(scope="module")
+def grid(shared_work) -> Grid:
+    return Grid()
+
+
 def tight_limit(scored) -> float:
     """A memory limit that a quarter of the hand configurations fit."""
     peaks = sorted(peak for _, peak, _ in scored)
     return peaks[len(peaks) // 4]
 
 
-def grid_of(model_name: str) -> dict:
-    """For each cluster: every hand configuration manual_plan takes, scored (step seconds,
-    peak bytes, config); the plan, and the plan under the tight limit (JSON, with the limit).
-    One model's plans and hand configurations share traces, stand-ins and intra-op solves
-    (tests/helpers/planning.py): hundreds of hand configurations reuse a few dozen. Made by the
-    session's worker (tests/helpers/background.py): a minute of planning for Llama."""
-    x = torch.zeros(BATCH, SEQ, dtype=torch.long, device="meta")
-    with torch.device("meta"):
-        model = MODELS[model_name]()
-    grid = {}
-    with shared_planning_work():
-        for c in CLUSTERS:
-            cluster = CLUSTERS[c]()
-            scored = []
-            for config in hand_configurations(cluster.world_size):
-                try:
-                    plan = autopar.manual_plan(model, cluster, (x, x), loss_fn=lm_loss, **config)
-                except autopar.AutoparError:  # a MeshError, or checkpointing the schedule refuses
-                    continue
-                report = autopar.simulate(plan)
-                scored.append((report.step_time_s, plan.predicted["peak_memory_bytes"], config))
-            limit = tight_limit(scored)
-            grid[c] = {
-                "hand": scored,
-                "plan": autopar.plan(model, cluster, (x, x), loss_fn=lm_loss).to_json(),
-                "tight": (limit, autopar.plan(model, cluster, (x, x), loss_fn=lm_loss,
-                                              memory_limit=limit).to_json()),
-            }
-    return grid
-
-
-def _plan(plan_json: str) -> autopar.Plan:
-    return autopar.Plan.from_dict(json.loads(plan_json))
-
-
 CASES = list(itertools.product(MODELS, CLUSTERS))
 
 
-def _cases():
-    for m, c in CASES:
-        yield pytest.param((m, c), id=f"{m}-{c}", marks=background.work(grid_of, m))
-
-
-@pytest.mark.parametrize("case", _cases())
-def test_never_slower_than_the_best_hand_configuration(case):
-    grid = background.value(grid_of, case[0])[case[1]]
-    scored = grid["hand"]
+@pytest.mark.parametrize("case", CASES, ids="-".join)
+def test_never_slower_than_the_best_hand_configuration(grid, case):
+    scored = grid.hand(case)
     assert len(scored) >= MIN_HAND_CONFIGS
     best = min(scored, key=lambda s: s[0])
-    got = autopar.simulate(_plan(grid["plan"])).step_time_s
+    got = autopar.simulate(grid.plan(case)).step_time_s
     assert got <= best[0] * (1 + 1e-9), (got, best)
 
 
-@pytest.mark.parametrize("case", _cases())
-def test_never_slower_under_a_tight_memory_limit(case):
+@pytest.mark.parametrize("case", CASES, ids="-".join)
+def test_never_slower_under_a_tight_memory_limit(grid, case):
     """Against the hand configurations that fit a limit the fastest of them does not."""
-    grid = background.value(grid_of, case[0])[case[1]]
-    scored = grid["hand"]
-    limit, plan_json = grid["tight"]
+    scored = grid.hand(case)
+    limit = tight_limit(scored)
     fits = [s for s in scored if s[1] <= limit]
     assert len(fits) >= MIN_HAND_CONFIGS // 4
     assert min(scored, key=lambda s: s[0])[1] > limit, "the limit must bind"
-    plan = _plan(plan_json)
+    plan = grid.plan(case, memory_limit=limit)
     report = autopar.simulate(plan)
     assert plan.predicted["peak_memory_bytes"] <= limit
     best = min(fits, key=lambda s: s[0])
     assert report.step_time_s <= best[0] * (1 + 1e-9), (report.step_time_s, best)
 
 
-@background.work(grid_of, "gpt")
-@background.work(grid_of, "llama")
-def test_the_grid_covers_every_axis_of_the_search():
+def test_the_grid_covers_every_axis_of_the_search(grid):
     """Across the grid, hand configurations of every value of every axis were compared, tp
     across nodes included."""
-    compared = [config for m, c in CASES
-                for _, _, config in background.value(grid_of, m)[c]["hand"]]
+    compared = [config for case in CASES for _, _, config in grid.hand(case)]
     for axis, values in [("checkpoint", POLICIES), ("schedule", search.DEFAULT_SCHEDULES),
                          ("zero", (0, 2, 3)), ("tp", (1, 2, 4, 8)), ("pp", (1, 2, 4)),
                          ("dp", (1, 2, 4)), ("microbatch_size", (1, 2, 4)), ("dp_shard", (2,))]:
         assert {c.get(axis) for c in compared} >= set(values), axis
-    across = [c for _, _, c in background.value(grid_of, "gpt")["4x2"]["hand"] if c["tp"] > 2]
+    across = [c for _, _, c in grid.hand(("gpt", "4x2")) if c["tp"] > 2]
     assert across, "tp across the 2-GPU nodes"

@@ -23,7 +23,6 @@ from autopar.models.llama import Llama, LlamaConfig
 from autopar.models.losses import lm_loss
 from autopar.planning.strategies import _signature
 from autopar.trace import trace
-from tests.helpers import background
 from tests.helpers.simulate import (
     check_strategy,
     describe,
@@ -128,9 +127,18 @@ def _work(traced, mesh_shape):
     return work, covered_by
 
 
-def check_strategies(model: str, mesh_shape: tuple[int, ...]) -> dict:
-    """Every strategy of `model`'s ops on `mesh_shape` run and compared: what differed, the
-    nodes with no strategy checked, how many strategies ran, and a line that says so."""
+def _cases():
+    """(mesh, model) pairs; the 2-D mesh and the two language models on the 1-D ones take
+    5-50 s each: slow (the fast lane checks the MLP and the functional model on 1-D meshes)."""
+    for mesh_shape in MESHES:
+        for model in sorted(MODELS):
+            slow = len(mesh_shape) > 1 or model in ("gpt", "llama")
+            yield pytest.param(mesh_shape, model, marks=[pytest.mark.slow] if slow else [],
+                               id=f"{'x'.join(map(str, mesh_shape))}-{model}")
+
+
+@pytest.mark.parametrize("mesh_shape, model", _cases())
+def test_every_strategy_matches_unsharded(model, mesh_shape, one_thread):
     traced, values = _traced(model)
     work, covered_by = _work(traced, mesh_shape)
     gen = torch.Generator().manual_seed(0)
@@ -146,48 +154,26 @@ def check_strategies(model: str, mesh_shape: tuple[int, ...]) -> dict:
                     f"{describe(node, strategy)}{also} on mesh {mesh_shape}: " + "; ".join(errors)
                 )
     per_op = collections.Counter(str(node.target) for node in work.values())
-    summary = (
+    print(
         f"\n{model} on mesh {mesh_shape}: {len(work)} strategies run in "
         f"{time.perf_counter() - start:.1f} s, covering "
         f"{sum(map(len, covered_by.values()))} node strategies; per op: {dict(per_op)}"
     )
-    return {"failures": failures, "unchecked": [n for n, by in covered_by.items() if not by],
-            "strategies": len(work), "summary": summary}
 
-
-def _slow(mesh_shape, model) -> bool:
-    return len(mesh_shape) > 1 or model in ("gpt", "llama")
-
-
-def _cases():
-    """(mesh, model) pairs; the 2-D mesh and the two language models on the 1-D ones take
-    5-50 s each: slow (the fast lane checks the MLP and the functional model on 1-D meshes),
-    and done by the session's worker (tests/helpers/background.py) while other tests run."""
-    for mesh_shape in MESHES:
-        for model in sorted(MODELS):
-            marks = [pytest.mark.slow, background.work(check_strategies, model, mesh_shape)]
-            yield pytest.param(mesh_shape, model, marks=marks if _slow(mesh_shape, model) else [],
-                               id=f"{'x'.join(map(str, mesh_shape))}-{model}")
-
-
-@pytest.mark.parametrize("mesh_shape, model", _cases())
-def test_every_strategy_matches_unsharded(model, mesh_shape, one_thread):
-    checked = background.value(check_strategies, model, mesh_shape)
-    print(checked["summary"])
-    failures = checked["failures"]
     assert not failures, f"{len(failures)} wrong strategies:\n" + "\n".join(failures)
-    unchecked = checked["unchecked"]
+    unchecked = [n for n, by in covered_by.items() if not by]
     assert not unchecked, f"nodes with no strategy checked: {unchecked}"
 
 
-@pytest.mark.slow  # reads what the cases above checked, the slow ones included: their guard
-def test_strategies_checked_are_in_the_hundreds(one_thread):
+@pytest.mark.slow  # enumerates the strategies of the slow cases above: their guard
+def test_strategies_checked_are_in_the_hundreds():
     """The test above must not pass by checking nothing: every op of every model has
     strategies to run, and they add up to hundreds."""
     total = 0
     for model in MODELS:
+        traced, _ = _traced(model)
         for mesh_shape in MESHES:
-            checked = background.value(check_strategies, model, mesh_shape)
-            assert not checked["unchecked"], (model, mesh_shape)
-            total += checked["strategies"]
+            work, covered_by = _work(traced, mesh_shape)
+            assert all(covered_by.values()), (model, mesh_shape)
+            total += len(work)
     assert total >= 500, total
