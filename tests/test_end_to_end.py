@@ -12,7 +12,7 @@ import torch
 import autopar
 from autopar.models.gpt import GPT
 from autopar.models.losses import lm_loss
-from tests.helpers.distributed import Later, run_cases_on_ranks, run_on_ranks
+from tests.helpers.distributed import run_on_ranks
 from tests.helpers.models import (
     CONFIG,
     MODELS,
@@ -70,22 +70,17 @@ def train_parallel(model_name: str, mesh: dict[str, int], runtime: str = "replay
 # both models on the 2-D mesh with the default (replay) runtime, GPT's planned offline on the
 # meta device; the 1-D meshes once each, op by op (the "eager" runtime), so both runtimes stay
 # proven
-# (gpt on dp=4 is the fast lane's end-to-end check: `pytest -m "not slow"`; it launches its own
-# ranks, the slow cases share `four_rank_job`'s)
+# (gpt on dp=4 is the fast lane's end-to-end check: `pytest -m "not slow"`)
 @pytest.mark.parametrize("model_name, mesh, runtime, plan_on_meta", [
     pytest.param("gpt", {"dp": 2, "tp": 2}, "replay", True, marks=pytest.mark.slow),
     pytest.param("llama", {"dp": 2, "tp": 2}, "replay", False, marks=pytest.mark.slow),
     pytest.param("llama", {"tp": 4}, "eager", False, marks=pytest.mark.slow),
     ("gpt", {"dp": 4}, "eager", False),
 ], ids=str)
-def test_losses_match_single_process(model_name, mesh, runtime, plan_on_meta, request):
+def test_losses_match_single_process(model_name, mesh, runtime, plan_on_meta):
     reference = reference_losses(model_name)
-    case = (model_name, tuple(mesh.items()), runtime, plan_on_meta)
-    if case in SHARED_CASES:
-        results = request.getfixturevalue("four_rank_job")[case]
-    else:
-        plan_json = offline_plan(model_name, mesh) if plan_on_meta else None
-        results = run_on_ranks(train_parallel, 4, model_name, mesh, runtime, plan_json)
+    plan_json = offline_plan(model_name, mesh) if plan_on_meta else None
+    results = run_on_ranks(train_parallel, 4, model_name, mesh, runtime, plan_json)
     losses = [r[0] for r in results]
     for rank_losses in losses:  # the same loss on every rank ...
         assert rank_losses == losses[0]
@@ -182,10 +177,10 @@ def train_checkpointed(model_name: str, plan_json: str):
 
 
 @pytest.mark.slow
-def test_checkpointed_layers_match_single_process(four_rank_job):
+def test_checkpointed_layers_match_single_process():
     # GPT here; the pipeline tests checkpoint Llama layers. The plan is the one the GPT case of
-    # test_losses_match_single_process runs (made once, in this process, instead of on each rank)
-    results = four_rank_job["checkpointed"]
+    # test_losses_match_single_process runs (made once, here, instead of on each rank)
+    results = run_on_ranks(train_checkpointed, 4, "gpt", offline_plan("gpt", {"dp": 2, "tp": 2}))
     assert results[0] == pytest.approx(reference_losses("gpt"), rel=1e-5)
 
 
@@ -217,8 +212,8 @@ def train_searched():
 
 
 @pytest.mark.slow
-def test_autoparallelize_searches_and_passes_options_through(four_rank_job):
-    results = four_rank_job["searched"]
+def test_autoparallelize_searches_and_passes_options_through():
+    results = run_on_ranks(train_searched, 4)
     reference = reference_losses("gpt")
     for name in ("searched", "fixed"):
         runs = [r[name] for r in results]
@@ -240,29 +235,6 @@ def test_autoparallelize_searches_and_passes_options_through(four_rank_job):
                           ("schedule", "ValueError: unknown pipeline schedule '2F2B'")]:
         errors = {r.get(name) for r in results}  # the same clear error on every rank
         assert len(errors) == 1 and errors.pop().startswith(message)
-
-
-# The slow 4-rank cases above, trained one after the other by one job: Llama's first (they
-# plan on the ranks), while this process makes GPT's offline plan for the others.
-_GPT_PLAN = Later("gpt-dp2xtp2")
-SHARED_CASES = {
-    ("llama", (("dp", 2), ("tp", 2)), "replay", False):
-        (train_parallel, ("llama", {"dp": 2, "tp": 2}, "replay", None)),
-    ("llama", (("tp", 4),), "eager", False): (train_parallel, ("llama", {"tp": 4}, "eager", None)),
-    ("gpt", (("dp", 2), ("tp", 2)), "replay", True):
-        (train_parallel, ("gpt", {"dp": 2, "tp": 2}, "replay", _GPT_PLAN)),
-    "checkpointed": (train_checkpointed, ("gpt", _GPT_PLAN)),
-    "searched": (train_searched, ()),
-}
-
-
-@pytest.fixture(scope="module")
-def four_rank_job() -> dict:
-    """Each case of SHARED_CASES: its result on every rank."""
-    results = run_cases_on_ranks(
-        4, list(SHARED_CASES.values()),
-        {"gpt-dp2xtp2": lambda: offline_plan("gpt", {"dp": 2, "tp": 2})}, timeout_s=900)
-    return dict(zip(SHARED_CASES, results))
 
 
 def test_unknown_option_names_the_valid_ones():

@@ -17,22 +17,14 @@ RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE), uses one intra-op thread, and j
 before calling `fn`. If a rank raises, the parent raises with that rank and its traceback and
 stops the others; if the ranks do not finish within `timeout_s`, it stops them all and says which
 were still running.
-
-`start_on_ranks` starts the ranks and returns, so that this process works while they run, and
-the ranks wait for what it makes in a `Mailbox`. Most of a test's own work (making the plans the
-ranks train, say) runs on one core: done before the launch, it left the other of 2 cores idle;
-done beside the ranks, nothing waits for it but the case that needs it.
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import pickle
 import queue
-import shutil
 import socket
-import tempfile
 import time
 import traceback
 from datetime import timedelta
@@ -45,42 +37,6 @@ PRELOAD = ["torch", "torch.distributed", "torch.export._trace", "autopar", "pyte
 
 def run_on_ranks(fn, world_size: int, *args: Any, timeout_s: float = 300) -> list:
     """Call `fn(*args)` on `world_size` gloo ranks; return their results in rank order."""
-    return start_on_ranks(fn, world_size, *args, timeout_s=timeout_s).results()
-
-
-class RankJob:
-    """Ranks started by `start_on_ranks`: `results()` waits for them, `stop()` ends them."""
-
-    def __init__(self, procs, results_q, world_size: int, timeout_s: float):
-        self._procs, self._q, self._world = procs, results_q, world_size
-        self._deadline = time.monotonic() + timeout_s
-        self._timeout_s = timeout_s
-
-    def results(self) -> list:
-        """Their results in rank order, once every rank has returned; a rank's error (or
-        hang past the timeout) raised here, the other ranks stopped."""
-        try:
-            results = _collect(self._procs, self._q, self._world, self._deadline,
-                               self._timeout_s)
-        except BaseException:
-            _stop(self._procs, grace_s=0.0)  # a rank failed or hung: the others would wait forever
-            raise
-        else:
-            _stop(self._procs, grace_s=10.0)  # all returned: let them exit on their own
-        finally:
-            self._q.close()
-        return results
-
-    def stop(self) -> None:
-        """End the ranks now (the test process failed while they ran)."""
-        _stop(self._procs, grace_s=0.0)
-        self._q.close()
-
-
-def start_on_ranks(fn, world_size: int, *args: Any, timeout_s: float = 300) -> RankJob:
-    """`run_on_ranks` that returns once the ranks are started, so that this process works
-    while they do (makes what they will read from a `Mailbox`, say); `timeout_s` counts from
-    now."""
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     ctx = mp.get_context("forkserver")
@@ -96,92 +52,22 @@ def start_on_ranks(fn, world_size: int, *args: Any, timeout_s: float = 300) -> R
         )
         for rank in range(world_size)
     ]
+    for p in procs:
+        p.start()
     try:
-        for p in procs:
-            p.start()
+        results = _collect(procs, results_q, world_size, timeout_s)
     except BaseException:
-        _stop([p for p in procs if p.pid is not None], grace_s=0.0)
-        results_q.close()
+        _stop(procs, grace_s=0.0)  # a rank failed or hung: the others would wait forever
         raise
-    return RankJob(procs, results_q, world_size, timeout_s)
-
-
-class Mailbox:
-    """Values this process hands to ranks that already run, one key at a time: `put` here,
-    `get` (which waits for the key) on the ranks. A folder of pickles, each written whole
-    before it appears; picklable, so it is passed to the ranks as an argument.
-
-        with Mailbox() as box:
-            job = start_on_ranks(train, 4, box)    # each rank: plan = box.get(0); ...
-            box.put(0, make_plan())                # while the ranks start up
-            results = job.results()
-    """
-
-    def __init__(self):
-        self.path = tempfile.mkdtemp(prefix="autopar-test-mailbox-")
-
-    def put(self, key, value) -> None:
-        tmp = os.path.join(self.path, f".{key}.tmp")
-        with open(tmp, "wb") as f:
-            pickle.dump(value, f)
-        os.replace(tmp, os.path.join(self.path, f"{key}.pickle"))
-
-    def get(self, key, timeout_s: float = 600):
-        path = os.path.join(self.path, f"{key}.pickle")
-        deadline = time.monotonic() + timeout_s
-        while not os.path.exists(path):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"nothing was put in the mailbox under {key!r} within "
-                                   f"{timeout_s:g} s")
-            time.sleep(0.02)
-        with open(path, "rb") as f:
-            return pickle.load(f)
-
-    def __enter__(self) -> Mailbox:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
-
-
-class Later:
-    """An argument of a case of `run_cases_on_ranks` that the test process makes while the
-    ranks run (a plan, say): the rank waits for it when the case comes."""
-
-    def __init__(self, key: str):
-        self.key = key
-
-
-def run_cases_on_ranks(world_size: int, cases: list, later: dict | None = None, *,
-                       timeout_s: float = 600) -> list:
-    """Several cases in one job of `world_size` ranks, one after the other: a start-up costs
-    seconds on 2 cores, and later cases find DTensor's sharding answers of earlier ones kept.
-
-    `cases`: (fn, args) or (fn, args, kwargs), `fn` module-level; an argument `Later(key)` is
-    `later[key]()`, made here after the ranks start (each made once, in the order of `later`,
-    while the ranks work on the cases before). Returns, for each case, its result on every rank
-    (rank order). A case that raises fails the job, as `run_on_ranks` does."""
-    with Mailbox() as box:
-        job = start_on_ranks(_run_cases, world_size, cases, box, timeout_s=timeout_s)
-        try:
-            for key, make in (later or {}).items():
-                box.put(key, make())
-        except BaseException:
-            job.stop()
-            raise
-        per_rank = job.results()
-    return [[rank[k] for rank in per_rank] for k in range(len(cases))]
-
-
-def _run_cases(cases: list, box: Mailbox) -> list:
-    results = []
-    for fn, args, *kwargs in cases:
-        args = [box.get(a.key) if isinstance(a, Later) else a for a in args]
-        results.append(fn(*args, **(kwargs[0] if kwargs else {})))
+    else:
+        _stop(procs, grace_s=10.0)  # all returned: let them exit on their own
+    finally:
+        results_q.close()
     return results
 
 
-def _collect(procs, results_q, world_size: int, deadline: float, timeout_s: float) -> list:
+def _collect(procs, results_q, world_size: int, timeout_s: float) -> list:
+    deadline = time.monotonic() + timeout_s
     results: dict[int, Any] = {}
     while len(results) < world_size:
         try:

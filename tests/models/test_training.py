@@ -3,10 +3,7 @@ step: under dp=2 x tp=2, and pipelined, pp=2 x dp=2 (two microbatches per rank, 
 
 The plans are hand configurations (`autopar.manual_plan`), made here from meta models (made on
 the ranks instead, four processes on two cores, they took longer); one 4-rank job trains them
-all, one after the other, as start-up costs more than most of them. The job starts first and
-this process makes the plans while it runs (each rank waits only for the plan of the case it
-trains next), then the single-process references: made before the launch, on one core, they
-left the other of 2 cores idle for a minute.
+all, one after the other, as start-up costs more than most of them.
 """
 
 from __future__ import annotations
@@ -19,7 +16,7 @@ import torch
 
 import autopar
 from autopar.models.registry import BUILTIN_MODELS, build_model
-from tests.helpers.distributed import Mailbox, start_on_ranks
+from tests.helpers.distributed import run_on_ranks
 from tests.helpers.models import fast_cpu_cluster, sgd_losses
 from tests.models.test_tiny_models import TINY
 
@@ -65,14 +62,13 @@ def make_plan(name: str, mesh: str) -> str:
                                **MESHES[mesh]).to_json()
 
 
-def train_all(names: list[str], plans: Mailbox) -> list:
-    """Runs on every rank: each model trained in turn on the plan put under its index in
-    `plans`; its losses, or the error."""
+def train_all(jobs: list[tuple[str, str]]) -> list:
+    """Runs on every rank: each (model name, plan) trained in turn; its losses, or the error."""
     results = []
-    for k, name in enumerate(names):
+    for name, plan_json in jobs:
         try:
             model, data, loss_fn = model_and_data(name)
-            plan = autopar.Plan.from_dict(json.loads(plans.get(k)))
+            plan = autopar.Plan.from_dict(json.loads(plan_json))
             pm = autopar.autoparallelize(model, fast_cpu_cluster(4), data[0], loss_fn=loss_fn,
                                          plan=plan, runtime=RUNTIME)
             results.append(sgd_losses(pm.parameters(), pm.train_step, data, LR))
@@ -83,17 +79,8 @@ def train_all(names: list[str], plans: Mailbox) -> list:
 
 @pytest.fixture(scope="module")
 def runs() -> dict:
-    with Mailbox() as plans:
-        job = start_on_ranks(train_all, 4, [name for name, _ in CASES], plans, timeout_s=600)
-        try:
-            for k, (name, mesh) in enumerate(CASES):
-                plans.put(k, make_plan(name, mesh))
-            for name in TINY:
-                reference_losses(name)  # kept for the tests
-        except BaseException:
-            job.stop()
-            raise
-        per_rank = job.results()
+    jobs = [(name, make_plan(name, mesh)) for name, mesh in CASES]
+    per_rank = run_on_ranks(train_all, 4, jobs, timeout_s=600)
     return {case: [rank[k] for rank in per_rank] for k, case in enumerate(CASES)}
 
 

@@ -3,7 +3,6 @@ ZeRO-3, gathered again in backward instead of kept), against single-process trai
 
 from __future__ import annotations
 
-import functools
 import json
 
 import pytest
@@ -13,7 +12,7 @@ from autopar.models.losses import lm_loss
 from autopar.runtime.mesh import make_mesh
 from autopar.runtime.parallel_model import ParallelModel
 from autopar.trace import trace
-from tests.helpers.distributed import Later, run_cases_on_ranks
+from tests.helpers.distributed import run_on_ranks
 from tests.helpers.intra_op_plans import make_plan
 from tests.helpers.models import MODELS, batches, fast_cpu_cluster, reference_losses, sgd_losses
 
@@ -58,30 +57,15 @@ def train_zero(model_name, plan_json):
     return losses, held, sum(p.numel() for p in pm.parameters())
 
 
-ZERO_CASES = [("gpt", {"dp": 4}, "zero3"), ("gpt", {"dp": 2, "tp": 2}, "zero3"),
-              ("llama", {"dp": 4}, "zero2")]
-
-
-@pytest.fixture(scope="module")
-def four_rank_runs() -> dict:
-    """The ZeRO cases and the HSDP one, trained one after the other by one 4-rank job (a
-    start-up costs seconds on 2 cores); each plan made here while the ranks work on the cases
-    before."""
-    cases, later = {}, {}
-    for k, (model_name, mesh, flavour) in enumerate(ZERO_CASES):
-        cases[str(k)] = (train_zero, (model_name, Later(str(k))))
-        later[str(k)] = functools.partial(zero_plan_json, model_name, mesh, flavour)
-    cases["hsdp"] = (train_hsdp, ("llama", Later("hsdp")))
-    later["hsdp"] = lambda: hsdp_plan().to_json()
-    return dict(zip(cases, run_cases_on_ranks(4, list(cases.values()), later)))
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("model_name, mesh, flavour", ZERO_CASES, ids=str)
-def test_zero_matches_single_process_and_shards_state(model_name, mesh, flavour,
-                                                      four_rank_runs):
-    k = ZERO_CASES.index((model_name, mesh, flavour))
-    results = four_rank_runs[str(k)]
+@pytest.mark.parametrize(
+    "model_name, mesh, flavour",
+    [("gpt", {"dp": 4}, "zero3"), ("gpt", {"dp": 2, "tp": 2}, "zero3"),
+     ("llama", {"dp": 4}, "zero2")],
+    ids=str,
+)
+def test_zero_matches_single_process_and_shards_state(model_name, mesh, flavour):
+    results = run_on_ranks(train_zero, 4, model_name, zero_plan_json(model_name, mesh, flavour))
     losses, held, total = results[0]
     assert all(r[0] == losses for r in results)
     assert losses == pytest.approx(reference_losses(model_name), rel=1e-5)
@@ -108,24 +92,18 @@ def train_hsdp(model_name, plan_json):
         sum(p.numel() for p in pm.parameters())
 
 
-@functools.cache
-def hsdp_plan():
-    """Llama's hand plan of HSDP on 2 nodes x 2 (made here, not on every rank)."""
+@pytest.mark.slow
+def test_hybrid_sharding_matches_single_process_and_shards_within_a_node():
+    """HSDP on 2 nodes x 2: parameters sharded over the 2 ranks of a node (dp), replicated
+    over the nodes (dp_replicate); the batch split over all 4."""
     import autopar
 
     torch.manual_seed(0)
-    return autopar.manual_plan(MODELS["llama"](), two_nodes_of_two(), batches()[0],
+    plan = autopar.manual_plan(MODELS["llama"](), two_nodes_of_two(), batches()[0],
                                loss_fn=lm_loss, tp=1, pp=1, dp=4, microbatch_size=1, dp_shard=2)
-
-
-@pytest.mark.slow
-def test_hybrid_sharding_matches_single_process_and_shards_within_a_node(four_rank_runs):
-    """HSDP on 2 nodes x 2: parameters sharded over the 2 ranks of a node (dp), replicated
-    over the nodes (dp_replicate); the batch split over all 4."""
-    plan = hsdp_plan()
     assert plan.mesh == {"dp_replicate": 2, "dp": 2} and plan.data_parallel == "hsdp"
     assert all(p[0] == "R" for p in plan.parameters.values())
-    results = four_rank_runs["hsdp"]
+    results = run_on_ranks(train_hsdp, 4, "llama", plan.to_json())
     losses, held, total = results[0]
     assert all(r[0] == losses for r in results)
     assert losses == pytest.approx(reference_losses("llama"), rel=1e-5)

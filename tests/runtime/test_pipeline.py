@@ -7,7 +7,6 @@ layers), so that these tests check the runtime alone, whatever the planner would
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 
@@ -25,7 +24,7 @@ from autopar.runtime.mesh import make_mesh
 from autopar.runtime.pipeline import PipelinedModel, weight_only_outputs
 from autopar.schedules import get_schedule
 from autopar.trace import trace
-from tests.helpers.distributed import Later, run_cases_on_ranks, run_on_ranks
+from tests.helpers.distributed import run_on_ranks
 from tests.helpers.intra_op_plans import make_plan
 from tests.helpers.models import (
     CONFIG,
@@ -192,43 +191,19 @@ CASES = {
 }
 
 
-# Two 8-rank jobs train them, one case after the other (an 8-rank start-up costs seconds on 2
-# cores). Not one job: where a case has trained on a mesh, another case on a mesh of the same
-# shape, one of the two under ZeRO-3, fails in the replay runtime (the loss stage's trace, in
-# AOTAutograd's partitioner: "Node tangents_2 was invalid, but is output"), a runtime bug apart
-# from what these tests check; so the two pp2 x dp2 x tp2 cases run in separate processes.
-EIGHT_RANK_JOBS = [["gpt-pp4xdp2-1F1B-checkpoint-zero3", "llama-pp2xdp2xtp2-1F1B-checkpoint",
-                    "llama-pp2xtp4-interleaved", "gpt-pp2xtp4-GPipe-checkpoint"],
-                   ["gpt-pp2xdp2xtp2-interleaved-zero3"]]
-
-
-@pytest.fixture(scope="module")
-def eight_rank_runs() -> dict:
-    """Every case of CASES: its losses on every rank. Each plan is made here while the ranks
-    work on the cases before it."""
-    assert sorted(sum(EIGHT_RANK_JOBS, [])) == sorted(CASES)
-    runs = {}
-    for job in EIGHT_RANK_JOBS:
-        results = run_cases_on_ranks(
-            8, [(train_pipelined, (CASES[case][0], CASES[case][1], Later(case))) for case in job],
-            {case: functools.partial(plan_json, *CASES[case]) for case in job})
-        runs.update(zip(job, results))
-    return runs
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
-def test_pipelined_losses_match_single_process(case, eight_rank_runs):
+def test_pipelined_losses_match_single_process(case):
     model_name, batch_size, config = CASES[case]
     world = config["pp"] * math.prod(config["sub_mesh"].values())
     assert world == 8
-    results = eight_rank_runs[case]
+    results = run_on_ranks(train_pipelined, world, model_name, batch_size,
+                           plan_json(model_name, batch_size, config))
     for losses in results:  # the same loss on every rank, each step
         assert losses == results[0]
     assert results[0] == pytest.approx(reference_losses(model_name, batch_size), rel=1e-5)
 
 
-@functools.cache
 def manual_pipeline_plan(model_name, zero, pp) -> Plan:
     """A hand configuration from autopar.manual_plan (made here, not on every rank)."""
     import autopar
@@ -257,16 +232,13 @@ def train_manual_pipeline(model_name, plan_json):
 # pipeline runs in llama-pp2xdp2xtp2-1F1B-checkpoint above
 @pytest.mark.parametrize("zero, pp", [  # pp 1 on 2 ranks: the fast lane's pipeline run
     pytest.param(3, 2, marks=pytest.mark.slow), (2, 1)])
-def test_manual_pipeline_plan_runs_through_autoparallelize(zero, pp, request):
+def test_manual_pipeline_plan_runs_through_autoparallelize(zero, pp):
     """pp = 1 with two microbatches per step is gradient accumulation, run by the same
     pipeline runtime on a mesh whose pp axis has size 1."""
     plan = manual_pipeline_plan("gpt", zero, pp)
     assert plan.data_parallel == {0: "replicate", 2: "zero2", 3: "zero3"}[zero]
     assert plan.pipeline["num_microbatches"] == 2 and len(plan.pipeline["stages"]) == pp
-    if pp * 2 == 4:  # the slow case: one of the four-rank job's
-        results = request.getfixturevalue("four_rank_runs")["manual-zero3-pp2"]
-    else:
-        results = run_on_ranks(train_manual_pipeline, pp * 2, "gpt", plan.to_json())
+    results = run_on_ranks(train_manual_pipeline, pp * 2, "gpt", plan.to_json())
     for losses in results:  # the same loss on every rank, each step
         assert losses == results[0]
     assert results[0] == pytest.approx(reference_losses("gpt", 4), rel=1e-5)
@@ -293,45 +265,28 @@ ZERO_BUBBLE = {
 WHOLE_BACKWARD = {"bias-passing-pp2xdp2-ZBV": [1]}  # stages; none in the other cases
 
 
-ENCODER_DECODER = ("encoder-decoder", 4, dict(pp=4, sub_mesh={"dp": 1}, microbatches=4,
-                                              schedule="1F1B"))
-
-
-@functools.cache
-def encoder_decoder_plan() -> str:
-    return plan_json(*ENCODER_DECODER)
+def train_pipelined_jobs(jobs):
+    return [train_pipelined(*job, whole_backward=True) for job in jobs]
 
 
 @pytest.fixture(scope="module")
-def four_rank_runs() -> dict:
-    """One 4-rank job, one case after the other (a start-up costs seconds on 2 cores): the
-    ZeRO-3 hand plan on pp 2 x dp 2, the encoder-decoder on 4 stages, the zero-bubble cases.
-    The hand plan first: the zero-bubble cases run eagerly, and after them on its mesh (one of
-    them under ZeRO-3) the replay runtime fails (see EIGHT_RANK_JOBS). Each plan made here
-    while the ranks work on the cases before it."""
-    cases = {"manual-zero3-pp2": (train_manual_pipeline, ("gpt", Later("manual-zero3-pp2"))),
-             "encoder-decoder": (train_pipelined, ("encoder-decoder", 4, Later("encoder-decoder")))}
-    later = {"manual-zero3-pp2": lambda: manual_pipeline_plan("gpt", 3, 2).to_json(),
-             "encoder-decoder": encoder_decoder_plan}
-    for case, (name, bs, config) in ZERO_BUBBLE.items():
-        cases[case] = (train_pipelined, (name, bs, Later(case)), {"whole_backward": True})
-        later[case] = functools.partial(plan_json, name, bs, config)
-    results = run_cases_on_ranks(4, list(cases.values()), later)
-    return dict(zip(cases, results))
+def zero_bubble_runs():
+    jobs = [(name, bs, plan_json(name, bs, config)) for name, bs, config in ZERO_BUBBLE.values()]
+    per_rank = run_on_ranks(train_pipelined_jobs, 4, jobs)
+    return {case: [rank[k] for rank in per_rank] for k, case in enumerate(ZERO_BUBBLE)}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(ZERO_BUBBLE))
-def test_zero_bubble_losses_match_single_process(case, four_rank_runs):
+def test_zero_bubble_losses_match_single_process(case, zero_bubble_runs):
     model_name, batch_size, config = ZERO_BUBBLE[case]
     assert config["pp"] * math.prod(config["sub_mesh"].values()) == 4
-    runs = four_rank_runs[case]
-    results = [losses for losses, _ in runs]
+    results = [losses for losses, _ in zero_bubble_runs[case]]
     for losses in results:
         assert losses == results[0]
     assert results[0] == pytest.approx(
         reference_losses(model_name, batch_size, models=MODELS | MORE_MODELS), rel=1e-5)
-    whole = sorted({s for _, stages in runs for s in stages})
+    whole = sorted({s for _, stages in zero_bubble_runs[case] for s in stages})
     assert whole == WHOLE_BACKWARD.get(case, [])
 
 
@@ -419,14 +374,15 @@ def test_bf16_pipeline_with_an_upcast_loss():
 
 
 @pytest.mark.slow
-def test_encoder_output_crosses_the_decoder_stages(four_rank_runs):
+def test_encoder_output_crosses_the_decoder_stages():
     """pre, encoder.0 | encoder.1, between.0 | decoder.0, decoder.1 | decoder.2, post: the
     encoder's output enters stage 2, passes through it to stage 3; losses as one process."""
-    plan = json.loads(encoder_decoder_plan())
+    config = dict(pp=4, sub_mesh={"dp": 1}, microbatches=4, schedule="1F1B")
+    plan = json.loads(plan_json("encoder-decoder", 4, config))
     assert [st["layers"] for st in plan["pipeline"]["stages"]] == [
         ["pre", "encoder.0"], ["encoder.1", "between.0"], ["decoder.0", "decoder.1"],
         ["decoder.2", "post"]]
-    results = four_rank_runs["encoder-decoder"]
+    results = run_on_ranks(train_pipelined, 4, "encoder-decoder", 4, json.dumps(plan))
     for losses in results:
         assert losses == results[0]
     assert results[0] == pytest.approx(
