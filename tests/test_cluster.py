@@ -98,7 +98,14 @@ def _set(d, path, value):
         d[last] = value
 
 
-DELETE = object()
+class _Delete:
+    """Marks a field to remove (its repr is stable: test ids must match across processes)."""
+
+    def __repr__(self):
+        return "DELETE"
+
+
+DELETE = _Delete()
 BAD = [  # (field path, bad value, what the message must say)
     ("device.peak_flops.bfloat16", -1, "device.peak_flops.bfloat16 must be > 0, got -1"),
     ("device.peak_flops.fp8", 1.0, "device.peak_flops.fp8 is not a torch dtype name"),
