@@ -65,6 +65,8 @@ _LOOPED_EXPERTS, _TRACEABLE_EXPERTS = "eager", "grouped_mm"
 # transformers' mask builders; the export check and the packed-rows check they skip a mask on
 _HF_MASKING = "transformers.masking_utils"
 _EXPORT_CHECK, _PACKED_CHECK = "is_torchdynamo_exporting", "find_packed_sequence_indices"
+# older releases (5.17) ask `is_tracing(padding_mask)` alone, which is True for no mask too
+_TRACING_CHECK = "is_tracing"
 
 
 def register(cls: type | str, forward: Callable) -> None:
@@ -109,6 +111,8 @@ def _hf_masks_as_in_eager(given: Collection[str]):
     a call that passes the arguments named in `given`."""
     masking = sys.modules.get(_HF_MASKING)  # not loaded: no Hugging Face model is traced
     patches = {_EXPORT_CHECK: _not_exporting}
+    if hasattr(masking, _TRACING_CHECK):
+        patches[_TRACING_CHECK] = _traced_if_given(getattr(masking, _TRACING_CHECK))
     if "position_ids" not in given:
         patches[_PACKED_CHECK] = _one_sequence_per_row
     saved = {name: getattr(masking, name) for name in patches if hasattr(masking, name)}
@@ -123,6 +127,12 @@ def _hf_masks_as_in_eager(given: Collection[str]):
 
 def _not_exporting() -> bool:
     return False
+
+
+def _traced_if_given(is_tracing):
+    """transformers' `is_tracing(tensor)`, but False when there is no tensor (no mask passed):
+    only a value the example passes is a traced one."""
+    return lambda tensor=None: tensor is not None and is_tracing(tensor)
 
 
 def _one_sequence_per_row(position_ids):

@@ -199,5 +199,5 @@ def test_hugging_face_padding_and_packed_positions_keep_their_mask():
         torch.testing.assert_close(_graph_loss(traced, model, batch), want, rtol=1e-5, atol=1e-6)
     import transformers.masking_utils as masking  # its checks are restored after tracing
 
-    for name in ("is_torchdynamo_exporting", "find_packed_sequence_indices"):
+    for name in ("is_torchdynamo_exporting", "find_packed_sequence_indices", "is_tracing"):
         assert getattr(masking, name).__module__.startswith("transformers"), name

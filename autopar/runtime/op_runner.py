@@ -76,9 +76,19 @@ class OpRunner:
             whole = [(Replicate(),) * self.mesh.ndim if p else None for p in outputs]
             result = _call_locally(node, args, kwargs, whole, self.mesh)
             return _to_placements(result, outputs, self.mesh)
-        if op.rule == "dtensor":
+        if op.rule == "dtensor" and not draws_random(node):
             return node.target(*args, **kwargs)
         return _call_locally(node, args, kwargs, outputs, self.mesh)
+
+
+def draws_random(node: fx.Node) -> bool:
+    """An op that draws from the random generator (dropout's mask): it runs on local shards,
+    each rank drawing from its own generator, as DTensor runs it on CPU. On GPUs DTensor
+    would instead read and advance the device's generator state through its RNG tracker,
+    which cannot run while the replay runtime traces a layer (a real state tensor inside
+    fake-tensor tracing)."""
+    tags = getattr(node.target, "tags", ())
+    return torch.Tag.nondeterministic_seeded in tags
 
 
 def regathers(plan: Plan) -> bool:
