@@ -159,3 +159,49 @@ class TestDeterminism:
         a = autopar.plan(MLP(), fast_cpu_cluster(4), mlp_batch(), loss_fn=mse)
         b = autopar.plan(MLP(), fast_cpu_cluster(4), mlp_batch(), loss_fn=mse)
         assert a.to_json() == b.to_json()
+
+
+def _memory_points_by_every_pair(gm, traced, profiles):
+    """The live sets of `intra_op._memory_points` the slow way: every op's set over every op,
+    then every set compared with every other (kept if no other holds it strictly, the last of
+    equal ones)."""
+    from autopar.layers import decision_nodes
+    from autopar.planning.intra_op import source_of
+    from autopar.planning.strategies import tensor_inputs
+
+    order = decision_nodes(gm)
+    index = {n.name: i for i, n in enumerate(order)}
+    last_use = {n.name: index[n.name] for n in order}
+    for n in order:
+        if n.op == "call_function":
+            for arg in tensor_inputs(n):
+                src = source_of(arg)[0].name
+                last_use[src] = max(last_use[src], index[n.name])
+    ops = [n.name for n in order if n.op == "call_function"]
+    saved = {m for m in ops if profiles[m].saved_bytes > 0}
+    sets = [(m, frozenset(x for x in ops if index[x] <= index[m]
+                          and (x in saved or last_use[x] >= index[m]))) for m in ops]
+    always = tuple(n.name for n in order if n.op == "placeholder")
+    return [(name, always + tuple(x for x in ops if x in s)) for i, (name, s) in enumerate(sets)
+            if not any(s < other for _, other in sets)
+            and not any(s == other for _, other in sets[i + 1:])]
+
+
+@pytest.mark.parametrize("name", ["gpt-tiny", "llama-test", "t5-test", "switch-test",
+                                  "swin-test"])
+def test_memory_points_are_the_maximal_live_sets(name):
+    """The one-sweep maximal live sets equal those found by comparing every pair of sets, on
+    graphs with branches, residuals, multi-output ops and saved activations."""
+    from autopar.models.registry import build_model
+    from autopar.planning.intra_op import _memory_points
+
+    torch.manual_seed(0)
+    model, example, loss_fn = build_model(name, batch=2, seq=None)
+    traced = trace(model, example[0], loss_fn=loss_fn, target=example[1]) if loss_fn else \
+        trace(model, example)
+    gm = traced.graph_module
+    profiles = profile_graph(gm)
+    got = [(p.name, p.live) for p in _memory_points(gm, traced, profiles)]
+    want = _memory_points_by_every_pair(gm, traced, profiles)
+    assert got == want
+    assert 1 < len(got) < sum(n.op == "call_function" for n in gm.graph.nodes)
