@@ -81,13 +81,23 @@ def pick_solver(solver: str) -> str:
     return solver
 
 
+# Objectives are scaled so the largest coefficient is 1, and a plan's coefficients span many
+# orders (a layer's collective to one elementwise op): at HiGHS's default tolerances (1e-6 on
+# integrality, 1e-7 on primal and dual feasibility) it called plans optimal that were up to
+# 1.6e-5 worse than the optimum on GPT-3 1.3B's 64-GPU intra-op ILPs
+# (docs/benchmarks/2026-12-05-highs-vs-cbc/).
+HIGHS_TOLERANCES = {"mip_feasibility_tolerance": 1e-10, "primal_feasibility_tolerance": 1e-10,
+                    "dual_feasibility_tolerance": 1e-10}
+
+
 def run_solver(
     ilp: BuiltModel, *, solver: str, time_limit_s: float | None, gap: float | None, msg: bool
 ) -> SolverResult:
     """Solve `ilp.lp` in place with HiGHS (highspy) or CBC; say what came of it."""
     rel_gap = 0.0 if gap is None else gap
     if solver == "highs":
-        backend = pulp.HiGHS(msg=msg, timeLimit=time_limit_s, gapRel=rel_gap, gapAbs=0.0)
+        backend = pulp.HiGHS(msg=msg, timeLimit=time_limit_s, gapRel=rel_gap, gapAbs=0.0,
+                             **HIGHS_TOLERANCES)
         ilp.lp.solve(backend)
         return _highs_result(ilp.lp)
     with tempfile.TemporaryDirectory() as tmp:
