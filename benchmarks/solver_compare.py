@@ -34,7 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # small and middle zoo models on one 8-GPU node: every search feature (pp, dp, tp, ZeRO
-# flavours, schedules, checkpointing) and three block kinds; each plans in well under a minute
+# flavours, schedules, checkpointing) and three block kinds; each planned in 20-80 s here
 DEFAULT_CASES = ("gpt3-350m@8", "bert-large@8", "t5-base@8")
 BACKENDS = ("highs", "cbc")
 

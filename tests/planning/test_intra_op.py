@@ -14,7 +14,7 @@ from autopar.models.losses import lm_loss
 from autopar.planning.intra_op import build_problem
 from autopar.planning.profile import TrainingPrecision, profile_graph
 from autopar.planning.search import candidate_meshes
-from autopar.trace import trace
+from autopar.trace import trace, trace_for_training
 from tests.helpers.models import fast_cpu_cluster
 
 
@@ -197,8 +197,7 @@ def test_memory_points_are_the_maximal_live_sets(name):
 
     torch.manual_seed(0)
     model, example, loss_fn = build_model(name, batch=2, seq=None)
-    traced = trace(model, example[0], loss_fn=loss_fn, target=example[1]) if loss_fn else \
-        trace(model, example)
+    traced = trace_for_training(model, example, loss_fn)
     gm = traced.graph_module
     profiles = profile_graph(gm)
     got = [(p.name, p.live) for p in _memory_points(gm, traced, profiles)]

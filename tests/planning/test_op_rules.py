@@ -134,7 +134,8 @@ def test_registering_again_replaces_and_remove_restores():
     assert op_rules.rule_for(sdpa) is op_rules.RULES[sdpa]
 
 
-@pytest.mark.parametrize("op", [torch.cdist, "aten::_cdist_forward", None], ids=["torch.cdist", "aten-name", "None"])
+@pytest.mark.parametrize("op", [torch.cdist, "aten::_cdist_forward", None],
+                         ids=["torch.cdist", "aten-name", "None"])
 def test_registering_what_is_not_an_op_says_what_to_pass(op):
     with pytest.raises(autopar.AutoparError, match=r"not an ATen op: pass an op overload such as "
                                                    r"torch\.ops\.aten\.cumsum\.default"):
