@@ -24,7 +24,8 @@ from autopar.planning.profile import TrainingPrecision, parameter_state_bytes
 from autopar.runtime.mesh import make_mesh
 from autopar.runtime.parallel_model import ParallelModel
 from autopar.runtime.pipeline import PipelinedModel
-from autopar.trace import trace_for_training, tracer
+from autopar.trace import trace_for_training
+from autopar.trace_repeats import tracer
 from autopar.units import format_bytes
 
 

@@ -47,7 +47,7 @@ class _Call(nn.Module):
 
     def __init__(self, model: nn.Module, loss_fn, layout: BatchLayout, quiet: dict):
         super().__init__()
-        setattr(self, _WRAPPED, model)
+        setattr(self, WRAPPED, model)
         self.loss_fn = loss_fn
         self._layout = layout
         self._quiet = quiet
@@ -55,17 +55,17 @@ class _Call(nn.Module):
     def forward(self, *args):
         inputs = self._layout.rebuild(args[: self._layout.n_tensors])
         pos, kw = as_call(inputs)
-        out = getattr(self, _WRAPPED)(*pos, **{**self._quiet, **kw})
+        out = getattr(self, WRAPPED)(*pos, **{**self._quiet, **kw})
         if self.loss_fn is not None:
             loss = self.loss_fn(out, args[-1])
         else:
-            loss = own_loss(out, type(getattr(self, _WRAPPED)).__name__)
+            loss = own_loss(out, type(getattr(self, WRAPPED)).__name__)
         main = main_output(out, loss)
         return (loss,) if main is loss else (loss, main)
 
 
 # The attribute _Call keeps the model under; stripped from every FQN we report.
-_WRAPPED = "_autopar_model"
+WRAPPED = "_autopar_model"
 # Names of tensor constants among TracedModel.buffers: no module of the model holds them.
 CONSTANT_PREFIX = "<constant>."
 
@@ -186,11 +186,13 @@ def trace(model: nn.Module, example_inputs, *, loss_fn=None, target=None) -> Tra
     return _traced_model(ep, model, layout)
 
 
-def trace_for_training(model: nn.Module, example_inputs, loss_fn) -> TracedModel:
+def trace_for_training(model: nn.Module, example_inputs, loss_fn, *, how=None) -> TracedModel:
     """`trace` of one batch as `train_step` takes it: the inputs, or `(inputs, target)` when
-    `loss_fn` is given."""
+    `loss_fn` is given. `how`: a function with `trace`'s arguments to trace with instead
+    (`autopar.trace_repeats.trace_repeated`)."""
+    how = how or trace
     if loss_fn is None:
-        return trace(model, example_inputs)
+        return how(model, example_inputs)
     if not (isinstance(example_inputs, (tuple, list)) and len(example_inputs) == 2):
         raise AutoparError(
             "with a loss_fn, example_inputs must be (inputs, target) as train_step takes them, "
@@ -198,22 +200,7 @@ def trace_for_training(model: nn.Module, example_inputs, loss_fn) -> TracedModel
             f"{len(example_inputs) if hasattr(example_inputs, '__len__') else '?'}"
         )
     inputs, target = example_inputs
-    return trace(model, inputs, loss_fn=loss_fn, target=target)
-
-
-def tracer(model: nn.Module, loss_fn):
-    """`trace_fn(inputs)` for one planning call: one trace per input shape, so the probe of
-    the whole batch is also the search's graph of a microbatch that size (a trace costs about
-    a second on CPU; the model does not change within one call)."""
-    traces: dict = {}
-
-    def trace_fn(inputs):
-        key = inputs_key(inputs)
-        if key not in traces:
-            traces[key] = trace_for_training(model, inputs, loss_fn)
-        return traces[key]
-
-    return trace_fn
+    return how(model, inputs, loss_fn=loss_fn, target=target)
 
 
 def inputs_key(inputs) -> tuple:
@@ -322,7 +309,7 @@ def _exception_chain(e: BaseException) -> list[BaseException]:
 
 def _traced_model(ep, model: nn.Module, layout: BatchLayout) -> TracedModel:
     sig = ep.graph_signature
-    prefix = _WRAPPED + "."
+    prefix = WRAPPED + "."
     params = {k: v.removeprefix(prefix) for k, v in sig.inputs_to_parameters.items()}
     buffers = {k: v.removeprefix(prefix) for k, v in sig.inputs_to_buffers.items()}
     user_inputs = list(sig.user_inputs)
@@ -386,9 +373,9 @@ def _clean_fqn(path: str) -> str:
         if path.startswith(prefix):
             path = path[len(prefix):]
             break
-    if path == _WRAPPED:
+    if path == WRAPPED:
         return ""
-    return path.removeprefix(_WRAPPED + ".")
+    return path.removeprefix(WRAPPED + ".")
 
 
 def graph_fingerprint(graph: fx.Graph) -> str:

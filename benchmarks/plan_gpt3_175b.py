@@ -24,7 +24,7 @@ from autopar.models.gpt import GPT, GPTConfig
 from autopar.models.losses import lm_loss
 from autopar.planning.profile import TrainingPrecision
 from autopar.planning.search import SearchSpace, candidate_meshes, search
-from autopar.trace import trace_for_training
+from autopar.trace_repeats import tracer
 
 
 def main() -> None:
@@ -42,9 +42,7 @@ def main() -> None:
     cluster = autopar.Cluster.preset("a100-80g", nodes=args.nodes)
     precision = TrainingPrecision.mixed_bf16()
 
-    def trace_fn(inputs):
-        return trace_for_training(model, inputs, lm_loss)
-
+    trace_fn = tracer(model, lm_loss)
     meshes = candidate_meshes(cluster, args.layers + 2)
     # tp within a node unless --tp says otherwise: the space of the dated report (the search
     # itself also tries tp across nodes, last)
