@@ -348,9 +348,9 @@ def main(argv=None) -> int:
               f"{state['device_measurements']}", flush=True)
         for name in args.models:
             run_model(ctx, name, state)
-        if args.profile_out and ctx.profiles:
-            with open(args.profile_out, "w") as f:
-                f.write("\n".join(ctx.profiles))
+            if args.profile_out and ctx.profiles:  # after each model: a run cut short keeps them
+                with open(args.profile_out, "w") as f:
+                    f.write("\n".join(ctx.profiles))
         write(ctx, state)
         print()
         print(table(state["runs"]))

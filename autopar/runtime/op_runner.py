@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from autopar import dtensor, parallelism
 from autopar.plan import Plan
+from autopar.runtime import attention
 from autopar.runtime.mesh import local_shape, placements_of
 from autopar.trace import is_getitem
 
@@ -225,13 +226,14 @@ def _call_locally(node: fx.Node, args, kwargs, outputs, mesh):
     A replicated input feeding outputs split over an axis gets a partial gradient there."""
     leaves, spec = tree_flatten((args, kwargs))
     slots = [i for i, v in enumerate(leaves) if isinstance(v, DTensor)]
+    target = attention.replay_target(node.target)  # attention: the kernel eager would pick
 
     def run(*local):
         filled = list(leaves)
         for i, t in zip(slots, local):
             filled[i] = t
         a, k = tree_unflatten(filled, spec)
-        return node.target(*a, **k)
+        return target(*a, **k)
 
     val = node.meta["val"]
     vals = tuple(val) if isinstance(val, (tuple, list)) else (val,)

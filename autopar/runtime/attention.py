@@ -1,0 +1,89 @@
+"""Scaled-dot-product attention in the replay runtime: the kernel eager would run.
+
+`aten.scaled_dot_product_attention` is a composite op: each call asks torch's kernel selector
+(`torch._fused_sdp_choice`) which backend the inputs allow (cuDNN, flash, memory-efficient, or
+the math fallback) and calls that backend's op. The replay runtime traces each layer once on
+fake tensors (`replay.trace_once`), so the selector runs then, on the fakes, and the graph
+replayed every step keeps whatever it said. On a GPU it can say what it would not say for real
+tensors of the same shapes: HF ViT-1B's attention (head dim 88, 257 tokens) was traced as the
+math fallback on an H100, while eager ran cuDNN on the same layouts. The math fallback
+upcasts bf16 to fp32 and materialises the score matrices: fp32 batched matmuls and softmax,
+about 4x eager's attention time and memory the plan never priced
+(docs/benchmarks/2026-12-05-hf-one-h100/).
+
+`attention(...)` asks the selector about real tensors of the inputs' shapes, strides, dtypes and
+devices (allocated, never computed on, and remembered per layout), and calls the op of the
+backend it names, as the composite does. Only what the composite does without extra work is
+done here (no head-dim padding, no boolean or padded masks); the rest goes to the composite
+(which then chooses on the fakes, as before).
+This file holds the torch internals it reads (the selector, the backend ops' signatures).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch.utils._python_dispatch import _disable_current_modes
+
+aten = torch.ops.aten
+SDPA = aten.scaled_dot_product_attention.default
+
+# torch.nn.attention.SDPBackend's values, as `torch._fused_sdp_choice` returns them
+MATH, FLASH, EFFICIENT, CUDNN = 0, 1, 2, 3
+
+# the kernel choice on fake tensors is the composite's own (tests compare against it)
+enabled = True
+
+
+def replay_target(target):
+    """What the runtime calls for graph op `target`: SDPA through `attention`."""
+    return attention if target is SDPA and enabled else target
+
+
+def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *,
+              scale=None, enable_gqa=False):
+    """`aten.scaled_dot_product_attention` with the backend chosen as for real tensors."""
+    backend = choice(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    lse = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    cuda = query.device.type == "cuda"
+    if backend == CUDNN and cuda and (attn_mask is None or attn_mask.is_floating_point()):
+        return aten._scaled_dot_product_cudnn_attention(
+            query, key, value, attn_mask, lse, dropout_p, is_causal, False, scale=scale)[0]
+    if backend == FLASH and cuda and attn_mask is None and query.size(-1) % 8 == 0:
+        return aten._scaled_dot_product_flash_attention(
+            query, key, value, dropout_p, is_causal, False, scale=scale)[0]
+    if backend == FLASH and query.device.type == "cpu":
+        return aten._scaled_dot_product_flash_attention_for_cpu(
+            query, key, value, dropout_p, is_causal, attn_mask=attn_mask, scale=scale)[0]
+    if backend == EFFICIENT and cuda and attn_mask is None and not enable_gqa:
+        return aten._scaled_dot_product_efficient_attention(
+            query, key, value, None, lse, dropout_p, is_causal, scale=scale)[0]
+    if backend == MATH and (attn_mask is None or attn_mask.is_floating_point()):
+        return aten._scaled_dot_product_attention_math(
+            query, key, value, attn_mask, dropout_p, is_causal, None, scale=scale,
+            enable_gqa=enable_gqa)[0]
+    return SDPA(query, key, value, attn_mask, dropout_p, is_causal, scale=scale,
+                enable_gqa=enable_gqa)
+
+
+def choice(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> int:
+    """The backend torch's selector picks for real tensors laid out as these."""
+    tensors = (query, key, value) + ((attn_mask,) if attn_mask is not None else ())
+    layout = tuple((tuple(t.shape), tuple(t.stride()), t.dtype, t.device, t.requires_grad)
+                   for t in tensors)
+    return _choice(layout, float(dropout_p), bool(is_causal), scale, bool(enable_gqa),
+                   torch.is_grad_enabled())
+
+
+@functools.lru_cache(maxsize=256)
+def _choice(layout, dropout_p, is_causal, scale, enable_gqa, grad) -> int:
+    if any(device.type == "meta" for _, _, _, device, _ in layout):
+        return MATH
+    with _disable_current_modes(), torch.set_grad_enabled(grad):  # real tensors, not fakes
+        real = [torch.empty_strided(shape, stride, dtype=dtype, device=device)
+                .requires_grad_(requires_grad and dtype.is_floating_point)
+                for shape, stride, dtype, device, requires_grad in layout]
+        mask = real[3] if len(real) > 3 else None
+        return int(torch._fused_sdp_choice(real[0], real[1], real[2], mask, dropout_p,
+                                           is_causal, scale=scale, enable_gqa=enable_gqa))
