@@ -16,14 +16,17 @@ import math
 import time
 from dataclasses import dataclass
 
+import torch
+
 import solvers
 from autopar import parallelism
 from autopar.batches import batch_size, microbatch_inputs
 from autopar.cluster import Cluster
 from autopar.errors import InfeasibleError, MeshError
-from autopar.layers import assign_layers, layer_order
+from autopar.layers import assign_layers, decision_nodes, layer_order
 from autopar.parallelism import DATA, OPS, PIPELINE, POLICIES
 from autopar.plan import Plan
+from autopar.planning import cost
 from autopar.planning.assemble import candidate_plan
 from autopar.planning.candidate import (
     Candidate,
@@ -113,9 +116,17 @@ def search(trace_fn, example_inputs, cluster: Cluster, space: SearchSpace, *,
     found = _Found(budget, log)
 
     def score(stand, profiles, order, mesh, mb, m, least):
-        """Score the candidates of one intra-op sharding; None if it has none (MeshError)."""
+        """Score the candidates of one intra-op sharding; None if it has none (MeshError), []
+        if a bound shows that none can beat the best so far (no solve then)."""
         sub_mesh = parallelism.intra_op_mesh(mesh)
         key = (mb, tuple(sub_mesh.items()), least)
+        if key not in solved and found.best is not None:
+            work = _compute_bound(stand, profiles, cluster, sub_mesh)
+            if min((_bubble_bound(work, mesh[PIPELINE], m, sched, v)
+                    for sched, v in _schedules(space, mesh[PIPELINE], m, len(order))),
+                   default=math.inf) >= found.best.step_time_s:
+                found.pruned += 1
+                return []
         if key not in solved:
             try:
                 solved[key] = solve_layers(stand, profiles, cluster, sub_mesh, precision=precision,
@@ -178,7 +189,8 @@ def search(trace_fn, example_inputs, cluster: Cluster, space: SearchSpace, *,
             min_peak_bytes=smallest[0], budget_bytes=budget,
         )
     if log:
-        log(f"searched {found.tried} candidates ({found.pipelined} with pipeline stages) in "
+        log(f"searched {found.tried} candidates ({found.pipelined} with pipeline stages; "
+            f"{found.pruned} meshes x microbatches ruled out by a bound before solving) in "
             f"{time.perf_counter() - start:.1f} s")
     return candidate_plan(best, cluster, precision,
                           solver={"candidates": found.tried, "stage_cut": best.cut})
@@ -195,6 +207,7 @@ class _Found:
     smallest: tuple[float, str] | None = None
     tried: int = 0
     pipelined: int = 0  # of those tried, candidates with pipeline stages
+    pruned: int = 0  # (mesh, microbatch) pairs a bound ruled out before their solve
 
     def add(self, c: Candidate) -> bool:
         """Keep `c` if it fits and is the fastest yet; say whether it fits."""
@@ -247,6 +260,39 @@ def _candidates(solved, stand, profiles, cluster, sub_mesh, flavours, space, mes
                 continue
             yield _best_cut(runnable, cluster, mesh, mb, m, schedule, v, flavour, order, budget,
                             solver, time_limit_s)
+
+
+def _compute_bound(stand, profiles, cluster: Cluster, sub_mesh: dict[str, int]) -> float:
+    """A lower bound on one microbatch's work over all layers on a stage mesh, before any
+    solve: each op's forward and backward compute alone (no communication, no host time),
+    split over the best of the ways its strategies can split work (over any set of the mesh's
+    axes), each node weighted by the full-graph nodes it stands for."""
+    splits = {1}
+    for n in sub_mesh.values():
+        splits |= {k * n for k in splits}
+    device = cluster.device
+    total = 0.0
+    for n in decision_nodes(stand.traced.graph_module):  # the ILP's nodes
+        prof = profiles.get(n.name)
+        if n.op != "call_function" or prof is None:
+            continue
+        flops, moved = prof.fwd_flops + prof.bwd_flops, prof.fwd_bytes + prof.bwd_bytes
+        if not (flops or moved):
+            continue
+        v = n.meta.get("val")
+        v = v[0] if isinstance(v, (tuple, list)) and v else v
+        dtype = v.dtype if isinstance(v, torch.Tensor) else torch.float32  # as the ILP's costs
+        total += stand.weight_of(n.name) * min(
+            cost.compute_time_s(flops / k, moved / k, device, dtype, op=str(n.target))
+            for k in splits)
+    return total
+
+
+def _bubble_bound(work: float, pp: int, m: int, schedule: str, v: int) -> float:
+    """The stage model's step with every stage's work W / pp: b W + (m - b) W / pp, a lower
+    bound on any cut's step (see `_step_bound`)."""
+    b = bubble_weight(schedule, pp, m, v)
+    return b * work + (m - b) * work / pp
 
 
 def _step_bound(costs: LayerCosts, pp: int, m: int, schedule: str, v: int) -> float:
