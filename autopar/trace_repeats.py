@@ -32,7 +32,15 @@ from dataclasses import dataclass
 from torch import fx, nn
 
 from autopar.errors import TraceError
-from autopar.trace import WRAPPED, TracedModel, inputs_key, module_stack, trace, trace_for_training
+from autopar.trace import (
+    WRAPPED,
+    TracedModel,
+    inputs_key,
+    module_stack,
+    trace,
+    trace_for_training,
+    unrun_graph_module,
+)
 
 KEPT_UNITS = 4  # units of a run traced: the last is the template, three check it
 MIN_UNITS = KEPT_UNITS + 1  # shorter runs are traced whole
@@ -384,7 +392,7 @@ def _rebuild(shallow: TracedModel, runs: list[Run], plans: list[_RunPlan],
                 shift[base] = shift.get(base, 0) + s * (run.units - KEPT_UNITS)
     renamed = {k: v.name for k, v in env.items()}
     return TracedModel(
-        graph_module=fx.GraphModule(gm, graph),
+        graph_module=unrun_graph_module(gm, graph),
         parameters=parameters,
         buffers=buffers,
         inputs=[renamed[x] for x in shallow.inputs],
