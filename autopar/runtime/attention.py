@@ -44,22 +44,26 @@ def replay_target(target):
 def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *,
               scale=None, enable_gqa=False):
     """`aten.scaled_dot_product_attention` with the backend chosen as for real tensors."""
+    if attn_mask is not None and not attn_mask.is_floating_point():
+        # a boolean mask: the composite converts it for each backend its own way
+        return SDPA(query, key, value, attn_mask, dropout_p, is_causal, scale=scale,
+                    enable_gqa=enable_gqa)
     backend = choice(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     lse = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
-    cuda = query.device.type == "cuda"
-    if backend == CUDNN and cuda and (attn_mask is None or attn_mask.is_floating_point()):
+    device = query.device.type
+    if backend == CUDNN and device == "cuda":
         return aten._scaled_dot_product_cudnn_attention(
             query, key, value, attn_mask, lse, dropout_p, is_causal, False, scale=scale)[0]
-    if backend == FLASH and cuda and attn_mask is None and query.size(-1) % 8 == 0:
+    if backend == FLASH and device == "cuda" and attn_mask is None and query.size(-1) % 8 == 0:
         return aten._scaled_dot_product_flash_attention(
             query, key, value, dropout_p, is_causal, False, scale=scale)[0]
-    if backend == FLASH and query.device.type == "cpu":
+    if backend == FLASH and device == "cpu":
         return aten._scaled_dot_product_flash_attention_for_cpu(
             query, key, value, dropout_p, is_causal, attn_mask=attn_mask, scale=scale)[0]
-    if backend == EFFICIENT and cuda and attn_mask is None and not enable_gqa:
+    if backend == EFFICIENT and device == "cuda" and attn_mask is None and not enable_gqa:
         return aten._scaled_dot_product_efficient_attention(
             query, key, value, None, lse, dropout_p, is_causal, scale=scale)[0]
-    if backend == MATH and (attn_mask is None or attn_mask.is_floating_point()):
+    if backend == MATH:
         return aten._scaled_dot_product_attention_math(
             query, key, value, attn_mask, dropout_p, is_causal, None, scale=scale,
             enable_gqa=enable_gqa)[0]

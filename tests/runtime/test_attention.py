@@ -84,3 +84,16 @@ def test_the_replay_runtime_runs_attention_as_chosen_for_real_tensors():
         run_on_ranks(replayed_attention_ops, 1, attention.MATH)[0]
     assert flash in chosen
     assert flash not in math and str(aten.bmm.default) in math, math
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32])
+def test_masks_give_the_composites_result(mask_dtype):
+    """A boolean mask goes to the composite, which converts it per backend (HF's padding
+    masks); a float mask is passed on as it is."""
+    q, k, v = _qkv()
+    mask = torch.rand(2, 1, 17, 17, generator=torch.Generator().manual_seed(1)) > 0.3
+    mask |= torch.eye(17, dtype=torch.bool)  # no row fully masked
+    if mask_dtype is not torch.bool:
+        mask = torch.zeros(mask.shape).masked_fill(~mask, -1e4)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(attention.attention(q, k, v, mask), want)
