@@ -4,12 +4,13 @@
 (`torch._fused_sdp_choice`) which backend the inputs allow (cuDNN, flash, memory-efficient, or
 the math fallback) and calls that backend's op. The replay runtime traces each layer once on
 fake tensors (`replay.trace_once`), so the selector runs then, on the fakes, and the graph
-replayed every step keeps whatever it said. On a GPU it can say what it would not say for real
-tensors of the same shapes: HF ViT-1B's attention (head dim 88, 257 tokens) was traced as the
-math fallback on an H100, while eager ran cuDNN on the same layouts. The math fallback
-upcasts bf16 to fp32 and materialises the score matrices: fp32 batched matmuls and softmax,
-about 4x eager's attention time and memory the plan never priced
-(docs/benchmarks/2026-12-05-hf-one-h100/).
+replayed every step keeps whatever it said. On an H100 (torch 2.11) HF ViT-1B's attention
+(head dim 88, 257 tokens, no mask) was replayed as the math fallback while eager ran cuDNN on
+the same layouts: fp32 batched matmuls and softmax, about 4x eager's attention time, and score
+matrices the plan never priced (docs/benchmarks/2026-12-05-hf-one-h100/). The memory-efficient
+kernel takes fp32 and head dim 88, so the refusal was not about dtype or head size; which check
+refused the traced tensors is not yet seen on a GPU (CPUs choose the same on fakes as on real
+tensors). Choosing on real tensors takes the trace out of the choice, whatever that check is.
 
 `attention(...)` asks the selector about real tensors of the inputs' shapes, strides, dtypes and
 devices (allocated, never computed on, and remembered per layout), and calls the op of the
