@@ -46,7 +46,7 @@ from solvers.pipeline_problem import (
     stage_costs,
 )
 from solvers.pipeline_runs import RunsIlp, build_pipeline_runs_ilp, read_runs_plan
-from solvers.problem import NoSolutionFound
+from solvers.problem import NoPlanBelowCutoff, NoSolutionFound
 
 __all__ = ["FORMULATIONS", "read_pipeline_solution", "solve_pipeline"]
 
@@ -61,6 +61,7 @@ def solve_pipeline(
     gap: float | None = None,
     msg: bool = False,
     formulation: str = "auto",
+    cutoff_s: float | None = None,
 ) -> PipelineSolution:
     """Cut layers into stages and pick each layer's option, minimising step time (exact ILP).
 
@@ -81,6 +82,13 @@ def solve_pipeline(
         runs of identical layers (`solvers.pipeline_runs`), which has the same optimum and proves it
         much faster on deep stacks of equal blocks; "auto" (default) takes "runs" when two
         adjacent layers are identical and "layers" otherwise.
+    cutoff_s : float, optional
+        A step time the caller already has a plan for. With HiGHS the solve prunes every plan
+        not below it: when it proves none is, NoPlanBelowCutoff is raised (often in a fraction
+        of the time the optimum's proof takes); a plan below it is returned as without it
+        (optimal, or feasible with its gap at the time limit), and found sooner (GPT-3 with
+        192 blocks on 32 interleaved stages: proven in 12 s, not in 20 s without); when HiGHS
+        stops on a plan at or above it, the plain solve follows. CBC ignores it.
 
     Returns
     -------
@@ -93,6 +101,8 @@ def solve_pipeline(
         No plan fits `memory_budget_bytes`; `min_peak_bytes` is the smallest max-rank peak.
     NoSolutionFound
         The time limit passed before any plan was found.
+    NoPlanBelowCutoff
+        (a NoSolutionFound) no plan that fits has a step below `cutoff_s`.
     ValueError
         The problem is invalid, or `solver` or `formulation` is unknown.
 
@@ -114,6 +124,20 @@ def solve_pipeline(
     problem.validate()
     solver = pick_solver(solver)
     formulation = _pick_formulation(problem, formulation)
+    if cutoff_s is not None and solver == "highs":
+        ilp = _build(problem, formulation, minimise="time")
+        result = highs_within_tolerance(ilp, run_solver(
+            ilp, solver=solver, time_limit_s=time_limit_s, gap=gap, msg=msg,
+            objective_bound=cutoff_s / ilp.seconds_per_unit))
+        if result.status == "infeasible":
+            raise NoPlanBelowCutoff(f"no stage cut fits with a step below {cutoff_s:.6g} s")
+        if result.status == "no_solution":
+            raise NoSolutionFound(f"{solver} found no stage cut below {cutoff_s:.6g} s within "
+                                  f"time_limit_s={time_limit_s}")
+        sol = read_pipeline_solution(problem, ilp, result, start=start)
+        if sol.step_time_s < cutoff_s:  # the best of the plans below the cutoff: of all
+            return sol
+        # HiGHS may also stop on a plan at or above the bound: no proof either way
     ilp = _build(problem, formulation, minimise="time")
     result = highs_within_tolerance(
         ilp, run_solver(ilp, solver=solver, time_limit_s=time_limit_s, gap=gap, msg=msg)

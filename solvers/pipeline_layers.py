@@ -86,6 +86,7 @@ class PipelineIlp:
     o: dict[tuple[int, int], pulp.LpVariable] = field(default_factory=dict)  # (i, k)
     w: dict[tuple[int, int, int], pulp.LpVariable] = field(default_factory=dict)  # (i, s, k)
     c: dict[tuple[int, int], pulp.LpVariable] = field(default_factory=dict)  # (i, s)
+    seconds_per_unit: float = 1.0  # the time objective's scale (`set_step_objective`)
 
 
 def build_pipeline_ilp(problem: PipelineProblem, *, minimise: str = "time") -> PipelineIlp:
@@ -107,7 +108,7 @@ def build_pipeline_ilp(problem: PipelineProblem, *, minimise: str = "time") -> P
     memory = rank_memory(problem, _stage_memory(ilp, problem))
     if minimise == "time":
         times = [_stage_time(ilp, problem, s) for s in range(problem.num_stages)]
-        set_step_objective(ilp.lp, problem, times)
+        ilp.seconds_per_unit = set_step_objective(ilp.lp, problem, times)
         add_memory_rows(ilp.lp, problem, memory)
     else:
         set_peak_objective(ilp.lp, problem, memory)

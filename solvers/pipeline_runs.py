@@ -116,6 +116,7 @@ class RunsIlp:
     end: dict[tuple[int, int], pulp.LpVariable] = field(default_factory=dict)  # e (s, j)
     count: dict[tuple[int, int, int], pulp.LpVariable] = field(default_factory=dict)  # z (s, j, k)
     holds: dict[tuple[int, int, int], pulp.LpVariable] = field(default_factory=dict)  # h (r, j, q)
+    seconds_per_unit: float = 1.0  # the time objective's scale (`set_step_objective`)
 
 
 def build_pipeline_runs_ilp(problem: PipelineProblem, *, minimise: str = "time") -> RunsIlp:
@@ -129,7 +130,7 @@ def build_pipeline_runs_ilp(problem: PipelineProblem, *, minimise: str = "time")
     memory = rank_memory(problem, stage_memory(ilp, problem))
     if minimise == "time":
         times = stage_times(ilp, problem)
-        scale = set_step_objective(ilp.lp, problem, times)
+        scale = ilp.seconds_per_unit = set_step_objective(ilp.lp, problem, times)
         add_memory_rows(ilp.lp, problem, memory)
         add_rank_bounds(ilp, problem, times, scale)
     else:

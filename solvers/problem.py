@@ -253,6 +253,11 @@ class NoSolutionFound(RuntimeError):
     """The solver stopped (time limit) before it found any plan; the problem may be feasible."""
 
 
+class NoPlanBelowCutoff(NoSolutionFound):
+    """Proven: no plan that fits has an objective below the caller's cutoff (a plan the caller
+    already holds is at least as good as any this problem has)."""
+
+
 def infeasible_error(min_peak_bytes: float, budget_bytes: float) -> InfeasibleProblem:
     """The InfeasibleProblem both solvers raise, with its user-facing message."""
     if math.isinf(min_peak_bytes):

@@ -139,7 +139,7 @@ def search(trace_fn, example_inputs, cluster: Cluster, space: SearchSpace, *,
         flavours = space.flavours if mesh[DATA] > 1 else (parallelism.REPLICATE,)
         return [found.add(c) for c in _candidates(
             solved[key], stand, profiles, cluster, sub_mesh, flavours, space, mesh, mb, m,
-            order, budget, solver, time_limit_s, precision, found.best)]
+            order, budget, solver, time_limit_s, precision, found)]
 
     fallbacks = []
     # ops split inside a node first, widest first: such meshes usually win at scale, and an
@@ -240,8 +240,9 @@ def _least_memory_bound(fastest, pp: int, m: int) -> float:
 
 
 def _candidates(solved, stand, profiles, cluster, sub_mesh, flavours, space, mesh, mb, m, order,
-                budget, solver, time_limit_s, precision, best):
-    """Scored candidates of one intra-op solution: every flavour x schedule, pruned by bound."""
+                budget, solver, time_limit_s, precision, found):
+    """Scored candidates of one intra-op solution: every flavour x schedule, pruned by bound
+    against `found.best` as it stands when each is scored."""
     pp, dp = mesh[PIPELINE], mesh[DATA]
     stage_cluster = sub_cluster(cluster, math.prod(sub_mesh.values()))
     for flavour in flavours:
@@ -256,10 +257,11 @@ def _candidates(solved, stand, profiles, cluster, sub_mesh, flavours, space, mes
             costs.layers, tuple(p for p in space.checkpoint if p != "selective")))
         for schedule, v in _schedules(space, pp, m, len(order)):
             runnable = split if get_schedule(schedule).split_backward else costs
+            best = found.best
             if best is not None and _step_bound(runnable, pp, m, schedule, v) >= best.step_time_s:
                 continue
             yield _best_cut(runnable, cluster, mesh, mb, m, schedule, v, flavour, order, budget,
-                            solver, time_limit_s)
+                            solver, time_limit_s, best)
 
 
 def _compute_bound(stand, profiles, cluster: Cluster, sub_mesh: dict[str, int]) -> float:
@@ -331,9 +333,12 @@ def _schedules(space, pp, m, n_layers):
 
 
 def _best_cut(costs, cluster, mesh, mb, m, schedule, v, flavour, order, budget, solver,
-              time_limit_s) -> Candidate:
+              time_limit_s, best=None) -> Candidate:
     """The stage ILP's cut, and the even cut with the cheapest options that fit, scored by
-    `evaluate` (which also charges the per-step dp sync the ILP leaves out); the faster wins."""
+    `evaluate` (which also charges the per-step dp sync the ILP leaves out); the faster wins.
+    The ILP is cut off at the best plan so far: `evaluate`'s step is at least the ILP's
+    objective (the same stage model, then the timeline's max and the dp sync on top), so a cut
+    the cutoff rules out could not have won."""
     pp = mesh[PIPELINE]
     base = dict(mesh=dict(mesh), microbatch_size=mb, num_microbatches=m, schedule=schedule,
                 v=v, flavour=flavour, costs=costs)
@@ -342,7 +347,8 @@ def _best_cut(costs, cluster, mesh, mb, m, schedule, v, flavour, order, budget, 
     if _least_peak_bound(problem) + costs.temporaries_bytes <= budget:
         try:
             sol = solvers.solve_pipeline(problem, solver=solver,
-                                         time_limit_s=time_limit_s or STAGE_TIME_LIMIT_S)
+                                         time_limit_s=time_limit_s or STAGE_TIME_LIMIT_S,
+                                         cutoff_s=best.step_time_s if best else None)
             found.append(evaluate(Candidate(stages=sol.stages, options=dict(sol.options),
                                             cut=_cut_status(sol), **base), cluster))
         except solvers.InfeasibleProblem as e:

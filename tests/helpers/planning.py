@@ -14,7 +14,7 @@ import json
 
 import pytest
 
-from autopar import trace
+from autopar import trace, trace_repeats
 from autopar.planning import manual, search
 
 
@@ -50,9 +50,10 @@ def shared_planning_work():
     object, input shapes and loss function), stand-ins and intra-op solves. Models must not
     change inside the block."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(trace, "trace_for_training", _memo(
-            trace.trace_for_training,
-            lambda model, inputs, loss_fn: (id(model), trace.inputs_key(inputs), loss_fn)))
+        traced = _memo(trace.trace_for_training, lambda model, inputs, loss_fn, how=None: (
+            id(model), trace.inputs_key(inputs), loss_fn, how))
+        mp.setattr(trace, "trace_for_training", traced)
+        mp.setattr(trace_repeats, "trace_for_training", traced)  # the planner's tracer
         prepare = _memo(search.prepare, id)
         solve_layers = _memo(search.solve_layers, _solve_key)
         for planning in (search, manual):  # the search's and manual_plan's

@@ -7,6 +7,7 @@ import pytest
 
 from solvers import (
     InfeasibleProblem,
+    NoPlanBelowCutoff,
     PipelineProblem,
     evaluate_pipeline,
     solve_pipeline,
@@ -162,6 +163,43 @@ def test_cbc_equals_brute_force(seed):
 @pytest.mark.parametrize("seed", range(40))
 def test_ilp_equals_brute_force_on_repeated_layers(seed):
     agree(repeated_problem(random.Random(5000 + seed)))
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_a_cutoff_proves_nothing_beats_it_or_gives_the_optimum(seed):
+    rng = random.Random(7000 + seed)
+    p = random_problem(rng) if seed % 2 else repeated_problem(rng)
+    try:
+        best = solve_pipeline_brute_force(p).step_time_s
+    except InfeasibleProblem:  # nothing fits: nothing fits below any cutoff either
+        with pytest.raises(NoPlanBelowCutoff):
+            solve_pipeline(p, cutoff_s=1e30)
+        return
+    for below in (0.9, 0.999):  # proven: nothing beats it; or, unproven, the optimum anyway
+        try:
+            sol = solve_pipeline(p, cutoff_s=best * below)
+        except NoPlanBelowCutoff:
+            continue
+        assert sol.status == "optimal" and sol.step_time_s == pytest.approx(best, rel=1e-9)
+    for above in (1.001, 1.05):
+        sol = solve_pipeline(p, cutoff_s=best * above)
+        assert sol.status == "optimal" and sol.step_time_s == pytest.approx(best, rel=1e-9)
+
+
+def test_a_cutoff_below_the_optimum_is_often_proven_outright():
+    proven = tried = 0
+    for seed in range(30):
+        p = random_problem(random.Random(7000 + seed))
+        try:
+            best = solve_pipeline_brute_force(p).step_time_s
+        except InfeasibleProblem:
+            continue
+        tried += 1
+        try:
+            solve_pipeline(p, cutoff_s=best * 0.9)
+        except NoPlanBelowCutoff:
+            proven += 1
+    assert tried >= 15 and proven >= tried / 3, (proven, tried)
 
 
 def test_random_instances_cover_the_cases():
