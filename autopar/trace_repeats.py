@@ -29,10 +29,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import torch
 from torch import fx, nn
 
 from autopar.errors import TraceError
 from autopar.trace import (
+    CONSTANT_PREFIX,
     WRAPPED,
     TracedModel,
     inputs_key,
@@ -204,7 +206,7 @@ def expand(shallow: TracedModel, runs: list[Run]) -> TracedModel | None:
     plans = []
     for r, run in enumerate(runs):
         unit_nodes = [[n for n in nodes if place.get(n.name) == (r, u)] for u in range(KEPT_UNITS)]
-        plan = _check_run(run, r, unit_nodes, nodes, place)
+        plan = _check_run(run, r, unit_nodes, nodes, place, shallow)
         if plan is None:
             return None
         plans.append(plan)
@@ -214,7 +216,7 @@ def expand(shallow: TracedModel, runs: list[Run]) -> TracedModel | None:
 def _place_of(n: fx.Node, runs: list[Run], fqn_of: dict) -> tuple[int, int] | None:
     """(run, unit) of a node made inside a kept unit, or of a unit's parameter or buffer."""
     if n.op == "placeholder":
-        paths = [fqn_of.get(n.name, "")]
+        paths = [fqn_of.get(n.name, "").removeprefix(CONSTANT_PREFIX)]
     elif n.op == "call_function":
         paths = [fqn for fqn, _ in module_stack(n)]
     else:
@@ -237,7 +239,7 @@ class _RunPlan:
 
 
 def _check_run(run: Run, r: int, units: list[list[fx.Node]], nodes: list[fx.Node],
-               place: dict) -> _RunPlan | None:
+               place: dict, shallow: TracedModel) -> _RunPlan | None:
     """How the run repeats, if its kept units show it cleanly."""
     if any(not u for u in units) or len({len(u) for u in units[1:]}) != 1:
         return None  # (the first unit reads what came before the run: it may differ)
@@ -254,15 +256,22 @@ def _check_run(run: Run, r: int, units: list[list[fx.Node]], nodes: list[fx.Node
             if not _same_but_moved(a, b, r, u, place, units):
                 return None
             (base, na), (base_b, nb) = _split_name(a.name), _split_name(b.name)
-            if a.op == "placeholder":
+            constant = _kind_of(a, shallow) == "constant"
+            if constant:  # a lifted constant: the same value in every unit, or no repeat
+                va, vb = (shallow.constants[shallow.buffers[x.name]] for x in (a, b))
+                if va.shape != vb.shape or va.dtype != vb.dtype or not torch.equal(va, vb):
+                    return None
+            elif a.op == "placeholder":
                 continue
-            if base != base_b:
+            if not constant and base != base_b:
                 return None
             template = units[-1][units[u].index(a)].name
             if step.setdefault(template, na - nb) != na - nb:
                 return None
     base_step: dict[str, int] = {}
     for name, s in step.items():
+        if name in shallow.buffers:
+            continue  # a constant's counter is its own, not an op name's
         if base_step.setdefault(_split_name(name)[0], s) != s:
             return None
     return _RunPlan(units=units, step=step, base_step=base_step)
@@ -303,8 +312,12 @@ def _shapes(n: fx.Node):
 
 
 def _kind_of(n: fx.Node, shallow: TracedModel) -> str:
+    """Export puts parameters, buffers and lifted constants in three groups: each group's
+    copies go after the template's last of that group."""
     if n.op == "placeholder":
-        return "buffer" if n.name in shallow.buffers else "parameter"
+        if n.name not in shallow.buffers:
+            return "parameter"
+        return "constant" if shallow.buffers[n.name].startswith(CONSTANT_PREFIX) else "buffer"
     return n.op
 
 
@@ -320,9 +333,10 @@ def _rebuild(shallow: TracedModel, runs: list[Run], plans: list[_RunPlan],
     shift: dict[str, int] = {}  # name base -> counter steps the dropped units used so far
     parameters = dict(shallow.parameters)
     buffers = dict(shallow.buffers)
+    constants = dict(shallow.constants)
     last_of = {}  # the template's last node of each kind -> (run, kind): copies go after it
     for r, plan in enumerate(plans):
-        for kind in ("parameter", "buffer", "call_function"):
+        for kind in ("parameter", "buffer", "constant", "call_function"):
             own = [n for n in plan.units[-1] if _kind_of(n, shallow) == kind]
             if own:
                 last_of[own[-1].name] = (r, kind)
@@ -379,11 +393,14 @@ def _rebuild(shallow: TracedModel, runs: list[Run], plans: list[_RunPlan],
                     new = create(t, counted(t.name, moved_by * plan.step[t.name]), inside,
                                  _moved_meta(t.meta, run, moved_by))
                 else:
-                    table = buffers if kind == "buffer" else parameters
-                    name, fqn = _moved_state(t.name, table[t.name], run, moved_by)
+                    table = parameters if kind == "parameter" else buffers
+                    name, fqn = _moved_state(t.name, table[t.name], run, moved_by,
+                                             plan.step.get(t.name, 0))
                     new = create(t, name, inside) if name else None
                     if new is not None:
                         table[name] = fqn
+                        if kind == "constant":
+                            constants[fqn] = shallow.constants[table[t.name]]
                 if new is None:
                     return None
                 mine[k] = new
@@ -401,21 +418,34 @@ def _rebuild(shallow: TracedModel, runs: list[Run], plans: list[_RunPlan],
         output_node=renamed[shallow.output_node],
         model_name=shallow.model_name,
         layout=shallow.layout,
-        constants=shallow.constants,
+        constants=constants,
     )
 
 
-def _moved_state(name: str, fqn: str, run: Run, moved_by: int) -> tuple[str | None, str]:
-    """The placeholder name and FQN of a parameter or buffer `moved_by` units on, named as
-    export names it ("p_" or "b_", then the wrapped FQN with dots as underscores)."""
+def _moved_state(name: str, fqn: str, run: Run, moved_by: int,
+                 step: int) -> tuple[str | None, str]:
+    """The placeholder name and FQN of a parameter, buffer or lifted constant `moved_by` units
+    on, named as export names it ("p_", "b_" or "c_", then the wrapped FQN with dots as
+    underscores; a lifted constant's FQN ends in a counter that runs across blocks, moved on by
+    `step` a unit)."""
+    prefix = CONSTANT_PREFIX if fqn.startswith(CONSTANT_PREFIX) else ""
+    path = fqn.removeprefix(prefix)
     head = run.fqn + "."
-    child, _, tail = fqn[len(head):].partition(".")
+    child, _, tail = path[len(head):].partition(".")
     new_child = int(child) + moved_by * run.period
-    old_part = f"{WRAPPED}.{head}{child}.".replace(".", "_")
-    new_part = f"{WRAPPED}.{head}{new_child}.".replace(".", "_")
-    if old_part not in name:
+    old_part = f"{WRAPPED}.{head}{child}.".replace(".", "_").lower()
+    new_part = f"{WRAPPED}.{head}{new_child}.".replace(".", "_").lower()
+    if old_part not in name.lower() or name.lower().count(old_part) != 1:
         return None, fqn
-    return name.replace(old_part, new_part, 1), f"{head}{new_child}.{tail}"
+    at = name.lower().index(old_part)
+    name = name[:at] + new_part + name[at + len(old_part):]
+    if step:  # lifted_tensor_33 -> lifted_tensor_41
+        base, num = _split_name(name)
+        tail_base, tail_num = _split_name(tail)
+        if not num or num != tail_num:
+            return None, fqn
+        name, tail = _name(base, num + moved_by * step), _name(tail_base, tail_num + moved_by * step)
+    return name, f"{prefix}{head}{new_child}.{tail}"
 
 
 def _moved_meta(meta: dict, run: Run, moved_by: int) -> dict:

@@ -40,6 +40,8 @@ def assert_same_graph(full: TracedModel, repeated: TracedModel) -> None:
     assert repeated.inputs == full.inputs and repeated.target == full.target
     assert (repeated.loss_node, repeated.output_node) == (full.loss_node, full.output_node)
     assert assign_layers(repeated) == assign_layers(full)  # module paths moved with the copies
+    assert repeated.constants.keys() == full.constants.keys()  # lifted by export, per block
+    assert all(torch.equal(repeated.constants[k], v) for k, v in full.constants.items())
 
 
 def traces_made(monkeypatch) -> list:
@@ -72,7 +74,9 @@ def test_builtin_families_trace_once_and_equal_the_full_trace(name, monkeypatch)
     assert_same_graph(full, repeated)
 
 
-HF = ["llama", "falcon", "t5", "vit"]  # one stack, parallel blocks, two stacks, an encoder
+# one stack, parallel blocks, two stacks, an encoder; Switch: dense and expert blocks alternate,
+# and each block's attention lifts a tensor constant named with a counter across blocks
+HF = ["llama", "falcon", "t5", "vit", "switch_transformers"]
 
 
 @pytest.mark.slow
