@@ -162,20 +162,24 @@ def _is_parameter_value(n: fx.Node, traced: TracedModel) -> bool:
     return n.op == "placeholder" and n.name in traced.parameters
 
 
+def op_compute_s(n: fx.Node, prof: OpProfile, device, split: float) -> float:
+    """Forward + backward compute of op `n` with its work split `split` ways, in the op's own
+    output dtype: the compute part of an ILP node's cost (the search's bound uses it too)."""
+    val = _val(n)
+    dtype = val.dtype if isinstance(val, torch.Tensor) else torch.float32
+    flops = (prof.fwd_flops + prof.bwd_flops) / split
+    moved = (prof.fwd_bytes + prof.bwd_bytes) / split
+    return (cost.compute_time_s(flops, moved, device, dtype, op=str(n.target))
+            if flops or moved else 0.0)
+
+
 def _node_time_s(n, s: Strategy, profiles, cluster: Cluster, shape, links, skip_axes=(),
                  traced=None) -> float:
     """Forward + backward compute of an op on its local shard, plus the gradient all-reduces
     its strategy implies (a replicated input feeding a sharded output gets a partial gradient)."""
     if n.op == "placeholder":
         return 0.0
-    prof = profiles[n.name]
-    split = work_factor(s, shape)
-    val = _val(n)
-    dtype = val.dtype if isinstance(val, torch.Tensor) else torch.float32
-    flops = (prof.fwd_flops + prof.bwd_flops) / split
-    moved = (prof.fwd_bytes + prof.bwd_bytes) / split
-    seconds = (cost.compute_time_s(flops, moved, cluster.device, dtype, op=str(n.target))
-               if flops or moved else 0.0)
+    seconds = op_compute_s(n, profiles[n.name], cluster.device, work_factor(s, shape))
     out = s.outputs[0]
     for arg, pl in zip(tensor_inputs(n), s.inputs):
         v = arg.meta["val"]

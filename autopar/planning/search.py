@@ -16,8 +16,6 @@ import math
 import time
 from dataclasses import dataclass
 
-import torch
-
 import solvers
 from autopar import parallelism
 from autopar.batches import batch_size, microbatch_inputs
@@ -26,7 +24,6 @@ from autopar.errors import InfeasibleError, MeshError
 from autopar.layers import assign_layers, decision_nodes, layer_order
 from autopar.parallelism import DATA, OPS, PIPELINE, POLICIES
 from autopar.plan import Plan
-from autopar.planning import cost
 from autopar.planning.assemble import candidate_plan
 from autopar.planning.candidate import (
     Candidate,
@@ -35,6 +32,7 @@ from autopar.planning.candidate import (
     even_stages,
     pipeline_problem,
 )
+from autopar.planning.intra_op import op_compute_s
 from autopar.planning.layer_costs import (
     LayerCosts,
     hybrid_shard,
@@ -272,21 +270,11 @@ def _compute_bound(stand, profiles, cluster: Cluster, sub_mesh: dict[str, int]) 
     splits = {1}
     for n in sub_mesh.values():
         splits |= {k * n for k in splits}
-    device = cluster.device
     total = 0.0
     for n in decision_nodes(stand.traced.graph_module):  # the ILP's nodes
-        prof = profiles.get(n.name)
-        if n.op != "call_function" or prof is None:
-            continue
-        flops, moved = prof.fwd_flops + prof.bwd_flops, prof.fwd_bytes + prof.bwd_bytes
-        if not (flops or moved):
-            continue
-        v = n.meta.get("val")
-        v = v[0] if isinstance(v, (tuple, list)) and v else v
-        dtype = v.dtype if isinstance(v, torch.Tensor) else torch.float32  # as the ILP's costs
-        total += stand.weight_of(n.name) * min(
-            cost.compute_time_s(flops / k, moved / k, device, dtype, op=str(n.target))
-            for k in splits)
+        if n.op == "call_function" and n.name in profiles:
+            total += stand.weight_of(n.name) * min(
+                op_compute_s(n, profiles[n.name], cluster.device, k) for k in splits)
     return total
 
 
