@@ -52,6 +52,7 @@ __all__ = [
     "PipelineSolution",
     "Run",
     "evaluate_pipeline",
+    "even_plan",
     "infeasible_cut_error",
     "layer_runs",
     "same_kind",
@@ -363,6 +364,31 @@ def evaluate_pipeline(
     problem.validate()
     by_index, option_index = _indices(problem, tuple(map(tuple, stages)), options)
     return score_stages(problem, *stage_costs(problem, by_index, option_index))
+
+
+def even_plan(
+    problem: PipelineProblem,
+) -> tuple[float, tuple[tuple[int, ...], ...], list[int]] | None:
+    """The fastest plan that fits among the even cuts with one option for every layer:
+    `(step_s, stages, options)` by indices (as in `stage_costs`), or None when none fits.
+
+    Stages take L / S layers each (the first L mod S one more); each option name is tried on
+    every layer that has it, the others keeping their first option. A cheap plan to start a
+    search from: the solvers bound their models by its step (`solvers.pipeline`).
+    """
+    L, S = len(problem.layers), problem.num_stages
+    sizes = [L // S + (s < L % S) for s in range(S)]
+    starts = list(itertools.accumulate(sizes, initial=0))
+    stages = tuple(tuple(range(a, b)) for a, b in zip(starts, starts[1:]))
+    names = dict.fromkeys(o.name for layer in problem.layers for o in layer.options)
+    best = None
+    for name in names:
+        options = [next((k for k, o in enumerate(layer.options) if o.name == name), 0)
+                   for layer in problem.layers]
+        step_s, peaks = score_stages(problem, *stage_costs(problem, stages, options))
+        if max(peaks) <= problem.memory_budget_bytes and (best is None or step_s < best[0]):
+            best = (step_s, stages, options)
+    return best
 
 
 def solution_from_plan(

@@ -119,23 +119,54 @@ class RunsIlp:
     seconds_per_unit: float = 1.0  # the time objective's scale (`set_step_objective`)
 
 
-def build_pipeline_runs_ilp(problem: PipelineProblem, *, minimise: str = "time") -> RunsIlp:
+def build_pipeline_runs_ilp(problem: PipelineProblem, *, minimise: str = "time",
+                            cutoff_s: float | None = None) -> RunsIlp:
     """Build the runs model with the objective and rows over ranks of `solvers.pipeline_ranks`.
 
     Same `minimise` choices as `build_pipeline_ilp`, same optimum, far fewer equal-cost copies
-    of each plan when layers repeat.
+    of each plan when layers repeat. With `cutoff_s` (time model only) the model keeps only
+    plans that could step faster than it (`rank_time_cap`): the optimum below the cutoff is
+    unchanged, and a deep run's counts get bounds set by the cap, not by its length.
     """
     check_minimise(minimise)
     ilp = build_runs_model(pulp.LpProblem(f"pipeline_runs_{minimise}", pulp.LpMinimize), problem)
     memory = rank_memory(problem, stage_memory(ilp, problem))
     if minimise == "time":
+        cap = rank_time_cap(problem, cutoff_s)
+        if cap is not None:
+            _cap_counts(ilp, cap)
         times = stage_times(ilp, problem)
         scale = ilp.seconds_per_unit = set_step_objective(ilp.lp, problem, times)
         add_memory_rows(ilp.lp, problem, memory)
-        add_rank_bounds(ilp, problem, times, scale)
+        add_rank_bounds(ilp, problem, times, scale, cap=cap)
     else:
         set_peak_objective(ilp.lp, problem, memory)
     return ilp
+
+
+def rank_time_cap(problem: PipelineProblem, cutoff_s: float | None) -> float | None:
+    """The most seconds any rank can take in a plan whose step is below `cutoff_s` (None when
+    there is no cutoff, or no t_max term to bound).
+
+    Every plan has sum_s T_s >= W, the layers' fastest options (the p2p terms only add), so a
+    step b * sum_s T_s + (m - b) * t_max below the cutoff needs every rank's time
+    <= t_max < (cutoff - b W) / (m - b). The cap is that, a hair larger, so that float rounding
+    can only keep a plan, never drop one.
+    """
+    w, m = problem.bubble_weight, problem.num_microbatches
+    if cutoff_s is None or math.isinf(cutoff_s) or m - w <= 0:
+        return None
+    least_work = sum(min(o.fwd_s + o.bwd_s for o in layer.options) for layer in problem.layers)
+    return max(cutoff_s - w * least_work, 0.0) / (m - w) * (1.0 + _BUDGET_SLACK) + 1e-12
+
+
+def _cap_counts(ilp: RunsIlp, cap: float) -> None:
+    """z[s,j,k] <= cap / (fastest seconds of a layer of run j): stage s runs on a rank whose
+    time is at most the cap, and each of its layers of run j takes at least that long."""
+    for (s, j, k), z in ilp.count.items():
+        fastest = min(o.fwd_s + o.bwd_s for o in ilp.runs[j].layer.options)
+        if fastest > 0:
+            z.upBound = min(z.upBound, math.floor(cap / fastest))
 
 
 def build_runs_model(lp: pulp.LpProblem, problem: PipelineProblem) -> RunsIlp:
@@ -288,7 +319,8 @@ def _spread_options(ilp: RunsIlp, s: int, j: int, inside: list[int], options: li
 
 
 def add_rank_bounds(
-    ilp: RunsIlp, problem: PipelineProblem, times: list[pulp.LpAffineExpression], scale: float
+    ilp: RunsIlp, problem: PipelineProblem, times: list[pulp.LpAffineExpression], scale: float,
+    *, cap: float | None = None,
 ) -> None:
     """h[r,j,q] and rank_bound[r,j] rows: rank r's time is at least what its layers of run j need.
 
@@ -314,6 +346,10 @@ def add_rank_bounds(
     Every plan satisfies them (with h the indicator of its count), so the optimum is unchanged.
     Added for runs of two or more layers when the budget is finite and g is not already linear
     (when it is, rank_bound follows from the LP and would only add variables).
+
+    With a `cap` on every rank's time (`rank_time_cap`), h[r,j,q] is fixed to 0 where
+    g_(r,j)(q) > cap: no plan below the cutoff has rank r hold q layers of run j, so a deep run
+    branches over the few counts near its even share, not over all of them.
     """
     if math.isinf(problem.memory_budget_bytes):
         return
@@ -327,6 +363,8 @@ def add_rank_bounds(
             if (j, f_r) not in fills:
                 fills[j, f_r] = _useful_fill(run, f_r, problem.memory_budget_bytes)
             fill = fills[j, f_r]
+            if fill is not None and cap is not None:
+                fill = [g if g <= cap else math.inf for g in fill]
             if fill is not None:
                 _add_rank_bound(ilp, stages, r, j, fill, rank_time, scale, tokens[j])
 

@@ -18,7 +18,7 @@ from solvers import (
     solve_pipeline_brute_force,
 )
 from solvers.pipeline_problem import Run, layer_runs
-from solvers.pipeline_runs import build_pipeline_runs_ilp, fastest_fill
+from solvers.pipeline_runs import build_pipeline_runs_ilp, fastest_fill, rank_time_cap
 from tests.solvers.pipeline_instances import (
     FULL,
     INF,
@@ -223,15 +223,31 @@ def one_run_optimum(p):
     return optimum
 
 
-@pytest.mark.parametrize("pp, v, budget", [(8, 2, 60e9), (16, 1, 45e9)])
-def test_deep_tight_memory_is_proven_optimal(pp, v, budget):
+@pytest.mark.parametrize("blocks, pp, v, budget", [(96, 8, 2, 60e9), (96, 16, 1, 45e9),
+                                                    (192, 16, 1, 80e9)])
+def test_deep_tight_memory_is_proven_optimal(blocks, pp, v, budget):
     # GPT-3 175B's 96 blocks with a budget that forces checkpointing. On 8 ranks x 2 stages the
     # per-layer ILP, and the runs model without rank_bound rows, stay ~2% from proving
-    # optimality after 10 minutes.
-    p = gpt_like(blocks=96, pp=pp, v=v, m=64, budget=budget)
+    # optimality after 10 minutes. Twice as deep, the model is no harder (`rank_time_cap`).
+    p = gpt_like(blocks=blocks, pp=pp, v=v, m=64, budget=budget)
     sol = solve_pipeline(p, time_limit_s=20.0)
     check_plan(p, sol)
     assert sol.step_time_s == pytest.approx(one_run_optimum(p), rel=1e-6)
+
+
+def test_a_cutoff_keeps_a_deep_runs_counts_near_their_even_share():
+    # 192 blocks on 16 ranks x 2 stages: without a cap a stage may count up to 192 blocks, and
+    # a rank's total too; below a cutoff 1% over the optimum only counts up to about twice the
+    # even share (12 a rank) are left, and the optimum below it is the same.
+    p = gpt_like(blocks=192, pp=16, v=2, m=64, budget=80e9)
+    best = solve_pipeline(p).step_time_s
+    most = lambda ilp: max(  # noqa: E731
+        [z.upBound for z in ilp.count.values()]
+        + [q for (_, _, q), h in ilp.holds.items() if h.upBound])
+    assert most(build_pipeline_runs_ilp(p)) == 192
+    assert most(build_pipeline_runs_ilp(p, cutoff_s=best * 1.01)) <= 2 * 192 / 16
+    assert solve_pipeline(p, cutoff_s=best * 1.01).step_time_s == pytest.approx(best, rel=1e-9)
+    assert rank_time_cap(p, None) is None and rank_time_cap(p, best) < best / (64 - 0.5)
 
 
 def _with_carry(p: PipelineProblem, rng: random.Random) -> PipelineProblem:
