@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import statistics
 import sys
 import time
@@ -46,6 +47,7 @@ import torch.distributed as dist
 
 import autopar
 from autopar.planning.profile import TrainingPrecision, profile_graph
+from autopar.runtime import attention
 from autopar.trace import trace
 from benchmarks.lib import breakdown
 from benchmarks.lib.distributed import init_distributed
@@ -151,14 +153,68 @@ def autopar_step(pm, opt):
     return step
 
 
-def plan_model(ctx, name: str, data: list[dict]) -> tuple[autopar.Plan, float]:
+def plan_model(ctx, name: str, data: list[dict]) -> tuple[autopar.Plan, float | None]:
+    """The plan and its planning time; with --plans-dir, a plan saved there for this cluster
+    is read instead (planning time None) and a new one is saved there."""
+    cluster = autopar.Cluster.detect()
+    path = os.path.join(ctx.args.plans_dir, f"{name}.plan.json") if ctx.args.plans_dir else None
+    if path and os.path.exists(path):
+        plan = autopar.Plan.load(path)
+        if plan.cluster == cluster.to_dict():
+            print(f"{name}: plan read from {path}", flush=True)
+            return plan, None
+        print(f"{name}: the plan in {path} is for another cluster; planning", flush=True)
     model = build(name, ctx.args.tiny, ctx.device, ctx.dtype)
     precision = (TrainingPrecision.mixed_bf16() if ctx.dtype == torch.bfloat16
                  else TrainingPrecision.fp32())
     t0 = time.perf_counter()
-    plan = autopar.plan(model, autopar.Cluster.detect(), data[0], precision=precision,
+    plan = autopar.plan(model, cluster, data[0], precision=precision,
                         time_limit=ctx.args.plan_time_limit)
-    return plan, time.perf_counter() - t0
+    plan_s = time.perf_counter() - t0
+    if path:
+        os.makedirs(ctx.args.plans_dir, exist_ok=True)
+        plan.save(path)
+    return plan, plan_s
+
+
+def attention_backends() -> list[dict]:
+    """The attention kernels the replay runtime chose (autopar.runtime.attention), one entry
+    per layout: the backend for real tensors of that layout, and on a GPU torch's reasons
+    when neither cuDNN nor flash was chosen."""
+    out = []
+    for key, chosen in attention.seen.items():
+        shapes, strides, dtype, device, dropout, causal, mask = key
+        row = dict(shapes=shapes, strides=strides, dtype=dtype, device=device,
+                   dropout_p=dropout, is_causal=causal, mask=mask,
+                   chosen=attention.NAMES.get(chosen, chosen))
+        if device.startswith("cuda") and chosen not in (attention.CUDNN, attention.FLASH):
+            try:
+                row["refusals"] = fused_refusals(shapes, strides, dtype, dropout, causal, mask)
+            except Exception as e:  # a diagnostic: say what failed, keep the row
+                row["refusals"] = error_text(e)
+        out.append(row)
+    return out
+
+
+def fused_refusals(shapes, strides, dtype, dropout, causal, mask) -> dict:
+    """torch's own words (debug=True) on why each fused kernel refuses real tensors laid out
+    as these."""
+    import warnings
+
+    dt = getattr(torch, dtype.replace("torch.", ""))
+    t = [torch.empty_strided(sh, st, dtype=dt, device="cuda") for sh, st in zip(shapes, strides)]
+    params = torch.backends.cuda.SDPAParams(t[0], t[1], t[2], t[3] if mask else None,
+                                            dropout, causal, shapes[0][1] != shapes[1][1])
+    out = {}
+    for kernel in ("cudnn", "flash", "efficient"):
+        check = getattr(torch.backends.cuda, f"can_use_{kernel}_attention", None)
+        if check is None:
+            continue
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ok = check(params, True)
+        out[kernel] = "ok" if ok else " | ".join(str(w.message)[:300] for w in caught)
+    return out
 
 
 def predicted_breakdown(ctx, name: str, plan: autopar.Plan, batch: dict) -> dict:
@@ -189,6 +245,7 @@ def run_system(ctx, name: str, system: str, data: list[dict], plan) -> dict:
             opt = MasterAdamW(model.parameters(), fused=fused_on(ctx.device))
             step, keep = eager_step(model, opt), [model, opt]
         else:
+            attention.seen.clear()
             pm = autopar.autoparallelize(model, autopar.Cluster.from_dict(plan.cluster),
                                          data[0], plan=plan)
             del model
@@ -203,6 +260,8 @@ def run_system(ctx, name: str, system: str, data: list[dict], plan) -> dict:
             first_loss=timed["first_loss"],
             last_loss=timed["last_loss"],
         )
+        if system == "autopar":
+            row["attention_backends"] = attention_backends()
         if ctx.device.type == "cuda":
             row["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
             row["peak_reserved_bytes"] = torch.cuda.max_memory_reserved()
@@ -233,7 +292,8 @@ def run_model(ctx, name: str, state: dict) -> None:
                               "error": "planning: " + error_text(e)})
         plan = None
     if plan is not None:
-        print(f"{name}: planned in {plan_s:.1f} s\n" + plan.summary().split("\n  parameter")[0], flush=True)
+        took = f"planned in {plan_s:.1f} s" if plan_s is not None else "plan read"
+        print(f"{name}: {took}\n" + plan.summary().split("\n  parameter")[0], flush=True)
     for system in ctx.args.systems:
         if system == "autopar" and plan is None:
             continue
@@ -318,6 +378,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--profile-out", default=None, help="text file for profiler tables")
     ap.add_argument("--plan-time-limit", type=float, default=None,
                     help="autopar.plan's time_limit (s) per stage-cut solve")
+    ap.add_argument("--plans-dir", default=None,
+                    help="read each model's plan from DIR/<model>.plan.json if it was made for "
+                         "this cluster (no planning time then), else plan and save it there")
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--verbose", action="store_true", help="print tracebacks of failures")
     args = ap.parse_args(argv)

@@ -11,12 +11,15 @@ matrices the plan never priced (docs/benchmarks/2026-12-05-hf-one-h100/). The me
 kernel takes fp32 and head dim 88, so the refusal was not about dtype or head size; which check
 refused the traced tensors is not yet seen on a GPU (CPUs choose the same on fakes as on real
 tensors). Choosing on real tensors takes the trace out of the choice, whatever that check is.
+On an H200 (torch 2.11) the replay then ran cuDNN attention for HF ViT-1B, Llama-1B and
+BERT-1B, the kernels eager ran, in the same time (docs/benchmarks/2026-12-06-hf-one-gpu/).
 
 `attention(...)` asks the selector about real tensors of the inputs' shapes, strides, dtypes and
 devices (allocated, never computed on, and remembered per layout), and calls the op of the
 backend it names, as the composite does. Only what the composite does without extra work is
 done here (no head-dim padding, no boolean or padded masks); the rest goes to the composite
-(which then chooses on the fakes, as before).
+(which then chooses on the fakes, as before). `seen` records each layout asked about and the
+backend chosen, for benchmarks to report.
 This file holds the torch internals it reads (the selector, the backend ops' signatures).
 """
 
@@ -32,9 +35,16 @@ SDPA = aten.scaled_dot_product_attention.default
 
 # torch.nn.attention.SDPBackend's values, as `torch._fused_sdp_choice` returns them
 MATH, FLASH, EFFICIENT, CUDNN = 0, 1, 2, 3
+COMPOSITE = -1  # not chosen here: the composite op chooses (on the fakes, when traced)
+NAMES = {MATH: "math", FLASH: "flash", EFFICIENT: "efficient", CUDNN: "cudnn",
+         COMPOSITE: "composite"}
 
 # the kernel choice on fake tensors is the composite's own (tests compare against it)
 enabled = True
+
+# every layout asked about, as (shapes, strides, dtype, device, dropout, causal, mask) -> the
+# backend chosen: what a benchmark reports as the attention kernel the replay runs
+seen: dict[tuple, int] = {}
 
 
 def replay_target(target):
@@ -47,6 +57,10 @@ def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
     """`aten.scaled_dot_product_attention` with the backend chosen as for real tensors."""
     if attn_mask is not None and not attn_mask.is_floating_point():
         # a boolean mask: the composite converts it for each backend its own way
+        seen[(tuple(tuple(t.shape) for t in (query, key, value, attn_mask)),
+              tuple(tuple(t.stride()) for t in (query, key, value, attn_mask)),
+              str(query.dtype), str(query.device), float(dropout_p), bool(is_causal),
+              True)] = COMPOSITE
         return SDPA(query, key, value, attn_mask, dropout_p, is_causal, scale=scale,
                     enable_gqa=enable_gqa)
     backend = choice(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
@@ -77,8 +91,12 @@ def choice(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
     tensors = (query, key, value) + ((attn_mask,) if attn_mask is not None else ())
     layout = tuple((tuple(t.shape), tuple(t.stride()), t.dtype, t.device, t.requires_grad)
                    for t in tensors)
-    return _choice(layout, float(dropout_p), bool(is_causal), scale, bool(enable_gqa),
-                   torch.is_grad_enabled())
+    chosen = _choice(layout, float(dropout_p), bool(is_causal), scale, bool(enable_gqa),
+                     torch.is_grad_enabled())
+    seen[(tuple(shape for shape, *_ in layout), tuple(stride for _, stride, *_ in layout),
+          str(query.dtype), str(query.device), float(dropout_p), bool(is_causal),
+          attn_mask is not None)] = chosen
+    return chosen
 
 
 @functools.lru_cache(maxsize=256)

@@ -97,3 +97,17 @@ def test_masks_give_the_composites_result(mask_dtype):
         mask = torch.zeros(mask.shape).masked_fill(~mask, -1e4)
     want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     torch.testing.assert_close(attention.attention(q, k, v, mask), want)
+
+
+def test_each_layout_is_recorded_with_the_backend_chosen():
+    """`attention.seen` is what benchmarks report as the kernel the replay ran."""
+    attention.seen.clear()
+    q, k, v = _qkv()
+    attention.attention(q, k, v)
+    (key, chosen), = attention.seen.items()
+    shapes, strides, dtype, device, dropout, causal, mask = key
+    assert shapes == (tuple(q.shape),) * 3 and strides == (q.stride(),) * 3
+    assert (dtype, device, dropout, causal, mask) == ("torch.float32", "cpu", 0.0, False, False)
+    assert chosen == int(torch._fused_sdp_choice(q, k, v))
+    attention.attention(q, k, v, torch.ones(17, 17, dtype=torch.bool))
+    assert attention.COMPOSITE in attention.seen.values()
