@@ -159,8 +159,9 @@ def _solve_below(problem, formulation, cutoff_s, time_limit_s, gap, msg, start):
 
     Returns the optimum (or, at the time limit, the best plan found, "feasible"); raises
     NoPlanBelowCutoff when the caller's cutoff is the bound and no plan is below it. HiGHS may
-    stop on a plan at or above the bound, which proves nothing: that plan is then the one in
-    hand for a second solve. None when that proves nothing either, for the plain solve.
+    stop on a plan at or above the bound, which proves nothing: that plan then bounds a second
+    solve, the caller's cutoff set aside. None when that proves nothing either, for the plain
+    solve.
     """
     held = even_plan(problem)  # (step, stages, options) of a plan that fits, or None
     for _ in range(2):
@@ -189,6 +190,7 @@ def _solve_below(problem, formulation, cutoff_s, time_limit_s, gap, msg, start):
         if sol.step_time_s < bound:  # the best of the plans below the bound: of all
             return sol
         held = (sol.step_time_s, *_read_plan(problem, ilp))
+        cutoff_s = None  # nothing was found below it, and nothing proven: bound by `held` now
     return None
 
 
