@@ -145,6 +145,39 @@ def _seconds_table(value: Any, path: str) -> dict[str, float]:
     return {str(k): _number(v, f"{path}.{k}") for k, v in value.items()}
 
 
+# the shape-aware price of scaled-dot-product attention (autopar.planning.cost.attention_time_s):
+# the tiles the kernel pads sequences and head dims to, and per part (forward, backward) the
+# efficiency on the kernel's FLOPs it tends to, the key length and head dim at which it reaches
+# half of that, and the factors a causal mask and dropout multiply its time by
+ATTENTION_SHAPE_KEYS = ("tile", "head_dim_tile")
+ATTENTION_PART_KEYS = ("efficiency", "seq_half", "head_dim_half", "causal", "dropout")
+ATTENTION_KEYS = ATTENTION_SHAPE_KEYS + tuple(
+    f"{part}_{key}" for part in ("forward", "backward") for key in ATTENTION_PART_KEYS)
+
+
+def _attention_curve(value: Any, path: str) -> dict[str, float]:
+    if not isinstance(value, dict):
+        raise _fail(path, "must be a mapping of names to numbers", "write a JSON object")
+    if not value:
+        return {}
+    missing = [k for k in ATTENTION_KEYS if k not in value]
+    unknown = sorted(set(value) - set(ATTENTION_KEYS))
+    if missing or unknown:
+        raise _fail(f"{path}.{(missing or unknown)[0]}", "is missing" if missing else
+                    "is not a known field", f"{path} takes exactly {list(ATTENTION_KEYS)} "
+                    "(benchmarks/attention_times.py --write-device writes it)")
+    curve = {}
+    for k, v in value.items():
+        check = _fraction if k.endswith("_efficiency") else (
+            lambda x, p: _number(x, p, allow_zero=True))
+        curve[k] = check(v, f"{path}.{k}")
+    for k in ATTENTION_SHAPE_KEYS + tuple(k for k in ATTENTION_KEYS if k.endswith(
+            ("_causal", "_dropout"))):
+        if curve[k] <= 0:
+            raise _fail(f"{path}.{k}", f"is {curve[k]}, must be > 0", "re-run the fit")
+    return curve
+
+
 @dataclass(frozen=True, kw_only=True)
 class Calibration:
     """What the device really does, measured there (benchmarks/calibrate_device.py): the
@@ -159,9 +192,12 @@ class Calibration:
     # what torch's pipeline schedule costs beyond a stage's ops, per stage and microbatch
     # (forward + backward: its Python, the sends and receives, the stage's own autograd calls)
     pipeline_stage_s: float = 0.0
+    # scaled-dot-product attention's price by shape (ATTENTION_KEYS); empty: `ops` prices it
+    attention: dict[str, float] = field(default_factory=dict)
     source: str = ""
 
     _checks: ClassVar[dict] = {"matmul": _fraction, "memory": _fraction,
+                               "attention": _attention_curve,
                                "kernel_s": lambda v, p: _number(v, p, allow_zero=True),
                                "pipeline_stage_s": lambda v, p: _number(v, p, allow_zero=True),
                                "ops": _fractions, "host_s_per_op": _seconds_table,
@@ -174,7 +210,9 @@ class Calibration:
     def to_dict(self) -> dict:
         return {"matmul": self.matmul, "memory": self.memory, "kernel_s": self.kernel_s,
                 "ops": dict(self.ops), "host_s_per_op": dict(self.host_s_per_op),
-                "pipeline_stage_s": self.pipeline_stage_s, "source": self.source}
+                "pipeline_stage_s": self.pipeline_stage_s,
+                **({"attention": dict(self.attention)} if self.attention else {}),
+                "source": self.source}
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -28,6 +28,9 @@ the host's time per op for forward + backward.
         --fit docs/benchmarks/2026-11-29-single-h200-replay/h200-calibration.json
         # prints the "calibration" block for the device file
 
+Attention is priced by shape, from a curve that benchmarks/attention_times.py measures and fits
+(`"attention"` in the calibration); `--write-device` here keeps that curve.
+
 On a CPU (`--device cpu`, tiny models with --tiny) the same code runs end to end. The
 measurements are `benchmarks.lib.op_timing` (parts 1 and 2) and `benchmarks.lib.links` (part 3),
 the fit `benchmarks.lib.calibration`.

@@ -411,6 +411,7 @@ def main(argv=None) -> int:
               f"{state['device_measurements']}", flush=True)
         for name in args.models:
             run_model(ctx, name, state)
+            write(ctx, state)  # after each model too: a run cut short keeps what it measured
             if args.profile_out and ctx.profiles:  # after each model: a run cut short keeps them
                 with open(args.profile_out, "w") as f:
                     f.write("\n".join(ctx.profiles))

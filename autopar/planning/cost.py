@@ -19,13 +19,14 @@ from torch.distributed.tensor import Partial, Placement, Replicate, Shard
 
 from autopar.cluster import DeviceSpec, Link
 from autopar.parallelism import ALL_DP, BUCKET_BYTES, REPLICAS, SHARD_GROUP, DataParallelFlavour
-from autopar.planning.profile import TrainingPrecision
+from autopar.planning.profile import Attention, TrainingPrecision
 
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")
 
 
 def compute_time_s(flops: float, bytes_moved: float, device: DeviceSpec,
-                   dtype: torch.dtype | str, op: str | None = None) -> float:
+                   dtype: torch.dtype | str, op: str | None = None,
+                   attention: Attention | None = None) -> float:
     """Roofline time of one op: the slower of doing its FLOPs and moving its bytes.
 
     Williams, Waterman, Patterson, "Roofline: an insightful visual performance model for
@@ -36,12 +37,21 @@ def compute_time_s(flops: float, bytes_moved: float, device: DeviceSpec,
     peak: of its own roofline for an op it measured (`op`, e.g. "aten.native_layer_norm.default"),
     else `matmul` of the peak FLOP/s and `memory` of the bandwidth; and no op takes less than
     `kernel_s`.
+
+    `attention`: the op is scaled-dot-product attention of this shape, and `flops` is a share of
+    its forward + backward model FLOPs (all of them, or a split op's part). On a device whose
+    calibration has an attention curve, that share of `attention_time_s` is its time.
     """
     if flops < 0 or bytes_moved < 0:
         raise ValueError(f"flops and bytes_moved must be >= 0, got {flops}, {bytes_moved}")
+    cal = device.calibration
+    if attention is not None and cal is not None and cal.attention and flops:
+        share = flops / (attention.fwd_flops + attention.bwd_flops)
+        whole = (attention_time_s(attention, device, dtype, "forward")
+                 + attention_time_s(attention, device, dtype, "backward"))
+        return max(share * whole, cal.kernel_s)
     compute_s = flops / device.peak_flops_for(dtype) if flops else 0.0
     memory_s = bytes_moved / device.hbm_bandwidth_bytes_per_s
-    cal = device.calibration
     if cal is None or not (flops or bytes_moved):
         return max(compute_s, memory_s)
     if op in cal.ops:
@@ -49,6 +59,72 @@ def compute_time_s(flops: float, bytes_moved: float, device: DeviceSpec,
     else:
         seconds = max(compute_s / cal.matmul, memory_s / cal.memory)
     return max(seconds, cal.kernel_s)
+
+
+# FLOPs per multiply-add column of the score matrix, per part, over (query/key head dim, value
+# head dim): forward q k^T and p v; backward the scores again, dP = dO v^T, dV = P^T dO,
+# dQ = dS k, dK = dS^T q (the counts of torch.utils.flop_counter)
+_ATTENTION_MATMULS = {"forward": (2, 2), "backward": (6, 4)}
+
+
+def attention_kernel_flops(attention: Attention, part: str, tile: int = 1,
+                           head_dim_tile: int = 1) -> float:
+    """FLOPs the attention kernel does in `part` ("forward" or "backward"): its matmuls on the
+    sequences and head dims padded to the kernel's tiles, over the tiles a causal mask leaves
+    (flash and cuDNN attention skip the blocks above the diagonal: about half for long
+    sequences). Model FLOPs (`Attention.fwd_flops`) count every block of the unpadded shape."""
+    a, b = _ATTENTION_MATMULS[part]
+    d, dv = (_round_up(x, head_dim_tile) for x in (attention.head_dim, attention.head_dim_v))
+    nq, nk = -(-attention.seq_q // tile), -(-attention.seq_k // tile)
+    blocks = nq * nk
+    if attention.causal:  # query tile i sees key tiles 0..i (the mask is aligned top-left)
+        m = min(nq, nk)
+        blocks = m * (m + 1) // 2 + (nq - m) * nk
+    return float(attention.batch_heads) * blocks * tile * tile * (a * d + b * dv)
+
+
+def attention_efficiency(attention: Attention, device: DeviceSpec, part: str) -> float:
+    """The fraction of the peak FLOP/s the attention kernel reaches on its own FLOPs
+    (`attention_kernel_flops`) in `part`: a saturating curve in the key length and the head dim
+    (padded to the kernel's tiles), fitted per device by benchmarks/attention_times.py.
+
+        efficiency x S_k / (S_k + seq_half) x D / (D + head_dim_half)
+
+    Each query tile's fixed work (loading it, the softmax's rescaling, writing the output) is
+    shared by S_k keys; each score's exponential (the special-function unit, not the tensor
+    cores) by D multiply-adds."""
+    c = device.calibration.attention
+    s_k = _round_up(attention.seq_k, int(c["tile"]))
+    d = _round_up(attention.head_dim, int(c["head_dim_tile"]))
+    return (c[f"{part}_efficiency"] * s_k / (s_k + c[f"{part}_seq_half"])
+            * d / (d + c[f"{part}_head_dim_half"]))
+
+
+def attention_time_s(attention: Attention, device: DeviceSpec, dtype: torch.dtype | str,
+                     part: str) -> float:
+    """Seconds of one scaled-dot-product attention call's `part` ("forward" or "backward") on a
+    device whose calibration has an attention curve (`Calibration.attention`): the kernel's
+    FLOPs at its shape's efficiency, times the fitted factors for a causal mask and for dropout
+    (measured against the same shapes without them).
+
+    A mask (`attn_mask`) is priced as none: no masked shape was measured."""
+    if part not in _ATTENTION_MATMULS:
+        raise ValueError(f"part must be 'forward' or 'backward', got {part!r}")
+    c = device.calibration.attention if device.calibration else None
+    if not c:
+        raise ValueError(f"device {device.name!r} has no attention curve in its calibration; "
+                         "run benchmarks/attention_times.py --write-device on it")
+    flops = attention_kernel_flops(attention, part, int(c["tile"]), int(c["head_dim_tile"]))
+    seconds = flops / (device.peak_flops_for(dtype) * attention_efficiency(attention, device, part))
+    if attention.causal:
+        seconds *= c[f"{part}_causal"]
+    if attention.dropout_p > 0:
+        seconds *= c[f"{part}_dropout"]
+    return seconds
+
+
+def _round_up(x: int, step: int) -> int:
+    return -(-x // step) * step
 
 
 def host_time_s(ops: float, device: DeviceSpec, runtime: str = "replay") -> float:

@@ -169,7 +169,8 @@ def op_compute_s(n: fx.Node, prof: OpProfile, device, split: float) -> float:
     dtype = val.dtype if isinstance(val, torch.Tensor) else torch.float32
     flops = (prof.fwd_flops + prof.bwd_flops) / split
     moved = (prof.fwd_bytes + prof.bwd_bytes) / split
-    return (cost.compute_time_s(flops, moved, device, dtype, op=str(n.target))
+    return (cost.compute_time_s(flops, moved, device, dtype, op=str(n.target),
+                                attention=prof.attention)
             if flops or moved else 0.0)
 
 

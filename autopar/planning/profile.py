@@ -19,6 +19,14 @@ attention matrix; GPUs run a fused kernel, which saves q, k, v, the output and a
 log-sum-exp (B, H, T), exactly what the fused CPU kernel saves, plus two int64 RNG scalars we
 leave out (seen on an H200, torch 2.11: cuDNN attention in bf16, memory-efficient in fp32).
 
+Attention's FLOPs are model FLOPs, as torch's flop counter, Megatron-LM (Narayanan et al. 2021,
+sec. 5.1) and PaLM (Chowdhery et al. 2022, app. B) count them: both score matmuls in full, causal
+masking not discounted, so MFU and TFLOP/s figures stay comparable with theirs. The kernel does
+less (flash and cuDNN attention skip the masked blocks of a causal mask) and runs at an efficiency
+that depends on its shape, so each attention node's `OpProfile.attention` keeps that shape
+(`Attention`), and the cost model prices the kernel's work from it
+(`autopar.planning.cost.attention_time_s`).
+
 The same code runs on real CPU tensors (`profile_graph(gm, args=...)`), which is how the tests
 check that the meta numbers are the ones a real run gives.
 """
@@ -63,6 +71,48 @@ class OpProfile:
     saved_bytes: float  # bytes of saved-for-backward storages this node's output owns
     is_view: bool  # the output aliases an input (view ops, and getitem of a multi-output op)
     saves: tuple[SavedTensor, ...] = field(default=())  # what autograd saved while this ran
+    attention: Attention | None = None  # scaled-dot-product attention's shape, else None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Attention:
+    """The shape of one scaled-dot-product attention call: what its kernel's time depends on.
+
+    `batch_heads` is the product of the query's leading dims (batch x query heads); key and
+    value heads do not change the work (grouped-query attention reads fewer, computes as many).
+    """
+
+    batch_heads: int
+    seq_q: int
+    seq_k: int
+    head_dim: int  # of query and key
+    head_dim_v: int
+    causal: bool
+    dropout_p: float
+    masked: bool  # an attn_mask was given
+
+    @property
+    def fwd_flops(self) -> float:
+        """Model FLOPs forward: q @ k^T and p @ v, 2 per multiply-add, nothing masked off
+        (torch.utils.flop_counter.sdpa_flop_count)."""
+        return 2.0 * self.batch_heads * self.seq_q * self.seq_k * (self.head_dim + self.head_dim_v)
+
+    @property
+    def bwd_flops(self) -> float:
+        """Model FLOPs backward: the scores recomputed, dP = dO v^T, dV = P^T dO, dQ = dS k,
+        dK = dS^T q (torch.utils.flop_counter.sdpa_backward_flop_count)."""
+        return (2.0 * self.batch_heads * self.seq_q * self.seq_k
+                * (3 * self.head_dim + 2 * self.head_dim_v))
+
+
+def attention_of(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+                 **_ignored) -> Attention:
+    """`Attention` of an SDPA call from its arguments (tensors or anything with .shape)."""
+    *lead, s_q, d = query.shape
+    return Attention(batch_heads=int(torch.Size(lead).numel()), seq_q=int(s_q),
+                     seq_k=int(key.shape[-2]), head_dim=int(d), head_dim_v=int(value.shape[-1]),
+                     causal=bool(is_causal), dropout_p=float(dropout_p),
+                     masked=attn_mask is not None)
 
 
 # Backward traffic per forward byte. Backward of y = f(x) reads dy and what forward saved and
@@ -217,6 +267,8 @@ class _ProfileInterpreter(fx.Interpreter):
             output_bytes=0.0 if is_view else float(_nbytes(out)),
             is_view=is_view,
         )
+        if n.target is aten.scaled_dot_product_attention.default:
+            self.partial[n.name]["attention"] = attention_of(*args, **kwargs)
         self.saved[n.name] = packed
         return out
 

@@ -325,7 +325,7 @@ def predicted(gm, profiles, plan, device) -> dict:
         val = n.meta.get("val")
         dtype = val.dtype if isinstance(val, torch.Tensor) else torch.float32
         by[category(str(n.target))] += per_step * cost.compute_time_s(
-            flops, moved, device, dtype, op=str(n.target)
+            flops, moved, device, dtype, op=str(n.target), attention=p.attention
         )
     pred = plan.predicted
     comm = pred.get("communication_dp_s", 0.0)

@@ -63,8 +63,19 @@ def fit(path: str) -> dict:
 
 
 def write_device(path: str, calibration: dict) -> None:
-    """Set the "calibration" of a device file (autopar/data/devices/*.json), checked by loading."""
+    """Set the "calibration" of a device file (autopar/data/devices/*.json), checked by loading.
+    What `fit` does not make is kept from the file: the attention curve
+    (benchmarks/attention_times.py, with its line of the source) and pipeline_stage_s
+    (benchmarks/fit_pipeline_stage.py)."""
     data = json.load(open(path))
+    old = data["device"].get("calibration") or {}
+    calibration = dict(calibration)
+    for key in ("attention", "pipeline_stage_s"):
+        if key in old and key not in calibration:
+            calibration[key] = old[key]
+    note = old.get("source", "").partition("; attention: ")[2]
+    if "attention" in old and note and "attention: " not in calibration.get("source", ""):
+        calibration["source"] = calibration.get("source", "") + "; attention: " + note
     data["device"]["calibration"] = calibration
     autopar.Cluster.from_dict(data)
     with open(path, "w") as f:
