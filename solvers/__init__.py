@@ -9,8 +9,8 @@ Module map
     problem.py               intra-op sharding problem: Node, Edge, MemoryPoint, ShardingProblem,
                              Solution, evaluate; InfeasibleProblem and NoSolutionFound, which
                              every solver raises
-    intra_op.py              intra-op sharding ILP: solve_intra_op (build_intra_op_ilp,
-                             read_solution)
+    intra_op.py              intra-op sharding ILP: solve_intra_op, smallest_peak
+                             (build_intra_op_ilp, read_solution)
     brute_force.py           intra-op reference by enumeration: solve_brute_force
     pipeline_problem.py      stage-cut problem: Layer, LayerOption, PipelineProblem,
                              PipelineSolution; its cost model, evaluate_pipeline (stage_costs,
@@ -60,7 +60,7 @@ _import_on_a_thread_of_its_own("pulp")
 
 # After pulp's import above, which must run on a thread of its own.
 from solvers.brute_force import solve_brute_force  # noqa: E402
-from solvers.intra_op import solve_intra_op  # noqa: E402
+from solvers.intra_op import smallest_peak, solve_intra_op  # noqa: E402
 from solvers.pipeline import solve_pipeline  # noqa: E402
 from solvers.pipeline_brute_force import solve_pipeline_brute_force  # noqa: E402
 from solvers.pipeline_problem import (  # noqa: E402
@@ -97,6 +97,7 @@ __all__ = [
     "Solution",
     "evaluate",
     "evaluate_pipeline",
+    "smallest_peak",
     "solve_brute_force",
     "solve_intra_op",
     "solve_pipeline",

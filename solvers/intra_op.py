@@ -54,6 +54,7 @@ import pulp
 
 from solvers.backend import SolverResult, pick_solver, pulp_names, run_solver
 from solvers.problem import (
+    InfeasibleProblem,
     Node,
     NoSolutionFound,
     ShardingProblem,
@@ -67,6 +68,7 @@ __all__ = [
     "IntraOpIlp",
     "build_intra_op_ilp",
     "read_solution",
+    "smallest_peak",
     "solve_intra_op",
 ]
 
@@ -160,18 +162,42 @@ def _infeasible(
     problem: ShardingProblem, *, solver: str, time_limit_s: float | None, msg: bool
 ) -> Exception:
     """The InfeasibleProblem to raise, with the smallest peak from a second ILP."""
+    try:
+        min_peak_bytes = smallest_peak(problem, solver=solver, time_limit_s=time_limit_s, msg=msg)
+    except (InfeasibleProblem, NoSolutionFound) as e:
+        return e
+    return infeasible_error(min_peak_bytes, problem.memory_budget_bytes)
+
+
+def smallest_peak(
+    problem: ShardingProblem,
+    *,
+    solver: str = "highs",
+    time_limit_s: float | None = None,
+    msg: bool = False,
+) -> float:
+    """The smallest peak bytes of any sharding, whatever it costs in time (the budget is not
+    used): the ILP with `minimise="peak"`. The search asks it directly for the fastest of the
+    least-memory shardings, instead of first proving that a budget of 0 does not fit.
+
+    Raises InfeasibleProblem (with min_peak_bytes inf) when every choice uses a forbidden
+    strategy or pair, and NoSolutionFound when the time limit passes first.
+    """
+    problem.validate()
+    solver = pick_solver(solver)
+    if not problem.nodes:
+        return 0.0
     ilp = build_intra_op_ilp(problem, minimise="peak")
     result = run_solver(ilp, solver=solver, time_limit_s=time_limit_s, gap=None, msg=msg)
     if result.status == "infeasible":
-        return infeasible_error(math.inf, problem.memory_budget_bytes)
+        raise infeasible_error(math.inf, problem.memory_budget_bytes)
     if result.status == "no_solution":
-        return NoSolutionFound(
-            f"no sharding fits the memory budget of {problem.memory_budget_bytes:.0f} bytes per "
-            f"device, and {solver} found no plan to report the smallest peak within "
+        raise NoSolutionFound(
+            f"{solver} found no sharding to report the smallest peak within "
             f"time_limit_s={time_limit_s}"
         )
     _, min_peak_bytes = evaluate(problem, _read_choices(ilp))
-    return infeasible_error(min_peak_bytes, problem.memory_budget_bytes)
+    return min_peak_bytes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,9 +219,9 @@ def build_intra_op_ilp(problem: ShardingProblem, *, minimise: str = "time") -> I
     names = [node.name for node in problem.nodes]
     tokens = dict(zip(names, pulp_names(names)))
     _add_strategy_vars(ilp, problem, tokens)
-    diagonal = _add_edges(ilp, problem, tokens)
+    edge_costs = _add_edges(ilp, problem, tokens)
     if minimise == "time":
-        _set_time_objective(ilp, problem, diagonal)
+        _set_time_objective(ilp, problem, edge_costs)
         _add_memory(ilp, problem)
     else:
         _set_peak_objective(ilp, problem)
@@ -229,13 +255,15 @@ def _add_strategy_vars(ilp: IntraOpIlp, problem: ShardingProblem, tokens: dict[s
 
 def _add_edges(
     ilp: IntraOpIlp, problem: ShardingProblem, tokens: dict[str, str]
-) -> list[pulp.LpAffineExpression]:
-    """e[u,v,i,j] for finite pairs with edge_row / edge_col rows; returns the edge cost terms.
+) -> dict[pulp.LpVariable, float]:
+    """e[u,v,i,j] for finite pairs with edge_row / edge_col rows; returns the edge costs as
+    objective coefficients (variable -> seconds; a plain dict, not pulp expressions, which cost
+    more to build than the model's rows on large graphs).
 
     An edge inside one tie group needs no e: its ends share s, so it costs cost[i][i] * s[g,i],
     and a forbidden diagonal entry fixes s[g,i] to 0.
     """
-    terms: list[pulp.LpAffineExpression] = []
+    coefs: dict[pulp.LpVariable, float] = {}
     seen: dict[tuple[str, str], int] = {}
     for edge in problem.edges:
         pair = (edge.src, edge.dst)
@@ -250,8 +278,8 @@ def _add_edges(
                 cost = edge.costs_s[i][i]
                 if math.isinf(cost):
                     var.upBound = 0
-                else:
-                    terms.append(cost * var)
+                elif cost:
+                    coefs[var] = coefs.get(var, 0.0) + cost
             continue
         e = {
             (i, j): ilp.lp.add_variable(f"e({tok},{i},{j})", lowBound=0, upBound=1)
@@ -264,25 +292,28 @@ def _add_edges(
         for (i, j), var in e.items():
             rows[i].append(var)
             cols[j].append(var)
+            if edge.costs_s[i][j]:
+                coefs[var] = edge.costs_s[i][j]
         for i, (row, s) in enumerate(zip(rows, s_src)):
             ilp.lp += (pulp.lpSum(row) == s, f"edge_row({tok})({i})")
         for j, (col, s) in enumerate(zip(cols, s_dst)):
             ilp.lp += (pulp.lpSum(col) == s, f"edge_col({tok})({j})")
-        terms.extend(edge.costs_s[i][j] * var for (i, j), var in e.items())
-    return terms
+    return coefs
 
 
 def _set_time_objective(
-    ilp: IntraOpIlp, problem: ShardingProblem, edge_terms: list[pulp.LpAffineExpression]
+    ilp: IntraOpIlp, problem: ShardingProblem, coefs: dict[pulp.LpVariable, float]
 ) -> None:
-    """min node costs + edge costs, scaled so the largest coefficient is 1."""
-    terms = list(edge_terms)
+    """min node costs + edge costs (`coefs`, from `_add_edges`), scaled so the largest
+    coefficient is 1."""
+    coefs = dict(coefs)
     for node in problem.nodes:
         s = ilp.strategy_vars[ilp.group_of[node.name]]
-        terms.extend(cost * var for cost, var in zip(node.costs_s, s) if not math.isinf(cost))
-    objective = pulp.lpSum(terms)
-    scale = max((abs(c) for c in objective.values()), default=0.0) or 1.0
-    ilp.lp.setObjective(objective / scale)
+        for cost, var in zip(node.costs_s, s):
+            if cost and not math.isinf(cost):
+                coefs[var] = coefs.get(var, 0.0) + cost
+    scale = max((abs(c) for c in coefs.values()), default=0.0) or 1.0
+    ilp.lp.setObjective(pulp.LpAffineExpression({v: c / scale for v, c in coefs.items()}))
 
 
 def _live_bytes(

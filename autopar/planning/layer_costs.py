@@ -125,10 +125,11 @@ def solve_layers(stand: StandIn, profiles, cluster, sub_mesh, *, precision, solv
     decisions.problem = problem = _weighted(decisions.problem, stand)
     if least_memory:
         try:
-            solvers.solve_intra_op(dataclasses.replace(problem, memory_budget_bytes=1.0),
-                                   solver=solver, time_limit_s=time_limit_s)
-        except solvers.InfeasibleProblem as e:
-            problem = dataclasses.replace(problem, memory_budget_bytes=e.min_peak_bytes * 1.000001)
+            peak = solvers.smallest_peak(problem, solver=solver, time_limit_s=time_limit_s)
+        except solvers.InfeasibleProblem:
+            pass  # nothing avoids the forbidden choices: the solve below says so
+        else:
+            problem = dataclasses.replace(problem, memory_budget_bytes=peak * 1.000001)
             decisions.problem = problem
     solution = solvers.solve_intra_op(problem, solver=solver, time_limit_s=time_limit_s)
     return sub, decisions, solution

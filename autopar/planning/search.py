@@ -169,7 +169,9 @@ def search(trace_fn, example_inputs, cluster: Cluster, space: SearchSpace, *,
     for stand, profiles, order, mesh, mb, m in fallbacks:
         sub_mesh = parallelism.intra_op_mesh(mesh)
         fastest = solved[(mb, tuple(sub_mesh.items()), False)]
-        bound = _least_memory_bound(fastest, mesh[PIPELINE], m)
+        bound = min((_least_memory_bound(fastest, mesh[PIPELINE], m, sched, v)
+                     for sched, v in _schedules(space, mesh[PIPELINE], m, len(order))),
+                    default=math.inf)
         if found.best is not None and bound >= found.best.step_time_s:
             continue
         score(stand, profiles, order, mesh, mb, m, least=True)
@@ -226,15 +228,17 @@ def _mesh_text(mesh: dict[str, int]) -> str:
     return " ".join(f"{a}={n}" for a, n in mesh.items())
 
 
-def _least_memory_bound(fastest, pp: int, m: int) -> float:
+def _least_memory_bound(fastest, pp: int, m: int, schedule: str, v: int) -> float:
     """A lower bound on the step time of any candidate of the least-memory sharding of a
-    (mesh, microbatch), from its fastest sharding's solve. The stage model gives step >=
-    b W + (m - b) W / pp >= m W / pp, W one microbatch's work over all layers; W is at least the
-    sharding's intra-op objective (checkpointing, ZeRO-3 gathers, p2p and dp sync only add), and
-    the least-memory objective is at least the fastest's when that one is proven optimal (no
-    bound otherwise: 0)."""
+    (mesh, microbatch) under `schedule`, from its fastest sharding's solve: the stage model's
+    step with every stage's work W / pp (`_bubble_bound`), W one microbatch's work over all
+    layers. W is at least the sharding's intra-op objective (checkpointing, ZeRO-3 gathers, p2p
+    and dp sync only add), and the least-memory objective is at least the fastest's when that
+    one is proven optimal (no bound otherwise: 0)."""
     _, _, solution = fastest
-    return m * solution.objective_s / pp if solution.status == "optimal" else 0.0
+    if solution.status != "optimal":
+        return 0.0
+    return _bubble_bound(solution.objective_s, pp, m, schedule, v)
 
 
 def _candidates(solved, stand, profiles, cluster, sub_mesh, flavours, space, mesh, mb, m, order,

@@ -1,5 +1,6 @@
 """Tests for solvers.intra_op: hand-made instances with known answers, and brute-force agreement."""
 
+import dataclasses
 import math
 import random
 
@@ -15,6 +16,7 @@ from solvers import (
     ShardingProblem,
     evaluate,
     solve_brute_force,
+    smallest_peak,
     solve_intra_op,
 )
 from solvers.intra_op import build_intra_op_ilp
@@ -227,6 +229,22 @@ class TestSolveIntraOp:
             memory_points=(point("p", "a", "b"),),
             memory_budget_bytes=2 * GIB,
         )
+        with pytest.raises(InfeasibleProblem) as err:
+            solve_intra_op(p)
+        assert err.value.min_peak_bytes == 4 * GIB
+
+    def test_smallest_peak_ignores_the_budget_and_the_time(self):
+        # The smallest peak needs b's slow strategy and avoids the forbidden pair: 4 GiB, the
+        # same figure the infeasible solve reports, whatever the budget says.
+        p = ShardingProblem(
+            nodes=(node("a", (1.0,), (1 * GIB,)),
+                   node("b", (1.0, 9.0, 1.0), (3 * GIB, 3 * GIB, 0.0))),
+            edges=(edge("a", "b", ((0.0, 0.0, INF),)),),
+            memory_points=(point("p", "a", "b"),),
+            memory_budget_bytes=2 * GIB,
+        )
+        assert smallest_peak(p) == 4 * GIB
+        assert smallest_peak(dataclasses.replace(p, memory_budget_bytes=INF)) == 4 * GIB
         with pytest.raises(InfeasibleProblem) as err:
             solve_intra_op(p)
         assert err.value.min_peak_bytes == 4 * GIB

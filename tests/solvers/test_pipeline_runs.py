@@ -12,11 +12,13 @@ import pytest
 
 from solvers import (
     InfeasibleProblem,
+    NoPlanBelowCutoff,
     PipelineProblem,
     evaluate_pipeline,
     solve_pipeline,
     solve_pipeline_brute_force,
 )
+import solvers.pipeline as pipeline_module
 from solvers.pipeline_problem import Run, layer_runs
 from solvers.pipeline_runs import build_pipeline_runs_ilp, fastest_fill, rank_time_cap
 from tests.solvers.pipeline_instances import (
@@ -233,6 +235,32 @@ def test_deep_tight_memory_is_proven_optimal(blocks, pp, v, budget):
     sol = solve_pipeline(p, time_limit_s=20.0)
     check_plan(p, sol)
     assert sol.step_time_s == pytest.approx(one_run_optimum(p), rel=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_the_deep_path_equals_brute_force(seed, monkeypatch):
+    # Deep stacks are solved below the even plan's step (or a lower cutoff), with every rank's
+    # time capped by that bound; forced here onto small instances, it must find the same
+    # optimum as the brute force, with and without a cutoff above it, and below a cutoff under
+    # it prove that none is, or give the optimum.
+    monkeypatch.setattr(pipeline_module, "_DEEP_RUN", 2)
+    p = runs_problem(random.Random(7000 + seed))
+    kind, best = outcome(solve_pipeline_brute_force, p)
+    assert outcome(solve_pipeline, p) == (kind, pytest.approx(best, rel=1e-9))
+    if kind == "infeasible":
+        with pytest.raises(NoPlanBelowCutoff):
+            solve_pipeline(p, cutoff_s=1e30)
+        return
+    for above in (1.001, 1.05):
+        sol = solve_pipeline(p, cutoff_s=best * above)
+        check_plan(p, sol)
+        assert sol.step_time_s == pytest.approx(best, rel=1e-9)
+    try:  # proven: nothing beats the cutoff; or, unproven, the optimum anyway
+        sol = solve_pipeline(p, cutoff_s=best * 0.99)
+    except NoPlanBelowCutoff:
+        return
+    check_plan(p, sol)
+    assert sol.step_time_s == pytest.approx(best, rel=1e-9)
 
 
 def test_a_cutoff_keeps_a_deep_runs_counts_near_their_even_share():
