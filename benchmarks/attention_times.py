@@ -146,14 +146,19 @@ def _device_with(spec, curve: dict):
                               calibration=cal)
 
 
-def _fit_part(rows, part, tile, dtile, peak):
+def _fit_part(rows, part, tile, dtile, peak, fixed):
     """(squared log error, efficiency, seq_half, head_dim_half) of the best curve for `part` on
-    `rows` with these tiles; None if every curve needs an efficiency above 1."""
+    `rows` with these tiles (a row's fixed causal and dropout factors applied); None if every
+    curve needs an efficiency above 1."""
     import numpy as np
 
+    def known(r):  # the row's factors that the fit takes as given
+        return ((fixed[f"{part}_causal"] if r["causal"] else 1.0)
+                * (fixed[f"{part}_dropout"] if r["dropout_p"] else 1.0))
+
     y, s, d = (np.array(v, dtype=float) for v in zip(*(
-        (math.log(cost.attention_kernel_flops(attention_shape(r), part, tile, dtile) / peak
-                  / r[f"{part}_s"]),
+        (math.log(cost.attention_kernel_flops(attention_shape(r), part, tile, dtile) * known(r)
+                  / peak / r[f"{part}_s"]),
          -(-r["seq"] // tile) * tile, -(-r["head_dim"] // dtile) * dtile) for r in rows)))
     sh = np.array(SEQ_HALVES)[:, None, None]
     dh = np.array(HEAD_DIM_HALVES)[None, :, None]
@@ -168,41 +173,48 @@ def _fit_part(rows, part, tile, dtile, peak):
     return float(err[i, j]), float(np.exp(mean[i, j])), SEQ_HALVES[i], HEAD_DIM_HALVES[j]
 
 
-def fit(rows: list[dict], peak: float) -> dict:
-    """The attention curve (`Calibration.attention`) that prices `rows` best (module doc)."""
+def fit(rows: list[dict], peak: float, fixed: dict | None = None) -> dict:
+    """The attention curve (`Calibration.attention`) that prices `rows` best (module doc).
+
+    `fixed`: curve entries taken as given, for rows too few to tell them apart (a tile, a
+    causal or dropout factor). Rows with a causal mask (or dropout) join the fit of the curve
+    itself when both parts' causal (dropout) factors are given; otherwise those factors are
+    fitted after the curve, from the rows that have them."""
+    fixed = dict(fixed or {})
+    given = {f: all(f"{p}_{f}" in fixed for p in PARTS) for f in ("causal", "dropout")}
+    pins = {f"{p}_{f}": fixed.get(f"{p}_{f}", 1.0) for p in PARTS for f in ("causal", "dropout")}
     fused = [r for r in rows if r["backend"] != "math"]
-    base = [r for r in fused if not r["causal"] and not r["dropout_p"]]
+    base = [r for r in fused if (given["causal"] or not r["causal"])
+            and (given["dropout"] or not r["dropout_p"])]
     best = None
-    for tile in TILES:
-        for dtile in HEAD_DIM_TILES:
-            parts = [_fit_part(base, part, tile, dtile, peak) for part in PARTS]
+    for tile in (fixed["tile"],) if "tile" in fixed else TILES:
+        for dtile in (fixed["head_dim_tile"],) if "head_dim_tile" in fixed else HEAD_DIM_TILES:
+            parts = [_fit_part(base, p, int(tile), int(dtile), peak, pins) for p in PARTS]
             if any(p is None for p in parts):
                 continue
             err = sum(p[0] for p in parts)
             if best is None or err < best[0]:
                 best = (err, tile, dtile, parts)
     _, tile, dtile, parts = best
-    curve = {"tile": float(tile), "head_dim_tile": float(dtile)}
+    curve = {"tile": float(tile), "head_dim_tile": float(dtile), **pins}
     for part, (_, eff, sh, dh) in zip(PARTS, parts):
         curve.update({f"{part}_efficiency": eff, f"{part}_seq_half": sh,
-                      f"{part}_head_dim_half": dh, f"{part}_causal": 1.0,
-                      f"{part}_dropout": 1.0})
+                      f"{part}_head_dim_half": dh})
 
-    def factor(subset, part, spec):
-        ratios = [r[f"{part}_s"] / cost.attention_time_s(attention_shape(r), spec, "bfloat16",
-                                                        part) for r in subset]
-        return math.exp(statistics.fmean(math.log(x) for x in ratios)) if ratios else 1.0
+    def factor(feature, subset):
+        """Each part's factor for `feature` unless given: measured over priced, geometric mean."""
+        spec = DeviceSpec(name="fit", memory_bytes=1, peak_flops={"bfloat16": peak},
+                          hbm_bandwidth_bytes_per_s=1.0, calibration={"attention": curve})
+        for part in PARTS:
+            key = f"{part}_{feature}"
+            if key in fixed or not subset:
+                continue
+            ratios = [r[f"{part}_s"] / cost.attention_time_s(attention_shape(r), spec,
+                                                             "bfloat16", part) for r in subset]
+            curve[key] = math.exp(statistics.fmean(math.log(x) for x in ratios))
 
-    spec = DeviceSpec(name="fit", memory_bytes=1, peak_flops={"bfloat16": peak},
-                              hbm_bandwidth_bytes_per_s=1.0, calibration={"attention": curve})
-    causal = [r for r in fused if r["causal"] and not r["dropout_p"]]
-    for part in PARTS:
-        curve[f"{part}_causal"] = factor(causal, part, spec)
-    spec = DeviceSpec(name="fit", memory_bytes=1, peak_flops={"bfloat16": peak},
-                              hbm_bandwidth_bytes_per_s=1.0, calibration={"attention": curve})
-    dropout = [r for r in fused if r["dropout_p"]]
-    for part in PARTS:
-        curve[f"{part}_dropout"] = factor(dropout, part, spec)
+    factor("causal", [r for r in fused if r["causal"] and not r["dropout_p"]])
+    factor("dropout", [r for r in fused if r["dropout_p"]])
     return {k: float(f"{curve[k]:.4g}") for k in ATTENTION_KEYS}
 
 
@@ -272,7 +284,7 @@ def main(argv=None):
         data = json.load(open(args.fit))
         rows = data["rows"]
         spec = autopar.Cluster.preset(data["cluster"]).device
-        header = {k: v for k, v in data.items() if k not in ("rows", "fit")}
+        header = {k: v for k, v in data.items() if k not in ("rows", "fit", "fixed")}
     else:
         spec = autopar.Cluster.detect().device
         header = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -286,7 +298,8 @@ def main(argv=None):
             print(f"{label:28} {r['backend']:8} fwd {r['forward_s'] * 1e3:8.3f} ms  fwd+bwd "
                   f"{r['forward_backward_s'] * 1e3:8.3f} ms", flush=True)
     peak = spec.peak_flops_for("bfloat16")
-    curve = fit(rows, peak)
+    fixed = data.get("fixed", {}) if args.fit else {}
+    curve = fit(rows, peak, fixed)
     before = spec
     if spec.calibration and spec.calibration.attention:  # the flat price, as it was before
         cal = spec.calibration.to_dict()
@@ -304,7 +317,7 @@ def main(argv=None):
                                         if before.calibration else None))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(header, fit=curve, rows=rows), f, indent=1)
+            json.dump(dict(header, fixed=fixed, fit=curve, rows=rows), f, indent=1)
     if args.write_device:
         note = (f"benchmarks/attention_times.py --fit {os.path.basename(args.fit or args.json or '')}"
                 f" ({header['date']}, {header['device']}, torch {header['torch']}, cuDNN "

@@ -44,6 +44,16 @@ def test_fit_recovers_the_curve_that_made_the_rows():
     assert got == pytest.approx(TRUTH, rel=1e-3)
 
 
+def test_fixed_entries_are_kept_and_their_rows_join_the_fit():
+    rows = _rows(0.0)
+    fixed = {"tile": 128.0, "forward_causal": 1.1, "backward_causal": 1.2}
+    got = A.fit(rows, PEAK, fixed)
+    assert got == pytest.approx(TRUTH, rel=1e-3)
+    # a wrong pin is kept, and the rest of the curve makes up for it as it can
+    got = A.fit(rows, PEAK, {"tile": 64.0})
+    assert got["tile"] == 64.0
+
+
 def test_fit_prices_noisy_rows_within_the_noise():
     rows = _rows(0.03)
     curve = A.fit(rows, PEAK)
@@ -82,4 +92,5 @@ def test_the_device_files_curve_is_the_fit_of_its_committed_measurements():
         (data,) = ROOT.glob(f"docs/benchmarks/*/{name}")
         rows = json.loads(data.read_text())
         spec = autopar.Cluster.preset(rows["cluster"]).device
-        assert A.fit(rows["rows"], spec.peak_flops_for("bfloat16")) == cal["attention"]
+        assert A.fit(rows["rows"], spec.peak_flops_for("bfloat16"),
+                     rows.get("fixed")) == cal["attention"]
