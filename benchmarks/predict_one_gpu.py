@@ -67,7 +67,7 @@ def main(argv=None) -> None:
         row = {"model": name, "planning_s": time.perf_counter() - t0,
                "predicted_step_s": p.predicted["step_time_s"],
                "predicted_peak_memory_bytes": p.predicted["peak_memory_bytes"],
-               "mesh": p.mesh, "checkpointed_layers": len(p.checkpoint),
+               "mesh": p.mesh, "checkpoint": p.checkpoint,
                "microbatches": (p.pipeline or {}).get("num_microbatches", 1)}
         out["rows"].append(row)
         print(f"{name}: predicted step {row['predicted_step_s']:.4f} s, peak "
