@@ -233,7 +233,8 @@ def layer_costs(stand: StandIn, profiles, cluster, sub_mesh, flavour, *, precisi
         model_flops += (prof.fwd_flops + prof.bwd_flops) * weight(name)
         split = work_factor(s, shape)
         f = cost.compute_time_s(prof.fwd_flops / split, prof.fwd_bytes / split, sub.device,
-                                _dtype(n, compute_dtype), op=str(n.target)
+                                _dtype(n, compute_dtype), op=str(n.target),
+                                attention=prof.attention  # priced as the ILP priced it
                                 ) if prof.fwd_flops or prof.fwd_bytes else 0.0
         total = decisions.compute_s[name][i]
         fwd[layer] += f
