@@ -153,16 +153,18 @@ def pipeline_problem(costs: LayerCosts, cluster: Cluster, pp, m, schedule, v, bu
     )
 
 
-def evaluate(c: Candidate, cluster: Cluster) -> Candidate:
-    """Fill in c's step time, memory and breakdown from its cut and options (the one scorer)."""
+def evaluate(c: Candidate, cluster: Cluster, *, losing_at: float | None = None) -> Candidate:
+    """Fill in c's step time, memory and breakdown from its cut and options (the one scorer).
+
+    `losing_at`: a step the caller already has. When the stage model and the dp sync alone
+    reach it, the timeline (the costly part) is not run: the step is then that lower bound,
+    at or above `losing_at`, so `c` cannot win, and its memory is exact as always."""
     refused = get_schedule(c.schedule).checkpoint_problem(c.options)
     if refused:
         raise AutoparError(refused)
     problem = pipeline_problem(c.costs, cluster, c.pp, c.num_microbatches, c.schedule, c.v,
                                math.inf)
     stage_model_s, _ = solvers.evaluate_pipeline(problem, c.stages, c.options)
-    timeline_s = _timeline_s(problem, c)
-    pipe_s = max(stage_model_s, timeline_s)
     by_name = {layer.name: layer for layer in c.costs.layers}
     ranks = [dict(parameters=0.0, gradients=0.0, optimizer=0.0, activations=0.0,
                   temporaries=c.costs.temporaries_bytes) for _ in range(c.pp)]
@@ -190,8 +192,12 @@ def evaluate(c: Candidate, cluster: Cluster) -> Candidate:
             for k, val in t.state.items():
                 ranks[r][k] -= extra * val
             sync[r] -= extra * t.sync_s
-    c.pipeline_s = pipe_s
     worst = max(range(c.pp), key=lambda r: sync[r])
+    if losing_at is not None and stage_model_s + sync[worst] >= losing_at:
+        pipe_s = stage_model_s
+    else:
+        pipe_s = max(stage_model_s, _timeline_s(problem, c))
+    c.pipeline_s = pipe_s
     c.dp_sync_s = sync[worst]
     c.accumulate_s = accumulate[worst]
     c.step_time_s = pipe_s + c.dp_sync_s

@@ -353,7 +353,8 @@ def _best_cut(costs, cluster, mesh, mb, m, schedule, v, flavour, order, budget, 
         opts = {x.name: how if how in [o.name for o in x.options] else "none"
                 for x in costs.layers}
         found.append(evaluate(Candidate(stages=even_stages(order, pp * v), options=opts,
-                                        cut="even", **base), cluster))
+                                        cut="even", **base), cluster,
+                              losing_at=best.step_time_s if best else None))
     fits = [c for c in found if c.stages and c.peak_memory_bytes <= budget]
     if fits:
         return _on_timeline(min(fits, key=lambda c: c.step_time_s), problem, cluster, budget,

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import autopar
+import solvers
 import autopar.planning.search as search
 from autopar.models.gpt import GPT, GPTConfig
 from autopar.models.losses import lm_loss
@@ -71,3 +72,32 @@ def test_swaps_on_one_rank_never_slow_a_cut_and_end_where_no_swap_helps(costs, s
                         costs=costs), CLUSTER)
                     assert other.step_time_s >= polished.step_time_s
     assert improved >= 3  # the timeline does tell such cuts apart
+
+
+def test_a_losing_candidate_skips_the_timeline_but_not_its_memory(costs):
+    # evaluate(losing_at=...) runs the timeline only when the stage model and the dp sync stay
+    # under the step the caller has; otherwise the step is that lower bound, memory exact.
+    names = [layer.name for layer in costs.layers]
+    problem = pipeline_problem(costs, CLUSTER, 2, 4, "Interleaved1F1B", 2, math.inf)
+
+    def made(stages, **kw):
+        return evaluate(Candidate(mesh=dict(MESH), microbatch_size=2, num_microbatches=4,
+                                  schedule="Interleaved1F1B", v=2, flavour="replicate",
+                                  stages=stages, options={n: "none" for n in names},
+                                  costs=costs), CLUSTER, **kw)
+
+    charged = 0
+    for ends in itertools.combinations(range(1, len(names)), 3):
+        bounds = (0, *ends, len(names))
+        stages = tuple(tuple(names[a:b]) for a, b in zip(bounds, bounds[1:]))
+        full = made(stages)
+        floor = solvers.evaluate_pipeline(problem, stages, full.options)[0] + full.dp_sync_s
+        assert made(stages, losing_at=math.inf).step_time_s == full.step_time_s
+        lost = made(stages, losing_at=floor)
+        assert lost.step_time_s == pytest.approx(floor) and floor <= full.step_time_s * (1 + 1e-12)
+        assert lost.rank_memory == full.rank_memory
+        assert lost.peak_memory_bytes == full.peak_memory_bytes
+        if full.step_time_s > floor * 1.001:  # the timeline charges this cut more
+            charged += 1
+            assert made(stages, losing_at=floor * 1.001).step_time_s == full.step_time_s
+    assert charged >= 3
