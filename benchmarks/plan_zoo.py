@@ -9,7 +9,9 @@ comparison. The figures of docs/benchmarks/2026-12-05-zoo-plans/ and docs/models
 
 Each case runs in its own process (a fresh interpreter: no cache carries over from another
 plan) under a wall-clock limit, `--timeout` (default 900 s); a case over it is recorded as
-such. Cases already in the output file are skipped, so an interrupted run resumes.
+such (with the last (mesh, microbatch) its search began and its best plan so far). Cases
+already in the output file are skipped, so an interrupted run resumes (`--redo` plans them
+again; the report reads a case's last row).
 
 What a case plans is what `autopar plan NAME --cluster h100-80g --nodes N` plans, with the
 model cast to bf16 and bf16 mixed precision (the way these models are trained; the command
@@ -104,8 +106,13 @@ def plan_one(case: str, gpus: int, time_limit: float) -> dict:
            "params": sum(p.numel() for p in model.parameters())}
     t0 = time.perf_counter()
     said: list[str] = []
+
+    def log(line: str) -> None:  # kept for the row, and on stderr as it comes: a case stopped
+        said.append(line)        # by the timeout still says how far its search got
+        print(line, file=sys.stderr, flush=True)
+
     try:
-        plan = autopar.plan(model, cluster, example, loss_fn=loss_fn, log=said.append,
+        plan = autopar.plan(model, cluster, example, loss_fn=loss_fn, log=log,
                             precision=TrainingPrecision.mixed_bf16(), time_limit=time_limit)
     except AutoparError as e:  # no plan fits: a finding, recorded
         row.update(status="no plan", plan_s=round(time.perf_counter() - t0, 1),
@@ -125,18 +132,22 @@ def plan_one(case: str, gpus: int, time_limit: float) -> dict:
         step_time_s=p.get("step_time_s"),
         peak_memory_gib=round(p.get("peak_memory_bytes", 0) / 2**30, 1),
         candidates=plan.solver.get("candidates"),
-        # scored candidates with pp > 1 (the search's last line says how many)
+        # scored candidates with pp > 1, and (mesh, microbatch)s a bound ruled out before
+        # solving (the search's last line says how many)
         pipelined_candidates=next((int(m.group(1)) for m in map(
-            re.compile(r"\((\d+) with pipeline stages\)").search, said) if m), None),
+            re.compile(r"\((\d+) with pipeline stages[;)]").search, said) if m), None),
+        pruned=next((int(m.group(1)) for m in map(
+            re.compile(r"(\d+) meshes x microbatches ruled out").search, said) if m), None),
         stage_cut=plan.solver.get("stage_cut"),
         torch=torch.__version__,
     )
     return row
 
 
-def run_all(out: str, names: list[str], gpus: list[int], timeout: float, time_limit: float):
+def run_all(out: str, names: list[str], gpus: list[int], timeout: float, time_limit: float,
+            redo: bool = False):
     done = set()
-    if os.path.exists(out):
+    if os.path.exists(out) and not redo:
         with open(out) as f:
             done = {(r["model"], r["gpus"]) for r in map(json.loads, f)}
     cases = []
@@ -157,14 +168,26 @@ def run_all(out: str, names: list[str], gpus: list[int], timeout: float, time_li
                 else:
                     row = {"model": case, "gpus": n, "status": "error",
                            "why": res.stderr.strip().splitlines()[-1][:300]}
-            except subprocess.TimeoutExpired:
-                row = {"model": case, "gpus": n, "status": "timeout", "plan_s": timeout}
+            except subprocess.TimeoutExpired as e:
+                row = {"model": case, "gpus": n, "status": "timeout", "plan_s": timeout,
+                       **_progress(e.stderr)}
             row["wall_s"] = round(time.perf_counter() - t0, 1)
             row["machine"] = f"{platform.machine()}, {os.cpu_count()} cores"
             with open(out, "a") as f:
                 f.write(json.dumps(row) + "\n")
             print(f"{case:>18} {n:>5} GPUs  {row['status']:>8}  {row.get('plan_s', '-')} s  "
                   f"{row.get('mesh', row.get('why', ''))}", flush=True)
+
+
+def _progress(stderr) -> dict:
+    """How far a stopped search got, from its log on stderr: the last (mesh, microbatch) it
+    began (`[i/n] ...`) and the last best plan it had found."""
+    text = stderr.decode(errors="replace") if isinstance(stderr, bytes) else (stderr or "")
+    lines = text.splitlines()
+    began = [ln for ln in lines if re.match(r"\[\d+/\d+\] ", ln)]
+    best = [ln for ln in lines if ln.startswith("best so far: ")]
+    return {"progress": began[-1] if began else None,
+            "best_so_far": best[-1][len("best so far: "):] if best else None}
 
 
 # -- report ---------------------------------------------------------------------------------------
@@ -177,6 +200,11 @@ def _mesh(row: dict) -> str:
             return f"does not fit (least peak {peak.group(1)})"
         state = re.search(r"([0-9.e+]+ \w+) per device even sharded", row["why"])  # no search
         return f"does not fit (its state alone {state.group(1)} a GPU)" if state else row["why"]
+    if row["status"] == "timeout" and row.get("progress"):
+        reached = row["progress"].split("]")[0].lstrip("[")
+        best = row.get("best_so_far")
+        return (f"timeout at (mesh, microbatch) {reached}; best so far {best}" if best
+                else f"timeout at (mesh, microbatch) {reached}, none fits yet")
     if row["status"] != "planned":
         return f"{row['status']} ({row.get('why', '')})" if row.get("why") else row["status"]
     m = {k: v for k, v in row["mesh"].items() if v > 1}
@@ -219,12 +247,15 @@ def report(path: str) -> str:
             if r.get("step_time_s"):
                 cell += f"; {r['step_time_s']:.3g} s, {r['peak_memory_gib']} GiB"
             cells.append(cell)
-            t = f"{r['plan_s']} s" if r.get("plan_s") is not None else r["status"]
+            over = ">" if r["status"] == "timeout" else ""  # stopped: a lower bound
+            t = f"{over}{r['plan_s']} s" if r.get("plan_s") is not None else r["status"]
             ref = rows.get((reference_gpt(name), g))
             if ref is not None and ref is not r and ref.get("plan_s"):
-                t += f" ({ref['plan_s']} s, {r['plan_s'] / ref['plan_s']:.1f}x)"
+                t += f" ({ref['plan_s']} s, {over}{r['plan_s'] / ref['plan_s']:.1f}x)"
             if r.get("pipelined_candidates") is not None and g > 1:
                 t += f"; {r['candidates']} scored, {r['pipelined_candidates']} with pp"
+                if r.get("pruned") is not None:
+                    t += f", {r['pruned']} ruled out"
             times.append(t)
         params = _params(first["params"]) if "params" in first else ""
         chose.append(f"| {name} | {params} | " + " | ".join(cells) + " |")
@@ -240,6 +271,9 @@ def main(argv=None) -> None:
     ap.add_argument("--gpus", nargs="*", type=int, default=list(GPU_COUNTS))
     ap.add_argument("--timeout", type=float, default=900, help="wall-clock seconds a case")
     ap.add_argument("--time-limit", type=float, default=30, help="seconds a stage-cut solve")
+    ap.add_argument("--redo", action="store_true",
+                    help="plan the cases again even where the output has them (appended; the "
+                         "report reads a case's last row)")
     ap.add_argument("--one", nargs=2, metavar=("CASE", "GPUS"), help=argparse.SUPPRESS)
     ap.add_argument("--report", metavar="JSONL", help="print the tables of a finished run")
     args = ap.parse_args(argv)
@@ -251,7 +285,8 @@ def main(argv=None) -> None:
         warnings.filterwarnings("ignore")
         print(json.dumps(plan_one(args.one[0], int(args.one[1]), args.time_limit)))
     else:
-        run_all(args.output, args.models or _zoo(), args.gpus, args.timeout, args.time_limit)
+        run_all(args.output, args.models or _zoo(), args.gpus, args.timeout, args.time_limit,
+                args.redo)
 
 
 if __name__ == "__main__":
