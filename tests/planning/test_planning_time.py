@@ -1,7 +1,9 @@
-"""Planning time does not grow with depth for models of several stacks: a T5 with 12 blocks per
-stack plans for a 4-GPU node about as fast as one with 4, traces included (the planner traces a
+"""Planning time does not grow with depth for models of several stacks: a T5 with 18 blocks per
+stack plans for a 4-GPU node about as fast as one with 6, traces included (the planner traces a
 long run of blocks as four, `autopar.trace_repeats`, and solves three of each stack, the
-stand-in). One microbatch size per data-parallel rank: every other would cost a trace of each
+stand-in). Both depths take that path: a stack of 4 is traced whole (its run, after T5's first
+block, is too short to cut), and so traces fewer blocks than any cut one, which made a 4-to-12
+comparison measure the cut itself (1.2-1.45x over CI runs). One microbatch size per data-parallel rank: every other would cost a trace of each
 model and add nothing here."""
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ def _planning_s(layers: int) -> tuple[float, autopar.Plan]:
 
 @pytest.mark.slow
 def test_t5_planning_time_does_not_grow_with_depth():
-    shallow_s, shallow = _planning_s(4)
-    deep_s, deep = _planning_s(12)
+    shallow_s, shallow = _planning_s(6)
+    deep_s, deep = _planning_s(18)
     assert shallow.solver["candidates"] == deep.solver["candidates"]
     assert deep_s <= 1.3 * shallow_s, (shallow_s, deep_s)
