@@ -11,6 +11,9 @@ Module map
                              every solver raises
     intra_op.py              intra-op sharding ILP: solve_intra_op, smallest_peak
                              (build_intra_op_ilp, read_solution)
+    reduction.py             intra-op problem without memory rows, solved by exact graph
+                             reduction (leaves, chain links, parallel edges) down to a core
+                             that the ILP solves: solve_intra_op tries it first
     brute_force.py           intra-op reference by enumeration: solve_brute_force
     pipeline_problem.py      stage-cut problem: Layer, LayerOption, PipelineProblem,
                              PipelineSolution; its cost model, evaluate_pipeline (stage_costs,
@@ -27,7 +30,8 @@ Module map
                              run_solver, SolverResult, highs_within_tolerance, pulp_names
 
 Imports run one way: backend.py imports no solvers module; each brute force and ILP imports its
-problem module (pipeline_problem.py imports problem.py for the shared errors) and backend.py;
+problem module (pipeline_problem.py imports problem.py for the shared errors) and backend.py
+(intra_op.py also reduction.py, which imports problem.py only);
 the two stage-cut ILPs import pipeline_ranks.py; pipeline.py imports both of them; this file
 imports the public names.
 """
