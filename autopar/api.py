@@ -74,10 +74,22 @@ def plan(
         meshes = search.candidate_meshes(cluster, n_layers)
     batch = batch_size(inputs_only)
     if mesh is not None or microbatch_size is not None:
+        # a fixed mesh must take the batch (and the microbatch size); among the searched ones,
+        # those that do not are left out, and only when none is left is that an error
+        fitting, refused = [], None
         for m in meshes:
-            # heads=False: the intra-op ILP leaves heads whole where tp does not divide them
-            # (Llama's 2 kv heads on tp=4 train exactly); only hand configurations split them
-            check_divides(probe, m, batch, microbatch_size or 1, n_layers, schedule, heads=False)
+            try:
+                # heads=False: the intra-op ILP leaves heads whole where tp does not divide them
+                # (Llama's 2 kv heads on tp=4 train exactly); only hand configurations split them
+                check_divides(probe, m, batch, microbatch_size or 1, n_layers, schedule,
+                              heads=False)
+            except MeshError as e:
+                refused = refused or e
+            else:
+                fitting.append(m)
+        if not fitting:
+            raise refused
+        meshes = fitting
     if data_parallel is not None:
         parallelism.get_flavour(data_parallel)  # an unknown name: an error listing the flavours
     space = search.SearchSpace(

@@ -13,6 +13,7 @@ import autopar
 import solvers
 from autopar.batches import microbatch_inputs
 from autopar.models.gpt import GPT, GPTConfig
+from autopar.models.inputs import next_token_batch
 from autopar.models.losses import lm_loss
 from autopar.planning.candidate import bubble_weight, pipeline_problem
 from autopar.schedules import SCHEDULES, get_schedule
@@ -231,6 +232,7 @@ def test_plan_keeps_nothing_of_the_model_alive():
     script = """
 import gc, weakref, torch, autopar
 from autopar.models.gpt import GPT, GPTConfig
+from autopar.models.inputs import next_token_batch
 from autopar.models.losses import lm_loss
 model = GPT(GPTConfig(vocab_size=64, seq_len=8, n_layer=2, n_head=2, d_model=16))
 x = torch.randint(0, 64, (4, 8))
@@ -353,3 +355,18 @@ def test_progress_lines_say_what_is_solved_and_the_best_so_far(gpt_on_four_h100s
     assert progress[-1].startswith(f"[{n}/{n}]") and "best so far" in progress[-1]
     assert said[-1].startswith("searched")
     assert plan.predicted["step_time_s"] > 0
+
+
+def test_a_microbatch_size_leaves_out_the_meshes_the_batch_does_not_divide():
+    """Megatron's 76.1B row: batch 1792 with microbatch 1 on 1,024 GPUs, where dp = 1024 does not
+    divide the batch. The search plans over the meshes that do; a fixed mesh that does not is
+    still an error that says what divides."""
+    cfg = GPTConfig(vocab_size=64, seq_len=8, n_layer=2, n_head=2, d_model=16)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    batch = next_token_batch(cfg, 12)  # 12 does not divide by 8 (nor dp = 8 x microbatch 1)
+    cluster = autopar.Cluster.preset("h100-80g", devices_per_node=8)
+    plan = autopar.plan(model, cluster, batch, loss_fn=lm_loss, microbatch_size=1)
+    assert 12 % plan.mesh.get("dp", 1) == 0
+    with pytest.raises(autopar.MeshError, match="must divide by 8"):
+        autopar.plan(model, cluster, batch, loss_fn=lm_loss, mesh={"dp": 8}, microbatch_size=1)
