@@ -95,8 +95,13 @@ class Tied:
 
 def sub_cluster(cluster: Cluster, sub_size: int) -> Cluster:
     """The cluster a pipeline stage's mesh sees: its axes keep their link (intra-node iff they
-    fit in a node), as in the full mesh, where pp is outermost."""
-    per_node = min(cluster.devices_per_node, sub_size)
+    fit in a node), as in the full mesh, where pp is outermost.
+
+    Stage s holds ranks s * sub_size ... (s + 1) * sub_size - 1. When sub_size is not a divisor
+    or a multiple of a node (60 of 1,920 GPUs, 8 a node), some stages straddle nodes: only
+    aligned blocks of gcd(sub_size, devices per node) ranks stay in one node in every stage, so
+    the stage sees nodes of that size (its slowest stage's links)."""
+    per_node = math.gcd(cluster.devices_per_node, sub_size)
     return Cluster(
         name=cluster.name, device=cluster.device, devices_per_node=per_node,
         nodes=sub_size // per_node, intra_node=cluster.intra_node,

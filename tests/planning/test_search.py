@@ -370,3 +370,24 @@ def test_a_microbatch_size_leaves_out_the_meshes_the_batch_does_not_divide():
     assert 12 % plan.mesh.get("dp", 1) == 0
     with pytest.raises(autopar.MeshError, match="must divide by 8"):
         autopar.plan(model, cluster, batch, loss_fn=lm_loss, mesh={"dp": 8}, microbatch_size=1)
+
+
+def test_stages_that_straddle_nodes_are_priced_by_their_slowest_links():
+    """24 GPUs (3 nodes of 8) cut into 2 stages of 12: stage 1 holds ranks 12-23, half of node 1
+    and node 2. Only aligned blocks of gcd(12, 8) = 4 ranks share a node in both stages, so a
+    stage sees 3 nodes of 4 (before, it was taken for one node of 8, 8 devices short, and
+    planning failed; Megatron's 310B row, 60 of 1,920 GPUs a stage, did)."""
+    from autopar.planning.layer_costs import sub_cluster
+
+    cluster = autopar.Cluster.preset("h100-80g", nodes=3)
+    assert (sub_cluster(cluster, 12).nodes, sub_cluster(cluster, 12).devices_per_node) == (3, 4)
+    assert (sub_cluster(cluster, 16).nodes, sub_cluster(cluster, 16).devices_per_node) == (2, 8)
+    assert (sub_cluster(cluster, 4).nodes, sub_cluster(cluster, 4).devices_per_node) == (1, 4)
+    assert (sub_cluster(cluster, 6).nodes, sub_cluster(cluster, 6).devices_per_node) == (3, 2)
+    cfg = GPTConfig(vocab_size=64, seq_len=8, n_layer=2, n_head=2, d_model=16)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    plan = autopar.plan(model, cluster, next_token_batch(cfg, 24), loss_fn=lm_loss,
+                        mesh={"pp": 2, "dp": 6, "tp": 2}, microbatch_size=1,
+                        data_parallel="replicate")
+    assert dict(plan.mesh) == {"pp": 2, "dp": 6, "tp": 2}
