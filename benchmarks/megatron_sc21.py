@@ -43,12 +43,14 @@ def main() -> None:
         f"machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch "
         f"{torch.__version__}, autopar {version('autopar')}\n"
     )
-    rows = [simulate_row(TABLE_1[i], plan_too=i in args.plan_rows, log=print) for i in args.rows]
+    rows = []
+    for i in args.rows:
+        rows.append(simulate_row(TABLE_1[i], plan_too=i in args.plan_rows, log=print))
+        if args.json:  # after every row: a long run stopped early keeps the rows it finished
+            with open(args.json, "w") as f:
+                json.dump({"date": time.strftime("%Y-%m-%d"), "rows": rows}, f, indent=1)
     print()
     print(markdown(rows))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"date": time.strftime("%Y-%m-%d"), "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":
