@@ -144,8 +144,25 @@ def plan_one(case: str, gpus: int, time_limit: float) -> dict:
     return row
 
 
+def _commit() -> str | None:
+    """The short hash of the checkout this script runs in (its planner is what a row records),
+    "-dirty" added where autopar/ or solvers/ has uncommitted changes; None outside git."""
+    here = os.path.dirname(os.path.abspath(__file__))
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=here, capture_output=True, text=True,
+                              check=True).stdout.strip()
+
+    try:
+        dirty = git("status", "--porcelain", "--", "../autopar", "../solvers")
+        return git("rev-parse", "--short", "HEAD") + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def run_all(out: str, names: list[str], gpus: list[int], timeout: float, time_limit: float,
             redo: bool = False):
+    commit = _commit()
     done = set()
     if os.path.exists(out) and not redo:
         with open(out) as f:
@@ -173,6 +190,7 @@ def run_all(out: str, names: list[str], gpus: list[int], timeout: float, time_li
                        **_progress(e.stderr)}
             row["wall_s"] = round(time.perf_counter() - t0, 1)
             row["machine"] = f"{platform.machine()}, {os.cpu_count()} cores"
+            row["commit"] = commit
             with open(out, "a") as f:
                 f.write(json.dumps(row) + "\n")
             print(f"{case:>18} {n:>5} GPUs  {row['status']:>8}  {row.get('plan_s', '-')} s  "
