@@ -163,7 +163,7 @@ def rank_time_cap(problem: PipelineProblem, cutoff_s: float | None) -> float | N
 def _cap_counts(ilp: RunsIlp, cap: float) -> None:
     """z[s,j,k] <= cap / (fastest seconds of a layer of run j): stage s runs on a rank whose
     time is at most the cap, and each of its layers of run j takes at least that long."""
-    for (s, j, k), z in ilp.count.items():
+    for (_, j, _), z in ilp.count.items():
         fastest = min(o.fwd_s + o.bwd_s for o in ilp.runs[j].layer.options)
         if fastest > 0:
             z.upBound = min(z.upBound, math.floor(cap / fastest))

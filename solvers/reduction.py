@@ -60,8 +60,8 @@ class _Reduced:
                 self.cost[a] = self.cost[a] + np.diagonal(m)
             else:
                 self._add(a, b, m)
-        # (kind, group, neighbours, table), in elimination order, read back in reverse
-        self.steps: list[tuple[str, str, tuple[str, ...], np.ndarray]] = []
+        # (group, its neighbours then, its best strategy given theirs), in elimination order
+        self.steps: list[tuple[str, tuple[str, ...], np.ndarray]] = []
 
     def _add(self, a: str, b: str, m: np.ndarray) -> None:
         if b in self.adj[a]:
@@ -78,27 +78,23 @@ class _Reduced:
         """Remove `v` by the reduction its degree allows; False when none does."""
         nbrs = tuple(self.adj[v])
         c = self.cost[v]
-        if not nbrs:
-            self.steps.append(("isolated", v, (), np.asarray(int(np.argmin(c)))))
-        elif len(nbrs) == 1:
-            (u,) = nbrs
-            through = self.adj[u][v] + c[None, :]  # [i_u, j_v]
-            self.cost[u] = self.cost[u] + through.min(axis=1)
-            self.steps.append(("leaf", v, nbrs, through.argmin(axis=1)))
-        elif len(nbrs) == 2:
-            u, w = nbrs
-            if len(self.cost[u]) * len(c) * len(self.cost[w]) > MAX_LINK_ENTRIES:
-                return False
-            # [i_u, j_v, k_w]
-            through = (self.adj[u][v] + c[None, :])[:, :, None] + self.adj[v][w][None, :, :]
-            best = through.min(axis=1)
-            self.steps.append(("link", v, nbrs, through.argmin(axis=1)))
-            self._drop(v)
-            self._add(u, w, best)
-            return True
-        else:
+        if len(nbrs) > 2 or (len(nbrs) == 2 and len(self.cost[nbrs[0]]) * len(c)
+                             * len(self.cost[nbrs[1]]) > MAX_LINK_ENTRIES):
             return False
+        if not nbrs:  # isolated
+            table = np.asarray(int(np.argmin(c)))
+        elif len(nbrs) == 1:  # leaf: [i_u, j_v]
+            through = self.adj[nbrs[0]][v] + c[None, :]
+            self.cost[nbrs[0]] = self.cost[nbrs[0]] + through.min(axis=1)
+            table = through.argmin(axis=1)
+        else:  # link: [i_u, j_v, k_w]
+            u, w = nbrs
+            through = (self.adj[u][v] + c[None, :])[:, :, None] + self.adj[v][w][None, :, :]
+            table = through.argmin(axis=1)
+        self.steps.append((v, nbrs, table))
         self._drop(v)
+        if len(nbrs) == 2:
+            self._add(u, w, through.min(axis=1))
         return True
 
     def reduce(self) -> None:
@@ -122,7 +118,7 @@ class _Reduced:
     def read_back(self, core_choices: dict[str, int]) -> dict[str, int]:
         """Every node's strategy, from the core's choices and the eliminations."""
         chosen = dict(core_choices)
-        for kind, v, nbrs, table in reversed(self.steps):
+        for v, nbrs, table in reversed(self.steps):
             chosen[v] = int(table[tuple(chosen[u] for u in nbrs)] if nbrs else table)
         return {name: chosen[rep] for name, rep in self.group_of.items()}
 

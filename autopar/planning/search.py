@@ -370,8 +370,8 @@ def _on_timeline(c: Candidate, problem, cluster, budget, best) -> Candidate:
     only move layers between the stages of one rank often tie there, while the timeline (what
     `evaluate` charges) tells them apart: the golden gpt-small plan's two ties, (1, 4, 8, 1)
     and (1, 1, 8, 4) layers on ranks (0, 1, 0, 1), are 4% apart. Greedy, first improvement,
-    until no swap helps or `POLISH_TRIES` swaps were tried (and not past `POLISH_MAX_ACTIONS`); only
-    for a rank with several stages, when the timeline charged more
+    until no swap helps or `POLISH_TRIES` swaps were tried; only for a rank with several
+    stages, a schedule of at most `POLISH_MAX_ACTIONS` actions, when the timeline charged more
     than the stage model, and when the stage model's step could still beat `best`."""
     ranks = problem.ranks
     if (len(c.stages) <= c.pp or c.cut == "even"

@@ -9,7 +9,15 @@ import random
 
 import pytest
 
-from solvers import Edge, InfeasibleProblem, MemoryPoint, Node, ShardingProblem, solve_brute_force, solve_intra_op
+from solvers import (
+    Edge,
+    InfeasibleProblem,
+    MemoryPoint,
+    Node,
+    ShardingProblem,
+    solve_brute_force,
+    solve_intra_op,
+)
 from solvers.reduction import reduce_problem, solve_without_memory
 from tests.solvers.test_intra_op import assert_agrees_with_brute_force, random_problem
 
