@@ -171,6 +171,15 @@ def trace(model: nn.Module, example_inputs, *, loss_fn=None, target=None) -> Tra
 
     The model may live on any device, meta included; no real computation runs.
     """
+    ep, layout = export_call(model, example_inputs, loss_fn=loss_fn, target=target)
+    return _traced_model(ep, model, layout)
+
+
+def export_call(model: nn.Module, example_inputs, *, loss_fn=None, target=None, batch=None):
+    """`trace`'s program before it becomes a TracedModel: (ExportedProgram decomposed to core
+    ATen, BatchLayout). `batch`: a `torch.export.Dim` that dim 0 of every input tensor takes, so
+    that one program serves every batch size (`autopar.trace_sizes`); export raises (a
+    TraceError here) where the forward cannot keep it symbolic."""
     if not isinstance(model, nn.Module):
         raise TraceError(f"autopar needs a torch.nn.Module, got {type(model).__name__}.")
     if loss_fn is not None and target is None:
@@ -178,12 +187,14 @@ def trace(model: nn.Module, example_inputs, *, loss_fn=None, target=None) -> Tra
     layout = BatchLayout.of(example_inputs, has_target=loss_fn is not None)
     module = _Call(model, loss_fn, layout, _quiet_kwargs(model, as_call(example_inputs)[1]))
     args = tuple(layout.tensors(example_inputs, target))
-    ep = _export(module, args, model, _given_arguments(model, example_inputs))
+    dynamic = None
+    if batch is not None:  # forward(*args): one spec for the tuple of args
+        dynamic = (tuple({0: batch} if a.ndim else None for a in args),)
+    ep = _export(module, args, model, _given_arguments(model, example_inputs), dynamic)
     table = torch.export.default_decompositions()
     for op in KEEP_WHOLE:
         table.pop(op, None)
-    ep = ep.run_decompositions(table)
-    return _traced_model(ep, model, layout)
+    return ep.run_decompositions(table), layout
 
 
 def trace_for_training(model: nn.Module, example_inputs, loss_fn, *, how=None) -> TracedModel:
@@ -227,18 +238,18 @@ def _given_arguments(model: nn.Module, inputs) -> set[str]:
     return given | {name for name, value in zip(names, pos) if value is not None}
 
 
-def _export(module: nn.Module, args: tuple, model: nn.Module, given: set[str]):
+def _export(module: nn.Module, args: tuple, model: nn.Module, given: set[str], dynamic=None):
     try:
         # what export cannot trace as written, or traces worse than eager runs it
         with rewrites.applied(model, given):
             if _on_meta(model):
-                return _export_as_fake_cpu(module, args)
-            return torch.export.export(module, args, strict=False)
+                return _export_as_fake_cpu(module, args, dynamic)
+            return torch.export.export(module, args, strict=False, dynamic_shapes=dynamic)
     except Exception as e:  # export raises many types; all mean "this model did not trace"
         raise TraceError(_explain_export_failure(e, model)) from e
 
 
-def _export_as_fake_cpu(module: nn.Module, args: tuple):
+def _export_as_fake_cpu(module: nn.Module, args: tuple, dynamic=None):
     """Export a meta model as fake tensors on the CPU: still no memory, but every op picks its
     kernel, and lays out its output, as on a real device.
 
@@ -261,7 +272,7 @@ def _export_as_fake_cpu(module: nn.Module, args: tuple):
     state.update({name: fake(b) for name, b in module.named_buffers()})
     args = tuple(fake(a) if isinstance(a, torch.Tensor) else a for a in args)
     with _reparametrize_module(module, state, tie_weights=True):
-        return torch.export.export(module, args, strict=False)
+        return torch.export.export(module, args, strict=False, dynamic_shapes=dynamic)
 
 
 def _explain_export_failure(e: Exception, model: nn.Module) -> str:

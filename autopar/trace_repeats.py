@@ -26,6 +26,7 @@ traces the model whole and refuses a plan whose fingerprint differs, and
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -43,6 +44,7 @@ from autopar.trace import (
     trace_for_training,
     unrun_graph_module,
 )
+from autopar.trace_sizes import SizedTracer
 
 KEPT_UNITS = 4  # units of a run traced: the last is the template, three check it
 MIN_UNITS = KEPT_UNITS + 1  # shorter runs are traced whole
@@ -73,12 +75,16 @@ class Run:
         return (i - self.start) // self.period if self.start <= i < self.end else None
 
 
-def trace_repeated(model: nn.Module, example_inputs, *, loss_fn=None, target=None) -> TracedModel:
+def trace_repeated(model: nn.Module, example_inputs, *, loss_fn=None, target=None,
+                   trace_with=None) -> TracedModel:
     """`trace(model, example_inputs, ...)`, through a shallow copy where the model has long
-    runs of identical blocks (see the module docstring); the same graph either way."""
+    runs of identical blocks (see the module docstring); the same graph either way.
+    `trace_with`: what traces the shallow copy (or the model, without runs): `trace`'s
+    signature (the planner's `trace_sizes.SizedTracer`); `trace` by default."""
+    trace_with = trace_with or trace
     runs = find_runs(model)
     if not runs:
-        return trace(model, example_inputs, loss_fn=loss_fn, target=target)
+        return trace_with(model, example_inputs, loss_fn=loss_fn, target=target)
     saved = {}
     try:
         for run in runs:
@@ -88,7 +94,7 @@ def trace_repeated(model: nn.Module, example_inputs, *, loss_fn=None, target=Non
             # the kept children keep their names: blocks after the run trace as themselves
             container._modules = {k: m for i, (k, m) in enumerate(container._modules.items())
                                   if i not in dropped}
-        shallow = trace(model, example_inputs, loss_fn=loss_fn, target=target)
+        shallow = trace_with(model, example_inputs, loss_fn=loss_fn, target=target)
     except TraceError:  # a forward that needs every block (one that counts them, say)
         shallow = None
     finally:  # the user's model as it was
@@ -101,13 +107,16 @@ def trace_repeated(model: nn.Module, example_inputs, *, loss_fn=None, target=Non
 def tracer(model: nn.Module, loss_fn):
     """`trace_fn(inputs)` for one planning call: `trace_repeated`, once per input shape, so the
     probe of the whole batch is also the search's graph of a microbatch that size (the model
-    does not change within one call)."""
+    does not change within one call); other batch sizes are made from one export
+    (`trace_sizes.SizedTracer`)."""
     traces: dict = {}
+    sized = SizedTracer()
+    how = functools.partial(trace_repeated, trace_with=sized)
 
     def trace_fn(inputs):
         key = inputs_key(inputs)
         if key not in traces:
-            traces[key] = trace_for_training(model, inputs, loss_fn, how=trace_repeated)
+            traces[key] = trace_for_training(model, inputs, loss_fn, how=how)
         return traces[key]
 
     return trace_fn

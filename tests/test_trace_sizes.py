@@ -1,0 +1,129 @@
+"""The planner's traces of other batch sizes, made from one export with a symbolic batch
+(`autopar.trace_sizes`), are exactly what `trace` returns at those sizes: the same nodes, names,
+fingerprint, and on every node the value's shape, strides, dtype and requires_grad (what the
+profile and the DTensor probes read). For every built-in family and Hugging Face ones, a
+forward that branches on the batch size (it falls back to `trace`), and batch 1."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from autopar.batches import microbatch_inputs
+from autopar.models.registry import BUILTIN_MODELS
+from autopar.trace import TracedModel, trace
+from autopar.trace_sizes import SizedTracer
+
+FAMILIES = ["gpt-tiny", "llama-test", "palm-test", "bert-test", "vit-test", "t5-test",
+            "switch-test", "swin-test"]
+SLOW = {"t5-test", "switch-test", "swin-test"}
+
+
+def value_facts(v):
+    """What the planner reads of a node's value; a stride only where its size is over 1 (the
+    stride of a dim of size 1 is never used, and fake kernels do not agree on it). Not the
+    storage offset, which nothing reads (HF T5's `copy` into a shifted slice is at 0 in export's
+    graph, 1 on fake tensors)."""
+    if isinstance(v, (tuple, list)):
+        return tuple(value_facts(x) for x in v)
+    if isinstance(v, torch.Tensor):
+        strides = tuple(st if n > 1 else None for n, st in zip(v.shape, v.stride()))
+        return (tuple(v.shape), strides, v.dtype, v.requires_grad, v.device)
+    return repr(v)
+
+
+def assert_same_graph(made: TracedModel, traced: TracedModel) -> None:
+    assert made.fingerprint == traced.fingerprint
+    pairs = list(zip(made.graph_module.graph.nodes, traced.graph_module.graph.nodes, strict=True))
+    for a, b in pairs:
+        assert (a.name, a.op, a.target) == (b.name, b.op, b.target)
+        assert set(a.meta) == set(b.meta), a.name
+        assert value_facts(a.meta.get("val")) == value_facts(b.meta.get("val")), a.name
+        assert a.meta.get("nn_module_stack") == b.meta.get("nn_module_stack"), a.name
+    for field in ("parameters", "buffers", "inputs", "target", "loss_node", "output_node"):
+        assert getattr(made, field) == getattr(traced, field)
+
+
+def builtin(name: str, batch: int):
+    family, cfg = BUILTIN_MODELS[name]
+    with torch.device("meta"):
+        model = family.model(cfg)
+        inputs, target = family.batch(cfg, batch)
+    return model, inputs, target, family.loss
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n
+                                  for n in FAMILIES])
+def test_builtin_families_other_batch_sizes_equal_their_trace(name):
+    model, inputs, target, loss = builtin(name, 24)
+    sized = SizedTracer()
+    for batch in (8, 4, 2, 12):
+        x, y = microbatch_inputs(inputs, batch), microbatch_inputs(target, batch)
+        assert_same_graph(sized(model, x, loss_fn=loss, target=y),
+                          trace(model, x, loss_fn=loss, target=y))
+    assert sized.exports == 2  # the first size, then one symbolic export for the other three
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", ["llama", "bert", "t5"])
+def test_hugging_face_models_other_batch_sizes_equal_their_trace(model_type):
+    from tests.helpers.hf_models import hf_batch, hf_model
+
+    model, batch = hf_model(model_type), hf_batch(model_type)
+    sized = SizedTracer()
+    for size in (4, 2):
+        part = microbatch_inputs(batch, size)
+        assert_same_graph(sized(model, part), trace(model, part))
+    assert sized.exports == 2
+
+
+def test_batch_one_is_traced():
+    model, inputs, target, loss = builtin("gpt-tiny", 4)
+    sized = SizedTracer()
+    for batch in (4, 2, 1):
+        x, y = microbatch_inputs(inputs, batch), microbatch_inputs(target, batch)
+        assert_same_graph(sized(model, x, loss_fn=loss, target=y),
+                          trace(model, x, loss_fn=loss, target=y))
+    assert sized.exports == 3  # 4, the symbolic export (for 2), then 1 traced
+
+
+class BranchesOnBatch(nn.Module):
+    """A forward whose ops depend on the batch size: no symbolic batch can stand for it."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        y = self.fc(x)
+        if x.shape[0] > 3:
+            y = y * 2
+        return y.sum()
+
+
+def test_a_forward_that_branches_on_the_batch_size_is_traced_at_each_size():
+    model = BranchesOnBatch()
+    sized = SizedTracer()
+    for batch in (4, 2, 6):
+        x = torch.randn(batch, 8)  # a fresh tensor each: a batch of its own
+        made = sized(model, x)
+        assert_same_graph(made, trace(model, x))
+    assert sized.exports == 4  # the symbolic export failed: every size traced
+
+
+def test_a_shallow_copy_is_another_form():
+    """The planner traces a deep model through a copy with fewer blocks (`trace_repeats`), and
+    falls back to the whole model: the two must not share a reference trace."""
+    model, inputs, target, loss = builtin("gpt-tiny", 4)
+    sized = SizedTracer()
+    sized(model, inputs, loss_fn=loss, target=target)
+    blocks = model.blocks._modules
+    model.blocks._modules = dict(list(blocks.items())[:1])
+    try:
+        x, y = microbatch_inputs(inputs, 2), microbatch_inputs(target, 2)
+        assert_same_graph(sized(model, x, loss_fn=loss, target=y),
+                          trace(model, x, loss_fn=loss, target=y))
+    finally:
+        model.blocks._modules = blocks
+    assert sized.exports == 2  # two forms, one trace each
