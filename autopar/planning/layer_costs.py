@@ -117,17 +117,22 @@ def prepare(traced: TracedModel) -> tuple[StandIn, dict]:
 
 
 def solve_layers(stand: StandIn, profiles, cluster, sub_mesh, *, precision, solver="highs",
-                 time_limit_s=None, least_memory=False):
+                 time_limit_s=None, least_memory=False, built=None):
     """The intra-op ILP on the stage mesh `sub_mesh`, memory left to the stage cut (budget inf); with
     `least_memory`, the fastest of the plans with the smallest intra-op peak (used when the
     fastest sharding fits nowhere). Solved on the stand-in, each node weighted by how many
-    nodes of the full graph it stands for."""
+    nodes of the full graph it stands for. `built`: what an earlier call returned for the same
+    stand-in and mesh, whose problem is reused rather than built again."""
     sub = sub_cluster(cluster, math.prod(sub_mesh.values()))
-    decisions = build_problem(
-        stand.traced, profiles, sub, sub_mesh, precision=precision,
-        memory_budget_bytes=math.inf, param_grad_sync=False,
-    )
-    decisions.problem = problem = _weighted(decisions.problem, stand)
+    if built is not None:
+        decisions = dataclasses.replace(built[1])  # its own problem below; the rest shared
+    else:
+        decisions = build_problem(
+            stand.traced, profiles, sub, sub_mesh, precision=precision,
+            memory_budget_bytes=math.inf, param_grad_sync=False,
+        )
+        decisions.problem = _weighted(decisions.problem, stand)
+    problem = decisions.problem
     if least_memory:
         try:
             peak = solvers.smallest_peak(problem, solver=solver, time_limit_s=time_limit_s)

@@ -130,7 +130,8 @@ def search(trace_fn, example_inputs, cluster: Cluster, space: SearchSpace, *,
             try:
                 solved[key] = solve_layers(stand, profiles, cluster, sub_mesh, precision=precision,
                                            solver=solver, time_limit_s=time_limit_s,
-                                           least_memory=least)
+                                           least_memory=least,
+                                           built=solved.get((mb, tuple(sub_mesh.items()), False)))
             except MeshError:
                 solved[key] = None
         if solved[key] is None:
