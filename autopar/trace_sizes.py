@@ -10,11 +10,11 @@ drop-in for `trace`:
     trace_with(model, inputs, loss_fn=..., target=...) -> TracedModel   (as `trace`)
 
 The first batch size is traced as `trace` does: its node names are the reference. The second
-exports the model once more with dim 0 of every input a `torch.export.Dim` (at least 2), and
-every later size is made by running that program on fake tensors of the size (`_concrete`): the
-symbolic sizes become ints, the nodes that computed them go, and a slice `x[:]` the symbolic
-size kept becomes what the static trace has in its place (nothing, or an alias). Node names are
-the reference's, position by position.
+(if the first took a second or more) exports the model once more with dim 0 of every input a
+`torch.export.Dim` (at least 2), and every later size is made by running that program on fake
+tensors of the size (`_concrete`): the symbolic sizes become ints, the nodes that computed them
+go, and a slice `x[:]` the symbolic size kept becomes what the static trace has in its place
+(nothing, or an alias). Node names are the reference's, position by position.
 
 The graph must be the one `trace` returns, fingerprint included: the runtime traces the model
 for real and refuses a plan whose fingerprint differs. So the program is checked once, made at
@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import sys
+import time
 
 import torch
 from torch import fx, nn
@@ -49,15 +50,21 @@ class _Form:
 
     reference: TracedModel
     batch: int
+    trace_s: float  # how long the reference took to trace
     program: fx.GraphModule | None = None
     tried: bool = False
 
 
 class SizedTracer:
-    """`trace`, for calls that differ only in batch size: see the module docstring."""
+    """`trace`, for calls that differ only in batch size: see the module docstring.
 
-    def __init__(self):
+    The symbolic export costs two to three traces (its shape reasoning), so it is made only for
+    a form whose first trace took `min_trace_s` or more: where tracing is cheap (small models,
+    a search of few sizes) tracing each size is as fast. Either way the graphs are the same."""
+
+    def __init__(self, min_trace_s: float = 1.0):
         self._forms: dict = {}
+        self.min_trace_s = min_trace_s
         self.exports = 0  # exports run (fresh traces and the symbolic one): what this saves
 
     def __call__(self, model: nn.Module, example_inputs, *, loss_fn=None,
@@ -67,10 +74,11 @@ class SizedTracer:
         if batch < MIN_BATCH or (form is not None and batch == form.batch):
             return self._trace(model, example_inputs, loss_fn, target)
         if form is None:
+            start = time.perf_counter()
             ref = self._trace(model, example_inputs, loss_fn, target)
-            self._forms[key] = _Form(ref, batch)
+            self._forms[key] = _Form(ref, batch, time.perf_counter() - start)
             return ref
-        if not form.tried:
+        if not form.tried and form.trace_s >= self.min_trace_s:
             form.tried = True
             form.program = self._symbolic(form, model, example_inputs, loss_fn, target)
         if form.program is not None:

@@ -57,7 +57,7 @@ def builtin(name: str, batch: int):
                                   for n in FAMILIES])
 def test_builtin_families_other_batch_sizes_equal_their_trace(name):
     model, inputs, target, loss = builtin(name, 24)
-    sized = SizedTracer()
+    sized = SizedTracer(min_trace_s=0)
     for batch in (8, 2, 12):
         x, y = microbatch_inputs(inputs, batch), microbatch_inputs(target, batch)
         assert_same_graph(sized(model, x, loss_fn=loss, target=y),
@@ -71,7 +71,7 @@ def test_hugging_face_models_other_batch_sizes_equal_their_trace(model_type):
     from tests.helpers.hf_models import hf_batch, hf_model
 
     model, batch = hf_model(model_type), hf_batch(model_type)
-    sized = SizedTracer()
+    sized = SizedTracer(min_trace_s=0)
     for size in (4, 2):
         part = microbatch_inputs(batch, size)
         assert_same_graph(sized(model, part), trace(model, part))
@@ -80,7 +80,7 @@ def test_hugging_face_models_other_batch_sizes_equal_their_trace(model_type):
 
 def test_batch_one_is_traced():
     model, inputs, target, loss = builtin("gpt-tiny", 4)
-    sized = SizedTracer()
+    sized = SizedTracer(min_trace_s=0)
     for batch in (4, 2, 1):
         x, y = microbatch_inputs(inputs, batch), microbatch_inputs(target, batch)
         assert_same_graph(sized(model, x, loss_fn=loss, target=y),
@@ -104,7 +104,7 @@ class BranchesOnBatch(nn.Module):
 
 def test_a_forward_that_branches_on_the_batch_size_is_traced_at_each_size():
     model = BranchesOnBatch()
-    sized = SizedTracer()
+    sized = SizedTracer(min_trace_s=0)
     for batch in (4, 2, 6):
         x = torch.randn(batch, 8)  # a fresh tensor each: a batch of its own
         made = sized(model, x)
@@ -112,11 +112,22 @@ def test_a_forward_that_branches_on_the_batch_size_is_traced_at_each_size():
     assert sized.exports == 4  # the symbolic export failed: every size traced
 
 
+def test_cheap_traces_are_traced_at_each_size():
+    """Below `min_trace_s` the symbolic export (two to three traces' time) is not made."""
+    model, inputs, target, loss = builtin("gpt-tiny", 4)
+    sized = SizedTracer(min_trace_s=3600)
+    for batch in (4, 2):
+        x, y = microbatch_inputs(inputs, batch), microbatch_inputs(target, batch)
+        assert_same_graph(sized(model, x, loss_fn=loss, target=y),
+                          trace(model, x, loss_fn=loss, target=y))
+    assert sized.exports == 2
+
+
 def test_a_shallow_copy_is_another_form():
     """The planner traces a deep model through a copy with fewer blocks (`trace_repeats`), and
     falls back to the whole model: the two must not share a reference trace."""
     model, inputs, target, loss = builtin("gpt-tiny", 4)
-    sized = SizedTracer()
+    sized = SizedTracer(min_trace_s=0)
     sized(model, inputs, loss_fn=loss, target=target)
     blocks = model.blocks._modules
     model.blocks._modules = dict(list(blocks.items())[:1])
