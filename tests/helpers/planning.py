@@ -50,8 +50,10 @@ def shared_planning_work():
     object, input shapes and loss function), stand-ins and intra-op solves. Models must not
     change inside the block."""
     with pytest.MonkeyPatch.context() as mp:
+        # the planner's `how` is a partial of trace_repeated over a per-call SizedTracer: the
+        # graph is the same whatever tracer made it, so the key is the function itself
         traced = _memo(trace.trace_for_training, lambda model, inputs, loss_fn, how=None: (
-            id(model), trace.inputs_key(inputs), loss_fn, how))
+            id(model), trace.inputs_key(inputs), loss_fn, getattr(how, "func", how)))
         mp.setattr(trace, "trace_for_training", traced)
         mp.setattr(trace_repeats, "trace_for_training", traced)  # the planner's tracer
         prepare = _memo(search.prepare, id)
