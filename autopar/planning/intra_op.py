@@ -89,6 +89,7 @@ def build_problem(
     pmesh = dtensor.planning_mesh(shape, tuple(mesh), "cpu")
     links = cluster.axis_links(shape)
     gm = traced.graph_module
+    grads = _with_gradients(gm)
     strategies: dict[str, list[Strategy]] = {}
     nodes, compute = [], {}
     for n in decision_nodes(gm):
@@ -99,7 +100,8 @@ def build_problem(
             sts = node_strategies(n, pmesh, options)
         strategies[n.name] = sts
         skip = _dp_axes(mesh) if not param_grad_sync and n.op != "placeholder" else ()
-        secs = [_node_time_s(n, s, profiles, cluster, shape, links, skip, traced) for s in sts]
+        secs = [_node_time_s(n, s, profiles, cluster, shape, links, skip, traced, grads)
+                for s in sts]
         compute[n.name] = secs
         mem = [_node_memory_bytes(n, s, traced, profiles, shape, precision) for s in sts]
         nodes.append(solvers.Node(name=n.name, costs_s=tuple(secs), memory_bytes=tuple(mem)))
@@ -174,17 +176,37 @@ def op_compute_s(n: fx.Node, prof: OpProfile, device, split: float) -> float:
             if flops or moved else 0.0)
 
 
+def _with_gradients(gm: fx.GraphModule) -> set[str]:
+    """Names of the values training computes a gradient for: placeholders whose traced value
+    requires grad (parameters; not buffers, token ids or images), and every floating-point
+    value computed from one."""
+    out = set()
+    for n in gm.graph.nodes:
+        if n.op == "placeholder":
+            v = n.meta.get("val")
+            if isinstance(v, torch.Tensor) and v.requires_grad:
+                out.add(n.name)
+        elif n.op == "call_function" and any(a.name in out for a in n.all_input_nodes):
+            if any(isinstance(v, torch.Tensor) and v.dtype.is_floating_point
+                   for v in output_vals(n)):
+                out.add(n.name)
+    return out
+
+
 def _node_time_s(n, s: Strategy, profiles, cluster: Cluster, shape, links, skip_axes=(),
-                 traced=None) -> float:
+                 traced=None, grads=None) -> float:
     """Forward + backward compute of an op on its local shard, plus the gradient all-reduces
-    its strategy implies (a replicated input feeding a sharded output gets a partial gradient)."""
+    its strategy implies (a replicated input feeding a sharded output gets a partial gradient;
+    none for an input without a gradient, such as RoPE's tables, when `grads` names those
+    with one)."""
     if n.op == "placeholder":
         return 0.0
     seconds = op_compute_s(n, profiles[n.name], cluster.device, work_factor(s, shape))
     out = s.outputs[0]
     for arg, pl in zip(tensor_inputs(n), s.inputs):
         v = arg.meta["val"]
-        if out is None or not v.dtype.is_floating_point:
+        if out is None or not v.dtype.is_floating_point or (grads is not None
+                                                            and arg.name not in grads):
             continue
         local_bytes = v.numel() * v.element_size() / shard_factor(pl, shape)
         is_param = traced is not None and _is_parameter_value(source_of(arg)[0], traced)
