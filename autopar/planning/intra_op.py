@@ -90,6 +90,7 @@ def build_problem(
     links = cluster.axis_links(shape)
     gm = traced.graph_module
     grads = _with_gradients(gm)
+    free = _batch_free(traced)
     strategies: dict[str, list[Strategy]] = {}
     nodes, compute = [], {}
     for n in decision_nodes(gm):
@@ -100,7 +101,7 @@ def build_problem(
             sts = node_strategies(n, pmesh, options)
         strategies[n.name] = sts
         skip = _dp_axes(mesh) if not param_grad_sync and n.op != "placeholder" else ()
-        secs = [_node_time_s(n, s, profiles, cluster, shape, links, skip, traced, grads)
+        secs = [_node_time_s(n, s, profiles, cluster, shape, links, skip, traced, grads, free)
                 for s in sts]
         compute[n.name] = secs
         mem = [_node_memory_bytes(n, s, traced, profiles, shape, precision) for s in sts]
@@ -176,6 +177,17 @@ def op_compute_s(n: fx.Node, prof: OpProfile, device, split: float) -> float:
             if flops or moved else 0.0)
 
 
+def _batch_free(traced: TracedModel) -> set[str]:
+    """Names of the values computed without the batch: from parameters, buffers and constants
+    only, not from the model's inputs (GPT's position embedding, T5's position biases)."""
+    gm = traced.graph_module
+    batched = set(traced.inputs)
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and any(a.name in batched for a in n.all_input_nodes):
+            batched.add(n.name)
+    return {n.name for n in gm.graph.nodes if n.name not in batched}
+
+
 def _with_gradients(gm: fx.GraphModule) -> set[str]:
     """Names of the values training computes a gradient for: placeholders whose traced value
     requires grad (parameters; not buffers, token ids or images), and every floating-point
@@ -194,11 +206,15 @@ def _with_gradients(gm: fx.GraphModule) -> set[str]:
 
 
 def _node_time_s(n, s: Strategy, profiles, cluster: Cluster, shape, links, skip_axes=(),
-                 traced=None, grads=None) -> float:
+                 traced=None, grads=None, free=frozenset()) -> float:
     """Forward + backward compute of an op on its local shard, plus the gradient all-reduces
     its strategy implies (a replicated input feeding a sharded output gets a partial gradient;
     none for an input without a gradient, such as RoPE's tables, when `grads` names those
-    with one)."""
+    with one). On `skip_axes` (dp, whose parameter gradients the data-parallel flavour reduces
+    once per step) none for a parameter's value, nor for a value computed from parameters
+    without the batch (`free`: GPT's position embedding, T5's position biases): its partial
+    gradient flows back into the parameter's, which the flavour reduces (seen on the runtime:
+    no per-microbatch all-reduce of GPT's position embedding over dp)."""
     if n.op == "placeholder":
         return 0.0
     seconds = op_compute_s(n, profiles[n.name], cluster.device, work_factor(s, shape))
@@ -209,7 +225,8 @@ def _node_time_s(n, s: Strategy, profiles, cluster: Cluster, shape, links, skip_
                                                             and arg.name not in grads):
             continue
         local_bytes = v.numel() * v.element_size() / shard_factor(pl, shape)
-        is_param = traced is not None and _is_parameter_value(source_of(arg)[0], traced)
+        is_param = traced is not None and (_is_parameter_value(source_of(arg)[0], traced)
+                                           or arg.name in free)
         for a, (p_in, p_out) in enumerate(zip(pl, out)):
             if is_param and a in skip_axes:
                 continue
