@@ -213,8 +213,11 @@ def _node_time_s(n, s: Strategy, profiles, cluster: Cluster, shape, links, skip_
     with one). On `skip_axes` (dp, whose parameter gradients the data-parallel flavour reduces
     once per step) none for a parameter's value, nor for a value computed from parameters
     without the batch (`free`: GPT's position embedding, T5's position biases): its partial
-    gradient flows back into the parameter's, which the flavour reduces (seen on the runtime:
-    no per-microbatch all-reduce of GPT's position embedding over dp)."""
+    gradient flows back into the parameter's, which the flavour reduces. Seen on the runtime:
+    no per-microbatch all-reduce of GPT's position embedding over dp
+    (tests/runtime/test_batch_free_gradients.py); but the replay runtime does all-reduce T5's
+    decoder position bias (1, heads, target, target) in each microbatch, where the eager one
+    and T5's encoder bias do not, so T5's decoder is priced a little low."""
     if n.op == "placeholder":
         return 0.0
     seconds = op_compute_s(n, profiles[n.name], cluster.device, work_factor(s, shape))
