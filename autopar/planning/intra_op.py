@@ -101,7 +101,7 @@ def build_problem(
             sts = node_strategies(n, pmesh, options)
         strategies[n.name] = sts
         skip = _dp_axes(mesh) if not param_grad_sync and n.op != "placeholder" else ()
-        secs = [_node_time_s(n, s, profiles, cluster, shape, links, skip, traced, grads, free)
+        secs = [_node_time_s(n, s, profiles, cluster, shape, links, skip, grads, free)
                 for s in sts]
         compute[n.name] = secs
         mem = [_node_memory_bytes(n, s, traced, profiles, shape, precision) for s in sts]
@@ -157,14 +157,6 @@ def _dp_axes(mesh: dict[str, int]) -> tuple[int, ...]:
     return tuple(a for a, axis in enumerate(mesh) if parallelism.splits(axis, BATCH))
 
 
-def _is_parameter_value(n: fx.Node, traced: TracedModel) -> bool:
-    """A parameter, or a parameter through ops of one tensor input (t, permute, view, a cast):
-    its gradient is a parameter gradient, synchronised over dp once per step, not per op."""
-    while n.op == "call_function" and len(tensor_inputs(n)) == 1 and not is_getitem(n):
-        n = tensor_inputs(n)[0]
-    return n.op == "placeholder" and n.name in traced.parameters
-
-
 def op_compute_s(n: fx.Node, prof: OpProfile, device, split: float) -> float:
     """Forward + backward compute of op `n` with its work split `split` ways, in the op's own
     output dtype: the compute part of an ILP node's cost (the search's bound uses it too)."""
@@ -206,15 +198,15 @@ def _with_gradients(gm: fx.GraphModule) -> set[str]:
 
 
 def _node_time_s(n, s: Strategy, profiles, cluster: Cluster, shape, links, skip_axes=(),
-                 traced=None, grads=None, free=frozenset()) -> float:
+                 grads=None, free=frozenset()) -> float:
     """Forward + backward compute of an op on its local shard, plus the gradient all-reduces
     its strategy implies (a replicated input feeding a sharded output gets a partial gradient;
     none for an input without a gradient, such as RoPE's tables, when `grads` names those
     with one). On `skip_axes` (dp, whose parameter gradients the data-parallel flavour reduces
-    once per step) none for a parameter's value, nor for a value computed from parameters
-    without the batch (`free`: GPT's position embedding, T5's position biases): its partial
-    gradient flows back into the parameter's, which the flavour reduces. Seen on the runtime:
-    no per-microbatch all-reduce of GPT's position embedding over dp
+    once per step) none for a value computed from parameters without the batch (`free`: a
+    parameter itself, through a transpose or a cast, GPT's position embedding, T5's position
+    biases): its partial gradient flows back into the parameter's, which the flavour reduces.
+    Seen on the runtime: no per-microbatch all-reduce of GPT's position embedding over dp
     (tests/runtime/test_batch_free_gradients.py); but the replay runtime does all-reduce T5's
     decoder position bias (1, heads, target, target) in each microbatch, where the eager one
     and T5's encoder bias do not, so T5's decoder is priced a little low."""
@@ -228,10 +220,8 @@ def _node_time_s(n, s: Strategy, profiles, cluster: Cluster, shape, links, skip_
                                                             and arg.name not in grads):
             continue
         local_bytes = v.numel() * v.element_size() / shard_factor(pl, shape)
-        is_param = traced is not None and (_is_parameter_value(source_of(arg)[0], traced)
-                                           or arg.name in free)
         for a, (p_in, p_out) in enumerate(zip(pl, out)):
-            if is_param and a in skip_axes:
+            if arg.name in free and a in skip_axes:
                 continue
             if isinstance(p_in, Replicate) and isinstance(p_out, Shard):
                 seconds += cost.collective_time_s("all_reduce", local_bytes, shape[a], links[a])
