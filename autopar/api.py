@@ -176,8 +176,13 @@ def manual_plan(
     inputs_only = example_inputs[0] if loss_fn is not None else example_inputs
     batch = batch_size(inputs_only)
     trace_fn = tracer(model, loss_fn)
-    layers = layer_order(assign_layers(trace_fn(example_inputs)))
-    check_divides(trace_fn(example_inputs), mesh, batch, microbatch_size, len(layers), schedule)
+    # One trace: a microbatch's, which the cost model needs, also gives the layers and heads
+    # (the same at any batch size). Where the batch does not split, check_divides says so.
+    mb = dp * microbatch_size
+    cut = batch % mb == 0 and mb < batch
+    traced = trace_fn(microbatch_inputs(example_inputs, mb) if cut else example_inputs)
+    layers = layer_order(assign_layers(traced))
+    check_divides(traced, mesh, batch, microbatch_size, len(layers), schedule)
     name = flavour.name if dp > 1 else parallelism.REPLICATE
     if dp_shard is not None:
         name = parallelism.hybrid_flavour().name
