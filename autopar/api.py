@@ -144,6 +144,7 @@ def manual_plan(
     dp_shard: int | None = None,
     precision: TrainingPrecision | None = None,
     solver: str = "highs",
+    sequence_parallel: bool = False,
 ) -> Plan:
     """A hand configuration (Megatron-LM / torchtitan style) as a Plan, scored by the same cost
     model as `plan`, so the two can be compared with `simulate`.
@@ -161,6 +162,9 @@ def manual_plan(
     dp_shard: hybrid sharding (HSDP, torchtitan's data_parallel_shard_degree): parameters are
     sharded as ZeRO-3 over groups of dp_shard ranks and replicated over dp / dp_shard groups.
     Without pp there is no gradient accumulation: microbatch_size must be batch / dp.
+    sequence_parallel: Megatron-LM's sequence parallelism (needs tp > 1): the ops between the
+    tensor-parallel regions (norms, dropout, residual adds) split along the sequence over tp,
+    reduce-scatter and all-gather in place of all-reduce (`autopar.planning.sequence_parallel`).
     """
     if checkpoint not in POLICIES:
         raise AutoparError(f"checkpoint={checkpoint!r}: use one of {', '.join(POLICIES)}")
@@ -189,7 +193,8 @@ def manual_plan(
     c = hand_configuration(
         trace_fn, example_inputs, cluster, mesh, batch=batch, microbatch_size=microbatch_size,
         layers=layers, checkpoint=checkpoint, schedule=schedule, flavour=name,
-        dp_shard=dp_shard, precision=precision, solver=solver)
+        dp_shard=dp_shard, precision=precision, solver=solver,
+        sequence_parallel=sequence_parallel)
     return candidate_plan(c, cluster, precision, solver={"manual": 1})
 
 

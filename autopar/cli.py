@@ -280,15 +280,17 @@ def _limit(memory_limit: float | None) -> dict:
 
 
 def parse_manual(text: str) -> dict:
-    """ "tp=2,zero=3,checkpoint=full" -> {"tp": 2, "zero": 3, "checkpoint": "full"}."""
+    """ "tp=2,zero=3,checkpoint=full,sequence_parallel=true" -> {"tp": 2, "zero": 3,
+    "checkpoint": "full", "sequence_parallel": True}."""
     hand = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         key, eq, value = part.partition("=")
         if not eq or not key or not value:
             raise ValueError(f"bad --manual {text!r}: {part!r} is not key=value; e.g. "
                              "--manual tp=2,zero=3 (keys: tp, pp, dp, microbatch_size, "
-                             "checkpoint, schedule, zero, dp_shard)")
-        hand[key] = int(value) if value.isdigit() else value
+                             "checkpoint, schedule, zero, dp_shard, sequence_parallel)")
+        flag = {"true": True, "false": False}.get(value.lower())
+        hand[key] = int(value) if value.isdigit() else value if flag is None else flag
     return hand
 
 

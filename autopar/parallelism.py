@@ -68,6 +68,7 @@ AXES: tuple[MeshAxis, ...] = (
 PIPELINE = "pp"  # the one LAYERS axis: always outermost, placements are not written for it
 DATA = "dp"  # the searched BATCH axis: takes the ranks the other axes leave
 DATA_REPLICAS = "dp_replicate"  # a hybrid flavour's replicas of the shard groups on DATA
+TENSOR = "tp"  # the OPS axis Megatron-style tensor (and sequence) parallelism splits
 
 
 def mesh_axis(name: str) -> MeshAxis:

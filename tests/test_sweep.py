@@ -247,6 +247,9 @@ class TestCommandLine:
     def test_parse_manual(self):
         assert parse_manual("tp=2,zero=3,checkpoint=full") == {
             "tp": 2, "zero": 3, "checkpoint": "full"}
+        assert parse_manual("tp=2,sequence_parallel=true") == {"tp": 2, "sequence_parallel": True}
+        assert parse_manual("tp=2,sequence_parallel=False") == {"tp": 2,
+                                                                "sequence_parallel": False}
 
 
 class TestProcesses:

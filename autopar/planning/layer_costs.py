@@ -44,6 +44,7 @@ from autopar.errors import MeshError
 from autopar.layers import POST, PRE, assign_layers, crossing, decision_users, layer_order
 from autopar.parallelism import DATA, KEEP_IN_GRAPH, OPS
 from autopar.planning import cost
+from autopar.planning import sequence_parallel as sequence_parallel_
 from autopar.planning.intra_op import build_problem
 from autopar.planning.profile import parameter_state_bytes, profile_graph
 from autopar.planning.stand_in import StandIn, stand_in
@@ -117,12 +118,14 @@ def prepare(traced: TracedModel) -> tuple[StandIn, dict]:
 
 
 def solve_layers(stand: StandIn, profiles, cluster, sub_mesh, *, precision, solver="highs",
-                 time_limit_s=None, least_memory=False, built=None):
+                 time_limit_s=None, least_memory=False, built=None, sequence_parallel=None):
     """The intra-op ILP on the stage mesh `sub_mesh`, memory left to the stage cut (budget inf); with
     `least_memory`, the fastest of the plans with the smallest intra-op peak (used when the
     fastest sharding fits nowhere). Solved on the stand-in, each node weighted by how many
     nodes of the full graph it stands for. `built`: what an earlier call returned for the same
-    stand-in and mesh, whose problem is reused rather than built again."""
+    stand-in and mesh, whose problem is reused rather than built again. `sequence_parallel`: a
+    mesh axis over which the residual stream's ops must split the sequence
+    (`autopar.planning.sequence_parallel`)."""
     sub = sub_cluster(cluster, math.prod(sub_mesh.values()))
     if built is not None:
         decisions = dataclasses.replace(built[1])  # its own problem below; the rest shared
@@ -130,8 +133,11 @@ def solve_layers(stand: StandIn, profiles, cluster, sub_mesh, *, precision, solv
         decisions = build_problem(
             stand.traced, profiles, sub, sub_mesh, precision=precision,
             memory_budget_bytes=math.inf, param_grad_sync=False,
+            sequence_parallel=sequence_parallel,
         )
         decisions.problem = _weighted(decisions.problem, stand)
+    if sequence_parallel is not None:
+        decisions = sequence_parallel_.require(decisions, stand.traced, sequence_parallel)
     problem = decisions.problem
     if least_memory:
         try:

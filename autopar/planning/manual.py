@@ -16,12 +16,15 @@ from autopar.schedules import get_schedule
 def hand_configuration(trace_fn, example_inputs, cluster: Cluster, mesh: dict[str, int], *,
                        batch: int, microbatch_size: int, layers: list[str], checkpoint: str,
                        schedule: str, flavour: str, dp_shard: int | None,
-                       precision: TrainingPrecision, solver: str) -> Candidate:
+                       precision: TrainingPrecision, solver: str,
+                       sequence_parallel: bool = False) -> Candidate:
     """The candidate of a fixed mesh (every searched axis present), `microbatch_size` samples
     per data-parallel rank, `layers` cut evenly into pp x v stages, `checkpoint` ("none",
     "full", "selective") for every block that offers it, and the op shardings the intra-op ILP
     finds on the stage mesh for one microbatch (Megatron's column/row split is what it finds
-    for GPT blocks). Scored by `candidate.evaluate`, as the search scores its own."""
+    for GPT blocks); with `sequence_parallel`, the residual stream's ops split along the sequence
+    over tp (`autopar.planning.sequence_parallel`). Scored by `candidate.evaluate`, as the
+    search scores its own."""
     pp, dp = mesh[parallelism.PIPELINE], mesh[parallelism.DATA]
     sched = get_schedule(schedule)
     v = sched.default_v(None) if pp > 1 else 1
@@ -35,7 +38,11 @@ def hand_configuration(trace_fn, example_inputs, cluster: Cluster, mesh: dict[st
                             f"= {m} microbatches)") from None
     stand, profiles = prepare(trace_fn(microbatch_inputs(example_inputs, mb)))
     sub_mesh = parallelism.intra_op_mesh(mesh)
-    solved = solve_layers(stand, profiles, cluster, sub_mesh, precision=precision, solver=solver)
+    if sequence_parallel and sub_mesh.get(parallelism.TENSOR, 1) == 1:
+        raise MeshError("sequence_parallel=True splits the sequence over the tensor-parallel "
+                        "ranks: it needs tp > 1")
+    solved = solve_layers(stand, profiles, cluster, sub_mesh, precision=precision, solver=solver,
+                          sequence_parallel=parallelism.TENSOR if sequence_parallel else None)
     costs = layer_costs(stand, profiles, cluster, sub_mesh, flavour, precision=precision,
                         solved=solved, dp_shard=dp_shard)
     options = {x.name: checkpoint if checkpoint in [o.name for o in x.options] else "none"
