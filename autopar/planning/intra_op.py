@@ -79,14 +79,14 @@ def build_problem(
     memory_budget_bytes: float,
     share_layers: bool = True,
     param_grad_sync: bool = True,
-    sequence_parallel: str | None = None,
+    sequence_axis: str | None = None,
 ) -> Decisions:
     """The intra-op ShardingProblem on `mesh` (no "pp" axis).
 
     `param_grad_sync=False` leaves out the data-parallel all-reduce of parameter gradients
     (a replicated parameter feeding an op whose output is split over "dp"): the pipeline search
     (`autopar.planning.search`) charges it once per step, after gradient accumulation, by flavour.
-    `sequence_parallel`: a mesh axis on which the residual stream's ops may also take their
+    `sequence_axis`: a mesh axis on which the residual stream's ops may also take their
     inputs split along the sequence (`autopar.planning.sequence_parallel`).
     """
     shape = tuple(mesh.values())
@@ -97,14 +97,14 @@ def build_problem(
     free = _batch_free(traced)
     strategies: dict[str, list[Strategy]] = {}
     nodes, compute = [], {}
-    stream = set(sequence_parallel_.stream_nodes(traced)) if sequence_parallel else set()
+    stream = set(sequence_parallel_.stream_nodes(traced)) if sequence_axis else set()
     for n in decision_nodes(gm):
         if n.op == "placeholder":
             sts = [Strategy((), (pl,), "input") for pl in _placeholder_options(n, traced, mesh)]
         else:
             options = [output_options(a, strategies) for a in tensor_inputs(n)]
             if n.name in stream:
-                axis = list(mesh).index(sequence_parallel)
+                axis = list(mesh).index(sequence_axis)
                 options = [sequence_parallel_.with_sequence_split(o, _val(a), axis)
                            for o, a in zip(options, tensor_inputs(n))]
             sts = node_strategies(n, pmesh, options)

@@ -118,26 +118,27 @@ def prepare(traced: TracedModel) -> tuple[StandIn, dict]:
 
 
 def solve_layers(stand: StandIn, profiles, cluster, sub_mesh, *, precision, solver="highs",
-                 time_limit_s=None, least_memory=False, built=None, sequence_parallel=None):
+                 time_limit_s=None, least_memory=False, built=None, sequence_parallel="off"):
     """The intra-op ILP on the stage mesh `sub_mesh`, memory left to the stage cut (budget inf); with
     `least_memory`, the fastest of the plans with the smallest intra-op peak (used when the
     fastest sharding fits nowhere). Solved on the stand-in, each node weighted by how many
     nodes of the full graph it stands for. `built`: what an earlier call returned for the same
-    stand-in and mesh, whose problem is reused rather than built again. `sequence_parallel`: a
-    mesh axis over which the residual stream's ops must split the sequence
-    (`autopar.planning.sequence_parallel`)."""
+    stand-in and mesh, whose problem is reused rather than built again. `sequence_parallel`
+    (`autopar.planning.sequence_parallel`): "off"; "offer", the residual stream's ops may split
+    the sequence over tp (the search); "require", they must (hand configurations)."""
     sub = sub_cluster(cluster, math.prod(sub_mesh.values()))
+    seq_axis = sequence_parallel_.axis(sub_mesh, sequence_parallel)
     if built is not None:
         decisions = dataclasses.replace(built[1])  # its own problem below; the rest shared
     else:
         decisions = build_problem(
             stand.traced, profiles, sub, sub_mesh, precision=precision,
             memory_budget_bytes=math.inf, param_grad_sync=False,
-            sequence_parallel=sequence_parallel,
+            sequence_axis=seq_axis,
         )
         decisions.problem = _weighted(decisions.problem, stand)
-    if sequence_parallel is not None:
-        decisions = sequence_parallel_.require(decisions, stand.traced, sequence_parallel)
+    if sequence_parallel == "require":
+        decisions = sequence_parallel_.require(decisions, stand.traced, seq_axis)
     problem = decisions.problem
     if least_memory:
         try:

@@ -38,11 +38,8 @@ def hand_configuration(trace_fn, example_inputs, cluster: Cluster, mesh: dict[st
                             f"= {m} microbatches)") from None
     stand, profiles = prepare(trace_fn(microbatch_inputs(example_inputs, mb)))
     sub_mesh = parallelism.intra_op_mesh(mesh)
-    if sequence_parallel and sub_mesh.get(parallelism.TENSOR, 1) == 1:
-        raise MeshError("sequence_parallel=True splits the sequence over the tensor-parallel "
-                        "ranks: it needs tp > 1")
     solved = solve_layers(stand, profiles, cluster, sub_mesh, precision=precision, solver=solver,
-                          sequence_parallel=parallelism.TENSOR if sequence_parallel else None)
+                          sequence_parallel="require" if sequence_parallel else "off")
     costs = layer_costs(stand, profiles, cluster, sub_mesh, flavour, precision=precision,
                         solved=solved, dp_shard=dp_shard)
     options = {x.name: checkpoint if checkpoint in [o.name for o in x.options] else "none"

@@ -25,6 +25,7 @@ from autopar.errors import InfeasibleError, MeshError
 from autopar.layers import assign_layers, decision_nodes, layer_order
 from autopar.parallelism import DATA, OPS, PIPELINE, POLICIES
 from autopar.plan import Plan
+from autopar.planning import sequence_parallel
 from autopar.planning.assemble import candidate_plan
 from autopar.planning.candidate import (
     Candidate,
@@ -103,9 +104,12 @@ def search(trace_fn, example_inputs, cluster: Cluster, space: SearchSpace, *,
     """The fastest plan over `space` that fits; `trace_fn(inputs)` traces one microbatch.
 
     Two passes. First every (mesh, microbatch) with the fastest intra-op sharding of its stage
-    mesh; then, for those whose candidates all went over the memory limit, the sharding of
-    least memory, unless a lower bound shows it cannot beat the best plan of the first pass (its
-    min-peak ILPs are the slowest solves of a search under a tight limit)."""
+    mesh. Then, for those a lower bound does not show to lose against the best plan of the
+    first pass: with tp, the fastest sharding with sequence parallelism (the residual stream
+    split along the sequence over tp: 1/tp of its activations for about the same time, where
+    the first pass's ties go the other way, so that a plan that checkpointed to fit may need
+    less of it); and where every candidate went over the memory limit, the sharding of least
+    memory (its min-peak ILPs are the slowest solves of a search under a tight limit)."""
     start = time.perf_counter()
     precision = precision or TrainingPrecision()
     budget = memory_limit_bytes if memory_limit_bytes is not None else cluster.device.memory_bytes
@@ -114,11 +118,11 @@ def search(trace_fn, example_inputs, cluster: Cluster, space: SearchSpace, *,
     solved: dict[tuple, tuple] = {}
     found = _Found(budget, log)
 
-    def score(stand, profiles, order, mesh, mb, m, least):
+    def score(stand, profiles, order, mesh, mb, m, mode="fastest"):
         """Score the candidates of one intra-op sharding; None if it has none (MeshError), []
         if a bound shows that none can beat the best so far (no solve then)."""
         sub_mesh = parallelism.intra_op_mesh(mesh)
-        key = (mb, tuple(sub_mesh.items()), least)
+        key = (mb, tuple(sub_mesh.items()), mode)
         if key not in solved and found.best is not None:
             work = _compute_bound(stand, profiles, cluster, sub_mesh)
             if min((_bubble_bound(work, mesh[PIPELINE], m, sched, v)
@@ -130,8 +134,11 @@ def search(trace_fn, example_inputs, cluster: Cluster, space: SearchSpace, *,
             try:
                 solved[key] = solve_layers(stand, profiles, cluster, sub_mesh, precision=precision,
                                            solver=solver, time_limit_s=time_limit_s,
-                                           least_memory=least,
-                                           built=solved.get((mb, tuple(sub_mesh.items()), False)))
+                                           least_memory=mode == "least",
+                                           sequence_parallel="require" if mode == "sequence"
+                                           else "offer",
+                                           built=solved.get((mb, tuple(sub_mesh.items()),
+                                                             "fastest")))
             except MeshError:
                 solved[key] = None
         if solved[key] is None:
@@ -141,7 +148,7 @@ def search(trace_fn, example_inputs, cluster: Cluster, space: SearchSpace, *,
             solved[key], stand, profiles, cluster, sub_mesh, flavours, space, mesh, mb, m,
             order, budget, solver, time_limit_s, precision, found)]
 
-    fallbacks = []
+    second = []  # what the second pass may try: (mesh, microbatch)s the first pass scored
     # ops split inside a node first, widest first: such meshes usually win at scale, and an
     # early good plan lets the bound prune the rest (ops split across nodes last)
     mesh_order = lambda x: (_ops_size(x) > cluster.devices_per_node, -_ops_size(x),  # noqa: E731
@@ -164,19 +171,24 @@ def search(trace_fn, example_inputs, cluster: Cluster, space: SearchSpace, *,
         stand, profiles, order = traces[mb]
         if pp > len(order):
             continue
-        fits = score(stand, profiles, order, mesh, mb, m, least=False)
-        # all over the limit (not merely pruned by the bound): the fallback may fit
-        if fits and not any(fits):
-            fallbacks.append((stand, profiles, order, mesh, mb, m))
-    for stand, profiles, order, mesh, mb, m in fallbacks:
+        fits = score(stand, profiles, order, mesh, mb, m)
+        if fits:  # scored (not pruned by the bound, not refused by the mesh)
+            # all over the limit: the least-memory sharding may fit
+            second.append((stand, profiles, order, mesh, mb, m, not any(fits)))
+    for stand, profiles, order, mesh, mb, m, none_fit in second:
         sub_mesh = parallelism.intra_op_mesh(mesh)
-        fastest = solved[(mb, tuple(sub_mesh.items()), False)]
+        fastest = solved[(mb, tuple(sub_mesh.items()), "fastest")]
         bound = min((_least_memory_bound(fastest, mesh[PIPELINE], m, sched, v)
                      for sched, v in _schedules(space, mesh[PIPELINE], m, len(order))),
                     default=math.inf)
         if found.best is not None and bound >= found.best.step_time_s:
             continue
-        score(stand, profiles, order, mesh, mb, m, least=True)
+        # where the fastest sharding fitted by checkpointing, or did not fit at all, the stream
+        # split along the sequence may fit with less
+        if sequence_parallel.axis(sub_mesh, "offer"):
+            score(stand, profiles, order, mesh, mb, m, "sequence")
+        if none_fit:
+            score(stand, profiles, order, mesh, mb, m, "least")
     best, smallest = found.best, found.smallest
     if best is None:
         if smallest is None:
@@ -231,8 +243,9 @@ def _mesh_text(mesh: dict[str, int]) -> str:
 
 
 def _least_memory_bound(fastest, pp: int, m: int, schedule: str, v: int) -> float:
-    """A lower bound on the step time of any candidate of the least-memory sharding of a
-    (mesh, microbatch) under `schedule`, from its fastest sharding's solve: the stage model's
+    """A lower bound on the step time of any candidate of the least-memory (or the
+    sequence-parallel) sharding of a (mesh, microbatch) under `schedule`, from its fastest
+    sharding's solve (both solve the same problem, restricted): the stage model's
     step with every stage's work W / pp (`_bubble_bound`), W one microbatch's work over all
     layers. W is at least the sharding's intra-op objective (checkpointing, ZeRO-3 gathers, p2p
     and dp sync only add), and the least-memory objective is at least the fastest's when that

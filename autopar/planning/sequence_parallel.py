@@ -7,11 +7,15 @@ along the sequence over the tensor-parallel ranks; the all-reduce after a row-pa
 becomes a reduce-scatter into the sequence split, and the input of a column-parallel matmul is
 all-gathered from it. Each rank then holds 1/tp of those ops' activations.
 
-In the intra-op problem this is one placement among the others: those ops can already take
-Shard(1) (the sequence dim of a (batch, sequence, hidden) value) on the tp axis, and the solver
-picks it where it pays (memory, the norms' time). `require` makes it the only choice, for hand
-configurations (`autopar.manual_plan(..., sequence_parallel=True)`): every op, not a view,
-whose output has the shape of a value passed from one layer to the next (the residual stream),
+In the intra-op problem it is one more placement: those ops (every op, not a view, whose output
+has the shape of a value passed from one layer to the next: the residual stream) are offered
+inputs split along dim 1 (the sequence of a (batch, sequence, hidden) value) on tp
+(`with_sequence_split`). Its time is about tensor parallelism's (reduce-scatter + all-gather is
+an all-reduce; the norms run on 1/tp), so the fastest sharding takes either; what it saves is
+memory, which the intra-op solve leaves to the stage cut. Hence `require`, which forbids the
+stream's other strategies: hand configurations use it (`autopar.manual_plan(...,
+sequence_parallel=True)`), and the search solves it as a second sharding of each tp mesh that
+a bound does not rule out (`autopar.planning.search`). Under `require` every stream op
 takes Shard(1) on the tensor-parallel axis, where its sharding rules offer that (not the
 embedding, whose token ids arrive whole: the stream is split after it, as in Megatron); the
 solver then places the collectives around them.
@@ -27,10 +31,29 @@ from torch.distributed.tensor import Replicate, Shard
 
 from autopar.errors import MeshError
 from autopar.layers import crossing, decision_nodes
+from autopar.parallelism import TENSOR
 from autopar.planning.strategies import output_vals
 from autopar.trace import TracedModel
 
 SEQUENCE_DIM = 1  # of a (batch, sequence, hidden) value: every model we trace is batch-first
+
+
+MODES = ("off", "offer", "require")
+
+
+def axis(mesh: dict[str, int], mode: str) -> str | None:
+    """The axis the stream may (mode "offer") or must ("require") split the sequence over:
+    tp where the mesh has it, else None (for "offer"; "require" without tp is an error)."""
+    if mode not in MODES:
+        raise ValueError(f"sequence_parallel={mode!r}: one of {MODES}")
+    if mode == "off":
+        return None
+    if mesh.get(TENSOR, 1) > 1:
+        return TENSOR
+    if mode == "require":
+        raise MeshError("sequence_parallel=True splits the sequence over the tensor-parallel "
+                        "ranks: it needs tp > 1")
+    return None
 
 
 def stream_shapes(traced: TracedModel) -> set[tuple[int, ...]]:

@@ -1,6 +1,6 @@
 """Megatron-LM's sequence parallelism (`autopar.manual_plan(..., sequence_parallel=True)`): the
 norms and residual adds of a GPT split along the sequence over tp; trained on 4 gloo ranks under
-tp=2 (x dp=2) and tp=4, the loss after every step equals single-process training within 1e-5
+tp=2 x dp=2, tp=4 and pp=2 x tp=2, the loss after every step equals single-process training within 1e-5
 relative, and each rank's layer norms really see 1/tp of the sequence."""
 
 from __future__ import annotations
@@ -18,13 +18,16 @@ from autopar.models.losses import lm_loss
 from tests.helpers.distributed import run_on_ranks
 from tests.helpers.models import CONFIG, batches, fast_cpu_cluster, reference_losses, sgd_losses
 
-MESHES = {"tp2xdp2": dict(tp=2, dp=2, microbatch_size=2), "tp4": dict(tp=4, dp=1, microbatch_size=4)}
+MESHES = {"tp2xdp2": dict(pp=1, tp=2, dp=2, microbatch_size=2),
+          "tp4": dict(pp=1, tp=4, dp=1, microbatch_size=4),
+          # stages pass the stream split along the sequence to one another
+          "pp2xtp2": dict(pp=2, tp=2, dp=1, microbatch_size=2)}
 
 
 def _plan(mesh: str, sequence_parallel: bool = True) -> autopar.Plan:
     with torch.device("meta"):
         model = GPT(CONFIG)
-    return autopar.manual_plan(model, fast_cpu_cluster(4), batches()[0], loss_fn=lm_loss, pp=1,
+    return autopar.manual_plan(model, fast_cpu_cluster(4), batches()[0], loss_fn=lm_loss,
                                sequence_parallel=sequence_parallel, **MESHES[mesh])
 
 
