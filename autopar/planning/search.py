@@ -175,12 +175,17 @@ def search(trace_fn, example_inputs, cluster: Cluster, space: SearchSpace, *,
         if fits:  # scored (not pruned by the bound, not refused by the mesh)
             # all over the limit: the least-memory sharding may fit
             second.append((stand, profiles, order, mesh, mb, m, not any(fits)))
-    for stand, profiles, order, mesh, mb, m, none_fit in second:
+    def second_bound(entry) -> float:
+        stand, profiles, order, mesh, mb, m, _ = entry
+        fastest = solved[(mb, tuple(parallelism.intra_op_mesh(mesh).items()), "fastest")]
+        return min((_least_memory_bound(fastest, mesh[PIPELINE], m, sched, v)
+                    for sched, v in _schedules(space, mesh[PIPELINE], m, len(order))),
+                   default=math.inf)
+
+    # most promising first: a good plan found early lets the bound rule out more of the rest
+    for bound, i in sorted((second_bound(e), i) for i, e in enumerate(second)):
+        stand, profiles, order, mesh, mb, m, none_fit = second[i]
         sub_mesh = parallelism.intra_op_mesh(mesh)
-        fastest = solved[(mb, tuple(sub_mesh.items()), "fastest")]
-        bound = min((_least_memory_bound(fastest, mesh[PIPELINE], m, sched, v)
-                     for sched, v in _schedules(space, mesh[PIPELINE], m, len(order))),
-                    default=math.inf)
         if found.best is not None and bound >= found.best.step_time_s:
             continue
         # where the fastest sharding fitted by checkpointing, or did not fit at all, the stream
