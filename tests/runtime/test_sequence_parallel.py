@@ -1,7 +1,8 @@
 """Megatron-LM's sequence parallelism (`autopar.manual_plan(..., sequence_parallel=True)`): the
 norms and residual adds of a GPT split along the sequence over tp; trained on 4 gloo ranks under
-tp=2 x dp=2, tp=4 and pp=2 x tp=2, the loss after every step equals single-process training within 1e-5
-relative, and each rank's layer norms really see 1/tp of the sequence."""
+tp=2 x dp=2 (also with ZeRO-3 and selective checkpointing), tp=4 and pp=2 x tp=2, the loss
+after every step equals single-process training within 1e-5 relative, and each rank's layer
+norms really see 1/tp of the sequence."""
 
 from __future__ import annotations
 
@@ -21,7 +22,10 @@ from tests.helpers.models import CONFIG, batches, fast_cpu_cluster, reference_lo
 MESHES = {"tp2xdp2": dict(pp=1, tp=2, dp=2, microbatch_size=2),
           "tp4": dict(pp=1, tp=4, dp=1, microbatch_size=4),
           # stages pass the stream split along the sequence to one another
-          "pp2xtp2": dict(pp=2, tp=2, dp=1, microbatch_size=2)}
+          "pp2xtp2": dict(pp=2, tp=2, dp=1, microbatch_size=2),
+          # what the search combines it with where memory binds
+          "tp2xdp2-zero3-selective": dict(pp=1, tp=2, dp=2, microbatch_size=2, zero=3,
+                                          checkpoint="selective")}
 
 
 def _plan(mesh: str, sequence_parallel: bool = True) -> autopar.Plan:
