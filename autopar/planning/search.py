@@ -175,6 +175,7 @@ def search(trace_fn, example_inputs, cluster: Cluster, space: SearchSpace, *,
         if fits:  # scored (not pruned by the bound, not refused by the mesh)
             # all over the limit: the least-memory sharding may fit
             second.append((stand, profiles, order, mesh, mb, m, not any(fits)))
+
     def second_bound(entry) -> float:
         stand, profiles, order, mesh, mb, m, _ = entry
         fastest = solved[(mb, tuple(parallelism.intra_op_mesh(mesh).items()), "fastest")]
