@@ -32,8 +32,7 @@ from autopar.errors import MeshError
 from autopar.layers import POST, PRE, assign_layers, decision_nodes
 from autopar.parallelism import BATCH
 from autopar.plan import SCHEMA_VERSION, OpSharding, Plan, placement_to_str
-from autopar.planning import cost
-from autopar.planning import sequence_parallel as sequence_parallel_
+from autopar.planning import cost, sequence_parallel
 from autopar.planning.profile import (
     OpProfile,
     TrainingPrecision,
@@ -97,15 +96,15 @@ def build_problem(
     free = _batch_free(traced)
     strategies: dict[str, list[Strategy]] = {}
     nodes, compute = [], {}
-    stream = set(sequence_parallel_.stream_nodes(traced)) if sequence_axis else set()
+    stream = set(sequence_parallel.stream_nodes(traced)) if sequence_axis else set()
+    seq_index = list(mesh).index(sequence_axis) if sequence_axis else None
     for n in decision_nodes(gm):
         if n.op == "placeholder":
             sts = [Strategy((), (pl,), "input") for pl in _placeholder_options(n, traced, mesh)]
         else:
             options = [output_options(a, strategies) for a in tensor_inputs(n)]
             if n.name in stream:
-                axis = list(mesh).index(sequence_axis)
-                options = [sequence_parallel_.with_sequence_split(o, _val(a), axis)
+                options = [sequence_parallel.with_sequence_split(o, _val(a), seq_index)
                            for o, a in zip(options, tensor_inputs(n))]
             sts = node_strategies(n, pmesh, options)
         strategies[n.name] = sts

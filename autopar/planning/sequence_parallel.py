@@ -70,10 +70,11 @@ def stream_shapes(traced: TracedModel) -> set[tuple[int, ...]]:
     return shapes
 
 
-def stream_nodes(traced: TracedModel) -> list[str]:
+def stream_nodes(traced: TracedModel, shapes: set | None = None) -> list[str]:
     """The ops sequence parallelism splits along the sequence: not views, first output of a
-    residual-stream shape (norms, residual adds, dropout, the embedding's sum)."""
-    shapes = stream_shapes(traced)
+    residual-stream shape (norms, residual adds, dropout, the embedding's sum). `shapes`:
+    `stream_shapes(traced)`, where the caller has it."""
+    shapes = stream_shapes(traced) if shapes is None else shapes
     out = []
     for n in decision_nodes(traced.graph_module):
         if n.op != "call_function" or getattr(n.target, "is_view", False):
@@ -95,7 +96,7 @@ def require(decisions, traced: TracedModel, axis: str):
             f"sequence parallelism over {axis}={mesh[axis]} splits the sequence, and the "
             f"sequence of {bad[0][SEQUENCE_DIM]} (values of shape {bad[0]}) does not divide by "
             f"{mesh[axis]}: use a sequence length that does, or sequence_parallel=False")
-    names = set(stream_nodes(traced))
+    names = set(stream_nodes(traced, shapes))
     nodes = []
     for node in decisions.problem.nodes:
         if node.name in names:
@@ -111,8 +112,8 @@ def require(decisions, traced: TracedModel, axis: str):
 
 
 def with_sequence_split(options: list, val, axis_index: int) -> list:
-    """An input's placement options, and for a residual-stream value each of them with the
-    sequence split on mesh axis `axis_index` in place of a whole copy there."""
+    """A stream op's input's placement options, and for a 3-D input (batch, sequence, ...) each
+    of them with the sequence split on mesh axis `axis_index` in place of a whole copy there."""
     if not (isinstance(val, torch.Tensor) and val.ndim == 3):
         return options
     split = [pl[:axis_index] + (Shard(SEQUENCE_DIM),) + pl[axis_index + 1:] for pl in options
