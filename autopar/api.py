@@ -71,7 +71,7 @@ def plan(
     if mesh is not None:
         meshes = [parallelism.full_mesh(mesh, cluster.world_size)]
     else:
-        meshes = search.candidate_meshes(cluster, n_layers)
+        meshes = search.candidate_meshes(cluster, n_layers, _expert_count(probe))
     batch = batch_size(inputs_only)
     if mesh is not None or microbatch_size is not None:
         # a fixed mesh must take the batch (and the microbatch size); among the searched ones,
@@ -145,6 +145,7 @@ def manual_plan(
     precision: TrainingPrecision | None = None,
     solver: str = "highs",
     sequence_parallel: bool = False,
+    ep: int = 1,
 ) -> Plan:
     """A hand configuration (Megatron-LM / torchtitan style) as a Plan, scored by the same cost
     model as `plan`, so the two can be compared with `simulate`.
@@ -165,6 +166,11 @@ def manual_plan(
     sequence_parallel: Megatron-LM's sequence parallelism (needs tp > 1): the ops between the
     tensor-parallel regions (norms, dropout, residual adds) split along the sequence over tp,
     reduce-scatter and all-gather in place of all-reduce (`autopar.planning.sequence_parallel`).
+    ep: expert parallelism (Megatron-Core's, DeepSpeed-MoE's): the mesh gains an "ep" axis
+    between dp and tp, which splits the batch as dp does and each mixture-of-experts layer's
+    experts (each ep rank holds 1/ep of them; tokens reach them by all-to-all). dp x ep ranks
+    then share the batch: num_microbatches = batch / (dp * ep * microbatch_size). ep must
+    divide the expert count.
     """
     if checkpoint not in POLICIES:
         raise AutoparError(f"checkpoint={checkpoint!r}: use one of {', '.join(POLICIES)}")
@@ -176,17 +182,18 @@ def manual_plan(
             f"{[d for d in range(2, dp) if dp % d == 0] or 'none: dp has no such divisor'}), "
             "and shards like ZeRO-3 (zero=3 or leave zero out)")
     precision = precision or TrainingPrecision()
-    mesh = parallelism.full_mesh({"pp": pp, "dp": dp, "tp": tp}, cluster.world_size)
+    mesh = parallelism.full_mesh({"pp": pp, "dp": dp, "ep": ep, "tp": tp}, cluster.world_size)
     inputs_only = example_inputs[0] if loss_fn is not None else example_inputs
     batch = batch_size(inputs_only)
     trace_fn = tracer(model, loss_fn)
     # One trace: a microbatch's, which the cost model needs, also gives the layers and heads
     # (the same at any batch size). Where the batch does not split, check_divides says so.
-    mb = dp * microbatch_size
+    mb = parallelism.batch_ranks(mesh) * microbatch_size
     cut = batch % mb == 0 and mb < batch
     traced = trace_fn(microbatch_inputs(example_inputs, mb) if cut else example_inputs)
     layers = layer_order(assign_layers(traced))
     check_divides(traced, mesh, batch, microbatch_size, len(layers), schedule)
+    _check_experts_divide(traced, ep)
     name = flavour.name if dp > 1 else parallelism.REPLICATE
     if dp_shard is not None:
         name = parallelism.hybrid_flavour().name
@@ -196,6 +203,24 @@ def manual_plan(
         dp_shard=dp_shard, precision=precision, solver=solver,
         sequence_parallel=sequence_parallel)
     return candidate_plan(c, cluster, precision, solver={"manual": 1})
+
+
+def _expert_count(traced) -> int:
+    """The experts every mixture-of-experts layer of `traced` has in common (their gcd; 0 for a
+    model without experts): the ep sizes the search tries divide it."""
+    return math.gcd(*traced.experts.values()) if traced.experts else 0
+
+
+def _check_experts_divide(traced, ep: int) -> None:
+    if ep == 1:
+        return
+    if not traced.experts:
+        raise MeshError(f"ep={ep}: the model has no mixture-of-experts layer (no parameter stacks "
+                        "experts along dim 0 in a module with n_experts or num_experts): use ep=1")
+    count = _expert_count(traced)
+    if count % ep:
+        raise MeshError(f"ep={ep} does not divide the model's {count} experts: use an ep that "
+                        f"does ({', '.join(str(d) for d in range(1, count + 1) if count % d == 0)})")
 
 
 def autoparallelize(

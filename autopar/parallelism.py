@@ -43,6 +43,10 @@ class MeshAxis:
         splits: LAYERS, BATCH or OPS (above).
         searched: the search tries sizes for it, and a user may fix its size (`mesh=`). An axis
             that is not searched is made by something else (hybrid sharding's "dp_replicate").
+        experts: a BATCH axis that also splits each mixture-of-experts layer's experts: their
+            stacked weights (`TracedModel.experts`) are split on their expert dim over it, not
+            held whole, and tokens reach their experts by all-to-all. Its sizes divide the
+            model's expert count (1 for a model without experts).
         doc: one line for messages and docs.
 
     Its collectives are priced on the link its position gives it (`Cluster.axis_links`: an axis
@@ -52,6 +56,7 @@ class MeshAxis:
     name: str
     splits: str
     searched: bool = True
+    experts: bool = False
     doc: str
 
 
@@ -62,12 +67,17 @@ AXES: tuple[MeshAxis, ...] = (
     MeshAxis(name="dp_replicate", splits=BATCH, searched=False,
              doc="hybrid sharding's replicas, across nodes (made by the 'hsdp' flavour)"),
     MeshAxis(name="dp", splits=BATCH, doc="data parallel: the batch split over ranks"),
+    MeshAxis(name="ep", splits=BATCH, experts=True,
+             doc="expert parallel: the batch split over ranks as by dp, and each "
+                 "mixture-of-experts layer's experts split over them"),
     MeshAxis(name="tp", splits=OPS, doc="tensor parallel: each op's tensors split over ranks"),
 )
 
 PIPELINE = "pp"  # the one LAYERS axis: always outermost, placements are not written for it
 DATA = "dp"  # the searched BATCH axis: takes the ranks the other axes leave
 DATA_REPLICAS = "dp_replicate"  # a hybrid flavour's replicas of the shard groups on DATA
+EXPERTS = "ep"  # the BATCH axis that also splits experts (Megatron-Core's and DeepSpeed-MoE's
+#                 expert parallelism: experts sharded over data-parallel ranks)
 TENSOR = "tp"  # the OPS axis Megatron-style tensor (and sequence) parallelism splits
 
 
@@ -123,6 +133,18 @@ def intra_op_mesh(mesh: dict[str, int]) -> dict[str, int]:
     sharding axes of size > 1 (a lone data-parallel axis of 1 when there are none)."""
     sub = {a: n for a, n in sharding_mesh(mesh).items() if n > 1}
     return sub or {DATA: 1}
+
+
+def batch_ranks(mesh: dict[str, int]) -> int:
+    """Ranks the batch is split over: the product of the axes that split it (dp, ep, and a
+    hybrid flavour's dp_replicate). A microbatch size "per data-parallel rank" is per one of
+    these."""
+    return math.prod(n for a, n in mesh.items() if splits(a, BATCH))
+
+
+def splits_experts(name: str) -> bool:
+    """Whether axis `name` splits mixture-of-experts layers' experts."""
+    return mesh_axis(name).experts
 
 
 def inner_size(mesh: dict[str, int], name: str) -> int:

@@ -151,6 +151,13 @@ class TracedModel:
     def node(self, name: str) -> fx.Node:
         return self._nodes[name]
 
+    @property
+    def experts(self) -> dict[str, int]:
+        """Placeholder name -> expert count, for each parameter that stacks the weights of a
+        mixture-of-experts layer's experts along dim 0 (`mark_experts`)."""
+        return {name: self._nodes[name].meta[EXPERTS_META] for name in self.parameters
+                if EXPERTS_META in self._nodes[name].meta}
+
     def buffer(self, model: nn.Module, fqn: str) -> torch.Tensor:
         """The value of the buffer `fqn`: the model's, or a constant its forward creates."""
         return self.constants[fqn] if fqn in self.constants else model.get_buffer(fqn)
@@ -342,6 +349,7 @@ def _traced_model(ep, model: nn.Module, layout: BatchLayout) -> TracedModel:
     output = results[1] if len(results) > 1 else loss
     if not isinstance(loss, fx.Node) or loss.meta["val"].numel() != 1:
         raise TraceError(f"loss_fn must return a scalar loss tensor, got {loss.meta.get('val')!r}.")
+    mark_experts(gm, params, model)
     return TracedModel(
         graph_module=gm,
         parameters=params,
@@ -354,6 +362,35 @@ def _traced_model(ep, model: nn.Module, layout: BatchLayout) -> TracedModel:
         layout=layout,
         constants=constants,
     )
+
+
+# a parameter placeholder's node meta: the number of experts its dim 0 stacks
+EXPERTS_META = "autopar_experts"
+# the attribute a mixture-of-experts module names its expert count by: autopar's models and
+# transformers' experts modules (MixtralExperts, Qwen2MoeExperts, ...)
+_EXPERT_COUNT_ATTRS = ("n_experts", "num_experts")
+
+
+def mark_experts(gm: fx.GraphModule, params: dict[str, str], model: nn.Module) -> None:
+    """Mark (node meta `EXPERTS_META`) the parameters that stack experts: a parameter of at
+    least 3 dims held directly by a module with an integer `n_experts` or `num_experts`, whose
+    dim 0 is that count (each expert's weight matrix, stacked so one batched matmul runs them
+    all). A router's (experts, d_model) weight is 2-D, so it is not one. Node meta travels with
+    the graph: stand-ins and repeated blocks copy it."""
+    stacked = {}
+    for prefix, mod in model.named_modules():
+        count = next((getattr(mod, a) for a in _EXPERT_COUNT_ATTRS
+                      if isinstance(getattr(mod, a, None), int)), None)
+        if not count or count < 2:
+            continue
+        for name, p in mod.named_parameters(recurse=False):
+            if p.ndim >= 3 and p.shape[0] == count:
+                stacked[f"{prefix}.{name}" if prefix else name] = count
+    if not stacked:
+        return
+    for n in gm.graph.nodes:
+        if n.op == "placeholder" and params.get(n.name) in stacked:
+            n.meta[EXPERTS_META] = stacked[params[n.name]]
 
 
 def layer_of(node: fx.Node) -> str:

@@ -9,7 +9,7 @@ import torch
 
 from autopar.errors import MeshError
 from autopar.layers import block_of
-from autopar.parallelism import DATA, OPS, PIPELINE, splits
+from autopar.parallelism import BATCH, DATA, OPS, PIPELINE, batch_ranks, splits
 from autopar.schedules import get_schedule
 from autopar.trace import TracedModel
 
@@ -24,17 +24,19 @@ def check_divides(traced: TracedModel, mesh: dict[str, int], batch: int, microba
     """Batch, heads and layers against a FIXED mesh (every searched axis present) and
     microbatch size. `heads=False` skips the heads: the intra-op ILP leaves heads whole where
     the ops axes do not divide them; only hand configurations split them."""
-    pp, dp = mesh[PIPELINE], mesh[DATA]
+    pp, dp = mesh[PIPELINE], batch_ranks(mesh)
+    ranks = " x ".join(f"{a}={n}" for a, n in mesh.items() if splits(a, BATCH) and n > 1) \
+        or f"{DATA}=1"
     if batch % dp:
         raise MeshError(
-            f"a batch of {batch} cannot be split over the data-parallel axis of mesh {mesh}: the "
-            f"batch must divide by {dp}. Use a batch that divides, or a dp that divides {batch} "
-            f"({divisors_text(batch)})."
+            f"a batch of {batch} cannot be split over the data-parallel axes of mesh {mesh}: the "
+            f"batch must divide by {dp}. Use a batch that divides, or a dp (x ep) that divides "
+            f"{batch} ({divisors_text(batch)})."
         )
     if batch % (dp * microbatch_size):
         raise MeshError(
-            f"a batch of {batch} cannot be split into dp={dp} ranks x microbatches of "
-            f"{microbatch_size}: dp x microbatch_size must divide {batch} (microbatch sizes that "
+            f"a batch of {batch} cannot be split into {ranks} ranks x microbatches of "
+            f"{microbatch_size}: {dp} x microbatch_size must divide {batch} (microbatch sizes that "
             f"divide {batch // dp if batch % dp == 0 else batch} per rank: "
             f"{divisors_text(batch // dp) if batch % dp == 0 else 'none: dp does not divide'}; "
             f"dp values that divide the batch: {divisors_text(batch)})"

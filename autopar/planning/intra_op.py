@@ -114,7 +114,7 @@ def build_problem(
         compute[n.name] = secs
         mem = [_node_memory_bytes(n, s, traced, profiles, shape, precision) for s in sts]
         nodes.append(solvers.Node(name=n.name, costs_s=tuple(secs), memory_bytes=tuple(mem)))
-    edges = _edges(gm, strategies, shape, links)
+    edges = _edges(gm, strategies, shape, links, _experts_held(traced, mesh))
     problem = solvers.ShardingProblem(
         nodes=tuple(nodes),
         edges=tuple(edges),
@@ -131,12 +131,15 @@ def _placeholder_options(n: fx.Node, traced: TracedModel, mesh: dict[str, int]) 
         return [(Replicate(),) * len(shape)]
     options = placement_options(_val(n).shape, shape)
     is_param = n.name in traced.parameters or n.name in traced.buffers
+    experts = n.name in traced.experts
     for a, axis in enumerate(mesh):
         # an axis that splits the batch takes inputs split on dim 0 and parameters whole (the
-        # data-parallel flavour shards them afterwards); on one that splits ops, the solver
+        # data-parallel flavour shards them afterwards), except that one that splits experts
+        # takes stacked experts split on their expert dim; on one that splits ops, the solver
         # decides freely for parameters, and inputs arrive whole (splitting the batch is dp's)
         if parallelism.splits(axis, BATCH):
-            wanted = Replicate() if is_param else Shard(0)
+            wanted = Shard(0) if not is_param or (experts and parallelism.splits_experts(axis)) \
+                else Replicate()
         elif not is_param:
             wanted = Replicate()
         else:
@@ -144,10 +147,16 @@ def _placeholder_options(n: fx.Node, traced: TracedModel, mesh: dict[str, int]) 
         options = [pl for pl in options if pl[a] == wanted]
     if not options:
         v = _val(n)
+        if experts:
+            raise MeshError(
+                f"the {v.shape[0]} experts of '{traced.parameters[n.name]}' cannot be split "
+                f"over mesh {mesh}: ep (and tp, if it also splits dim 0) must divide "
+                f"{v.shape[0]}. Use an ep that divides the expert count.")
         raise MeshError(
             f"input '{n.name}' of shape {tuple(v.shape)} cannot be split over the data-parallel "
-            f"axis of mesh {mesh}: its batch dimension {v.shape[0] if v.ndim else 1} must divide "
-            f"by {mesh.get('dp')}. Use a batch that divides, or a smaller dp."
+            f"axes of mesh {mesh}: its batch dimension {v.shape[0] if v.ndim else 1} must divide "
+            f"by {parallelism.batch_ranks(mesh)}. Use a batch that divides, or a smaller dp "
+            "(x ep)."
         )
     return options
 
@@ -251,7 +260,27 @@ def _node_memory_bytes(n, s: Strategy, traced, profiles, shape, precision) -> fl
     return held / shard_factor(s.outputs[0], shape)
 
 
-def _edges(gm, strategies, shape, links) -> list[solvers.Edge]:
+def _experts_held(traced: TracedModel, mesh: dict[str, int]) -> tuple[set[str], tuple[int, ...]]:
+    """(the values that are a stacked expert weight, as it is or through ops that only reshape
+    or cast it, the mesh axes that split experts): on those axes such a value stays where it is,
+    with the rank that owns its experts; the tokens travel to it (all-to-all). Gathering the
+    experts instead would be expert data parallelism, not expert parallelism."""
+    axes = tuple(a for a, axis in enumerate(mesh)
+                 if parallelism.splits_experts(axis) and mesh[axis] > 1)
+    if not axes or not traced.experts:
+        return set(), ()
+    held = set(traced.experts)
+    for n in traced.graph_module.graph.nodes:
+        ins = tensor_inputs(n) if n.op == "call_function" else []
+        if (len(ins) == 1 and ins[0].name in held and not is_getitem(n)
+                and isinstance(n.meta.get("val"), torch.Tensor)
+                and n.meta["val"].numel() == ins[0].meta["val"].numel()):
+            held.add(n.name)
+    return held, axes
+
+
+def _edges(gm, strategies, shape, links, experts=(set(), ())) -> list[solvers.Edge]:
+    held, expert_axes = experts
     edges = []
     for n in gm.graph.nodes:
         if n.op != "call_function" or is_getitem(n):
@@ -259,8 +288,10 @@ def _edges(gm, strategies, shape, links) -> list[solvers.Edge]:
         for slot, arg in enumerate(tensor_inputs(n)):
             src, k = source_of(arg)
             val = arg.meta["val"]
+            stays = expert_axes if src.name in held else ()
             matrix = tuple(
-                tuple(_edge_time_s(si.outputs[k], dj.inputs[slot], val, shape, links)
+                tuple(math.inf if any(si.outputs[k][a] != dj.inputs[slot][a] for a in stays)
+                      else _edge_time_s(si.outputs[k], dj.inputs[slot], val, shape, links)
                       for dj in strategies[n.name])
                 for si in strategies[src.name]
             )

@@ -36,6 +36,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch.distributed.tensor import Replicate
 
 import solvers
 from autopar import parallelism
@@ -214,8 +215,11 @@ def layer_costs(stand: StandIn, profiles, cluster, sub_mesh, flavour, *, precisi
     unique = {name for name in order if name not in stand.stands_for.values()}
     nodes = {n.name: n for n in gm.graph.nodes}
     comm_s = {axis: 0.0 for axis in sub_mesh}
-    # resharding between op strategies is charged to the first axis that splits ops
-    reshard_axis = next((a for a in sub_mesh if parallelism.splits(a, OPS)), next(iter(sub_mesh)))
+    # resharding between op strategies is charged to the first axis that splits ops, else to
+    # one that splits experts (its all-to-alls), else to the first
+    reshard_axis = next((a for a in sub_mesh if parallelism.splits(a, OPS)),
+                        next((a for a in sub_mesh if parallelism.splits_experts(a)),
+                             next(iter(sub_mesh))))
     compute_dtype = torch.bfloat16 if precision.compute_bytes == 2 else torch.float32
     for name, s in chosen.items():
         n, layer = nodes[name], layer_of[name]
@@ -230,6 +234,8 @@ def layer_costs(stand: StandIn, profiles, cluster, sub_mesh, flavour, *, precisi
                 if dp > 1:
                     step_s, fwd_s, bwd_s = cost.data_parallel_traffic_s(
                         kind, local, precision, dp, shard, dp_links)
+                step_s += _expert_axes_sync_s(s.outputs[0], sub_mesh, links,
+                                              local * precision.grad_bytes / divide)
                 for owner in users:  # a tied weight lives on every stage that reads it
                     for part, nbytes in parts.items():
                         state[owner][part] += nbytes / divide
@@ -317,6 +323,18 @@ def layer_costs(stand: StandIn, profiles, cluster, sub_mesh, flavour, *, precisi
     )
 
 
+def _expert_axes_sync_s(placements, sub_mesh: dict[str, int], links, grad_bytes: float) -> float:
+    """Once a step: the all-reduce of a parameter's gradient (`grad_bytes` as the data-parallel
+    flavour leaves it on each rank) over each axis that splits experts (ep) on which the
+    parameter is whole. ep splits the batch as dp does, so every parameter but the experts it
+    splits has a partial gradient over it (in buckets, as the runtime reduces them)."""
+    return sum(cost.collective_time_s("all_reduce", grad_bytes, n, links[a],
+                                      bucket_bytes=parallelism.BUCKET_BYTES)
+               for a, (axis, n) in enumerate(sub_mesh.items())
+               if n > 1 and parallelism.splits_experts(axis)
+               and isinstance(placements[a], Replicate))
+
+
 def boundary_bytes(stand: StandIn, chosen: dict, mesh_shape, layer_of: dict[str, str]):
     """Per layer of the full graph, bytes per device a stage cut after it carries: every value
     made before the cut and read after it (`layers.crossing`: the layer DAG's cut, not only the
@@ -368,8 +386,6 @@ def hybrid_shard(cluster: Cluster, dp: int, inner: int) -> int | None:
 def _non_dp(placements, dp_axis):
     if dp_axis is None:
         return placements
-    from torch.distributed.tensor import Replicate
-
     return tuple(Replicate() if a == dp_axis else p for a, p in enumerate(placements))
 
 

@@ -25,7 +25,7 @@ def hand_configuration(trace_fn, example_inputs, cluster: Cluster, mesh: dict[st
     for GPT blocks); with `sequence_parallel`, the residual stream's ops split along the sequence
     over tp (`autopar.planning.sequence_parallel`). Scored by `candidate.evaluate`, as the
     search scores its own."""
-    pp, dp = mesh[parallelism.PIPELINE], mesh[parallelism.DATA]
+    pp, dp = mesh[parallelism.PIPELINE], parallelism.batch_ranks(mesh)
     sched = get_schedule(schedule)
     v = sched.default_v(None) if pp > 1 else 1
     mb = microbatch_size * dp
@@ -34,7 +34,7 @@ def hand_configuration(trace_fn, example_inputs, cluster: Cluster, mesh: dict[st
         try:
             sched.check(pp, m, v)
         except ValueError as e:
-            raise MeshError(f"{e} (batch {batch} / (dp {dp} x microbatch {microbatch_size}) "
+            raise MeshError(f"{e} (batch {batch} / ({dp} data-parallel ranks x microbatch {microbatch_size}) "
                             f"= {m} microbatches)") from None
     stand, profiles = prepare(trace_fn(microbatch_inputs(example_inputs, mb)))
     sub_mesh = parallelism.intra_op_mesh(mesh)

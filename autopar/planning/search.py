@@ -62,10 +62,11 @@ class SearchSpace:
     checkpoint: tuple[str, ...] = POLICIES  # options offered to blocks
 
 
-def candidate_meshes(cluster: Cluster, n_layers: int) -> list[dict[str, int]]:
+def candidate_meshes(cluster: Cluster, n_layers: int, experts: int = 0) -> list[dict[str, int]]:
     """Every mesh of the world size over the searched axes (`parallelism.AXES`), dp taking the
-    ranks the others leave, pp at most the number of layers. The innermost axis varies
-    slowest: with pp, dp, tp, every tp from 1 up, and for each every pp.
+    ranks the others leave, pp at most the number of layers, an axis that splits experts
+    (ep) a divisor of `experts` (the model's expert count; 1 without experts). The innermost
+    axis varies slowest: with pp, dp, tp, every tp from 1 up, and for each every pp.
 
     tp across nodes included: its collectives run over the slower inter-node link, yet where
     the work is latency-bound (small layers, many ranks) it still beats the in-node meshes;
@@ -81,6 +82,8 @@ def candidate_meshes(cluster: Cluster, n_layers: int) -> list[dict[str, int]]:
             out.append({a: mesh[a] for a in names})
             return
         for n in divisors(left):
+            if parallelism.splits_experts(free[i]) and (experts or 1) % n:
+                continue
             if free[i] != PIPELINE or n <= n_layers:
                 place(i + 1, left // n, {**sizes, free[i]: n})
 
@@ -153,13 +156,14 @@ def search(trace_fn, example_inputs, cluster: Cluster, space: SearchSpace, *,
     # early good plan lets the bound prune the rest (ops split across nodes last)
     mesh_order = lambda x: (_ops_size(x) > cluster.devices_per_node, -_ops_size(x),  # noqa: E731
                             x[PIPELINE])
+    ranks = parallelism.batch_ranks
     pairs = [(mesh, local) for mesh in sorted(space.meshes, key=mesh_order)
-             if batch % mesh[DATA] == 0
-             for local in space.microbatch_sizes or divisors(batch // mesh[DATA])
-             if (batch // mesh[DATA]) % local == 0]
+             if batch % ranks(mesh) == 0
+             for local in space.microbatch_sizes or divisors(batch // ranks(mesh))
+             if (batch // ranks(mesh)) % local == 0]
     for i, (mesh, local) in enumerate(pairs):
-        pp, dp = mesh[PIPELINE], mesh[DATA]
-        mb = local * dp
+        pp = mesh[PIPELINE]
+        mb = local * ranks(mesh)
         m = batch // mb
         if log:  # a progress line: what is being solved, the best so far, elapsed
             best = f"best so far {found.best.step_time_s:.4g} s" if found.best else "none fits yet"
