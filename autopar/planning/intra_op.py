@@ -295,6 +295,15 @@ def _edges(gm, strategies, shape, links, experts=(set(), ())) -> list[solvers.Ed
                       for dj in strategies[n.name])
                 for si in strategies[src.name]
             )
+            if stays and not any(all(isinstance(dj.inputs[slot][a], Shard) for a in stays)
+                                 for dj in strategies[n.name]):
+                raise MeshError(
+                    f"expert parallelism cannot split the experts that reach {n.name} "
+                    f"({n.target}): the op has no sharding that takes them split over ep as they "
+                    "are held (each rank its own experts), so they would have to be gathered. "
+                    "Use ep=1 (data parallelism with ZeRO-3 shards the experts too), or compute "
+                    "the experts with batched matmuls (torch.bmm / einsum) over their stacked "
+                    "weights.")
             if any(any(c > 0 for c in row) for row in matrix) or len(matrix) > 1:
                 edges.append(solvers.Edge(src=src.name, dst=n.name, costs_s=matrix))
     return _merge_parallel_edges(edges)
