@@ -103,6 +103,8 @@ class Block(nn.Module):
 class Llama(nn.Module):
     """`forward(idx) -> logits (B, T, vocab)`."""
 
+    block_type = Block  # a subclass may build other blocks (mixtral.py)
+
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         if cfg.n_head % cfg.n_kv_head:
@@ -110,7 +112,7 @@ class Llama(nn.Module):
                              f"({cfg.n_kv_head})")
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.layers = nn.ModuleList(self.block_type(cfg) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         cos, sin = rope_tables(cfg.d_model // cfg.n_head, cfg.seq_len, cfg.rope_theta)

@@ -27,6 +27,13 @@ def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     return F.cross_entropy(logits, labels)
 
 
+def moe_lm_loss(output, target: torch.Tensor) -> torch.Tensor:
+    """A mixture-of-experts decoder's loss (mixtral.py): next-token cross-entropy plus the
+    routers' load-balancing loss, already scaled by its coefficient, when the model returns
+    one."""
+    return moe_seq2seq_loss(output, target)
+
+
 def moe_seq2seq_loss(output, target: torch.Tensor) -> torch.Tensor:
     """A Switch Transformer's loss: the decoder's cross-entropy plus the routers'
     load-balancing loss, already scaled by its coefficient, when the model returns one."""

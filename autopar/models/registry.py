@@ -27,6 +27,7 @@ from autopar.models.bert import Bert, BertConfig
 from autopar.models.gpt import GPT, GPTConfig
 from autopar.models.hf import build_hf, is_hf
 from autopar.models.llama import Llama, LlamaConfig
+from autopar.models.mixtral import Mixtral, MixtralConfig
 from autopar.models.palm import PaLM, PaLMConfig
 from autopar.models.swin import Swin, SwinConfig
 from autopar.models.switch import SwitchConfig, SwitchTransformer
@@ -55,6 +56,7 @@ _SEQ2SEQ = "tokens (B, {seq_len}), decoder tokens (B, {target_len})"
 _IMAGES = "images (B, {channels}, {image_size}, {image_size})"
 GPT_FAMILY = Family("GPT", GPT, inputs.next_token_batch, losses.lm_loss, _TOKENS)
 LLAMA = Family("Llama", Llama, inputs.next_token_batch, losses.lm_loss, _TOKENS)
+MIXTRAL = Family("Mixtral", Mixtral, inputs.next_token_batch, losses.moe_lm_loss, _TOKENS)
 PALM = Family("PaLM", PaLM, inputs.next_token_batch, losses.lm_loss, _TOKENS)
 BERT = Family("BERT", Bert, inputs.masked_lm_batch, losses.masked_lm_loss,
               "tokens (B, {seq_len}), token types (B, {seq_len})")
@@ -170,6 +172,15 @@ BUILTIN_MODELS: dict[str, Entry] = {
     "llama3-8b": _llama(32, 4096, 32, 8, 14336, llama3=True),
     "llama3-70b": _llama(80, 8192, 64, 8, 28672, llama3=True),
     "llama3-405b": _llama(126, 16384, 128, 8, 53248, llama3=True),
+    # -- Mixtral (Jiang et al. 2024, Table 1: layers, d_model, heads, kv heads, expert width,
+    # 8 experts, top 2, 32K context, vocabulary 32000, RoPE base 1e6), experts with a capacity
+    # (mixtral.py says how that differs); the test model's capacity factor 1 drops tokens
+    "mixtral-test": Entry(MIXTRAL, MixtralConfig(vocab_size=128, seq_len=16, n_layer=2, n_head=4,
+                                                 n_kv_head=2, d_model=64, ffn_hidden=128,
+                                                 n_experts=4, capacity_factor=1.0)),
+    "mixtral-8x7b": Entry(MIXTRAL, MixtralConfig(vocab_size=32000, seq_len=32768, n_layer=32,
+                                                 n_head=32, n_kv_head=8, d_model=4096,
+                                                 ffn_hidden=14336, rope_theta=1e6)),
     # -- PaLM (Chowdhery et al. 2022, Table 1: layers, d_model, heads)
     "palm-test": Entry(PALM, PaLMConfig(vocab_size=128, seq_len=16, n_layer=2, n_head=4,
                                         head_dim=16, d_model=64, ffn_hidden=256)),

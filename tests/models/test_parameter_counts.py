@@ -31,6 +31,12 @@ def llama(c) -> int:
     return L * (2 * d * d + 2 * d * kv + 3 * d * f + 2 * d) + 2 * c.vocab_size * d + d
 
 
+def mixtral(c) -> int:
+    # Llama's, each block's SwiGLU replaced by E of them and a router (d x E, no bias)
+    L, d, f, E = c.n_layer, c.d_model, c.ffn_hidden, c.n_experts
+    return llama(c) + L * (3 * d * f * (E - 1) + d * E)
+
+
 def palm(c) -> int:
     # per block: wq, wo d x (heads x head dim); one key head and one value head; SwiGLU 3 d f;
     # one LayerNorm scale; shared embedding; final LayerNorm scale
@@ -93,7 +99,7 @@ def swin(c) -> int:
     return total + 2 * w + w * c.n_classes + c.n_classes
 
 
-FORMULAS = {"GPT": gpt, "Llama": llama, "PaLM": palm, "BERT": bert, "T5": t5,
+FORMULAS = {"GPT": gpt, "Llama": llama, "Mixtral": mixtral, "PaLM": palm, "BERT": bert, "T5": t5,
             "Switch": switch, "ViT": vit, "Swin": swin}
 
 # name -> (stated count, relative tolerance, where it is stated). Papers round; where the
@@ -122,6 +128,9 @@ PUBLISHED = {
     # bert-base-uncased's masked-LM model (no pooler); the paper says 110M and 340M
     "bert-base": (109_514_298, 0, "bert-base-uncased, masked-LM head"),
     "bert-large": (340e6, 0.02, "BERT section 3"),
+    # "Mixtral has 47B total parameters" (Jiang et al. 2024, section 2); the released
+    # checkpoint: 46,702,792,704
+    "mixtral-8x7b": (47e9, 0.01, "Mixtral paper, section 2"),
     # the released T5 checkpoints (the paper rounds to 220M and 770M)
     "t5-base": (222_903_552, 0, "t5-base checkpoint"),
     "t5-large": (737_668_096, 0, "t5-large checkpoint"),

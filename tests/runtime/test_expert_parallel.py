@@ -1,5 +1,6 @@
-"""Expert parallelism (`autopar.manual_plan(..., ep=N)`): a Switch Transformer's experts split
-over the "ep" axis, tokens sent to them by all-to-all. Trained on 4 gloo ranks under dp=2 x
+"""Expert parallelism (`autopar.manual_plan(..., ep=N)`): the experts of a Switch Transformer
+(top-1) and of a Mixtral-style decoder (top-2, SwiGLU experts) split over the "ep" axis, tokens
+sent to them by all-to-all. Trained on 4 gloo ranks under dp=2 x
 ep=2 (also with ZeRO-3 over dp), ep=4 and ep=2 x tp=2, the loss after every step equals single-process training within
 1e-5 relative, and each rank holds 1/ep of every expert layer's experts (also after the steps:
 nothing gathers them)."""
@@ -17,7 +18,9 @@ from autopar.models import registry
 from tests.helpers.distributed import run_on_ranks
 from tests.helpers.models import fast_cpu_cluster, sgd_losses
 
-MODEL = "switch-test"  # 4 experts a sparse block, capacity factor 1: tokens are dropped
+# 4 experts a sparse block, capacity factor 1: tokens are dropped
+MODELS = ["switch-test", "mixtral-test"]
+MODEL = MODELS[0]
 BATCH = 8
 STEPS = 3
 MESHES = {"dp2xep2": dict(dp=2, ep=2, tp=1, microbatch_size=2),
@@ -27,46 +30,46 @@ MESHES = {"dp2xep2": dict(dp=2, ep=2, tp=1, microbatch_size=2),
           "dp2xep2-zero3": dict(dp=2, ep=2, tp=1, microbatch_size=2, zero=3)}
 
 
-def _model():
+def _model(name: str):
     torch.manual_seed(0)
-    model, _, loss_fn = registry.build_model(MODEL, batch=BATCH, seq=None)
+    model, _, loss_fn = registry.build_model(name, batch=BATCH, seq=None)
     return model, loss_fn
 
 
-def _batches():
+def _batches(name: str):
     """`STEPS` batches, always the same, drawn apart from the model's own example."""
-    family, cfg = registry.entry(MODEL)
+    family, cfg = registry.entry(name)
     torch.manual_seed(1)
     return [family.batch(cfg, BATCH) for _ in range(STEPS)]
 
 
-def _plan(mesh: str) -> autopar.Plan:
+def _plan(mesh: str, name: str = MODEL) -> autopar.Plan:
     with torch.device("meta"):
-        model, example, loss_fn = registry.build_model(MODEL, batch=BATCH, seq=None)
+        model, example, loss_fn = registry.build_model(name, batch=BATCH, seq=None)
     return autopar.manual_plan(model, fast_cpu_cluster(4), example, loss_fn=loss_fn, pp=1,
                                **MESHES[mesh])
 
 
-def _reference() -> list[float]:
-    model, loss_fn = _model()
+def _reference(name: str) -> list[float]:
+    model, loss_fn = _model(name)
 
     def step(x, y):
-        loss = loss_fn(model(*x), y)
+        loss = loss_fn(model(*x) if isinstance(x, tuple) else model(x), y)
         loss.backward()
         return loss.item()
 
-    return sgd_losses(model.parameters(), step, _batches())
+    return sgd_losses(model.parameters(), step, _batches(name))
 
 
-def _train(plan_json: str):
+def _train(name: str, plan_json: str):
     """On every rank: the losses of the steps, and each expert weight's local shape after."""
-    model, loss_fn = _model()
-    data = _batches()
+    model, loss_fn = _model(name)
+    data = _batches(name)
     plan = autopar.Plan.from_dict(json.loads(plan_json))
     pm = autopar.autoparallelize(model, fast_cpu_cluster(4), data[0], loss_fn=loss_fn, plan=plan)
     losses = sgd_losses(pm.parameters(), pm.train_step, data)
     local = {name: tuple(p.to_local().shape) for name, p in pm.named_parameters()
-             if name.endswith(("ffn__wi", "ffn__wo"))}
+             if p.ndim == 3}  # the stacked experts: (experts, d_model, d_ff) or the transpose
     return losses, local
 
 
@@ -112,16 +115,18 @@ def test_experts_no_rule_can_split_are_refused_by_name():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mesh", MESHES)
-def test_expert_parallel_trains_as_one_process(mesh):
-    cfg = registry.entry(MODEL).config
+@pytest.mark.parametrize("name", MODELS)
+def test_expert_parallel_trains_as_one_process(name, mesh):
+    cfg = registry.entry(name).config
+    ffn = getattr(cfg, "d_ff", None) or cfg.ffn_hidden
     ep, tp = MESHES[mesh]["ep"], MESHES[mesh]["tp"]
-    want = _reference()
-    for losses, local in run_on_ranks(_train, 4, _plan(mesh).to_json()):
+    want = _reference(name)
+    for losses, local in run_on_ranks(_train, 4, name, _plan(mesh, name).to_json()):
         assert losses == pytest.approx(want, rel=1e-5)
-        assert len(local) == 4
+        assert len(local) == (4 if name.startswith("switch") else 6)  # 2 sparse blocks
         for shape in local.values():
             # 1/ep of the experts on each rank; tp splits them further, either each expert's
             # width (Megatron-Core's expert tensor parallelism) or the experts again, as the
             # intra-op solver prices best; ZeRO-3 shards what each ep rank holds over dp
             assert cfg.n_experts // shape[0] in {ep, ep * tp, ep * MESHES[mesh]["dp"]}
-            assert shape[0] * shape[1] * shape[2] * ep <= cfg.n_experts * cfg.d_model * cfg.d_ff
+            assert shape[0] * shape[1] * shape[2] * ep <= cfg.n_experts * cfg.d_model * ffn
