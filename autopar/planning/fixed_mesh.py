@@ -63,7 +63,9 @@ _ATTENTION = (torch.ops.aten.scaled_dot_product_attention.default,)
 
 def _head_counts(traced: TracedModel) -> set[int]:
     """Attention heads: dim 1 of scaled-dot-product attention's (B, H, T, D) query, key and
-    value; in a model without it, dim 2 of 4-D (B, T, H, D) views inside repeated blocks."""
+    value; in a model without it, dim 2 of 4-D (B, T, H, D) views inside repeated blocks that
+    split the last dim of a (B, T, H x D) value (not, say, a mixture of experts' (B, E x N, C)
+    buffers viewed as (B, E, N, C))."""
     heads = {int(a.meta["val"].shape[1])
              for n in traced.graph_module.graph.nodes if n.target in _ATTENTION
              for a in n.args[:3] if isinstance(a, torch.fx.Node)}
@@ -72,6 +74,9 @@ def _head_counts(traced: TracedModel) -> set[int]:
     for n in traced.graph_module.graph.nodes:
         if n.op == "call_function" and "view" in str(n.target) and block_of(n, traced):
             v = n.meta.get("val")
-            if isinstance(v, torch.Tensor) and v.ndim == 4:
+            src = n.args[0].meta.get("val") if isinstance(n.args[0], torch.fx.Node) else None
+            if (isinstance(v, torch.Tensor) and v.ndim == 4 and isinstance(src, torch.Tensor)
+                    and src.ndim == 3 and tuple(v.shape[:2]) == tuple(src.shape[:2])
+                    and v.shape[2] * v.shape[3] == src.shape[2]):
                 heads.add(int(v.shape[2]))
     return heads
