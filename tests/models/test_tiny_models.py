@@ -16,7 +16,7 @@ from autopar.models.switch import SwitchConfig, SwitchFFN
 from autopar.trace import trace_for_training
 
 # one per family
-TINY = ["gpt-tiny", "llama-test", "palm-test", "bert-test", "t5-test", "switch-test",
+TINY = ["gpt-tiny", "llama-test", "palm-test", "bert-test", "t5-test", "switch-test", "mixtral-test",
         "vit-test", "swin-test"]
 BATCH = 4
 
