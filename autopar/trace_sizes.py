@@ -38,7 +38,14 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._pytree import tree_flatten
 
 from autopar.batches import batch_size
-from autopar.trace import TracedModel, export_call, fingerprint_line, trace, unrun_graph_module
+from autopar.trace import (
+    TracedModel,
+    export_call,
+    fingerprint_line,
+    mark_experts,
+    trace,
+    unrun_graph_module,
+)
 
 MIN_BATCH = 2  # the symbolic dim's least value: export specialises 0 and 1
 
@@ -84,9 +91,9 @@ class SizedTracer:
         if form.program is not None:
             graph = _concrete(form.program.graph, batch, form.reference)
             if graph is not None:
-                return dataclasses.replace(
-                    form.reference, graph_module=unrun_graph_module(form.program, graph),
-                    fingerprint="")
+                gm = unrun_graph_module(form.program, graph)
+                mark_experts(gm, form.reference.parameters, model)  # as `trace` marks them
+                return dataclasses.replace(form.reference, graph_module=gm, fingerprint="")
         return self._trace(model, example_inputs, loss_fn, target)
 
     def _trace(self, model, example_inputs, loss_fn, target) -> TracedModel:
