@@ -76,8 +76,6 @@ AXES: tuple[MeshAxis, ...] = (
 PIPELINE = "pp"  # the one LAYERS axis: always outermost, placements are not written for it
 DATA = "dp"  # the searched BATCH axis: takes the ranks the other axes leave
 DATA_REPLICAS = "dp_replicate"  # a hybrid flavour's replicas of the shard groups on DATA
-EXPERTS = "ep"  # the BATCH axis that also splits experts (Megatron-Core's and DeepSpeed-MoE's
-#                 expert parallelism: experts sharded over data-parallel ranks)
 TENSOR = "tp"  # the OPS axis Megatron-style tensor (and sequence) parallelism splits
 
 

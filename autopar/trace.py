@@ -10,6 +10,7 @@ the FQN of the module the op belongs to.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import operator
@@ -151,7 +152,7 @@ class TracedModel:
     def node(self, name: str) -> fx.Node:
         return self._nodes[name]
 
-    @property
+    @functools.cached_property
     def experts(self) -> dict[str, int]:
         """Placeholder name -> expert count, for each parameter that stacks the weights of a
         mixture-of-experts layer's experts along dim 0 (`mark_experts`)."""

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from autopar.models.llama import Attention, Llama, LlamaConfig, RMSNorm
+from autopar.models.t5 import ffn_residual
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -104,11 +105,7 @@ class MixtralBlock(nn.Module):
 
     def forward(self, x, cos, sin, aux):
         x = x + self.attention(self.attention_norm(x), cos, sin)
-        out = self.experts(self.ffn_norm(x))
-        if isinstance(out, tuple):
-            out, extra = out
-            aux = extra if aux is None else aux + extra
-        return x + out, aux
+        return ffn_residual(self.ffn_norm, self.experts, x, aux)
 
 
 class Mixtral(Llama):

@@ -122,7 +122,7 @@ class DenseReluDense(nn.Module):
 def ffn_residual(norm: nn.Module, ffn: nn.Module, x: torch.Tensor, aux):
     """x + ffn(norm(x)), and the running auxiliary loss plus the feed-forward's own, if any."""
     out = ffn(norm(x))
-    if isinstance(out, tuple):  # a mixture of experts (switch.py): (y, load-balancing loss)
+    if isinstance(out, tuple):  # a mixture of experts (switch.py, mixtral.py): (y, aux loss)
         out, extra = out
         aux = extra if aux is None else aux + extra
     return x + out, aux
