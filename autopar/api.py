@@ -16,7 +16,7 @@ from autopar.errors import AutoparError, InfeasibleError, MeshError
 from autopar.layers import assign_layers, layer_order
 from autopar.parallelism import POLICIES, check_runtime
 from autopar.plan import Plan
-from autopar.planning import search
+from autopar.planning import context_parallel, search
 from autopar.planning.assemble import candidate_plan
 from autopar.planning.fixed_mesh import check_divides
 from autopar.planning.manual import hand_configuration
@@ -70,9 +70,11 @@ def plan(
     n_layers = len(layer_order(assign_layers(probe)))
     if mesh is not None:
         meshes = [parallelism.full_mesh(mesh, cluster.world_size)]
-    else:
-        meshes = search.candidate_meshes(cluster, n_layers, _expert_count(probe))
     batch = batch_size(inputs_only)
+    if mesh is None:
+        budget = memory_limit if memory_limit is not None else cluster.device.memory_bytes
+        meshes = search.candidate_meshes(cluster, n_layers, _expert_count(probe),
+                                         context_parallel.search_sizes(probe, batch, budget))
     if mesh is not None or microbatch_size is not None:
         # a fixed mesh must take the batch (and the microbatch size); among the searched ones,
         # those that do not are left out, and only when none is left is that an error
@@ -146,6 +148,7 @@ def manual_plan(
     solver: str = "highs",
     sequence_parallel: bool = False,
     ep: int = 1,
+    cp: int = 1,
 ) -> Plan:
     """A hand configuration (Megatron-LM / torchtitan style) as a Plan, scored by the same cost
     model as `plan`, so the two can be compared with `simulate`.
@@ -171,6 +174,9 @@ def manual_plan(
     experts (each ep rank holds 1/ep of them; tokens reach them by all-to-all). dp x ep ranks
     then share the batch: num_microbatches = batch / (dp * ep * microbatch_size). ep must
     divide the expert count.
+    cp: context parallelism (Megatron-Core's, Llama 3's): the mesh gains a "cp" axis between ep
+    and tp, which splits each sample's sequence; attention gathers keys and values over it
+    (`autopar.planning.context_parallel`). cp must divide the sequence length.
     """
     if checkpoint not in POLICIES:
         raise AutoparError(f"checkpoint={checkpoint!r}: use one of {', '.join(POLICIES)}")
@@ -182,7 +188,8 @@ def manual_plan(
             f"{[d for d in range(2, dp) if dp % d == 0] or 'none: dp has no such divisor'}), "
             "and shards like ZeRO-3 (zero=3 or leave zero out)")
     precision = precision or TrainingPrecision()
-    mesh = parallelism.full_mesh({"pp": pp, "dp": dp, "ep": ep, "tp": tp}, cluster.world_size)
+    mesh = parallelism.full_mesh({"pp": pp, "dp": dp, "ep": ep, "cp": cp, "tp": tp},
+                                 cluster.world_size)
     inputs_only = example_inputs[0] if loss_fn is not None else example_inputs
     batch = batch_size(inputs_only)
     trace_fn = tracer(model, loss_fn)
@@ -194,6 +201,7 @@ def manual_plan(
     layers = layer_order(assign_layers(traced))
     check_divides(traced, mesh, batch, microbatch_size, len(layers), schedule)
     _check_experts_divide(traced, ep)
+    context_parallel.check_sequence(traced, cp)
     name = flavour.name if dp > 1 else parallelism.REPLICATE
     if dp_shard is not None:
         name = parallelism.hybrid_flavour().name

@@ -30,6 +30,9 @@ from autopar.errors import AutoparError, MeshError
 LAYERS = "layers"  # pipeline stages: the stage cut ILP; stage boundaries sent point to point
 BATCH = "batch"  # samples: inputs Shard(0) and parameters whole over it (or sharded by the
 #                 data-parallel flavour); gradients reduced over it as the flavour says
+SEQUENCE = "sequence"  # tokens: inputs Shard(1) (their sequence dim) and parameters whole over
+#                 it, gradients all-reduced over it once a step; attention takes the queries
+#                 split along the sequence and keys and values gathered (context parallelism)
 OPS = "ops"  # each op's tensors, any way DTensor's rules allow, as the intra-op ILP chooses;
 #              inputs arrive whole; resharding between ops priced per transition
 
@@ -40,7 +43,7 @@ class MeshAxis:
 
     Attributes:
         name: the axis name in plans, meshes and the command line.
-        splits: LAYERS, BATCH or OPS (above).
+        splits: LAYERS, BATCH, SEQUENCE or OPS (above).
         searched: the search tries sizes for it, and a user may fix its size (`mesh=`). An axis
             that is not searched is made by something else (hybrid sharding's "dp_replicate").
         experts: a BATCH axis that also splits each mixture-of-experts layer's experts: their
@@ -70,6 +73,9 @@ AXES: tuple[MeshAxis, ...] = (
     MeshAxis(name="ep", splits=BATCH, experts=True,
              doc="expert parallel: the batch split over ranks as by dp, and each "
                  "mixture-of-experts layer's experts split over them"),
+    MeshAxis(name="cp", splits=SEQUENCE,
+             doc="context parallel: each sample's sequence split over ranks; attention "
+                 "gathers keys and values"),
     MeshAxis(name="tp", splits=OPS, doc="tensor parallel: each op's tensors split over ranks"),
 )
 
@@ -93,7 +99,7 @@ def axis_names(*, searched: bool = False) -> tuple[str, ...]:
 
 
 def splits(name: str, what: str) -> bool:
-    """Whether axis `name` splits `what` (LAYERS, BATCH or OPS)."""
+    """Whether axis `name` splits `what` (LAYERS, BATCH, SEQUENCE or OPS)."""
     return mesh_axis(name).splits == what
 
 
@@ -138,6 +144,11 @@ def batch_ranks(mesh: dict[str, int]) -> int:
     hybrid flavour's dp_replicate). A microbatch size "per data-parallel rank" is per one of
     these."""
     return math.prod(n for a, n in mesh.items() if splits(a, BATCH))
+
+
+def sequence_ranks(mesh: dict[str, int]) -> int:
+    """Ranks each sample's sequence is split over: the product of the axes that split it."""
+    return math.prod(n for a, n in mesh.items() if splits(a, SEQUENCE))
 
 
 def splits_experts(name: str) -> bool:

@@ -51,10 +51,11 @@ def toy_plan(mesh: dict[str, int]) -> autopar.Plan:
 
 def test_the_search_and_the_mesh_options_know_the_new_axis(toy_axis):
     meshes = candidate_meshes(demo.demo_cluster(4), n_layers=4)
-    assert {"pp": 1, "dp": 1, "ep": 1, "tp": 2, "xp": 2} in meshes
-    assert all(list(m) == ["pp", "dp", "ep", "tp", "xp"] and math.prod(m.values()) == 4
+    assert {"pp": 1, "dp": 1, "ep": 1, "cp": 1, "tp": 2, "xp": 2} in meshes
+    assert all(list(m) == ["pp", "dp", "ep", "cp", "tp", "xp"] and math.prod(m.values()) == 4
                for m in meshes)
-    assert parallelism.full_mesh({"xp": 4}, 4) == {"pp": 1, "dp": 1, "ep": 1, "tp": 1, "xp": 4}
+    assert parallelism.full_mesh({"xp": 4}, 4) == {"pp": 1, "dp": 1, "ep": 1, "cp": 1, "tp": 1,
+                                                   "xp": 4}
 
 
 @pytest.mark.slow

@@ -9,7 +9,8 @@ import torch
 
 from autopar.errors import MeshError
 from autopar.layers import block_of
-from autopar.parallelism import BATCH, DATA, OPS, PIPELINE, batch_ranks, splits
+from autopar.parallelism import BATCH, DATA, OPS, PIPELINE, batch_ranks, sequence_ranks, splits
+from autopar.planning import context_parallel
 from autopar.schedules import get_schedule
 from autopar.trace import TracedModel
 
@@ -41,6 +42,7 @@ def check_divides(traced: TracedModel, mesh: dict[str, int], batch: int, microba
             f"{divisors_text(batch // dp) if batch % dp == 0 else 'none: dp does not divide'}; "
             f"dp values that divide the batch: {divisors_text(batch)})"
         )
+    context_parallel.check_sequence(traced, sequence_ranks(mesh))
     v = get_schedule(schedule).default_v(None) if (schedule and pp > 1) else 1
     if pp * v > n_layers:
         raise MeshError(

@@ -30,9 +30,9 @@ from autopar import dtensor, parallelism
 from autopar.cluster import Cluster
 from autopar.errors import MeshError
 from autopar.layers import POST, PRE, assign_layers, decision_nodes
-from autopar.parallelism import BATCH
+from autopar.parallelism import BATCH, SEQUENCE
 from autopar.plan import SCHEMA_VERSION, OpSharding, Plan, placement_to_str
-from autopar.planning import cost, sequence_parallel
+from autopar.planning import context_parallel, cost, sequence_parallel
 from autopar.planning.profile import (
     OpProfile,
     TrainingPrecision,
@@ -140,6 +140,9 @@ def _placeholder_options(n: fx.Node, traced: TracedModel, mesh: dict[str, int]) 
         if parallelism.splits(axis, BATCH):
             wanted = Shard(0) if not is_param or (experts and parallelism.splits_experts(axis)) \
                 else Replicate()
+        elif parallelism.splits(axis, SEQUENCE):
+            # one that splits the sequence takes inputs split on dim 1 (B, T, ...), all else whole
+            wanted = Shard(1) if not is_param and _val(n).ndim >= 2 else Replicate()
         elif not is_param:
             wanted = Replicate()
         else:
@@ -152,6 +155,11 @@ def _placeholder_options(n: fx.Node, traced: TracedModel, mesh: dict[str, int]) 
                 f"the {v.shape[0]} experts of '{traced.parameters[n.name]}' cannot be split "
                 f"over mesh {mesh}: ep (and tp, if it also splits dim 0) must divide "
                 f"{v.shape[0]}. Use an ep that divides the expert count.")
+        cp = parallelism.sequence_ranks(mesh)
+        if cp > 1 and not is_param and v.ndim >= 2 and v.shape[1] % cp:
+            raise MeshError(
+                f"input '{n.name}' of shape {tuple(v.shape)} cannot be split along its sequence "
+                f"(dim 1, {v.shape[1]}) over cp={cp}: use a cp that divides the sequence length.")
         raise MeshError(
             f"input '{n.name}' of shape {tuple(v.shape)} cannot be split over the data-parallel "
             f"axes of mesh {mesh}: its batch dimension {v.shape[0] if v.ndim else 1} must divide "
@@ -174,15 +182,17 @@ def _dp_axes(mesh: dict[str, int]) -> tuple[int, ...]:
     return tuple(a for a, axis in enumerate(mesh) if parallelism.splits(axis, BATCH))
 
 
-def op_compute_s(n: fx.Node, prof: OpProfile, device, split: float) -> float:
+def op_compute_s(n: fx.Node, prof: OpProfile, device, split: float,
+                 attention=None) -> float:
     """Forward + backward compute of op `n` with its work split `split` ways, in the op's own
-    output dtype: the compute part of an ILP node's cost (the search's bound uses it too)."""
+    output dtype: the compute part of an ILP node's cost (the search's bound uses it too).
+    `attention`: the shape an attention op is priced at, if not its profile's."""
     val = _val(n)
     dtype = val.dtype if isinstance(val, torch.Tensor) else torch.float32
     flops = (prof.fwd_flops + prof.bwd_flops) / split
     moved = (prof.fwd_bytes + prof.bwd_bytes) / split
     return (cost.compute_time_s(flops, moved, device, dtype, op=str(n.target),
-                                attention=prof.attention)
+                                attention=attention or prof.attention)
             if flops or moved else 0.0)
 
 
@@ -229,9 +239,13 @@ def _node_time_s(n, s: Strategy, profiles, cluster: Cluster, shape, links, skip_
     and T5's encoder bias do not, so T5's decoder is priced a little low."""
     if n.op == "placeholder":
         return 0.0
-    seconds = op_compute_s(n, profiles[n.name], cluster.device, work_factor(s, shape))
+    seconds = op_compute_s(n, profiles[n.name], cluster.device, work_factor(s, shape),
+                           attention=context_parallel.priced_attention(n, profiles[n.name], s))
     out = s.outputs[0]
-    for arg, pl in zip(tensor_inputs(n), s.inputs):
+    # attention with its queries split along the sequence takes keys and values whole,
+    # gathered from sequence-split values: their gradients go back reduce-scattered
+    gathered = (1, 2) if context_parallel.splits_queries(n, s) else ()
+    for slot, (arg, pl) in enumerate(zip(tensor_inputs(n), s.inputs)):
         v = arg.meta["val"]
         if out is None or not v.dtype.is_floating_point or (grads is not None
                                                             and arg.name not in grads):
@@ -241,7 +255,8 @@ def _node_time_s(n, s: Strategy, profiles, cluster: Cluster, shape, links, skip_
             if arg.name in free and a in skip_axes:
                 continue
             if isinstance(p_in, Replicate) and isinstance(p_out, Shard):
-                seconds += cost.collective_time_s("all_reduce", local_bytes, shape[a], links[a])
+                kind = "reduce_scatter" if slot in gathered else "all_reduce"
+                seconds += cost.collective_time_s(kind, local_bytes, shape[a], links[a])
     return seconds
 
 

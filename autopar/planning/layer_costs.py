@@ -44,7 +44,7 @@ from autopar.cluster import Cluster
 from autopar.errors import MeshError
 from autopar.layers import POST, PRE, assign_layers, crossing, decision_users, layer_order
 from autopar.parallelism import DATA, KEEP_IN_GRAPH, OPS
-from autopar.planning import cost
+from autopar.planning import context_parallel, cost
 from autopar.planning import sequence_parallel as sequence_parallel_
 from autopar.planning.intra_op import build_problem
 from autopar.planning.profile import parameter_state_bytes, profile_graph
@@ -257,7 +257,8 @@ def layer_costs(stand: StandIn, profiles, cluster, sub_mesh, flavour, *, precisi
         split = work_factor(s, shape)
         f = cost.compute_time_s(prof.fwd_flops / split, prof.fwd_bytes / split, sub.device,
                                 _dtype(n, compute_dtype), op=str(n.target),
-                                attention=prof.attention  # priced as the ILP priced it
+                                # priced as the ILP priced it
+                                attention=context_parallel.priced_attention(n, prof, s)
                                 ) if prof.fwd_flops or prof.fwd_bytes else 0.0
         total = decisions.compute_s[name][i]
         fwd[layer] += f
@@ -325,13 +326,15 @@ def layer_costs(stand: StandIn, profiles, cluster, sub_mesh, flavour, *, precisi
 
 def _expert_axes_sync_s(placements, sub_mesh: dict[str, int], links, grad_bytes: float) -> float:
     """Once a step: the all-reduce of a parameter's gradient (`grad_bytes` as the data-parallel
-    flavour leaves it on each rank) over each axis that splits experts (ep) on which the
-    parameter is whole. ep splits the batch as dp does, so every parameter but the experts it
-    splits has a partial gradient over it (in buckets, as the runtime reduces them)."""
+    flavour leaves it on each rank) over each axis besides dp that splits the data: one that
+    splits experts (ep) on which the parameter is whole, and one that splits the sequence (cp).
+    Each splits the batch or the sequence as dp splits the batch, so every parameter whole over
+    it has a partial gradient there (in buckets, as the runtime reduces them)."""
     return sum(cost.collective_time_s("all_reduce", grad_bytes, n, links[a],
                                       bucket_bytes=parallelism.BUCKET_BYTES)
                for a, (axis, n) in enumerate(sub_mesh.items())
-               if n > 1 and parallelism.splits_experts(axis)
+               if n > 1 and (parallelism.splits_experts(axis)
+                             or parallelism.splits(axis, parallelism.SEQUENCE))
                and isinstance(placements[a], Replicate))
 
 

@@ -38,15 +38,19 @@ def _sdpa(node: fx.Node) -> list[AxisStrategy]:
     """scaled_dot_product_attention(q, k, v, attn_mask=None, ...): q/k/v are (B, H, T, D).
 
     Batch and heads are independent, so sharding both on dim 0 (batch) or dim 1 (heads) is exact
-    on local shards; sequence and head dims are not (softmax and causal masks span them).
+    on local shards; the head dim is not, nor are the keys' and values' sequence (softmax spans
+    it). The queries' sequence (dim 2) may be split with keys and values whole (context
+    parallelism, all-gathered keys and values): each query row needs every key, and nothing
+    else; under a causal mask the runtime masks each rank's rows by where they sit in the
+    sequence (`runtime.attention.query_rows`).
     A mask shards with q on a dim where it is not broadcast, else stays replicated.
     """
     q = node.args[0].meta["val"]
     mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
     has_mask = isinstance(mask, fx.Node)
     strategies = [((Replicate(),) * (3 + has_mask), (Replicate(),))]
-    for dim in (0, 1):
-        ins = [Shard(dim)] * 3
+    for dim in (0, 1, 2):
+        ins = [Shard(dim)] * 3 if dim < 2 else [Shard(dim), Replicate(), Replicate()]
         if has_mask:
             m = mask.meta["val"]
             aligned = dim - (q.ndim - m.ndim)  # masks broadcast from the right

@@ -86,6 +86,24 @@ def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
                 enable_gqa=enable_gqa)
 
 
+def query_rows(first_row: int):
+    """`attention` for queries that are rows `first_row`, `first_row + 1`, ... of the sequence
+    and keys and values that are all of it (context parallelism: each rank holds a slice of the
+    queries and gathers the keys and values). A causal mask is then the sequence's, not the
+    local block's top-left triangle: query row i sees key j when j <= first_row + i."""
+
+    def run(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None,
+            enable_gqa=False):
+        if is_causal and (first_row or query.size(-2) != key.size(-2)):
+            rows = torch.arange(query.size(-2), device=query.device) + first_row
+            cols = torch.arange(key.size(-2), device=query.device)
+            attn_mask, is_causal = cols[None, :] <= rows[:, None], False
+        return attention(query, key, value, attn_mask, dropout_p, is_causal, scale=scale,
+                         enable_gqa=enable_gqa)
+
+    return run
+
+
 def choice(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> int:
     """The backend torch's selector picks for real tensors laid out as these."""
     tensors = (query, key, value) + ((attn_mask,) if attn_mask is not None else ())

@@ -14,7 +14,7 @@ import warnings
 
 import torch
 from torch import fx
-from torch.distributed.tensor import DTensor, Partial, Replicate
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from torch.utils.checkpoint import checkpoint
 
@@ -227,6 +227,9 @@ def _call_locally(node: fx.Node, args, kwargs, outputs, mesh):
     leaves, spec = tree_flatten((args, kwargs))
     slots = [i for i, v in enumerate(leaves) if isinstance(v, DTensor)]
     target = attention.replay_target(node.target)  # attention: the kernel eager would pick
+    if target is attention.attention and _splits_queries(leaves[0]):
+        # queries split along the sequence (context parallelism): mask by where they sit
+        target = attention.query_rows(_first_row(leaves[0], mesh))
 
     def run(*local):
         filled = list(leaves)
@@ -260,6 +263,21 @@ def _call_locally(node: fx.Node, args, kwargs, outputs, mesh):
         output_placements=outputs,
         output_vals=vals,
     )
+
+
+def _splits_queries(q) -> bool:
+    return isinstance(q, DTensor) and any(isinstance(p, Shard) and p.dim == 2
+                                          for p in q.placements)
+
+
+def _first_row(q: DTensor, mesh) -> int:
+    """The sequence position (dim 2) of this rank's first query row: the axes that split dim 2
+    cut it in mesh order, outer axes first (DTensor's order for even shards)."""
+    index, coordinate = 0, mesh.get_coordinate()
+    for a, p in enumerate(q.placements):
+        if isinstance(p, Shard) and p.dim == 2:
+            index = index * mesh.size(a) + coordinate[a]
+    return index * q.to_local().shape[2]
 
 
 # Ops that only reinterpret their input's shape: run on local shards (see _view_locally).

@@ -96,22 +96,28 @@ def _state_share(model, world: int) -> float:
 
 class TestMeshes:
     def test_candidate_meshes_cover_factorisations(self):
-        """tp outermost in the loop, then ep, pp within them, dp the rest; pp at most the layer
-        count; ep 1 for a model without experts, else a divisor of the expert count."""
+        """tp outermost in the loop, then cp, ep, pp within them, dp the rest; pp at most the
+        layer count; ep 1 for a model without experts, else a divisor of the expert count; cp 1
+        unless the search asks for it, else a divisor of the sequence."""
+        one = {"ep": 1, "cp": 1}
         assert candidate_meshes(fast_cpu_cluster(4), n_layers=2) == [
-            {"pp": 1, "dp": 4, "ep": 1, "tp": 1}, {"pp": 2, "dp": 2, "ep": 1, "tp": 1},
-            {"pp": 1, "dp": 2, "ep": 1, "tp": 2}, {"pp": 2, "dp": 1, "ep": 1, "tp": 2},
-            {"pp": 1, "dp": 1, "ep": 1, "tp": 4}]
+            {"pp": 1, "dp": 4, **one, "tp": 1}, {"pp": 2, "dp": 2, **one, "tp": 1},
+            {"pp": 1, "dp": 2, **one, "tp": 2}, {"pp": 2, "dp": 1, **one, "tp": 2},
+            {"pp": 1, "dp": 1, **one, "tp": 4}]
         assert candidate_meshes(fast_cpu_cluster(1), n_layers=3) == [
-            {"pp": 1, "dp": 1, "ep": 1, "tp": 1}]
+            {"pp": 1, "dp": 1, **one, "tp": 1}]
         with_experts = candidate_meshes(fast_cpu_cluster(8), n_layers=4, experts=6)
         assert {m["ep"] for m in with_experts} == {1, 2}  # of 8 ranks, those dividing 6
-        assert {"pp": 2, "dp": 1, "ep": 2, "tp": 2} in with_experts
+        assert {"pp": 2, "dp": 1, "ep": 2, "cp": 1, "tp": 2} in with_experts
+        with_sequence = candidate_meshes(fast_cpu_cluster(8), n_layers=4, sequence=12)
+        assert {m["cp"] for m in with_sequence} == {1, 2, 4}  # of 8 ranks, those dividing 12
+        assert {"pp": 1, "dp": 1, "ep": 1, "cp": 4, "tp": 2} in with_sequence
 
     def test_planner_chooses_the_mesh(self):
         plan = autopar.plan(MLP(), fast_cpu_cluster(4), mlp_batch(), loss_fn=mse)
         assert plan.world_size == 4
-        assert {"pp": 1, "dp": 1, "ep": 1, "tp": 1} | plan.mesh in candidate_meshes(fast_cpu_cluster(4), 8)
+        assert {"pp": 1, "dp": 1, "ep": 1, "cp": 1, "tp": 1} | plan.mesh in candidate_meshes(
+            fast_cpu_cluster(4), 8)
 
     @pytest.mark.parametrize("mesh", [{"dp": 3}, {"dp": 2, "tp": 4}])
     def test_mesh_not_matching_world_size(self, mesh):
