@@ -288,7 +288,8 @@ def parse_manual(text: str) -> dict:
         if not eq or not key or not value:
             raise ValueError(f"bad --manual {text!r}: {part!r} is not key=value; e.g. "
                              "--manual tp=2,zero=3 (keys: tp, pp, dp, microbatch_size, "
-                             "checkpoint, schedule, zero, dp_shard, sequence_parallel)")
+                             "checkpoint, schedule, zero, dp_shard, sequence_parallel, ep, "
+                             "cp)")
         flag = {"true": True, "false": False}.get(value.lower())
         hand[key] = int(value) if value.isdigit() else value if flag is None else flag
     return hand

@@ -274,13 +274,13 @@ def _make_plan(case: Case, model, example_inputs, loss_fn, batch: int):
 
 
 def resolve_manual(manual: dict, gpus: int, batch: int) -> dict:
-    """A hand configuration with its defaults filled in: tp = pp = ep = 1, dp the remaining
-    GPUs, microbatch_size batch / (dp x ep) without pp, else 1."""
+    """A hand configuration with its defaults filled in: tp = pp = ep = cp = 1, dp the
+    remaining GPUs, microbatch_size batch / (dp x ep) without pp, else 1."""
     hand = dict(manual)
     hand.setdefault("tp", 1)
     hand.setdefault("pp", 1)
     ep = hand.get("ep", 1)
-    hand.setdefault("dp", max(1, gpus // (hand["tp"] * hand["pp"] * ep)))
+    hand.setdefault("dp", max(1, gpus // (hand["tp"] * hand["pp"] * ep * hand.get("cp", 1))))
     hand.setdefault("microbatch_size",
                     max(1, batch // (hand["dp"] * ep)) if hand["pp"] == 1 else 1)
     return hand
