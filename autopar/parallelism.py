@@ -151,6 +151,21 @@ def sequence_ranks(mesh: dict[str, int]) -> int:
     return math.prod(n for a, n in mesh.items() if splits(a, SEQUENCE))
 
 
+def balanced_causal_axis(query_placements, local_rows: int, is_causal: bool,
+                         masked: bool) -> int | None:
+    """The mesh axis on which attention with these query placements runs with its causal rows
+    balanced (context parallelism, `runtime.attention.balanced_rows`), or None: queries split
+    along the sequence (dim 2 of (B, H, T, D)) on exactly one axis, a causal mask and no other,
+    and an even number of local rows (each rank's chunk cut in two halves). Balanced, rank r of
+    n computes the half-chunks r and 2n-1-r of the 2n, one from each end of the sequence, so
+    every rank does the same causal work (Megatron-Core's and Llama 3's layout; here the halves
+    travel to their rank inside attention, by all-to-all, and back)."""
+    axes = [a for a, p in enumerate(query_placements) if getattr(p, "dim", None) == 2]
+    if len(axes) != 1 or not is_causal or masked or local_rows % 2:
+        return None
+    return axes[0]
+
+
 def splits_experts(name: str) -> bool:
     """Whether axis `name` splits mixture-of-experts layers' experts."""
     return mesh_axis(name).experts

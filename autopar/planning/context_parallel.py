@@ -16,10 +16,15 @@ their gradients backward, both priced as resharding), and the runtime masks each
 rows by where they sit (`runtime.attention.query_rows`). Parameters are whole over cp; their
 gradients are summed over it once a step (`layer_costs`), as ep's are.
 
-Not done yet: ring attention (keys and values passed round, overlapped with compute) and causal
-load balancing (each rank two chunks, one from each end, Megatron-Core's and Llama 3's layout).
-Each rank's causal rows run as a dense masked block, so its attention costs 1/cp of the
-unmasked attention: priced so (`priced_attention`), cp pays in memory, not in attention time.
+Causal attention is balanced where the queries are split on one axis: each rank computes one
+half-chunk of rows from each end of the sequence (`parallelism.balanced_causal_axis`), each
+against the keys up to its last row, so all ranks do the same work, (2cp+1)/(4cp^2) of the
+unmasked attention (`work_share`), for two all-to-alls of the queries' halves and the outputs
+each way (`exchange_s`). Where it is not balanced (queries split on two axes), each rank's
+rows run as one dense masked block: 1/cp of the unmasked attention.
+
+Not done yet: ring attention (keys and values passed round a ring, overlapped with compute);
+keys and values are gathered whole, so one rank holds all of them for a layer.
 """
 
 from __future__ import annotations
@@ -32,7 +37,9 @@ from torch.distributed.tensor import Shard
 
 from autopar import parallelism
 from autopar.errors import MeshError
+from autopar.planning import cost
 from autopar.planning.profile import Attention, OpProfile
+from autopar.planning.strategies import shard_factor
 from autopar.trace import TracedModel
 
 _SDPA = torch.ops.aten.scaled_dot_product_attention.default
@@ -107,10 +114,48 @@ def splits_queries(n: fx.Node, strategy) -> bool:
             and any(isinstance(p, Shard) and p.dim == 2 for p in strategy.inputs[0]))
 
 
+def _balanced_axis(n: fx.Node, strategy, shape) -> int | None:
+    """The mesh axis attention node `n` runs balanced on under `strategy`, as the runtime
+    decides it (`parallelism.balanced_causal_axis`), or None."""
+    if not splits_queries(n, strategy):
+        return None
+    q = n.args[0].meta["val"]
+    args = dict(zip(("query", "key", "value", "attn_mask", "dropout_p", "is_causal"),
+                    n.args)) | n.kwargs
+    rows = q.shape[2] // shard_factor(tuple(p if getattr(p, "dim", None) == 2 else None
+                                            for p in strategy.inputs[0]), shape)
+    return parallelism.balanced_causal_axis(strategy.inputs[0], rows,
+                                            bool(args.get("is_causal", False)),
+                                            args.get("attn_mask") is not None)
+
+
+def work_share(n: fx.Node, strategy, shape) -> float:
+    """What a balanced attention's split work comes to against a plain split over its axis of
+    m ranks: each rank computes (2m+1)/(4m^2) of the unmasked attention, not 1/m."""
+    axis = _balanced_axis(n, strategy, shape)
+    if axis is None:
+        return 1.0
+    m = shape[axis]
+    return 4 * m / (2 * m + 1)
+
+
+def exchange_s(n: fx.Node, strategy, shape, links) -> float:
+    """The all-to-alls of a balanced attention: its queries' halves to the ranks that compute
+    them and the outputs back, forward, and their gradients backward (each priced as the
+    rank's whole local queries sent)."""
+    axis = _balanced_axis(n, strategy, shape)
+    if axis is None:
+        return 0.0
+    q = n.args[0].meta["val"]
+    local = q.numel() * q.element_size() / shard_factor(strategy.inputs[0], shape)
+    return 4 * cost.collective_time_s("all_to_all", local, shape[axis], links[axis])
+
+
 def priced_attention(n: fx.Node, prof: OpProfile, strategy) -> Attention | None:
     """The attention shape op `n` is priced at under `strategy`: a causal attention whose
-    queries are split along the sequence runs as a dense masked block on each rank (no blocks
-    skipped), so it is priced as unmasked attention."""
+    queries are split along the sequence runs as masked blocks on each rank (no blocks
+    skipped inside them), so it is priced as unmasked attention (of which a balanced one does
+    a share, `work_share`)."""
     a = prof.attention
     if a is not None and a.causal and splits_queries(n, strategy):
         return dataclasses.replace(a, causal=False, masked=True)

@@ -239,8 +239,10 @@ def _node_time_s(n, s: Strategy, profiles, cluster: Cluster, shape, links, skip_
     and T5's encoder bias do not, so T5's decoder is priced a little low."""
     if n.op == "placeholder":
         return 0.0
-    seconds = op_compute_s(n, profiles[n.name], cluster.device, work_factor(s, shape),
+    seconds = op_compute_s(n, profiles[n.name], cluster.device,
+                           work_factor(s, shape) * context_parallel.work_share(n, s, shape),
                            attention=context_parallel.priced_attention(n, profiles[n.name], s))
+    seconds += context_parallel.exchange_s(n, s, shape, links)
     out = s.outputs[0]
     # attention with its queries split along the sequence takes keys and values whole,
     # gathered from sequence-split values: their gradients go back reduce-scattered

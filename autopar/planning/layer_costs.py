@@ -254,7 +254,7 @@ def layer_costs(stand: StandIn, profiles, cluster, sub_mesh, flavour, *, precisi
             continue
         prof = profiles[name]
         model_flops += (prof.fwd_flops + prof.bwd_flops) * weight(name)
-        split = work_factor(s, shape)
+        split = work_factor(s, shape) * context_parallel.work_share(n, s, shape)
         f = cost.compute_time_s(prof.fwd_flops / split, prof.fwd_bytes / split, sub.device,
                                 _dtype(n, compute_dtype), op=str(n.target),
                                 # priced as the ILP priced it

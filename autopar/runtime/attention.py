@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.distributed._functional_collectives as funcol
 from torch.utils._python_dispatch import _disable_current_modes
 
 aten = torch.ops.aten
@@ -102,6 +103,57 @@ def query_rows(first_row: int):
                          enable_gqa=enable_gqa)
 
     return run
+
+
+def balanced_rows(group, rank: int, size: int):
+    """`attention` for causal queries split along the sequence over `size` ranks of `group`
+    (this one is `rank`), keys and values whole, with the causal work balanced
+    (`parallelism.balanced_causal_axis`). The rank's chunk of rows is cut in two halves, and
+    each half goes by all-to-all to the rank that computes it: half-chunk j of the 2n to rank
+    j if j < n, else to rank 2n-1-j, so each rank computes one half from each end of the
+    sequence. Each half reads only the keys up to its last row, masked inside that last block,
+    so a rank's work is (2n+1)/(4n^2) of the unmasked attention, the same on every rank
+    (causal attention's own share is about 1/(2n)). The outputs go back the same way."""
+    n = size
+    held = [2 * rank, 2 * rank + 1]  # the half-chunks this rank's contiguous rows are
+    wanted = [rank, 2 * n - 1 - rank]  # those it computes
+
+    def owner(j):
+        return j if j < n else 2 * n - 1 - j
+
+    def holder(j):
+        return j // 2
+
+    def run(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None,
+            enable_gqa=False):
+        h = query.size(-2) // 2
+        mine = _exchange(dict(zip(held, query.split(h, dim=-2))), wanted, owner, holder,
+                         group, n, h)
+        out = {}
+        for j in wanted:
+            seen = (j + 1) * h  # the keys up to this half's last row
+            rows = torch.arange(h, device=query.device) + j * h
+            cols = torch.arange(seen, device=query.device)
+            out[j] = attention(mine[j], key[..., :seen, :], value[..., :seen, :],
+                               cols[None, :] <= rows[:, None], dropout_p, False, scale=scale,
+                               enable_gqa=enable_gqa)
+        back = _exchange(out, held, holder, owner, group, n, h)
+        return torch.cat([back[j] for j in held], dim=-2)
+
+    return run
+
+
+def _exchange(parts: dict, want: list[int], to, source, group, n: int, h: int) -> dict:
+    """All-to-all of half-chunks along dim -2: this rank sends each of `parts` (index -> half)
+    to rank `to(index)` and receives the halves `want`, each from rank `source(index)`.
+    Pieces travel in (rank, index) order, both ends sorting the same way."""
+    send = sorted(parts, key=lambda j: (to(j), j))
+    recv = sorted(want, key=lambda j: (source(j), j))
+    x = torch.cat([parts[j].movedim(-2, 0) for j in send]).contiguous()
+    y = funcol.all_to_all_single_autograd(
+        x, [h * sum(source(j) == r for j in want) for r in range(n)],
+        [h * sum(to(j) == r for j in parts) for r in range(n)], group)
+    return {j: piece.movedim(0, -2) for j, piece in zip(recv, y.split(h, dim=0))}
 
 
 def choice(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> int:

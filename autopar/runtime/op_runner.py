@@ -228,8 +228,9 @@ def _call_locally(node: fx.Node, args, kwargs, outputs, mesh):
     slots = [i for i, v in enumerate(leaves) if isinstance(v, DTensor)]
     target = attention.replay_target(node.target)  # attention: the kernel eager would pick
     if target is attention.attention and _splits_queries(leaves[0]):
-        # queries split along the sequence (context parallelism): mask by where they sit
-        target = attention.query_rows(_first_row(leaves[0], mesh))
+        # queries split along the sequence (context parallelism): causal rows balanced over
+        # ranks where they can be, else masked by where they sit
+        target = _sequence_split_attention(node, leaves[0], mesh)
 
     def run(*local):
         filled = list(leaves)
@@ -268,6 +269,19 @@ def _call_locally(node: fx.Node, args, kwargs, outputs, mesh):
 def _splits_queries(q) -> bool:
     return isinstance(q, DTensor) and any(isinstance(p, Shard) and p.dim == 2
                                           for p in q.placements)
+
+
+def _sequence_split_attention(node: fx.Node, q: DTensor, mesh):
+    """The local attention for queries `q` split along the sequence, as planned."""
+    args = dict(zip(("query", "key", "value", "attn_mask", "dropout_p", "is_causal"),
+                    node.args)) | node.kwargs
+    axis = parallelism.balanced_causal_axis(q.placements, q.to_local().shape[2],
+                                            bool(args.get("is_causal", False)),
+                                            args.get("attn_mask") is not None)
+    if axis is None:
+        return attention.query_rows(_first_row(q, mesh))
+    return attention.balanced_rows(mesh.get_group(axis), mesh.get_local_rank(axis),
+                                   mesh.size(axis))
 
 
 def _first_row(q: DTensor, mesh) -> int:
