@@ -202,7 +202,7 @@ def manual_plan(
     check_divides(traced, mesh, batch, microbatch_size, len(layers), schedule)
     _check_experts_divide(traced, ep)
     context_parallel.check_sequence(traced, cp)
-    name = flavour.name if dp > 1 else parallelism.REPLICATE
+    name = flavour.name if dp * cp > 1 else parallelism.REPLICATE
     if dp_shard is not None:
         name = parallelism.hybrid_flavour().name
     c = hand_configuration(

@@ -166,6 +166,14 @@ def balanced_causal_axis(query_placements, local_rows: int, is_causal: bool,
     return axes[0]
 
 
+def state_ranks(mesh: dict[str, int]) -> int:
+    """Ranks that each hold a whole replica of the parameters while computing on different
+    data: dp and the axes that split the sequence (cp). A flavour that shards state divides it
+    over all of them (as Megatron-Core's distributed optimizer shards over dp x cp); a hybrid
+    one over its dp group only."""
+    return mesh.get(DATA, 1) * sequence_ranks(mesh)
+
+
 def splits_experts(name: str) -> bool:
     """Whether axis `name` splits mixture-of-experts layers' experts."""
     return mesh_axis(name).experts

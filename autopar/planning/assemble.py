@@ -40,10 +40,12 @@ def candidate_plan(c: Candidate, cluster: Cluster, precision: TrainingPrecision,
         }
     plan.cluster = cluster.to_dict()
     plan.schema_version = SCHEMA_VERSION
-    plan.data_parallel = c.flavour if c.dp > 1 else parallelism.REPLICATE
+    plan.data_parallel = (c.flavour if parallelism.state_ranks(c.mesh) > 1
+                          else parallelism.REPLICATE)
     plan.checkpoint = {k: v for k, v in c.options.items() if v != "none"}
     if parallelism.get_flavour(plan.data_parallel).shards_state:
-        shard_parameters_over_dp(plan, costs.traced, sub_mesh)
+        shard_parameters_over_dp(plan, costs.traced, sub_mesh,
+                                 hybrid=parallelism.get_flavour(plan.data_parallel).hybrid)
     worst = max(range(c.pp), key=lambda r: sum(c.rank_memory[r].values()))
     mem = c.rank_memory[worst]
     batch = c.microbatch_size * c.num_microbatches
@@ -105,17 +107,22 @@ def _sequence_length(traced: TracedModel) -> int:
     return int(v.shape[1]) if v.ndim >= 2 else 0
 
 
-def shard_parameters_over_dp(plan: Plan, traced: TracedModel, sub_mesh: dict[str, int]) -> None:
-    """A flavour that shards state: each parameter's dp placement becomes S(d) for its first dim that divides (the ops
-    still read it replicated over dp, so the runtime gathers it)."""
+def shard_parameters_over_dp(plan: Plan, traced: TracedModel, sub_mesh: dict[str, int], *,
+                             hybrid: bool = False) -> None:
+    """A flavour that shards state: each parameter's placement on dp, and on cp unless the
+    flavour is hybrid (`parallelism.state_ranks`), becomes S(d) for its first dim that divides
+    (the ops still read it replicated there, so the runtime gathers it)."""
     axes = list(sub_mesh)
-    a, n = axes.index(DATA), sub_mesh[DATA]
+    group = [b for b, axis in enumerate(axes)
+             if axis == DATA or (not hybrid and parallelism.splits(axis, parallelism.SEQUENCE))]
+    n = math.prod(sub_mesh[axes[b]] for b in group)
     fqn_to_node = {fqn: node for node, fqn in traced.parameters.items()}
     for fqn, placements in plan.parameters.items():
         shape = traced.node(fqn_to_node[fqn]).meta["val"].shape
         for d, size in enumerate(shape):
             already = math.prod(sub_mesh[axes[b]] for b, p in enumerate(placements)
-                                if p == f"S({d})" and b != a)
+                                if p == f"S({d})" and b not in group)
             if size % (n * already) == 0:
-                placements[a] = f"S({d})"
+                for b in group:
+                    placements[b] = f"S({d})"
                 break

@@ -43,7 +43,7 @@ from autopar import parallelism
 from autopar.cluster import Cluster
 from autopar.errors import MeshError
 from autopar.layers import POST, PRE, assign_layers, crossing, decision_users, layer_order
-from autopar.parallelism import DATA, KEEP_IN_GRAPH, OPS
+from autopar.parallelism import DATA, KEEP_IN_GRAPH, OPS, SEQUENCE
 from autopar.planning import context_parallel, cost
 from autopar.planning import sequence_parallel as sequence_parallel_
 from autopar.planning.intra_op import build_problem
@@ -181,7 +181,13 @@ def layer_costs(stand: StandIn, profiles, cluster, sub_mesh, flavour, *, precisi
     links = sub.axis_links(shape)
     dp = sub_mesh.get(DATA, 1)
     dp_axis = list(sub_mesh).index(DATA) if DATA in sub_mesh else None
-    shard = dp  # the ranks that share one copy of the parameters and their state
+    # a flavour that shards state (not a hybrid one) shards it over dp and cp together, and
+    # its collectives run on that group: on the link of the outer of the two
+    folds_cp = kind.shards_state and not kind.hybrid
+    group = parallelism.state_ranks(sub_mesh) if folds_cp else dp
+    group_axis = next((i for i, a in enumerate(sub_mesh)
+                       if a == DATA or (folds_cp and parallelism.splits(a, SEQUENCE))), None)
+    shard = group  # the ranks that share one copy of the parameters and their state
     if kind.hybrid:
         inner = parallelism.inner_size(sub_mesh, DATA)
         shard = dp_shard or hybrid_shard(sub, dp, inner)
@@ -191,8 +197,8 @@ def layer_costs(stand: StandIn, profiles, cluster, sub_mesh, flavour, *, precisi
     dp_links = None  # (link across replicas, link within a shard group)
     if kind.hybrid:
         dp_links = sub.axis_links((dp // shard, shard, sub.world_size // dp))[:2]
-    elif dp_axis is not None:
-        dp_links = (links[dp_axis],) * 2
+    elif group_axis is not None:
+        dp_links = (links[group_axis],) * 2
     layer_of = assign_layers(stand.full)  # the stand-in's nodes keep their full-graph layers
     full_order = layer_order(layer_of)
     order = [name for name in full_order if stand.planned_layer(name) == name]
@@ -231,11 +237,12 @@ def layer_costs(stand: StandIn, profiles, cluster, sub_mesh, flavour, *, precisi
                 parts = parameter_state_bytes(local, precision)
                 divide = shard if kind.shards_state else 1
                 step_s = fwd_s = bwd_s = 0.0
-                if dp > 1:
+                if group > 1:
                     step_s, fwd_s, bwd_s = cost.data_parallel_traffic_s(
-                        kind, local, precision, dp, shard, dp_links)
+                        kind, local, precision, group, shard, dp_links)
                 step_s += _expert_axes_sync_s(s.outputs[0], sub_mesh, links,
-                                              local * precision.grad_bytes / divide)
+                                              local * precision.grad_bytes / divide,
+                                              sequence=not folds_cp)
                 for owner in users:  # a tied weight lives on every stage that reads it
                     for part, nbytes in parts.items():
                         state[owner][part] += nbytes / divide
@@ -306,7 +313,7 @@ def layer_costs(stand: StandIn, profiles, cluster, sub_mesh, flavour, *, precisi
                       boundary_bytes=sent[i], carry_bytes=carried[i])
         for i, full in enumerate(full_order))
     temporaries = 0.0
-    if kind.regathers and dp > 1:
+    if kind.regathers and group > 1:
         temporaries = 2 * max(numel.values()) * precision.compute_bytes
     if dp_axis is not None:
         comm_s[DATA] = 0.0  # dp traffic is the per-step sync, reported separately
@@ -324,17 +331,19 @@ def layer_costs(stand: StandIn, profiles, cluster, sub_mesh, flavour, *, precisi
     )
 
 
-def _expert_axes_sync_s(placements, sub_mesh: dict[str, int], links, grad_bytes: float) -> float:
+def _expert_axes_sync_s(placements, sub_mesh: dict[str, int], links, grad_bytes: float,
+                        sequence: bool = True) -> float:
     """Once a step: the all-reduce of a parameter's gradient (`grad_bytes` as the data-parallel
     flavour leaves it on each rank) over each axis besides dp that splits the data: one that
-    splits experts (ep) on which the parameter is whole, and one that splits the sequence (cp).
+    splits experts (ep) on which the parameter is whole, and one that splits the sequence (cp,
+    unless `sequence` is False: a flavour that shards state reduces over it with dp).
     Each splits the batch or the sequence as dp splits the batch, so every parameter whole over
     it has a partial gradient there (in buckets, as the runtime reduces them)."""
     return sum(cost.collective_time_s("all_reduce", grad_bytes, n, links[a],
                                       bucket_bytes=parallelism.BUCKET_BYTES)
                for a, (axis, n) in enumerate(sub_mesh.items())
                if n > 1 and (parallelism.splits_experts(axis)
-                             or parallelism.splits(axis, parallelism.SEQUENCE))
+                             or (sequence and parallelism.splits(axis, SEQUENCE)))
                and isinstance(placements[a], Replicate))
 
 

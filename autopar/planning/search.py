@@ -151,7 +151,8 @@ def search(trace_fn, example_inputs, cluster: Cluster, space: SearchSpace, *,
                 solved[key] = None
         if solved[key] is None:
             return None
-        flavours = space.flavours if mesh[DATA] > 1 else (parallelism.REPLICATE,)
+        flavours = (space.flavours if parallelism.state_ranks(mesh) > 1
+                    else (parallelism.REPLICATE,))
         return [found.add(c) for c in _candidates(
             solved[key], stand, profiles, cluster, sub_mesh, flavours, space, mesh, mb, m,
             order, budget, solver, time_limit_s, precision, found)]
