@@ -279,9 +279,9 @@ def _candidates(solved, stand, profiles, cluster, sub_mesh, flavours, space, mes
     pp, dp = mesh[PIPELINE], mesh[DATA]
     stage_cluster = sub_cluster(cluster, math.prod(sub_mesh.values()))
     for flavour in flavours:
-        if parallelism.get_flavour(flavour).hybrid and hybrid_shard(
-                stage_cluster, dp, parallelism.inner_size(sub_mesh, DATA)) is None:
-            continue
+        if parallelism.get_flavour(flavour).hybrid and (DATA not in sub_mesh or hybrid_shard(
+                stage_cluster, dp, parallelism.inner_size(sub_mesh, DATA)) is None):
+            continue  # hybrid sharding needs dp over nodes (not cp alone)
         costs = layer_costs(stand, profiles, cluster, sub_mesh, flavour, precision=precision,
                             solved=solved)
         costs.layers = _offered(costs.layers, space.checkpoint)

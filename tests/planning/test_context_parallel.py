@@ -56,3 +56,15 @@ def test_the_search_weighs_cp_where_activations_bind_and_never_loses_to_it():
         assert plan.predicted["step_time_s"] <= by_hand.predicted["step_time_s"] * (1 + 1e-9)
     _, roomy = _search(16 * 2**30)
     assert not any(" cp=2 " in line or " cp=4 " in line for line in roomy)
+
+
+def test_a_search_on_cp_alone_shards_state_over_it():
+    """dp=1, cp=4: the flavours that shard state are offered (over cp), not the hybrid one."""
+    searched = autopar.plan(_llama(), fast_cpu_cluster(4), LLAMA.batch(CONFIG, 1),
+                            loss_fn=LLAMA.loss, mesh={"cp": 4})  # every flavour offered
+    assert searched.data_parallel in ("replicate", "zero2", "zero3")
+    for flavour in ("zero2", "zero3"):
+        plan = autopar.plan(_llama(), fast_cpu_cluster(4), LLAMA.batch(CONFIG, 1),
+                            loss_fn=LLAMA.loss, mesh={"cp": 4}, data_parallel=flavour)
+        assert plan.data_parallel == flavour
+        assert all(pl == ["S(0)"] for pl in plan.parameters.values()), plan.parameters
