@@ -163,10 +163,15 @@ def search(trace_fn, example_inputs, cluster: Cluster, space: SearchSpace, *,
     mesh_order = lambda x: (_ops_size(x) > cluster.devices_per_node, -_ops_size(x),  # noqa: E731
                             x[PIPELINE])
     ranks = parallelism.batch_ranks
+    # a mesh that splits the sequence (cp) runs one sample a microbatch per data-parallel rank:
+    # cp is there because one sample's activations bind, and with more samples a microbatch,
+    # splitting the batch into more microbatches holds as little for less communication
     pairs = [(mesh, local) for mesh in sorted(space.meshes, key=mesh_order)
              if batch % ranks(mesh) == 0
              for local in space.microbatch_sizes or divisors(batch // ranks(mesh))
-             if (batch // ranks(mesh)) % local == 0]
+             if (batch // ranks(mesh)) % local == 0
+             and (local == 1 or parallelism.sequence_ranks(mesh) == 1
+                  or space.microbatch_sizes)]
     for i, (mesh, local) in enumerate(pairs):
         pp = mesh[PIPELINE]
         mb = local * ranks(mesh)
