@@ -86,7 +86,8 @@ def test_hugging_face_models_trace_once_and_equal_the_full_trace(model_type, mon
     from tests.helpers.hf_models import FAMILIES, hf_batch, hf_model
 
     task, sizes = FAMILIES[model_type]
-    deep = {k: 7 for k in ("num_hidden_layers", "num_layers") if k in sizes}
+    deep = {k: 7 for k in ("num_hidden_layers", "num_layers", "num_decoder_layers")
+            if k in sizes}
     monkeypatch.setitem(FAMILIES, model_type, (task, {**sizes, **deep}))
     model, batch = hf_model(model_type), hf_batch(model_type)
     full = trace(model, batch)

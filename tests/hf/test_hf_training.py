@@ -6,11 +6,12 @@ microbatches a step),
 called the way Hugging Face's Trainer calls it (a dict of keyword arguments with `labels`, the
 model's own loss, no loss_fn), and trained two SGD steps; the loss after every step equals
 single-process training of the same model within 1e-5 relative. One launch of 4 ranks trains
-every family of a mesh (each launch and each rank's imports cost seconds on 2 cores).
+every case of the file (each launch and each rank's imports cost seconds on 2 cores).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -46,6 +47,7 @@ def _sgd_losses(model_type: str, parameters, train_step) -> list[float]:
     return losses
 
 
+@functools.cache
 def single_process_losses(model_type: str) -> list[float]:
     torch.manual_seed(0)
     model = hf_model(model_type, dropout_off=True)
@@ -58,17 +60,23 @@ def single_process_losses(model_type: str) -> list[float]:
     return _sgd_losses(model_type, model.parameters(), step)
 
 
-def hand_plan(model_type: str, mesh: dict[str, int], dropout_off: bool = True) -> str:
-    """The plan of `mesh` (two microbatches per step with pp), made from the model on meta;
-    mesh["sp"] = 1: with sequence parallelism."""
+MESHES = {"dp2xtp2": {"dp": 2, "tp": 2}, "pp2xdp2": {"pp": 2, "dp": 2},
+          "dp2xtp2-sp": {"dp": 2, "tp": 2, "sp": 1}}
+
+
+@functools.cache
+def hand_plan(model_type: str, mesh: str, dropout_off: bool = True) -> str:
+    """The plan of `MESHES[mesh]` (two microbatches per step with pp), made from the model on
+    meta; "sp": with sequence parallelism. Made once per session for each argument."""
     with torch.device("meta"):
         model = hf_model(model_type, dropout_off=dropout_off)
     batch = hf_batch(model_type, seed=0)
-    dp, pp = mesh.get("dp", 1), mesh.get("pp", 1)
+    m = MESHES[mesh]
+    dp, pp = m.get("dp", 1), m.get("pp", 1)
     return autopar.manual_plan(
-        model, fast_cpu_cluster(4), batch, tp=mesh.get("tp", 1), pp=pp, dp=dp,
+        model, fast_cpu_cluster(4), batch, tp=m.get("tp", 1), pp=pp, dp=dp,
         microbatch_size=len(batch["labels"]) // dp // (2 if pp > 1 else 1),
-        sequence_parallel=bool(mesh.get("sp"))).to_json()
+        sequence_parallel=bool(m.get("sp"))).to_json()
 
 
 def parallel_losses(model_type: str, plan_json: str, dropout_off: bool = True) -> list[float]:
@@ -84,47 +92,70 @@ def parallel_losses(model_type: str, plan_json: str, dropout_off: bool = True) -
     return _sgd_losses(model_type, pm.parameters(), pm.train_step)
 
 
-def train_all(cases) -> list:
-    return [parallel_losses(model_type, plan_json) for model_type, plan_json in cases]
+def train_all(jobs) -> list:
+    """On every rank: each (model type, plan, dropout_off) trained in turn; its losses, or the
+    error (reported per case; the ranks stay in step, as all fail alike)."""
+    results = []
+    for job in jobs:
+        try:
+            results.append(parallel_losses(*job))
+        except Exception as e:
+            results.append(f"{type(e).__name__}: {e}")
+    return results
 
 
-def _check(families: list[str], mesh: dict[str, int]):
-    expected = [single_process_losses(t) for t in families]
-    plans = [(t, hand_plan(t, mesh)) for t in families]
-    ranks = run_on_ranks(train_all, 4, plans, timeout_s=1800)
-    for model_type, want, got in zip(families, expected, zip(*ranks)):
+# Every training run of this file, (model type, mesh, dropout_off), in one launch of 4 ranks
+# (each launch costs seconds of start-up on 2 cores): the tests below read their own.
+JOBS = ([(t, "dp2xtp2", True) for t in TENSOR_PARALLEL]
+        + [(t, "pp2xdp2", True) for t in PIPELINED]
+        + [(t, "dp2xtp2-sp", True) for t in ("llama", "t5")]
+        + [("bert", "dp2xtp2", False)])
+
+
+@pytest.fixture(scope="module")
+def runs() -> dict:
+    jobs = [(t, hand_plan(t, mesh, dropout_off), dropout_off) for t, mesh, dropout_off in JOBS]
+    per_rank = run_on_ranks(train_all, 4, jobs, timeout_s=1800)
+    return {job: [rank[k] for rank in per_rank] for k, job in enumerate(JOBS)}
+
+
+def _check(runs, families: list[str], mesh: str):
+    for model_type in families:
+        got = runs[model_type, mesh, True]
+        assert not isinstance(got[0], str), (model_type, mesh, got[0])
+        want = single_process_losses(model_type)
         for losses in got:
             assert losses == pytest.approx(want, rel=1e-5), (model_type, mesh)
 
 
 @pytest.mark.slow
-def test_tensor_and_data_parallel_train_as_one_process():
-    _check(TENSOR_PARALLEL, {"dp": 2, "tp": 2})
+def test_tensor_and_data_parallel_train_as_one_process(runs):
+    _check(runs, TENSOR_PARALLEL, "dp2xtp2")
 
 
 @pytest.mark.slow
-def test_pipeline_and_data_parallel_train_as_one_process():
-    _check(PIPELINED, {"pp": 2, "dp": 2})
+def test_pipeline_and_data_parallel_train_as_one_process(runs):
+    _check(runs, PIPELINED, "pp2xdp2")
 
 
 @pytest.mark.slow
-def test_sequence_parallel_trains_as_one_process():
+def test_sequence_parallel_trains_as_one_process(runs):
     """Megatron's sequence parallelism on a decoder with RMSNorm and an encoder-decoder whose
     decoder reads the encoder's output (both residual streams split along the sequence)."""
     for model_type in ("llama", "t5"):  # it applies: the stream's activations take less
-        with_sp, without = (json.loads(hand_plan(model_type, {"dp": 2, "tp": 2, "sp": sp}))
-                            for sp in (1, 0))
+        with_sp, without = (json.loads(hand_plan(model_type, mesh, True))  # the runs' plans
+                            for mesh in ("dp2xtp2-sp", "dp2xtp2"))
         assert (with_sp["predicted"]["memory_activations_bytes"]
                 < without["predicted"]["memory_activations_bytes"]), model_type
-    _check(["llama", "t5"], {"dp": 2, "tp": 2, "sp": 1})
+    _check(runs, ["llama", "t5"], "dp2xtp2-sp")
 
 
 @pytest.mark.slow
-def test_dropout_stays_on_and_ranks_agree():
+def test_dropout_stays_on_and_ranks_agree(runs):
     """BERT as it comes (dropout 0.1) on dp=2 x tp=2: every rank reports the same losses, and
     they are not those of the same model without dropout (dropout really ran)."""
-    plan = hand_plan("bert", {"dp": 2, "tp": 2}, dropout_off=False)
-    ranks = run_on_ranks(parallel_losses, 4, "bert", plan, False)
+    ranks = runs["bert", "dp2xtp2", False]
+    assert not isinstance(ranks[0], str), ranks[0]
     assert all(r == ranks[0] for r in ranks)
     assert all(torch.isfinite(torch.tensor(ranks[0])))
     assert ranks[0] != pytest.approx(single_process_losses("bert"), rel=1e-4)
