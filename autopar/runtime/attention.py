@@ -29,6 +29,7 @@ import functools
 
 import torch
 import torch.distributed._functional_collectives as funcol
+from torch.distributed._local_tensor import maybe_run_for_local_tensor
 from torch.utils._python_dispatch import _disable_current_modes
 
 aten = torch.ops.aten
@@ -95,7 +96,9 @@ def query_rows(first_row: int):
 
     def run(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None,
             enable_gqa=False):
-        if is_causal and (first_row or query.size(-2) != key.size(-2)):
+        # (a per-rank first row of simulated ranks is not an int: it takes the mask too)
+        whole = isinstance(first_row, int) and first_row == 0 and query.size(-2) == key.size(-2)
+        if is_causal and not whole:
             rows = torch.arange(query.size(-2), device=query.device) + first_row
             cols = torch.arange(key.size(-2), device=query.device)
             attn_mask, is_causal = cols[None, :] <= rows[:, None], False
@@ -110,50 +113,59 @@ def balanced_rows(group, rank: int, size: int):
     (this one is `rank`), keys and values whole, with the causal work balanced
     (`parallelism.balanced_causal_axis`). The rank's chunk of rows is cut in two halves, and
     each half goes by all-to-all to the rank that computes it: half-chunk j of the 2n to rank
-    j if j < n, else to rank 2n-1-j, so each rank computes one half from each end of the
-    sequence. Each half reads only the keys up to its last row, masked inside that last block,
-    so a rank's work is (2n+1)/(4n^2) of the unmasked attention, the same on every rank
-    (causal attention's own share is about 1/(2n)). The outputs go back the same way."""
+    j if j < n, else to rank 2n-1-j, so rank r computes halves r and 2n-1-r, one from each end
+    of the sequence. Each half reads only the keys up to its last row, masked inside that last
+    block, so a rank's work is (2n+1)/(4n^2) of the unmasked attention, the same on every rank
+    (causal attention's own share is about 1/(2n)). The outputs go back the same way.
+
+    Written SPMD: every rank runs the same ops, and what depends on the rank (split sizes, a
+    swap of the halves, how many keys each half reads) is ints from `_balanced_layout`, so
+    simulated ranks (LocalTensorMode, where the rank is a per-rank int) run it too."""
     n = size
-    held = [2 * rank, 2 * rank + 1]  # the half-chunks this rank's contiguous rows are
-    wanted = [rank, 2 * n - 1 - rank]  # those it computes
-
-    def owner(j):
-        return j if j < n else 2 * n - 1 - j
-
-    def holder(j):
-        return j // 2
+    layout = _balanced_layout(rank, n)
+    swap, to, back, ends = layout[0], layout[1:n + 1], layout[n + 1:2 * n + 1], layout[-2:]
 
     def run(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None,
             enable_gqa=False):
         h = query.size(-2) // 2
-        mine = _exchange(dict(zip(held, query.split(h, dim=-2))), wanted, owner, holder,
-                         group, n, h)
-        out = {}
-        for j in wanted:
-            seen = (j + 1) * h  # the keys up to this half's last row
-            rows = torch.arange(h, device=query.device) + j * h
+        sends, receives = [t * h for t in to], [b * h for b in back]
+        # this rank's halves 2r, 2r+1, in the order of the ranks they go to
+        sent = query.movedim(-2, 0).roll(swap * h, 0).contiguous()
+        mine = funcol.all_to_all_single_autograd(sent, receives, sends, group).movedim(0, -2)
+        # received in source order: half r, then half 2n-1-r (held by ranks r//2 <= (2n-1-r)//2)
+        outs = []
+        for piece, last in zip(mine.split(h, dim=-2), ends):
+            end = last * h
+            # the keys up to this half's last row; a per-rank int (simulated ranks) cannot size
+            # a view, so there all the keys are read, masked past those rows: the same values
+            seen = end if isinstance(end, int) else key.size(-2)
+            rows = torch.arange(h, device=query.device) + (end - h)
             cols = torch.arange(seen, device=query.device)
-            out[j] = attention(mine[j], key[..., :seen, :], value[..., :seen, :],
-                               cols[None, :] <= rows[:, None], dropout_p, False, scale=scale,
-                               enable_gqa=enable_gqa)
-        back = _exchange(out, held, holder, owner, group, n, h)
-        return torch.cat([back[j] for j in held], dim=-2)
+            outs.append(attention(piece, key[..., :seen, :], value[..., :seen, :],
+                                  cols[None, :] <= rows[:, None], dropout_p, False,
+                                  scale=scale, enable_gqa=enable_gqa))
+        out = torch.cat(outs, dim=-2).movedim(-2, 0).contiguous()
+        home = funcol.all_to_all_single_autograd(out, sends, receives, group)
+        return home.roll(-swap * h, 0).movedim(0, -2)
 
     return run
 
 
-def _exchange(parts: dict, want: list[int], to, source, group, n: int, h: int) -> dict:
-    """All-to-all of half-chunks along dim -2: this rank sends each of `parts` (index -> half)
-    to rank `to(index)` and receives the halves `want`, each from rank `source(index)`.
-    Pieces travel in (rank, index) order, both ends sorting the same way."""
-    send = sorted(parts, key=lambda j: (to(j), j))
-    recv = sorted(want, key=lambda j: (source(j), j))
-    x = torch.cat([parts[j].movedim(-2, 0) for j in send]).contiguous()
-    y = funcol.all_to_all_single_autograd(
-        x, [h * sum(source(j) == r for j in want) for r in range(n)],
-        [h * sum(to(j) == r for j in parts) for r in range(n)], group)
-    return {j: piece.movedim(0, -2) for j, piece in zip(recv, y.split(h, dim=0))}
+@maybe_run_for_local_tensor
+def _balanced_layout(rank: int, n: int) -> tuple[int, ...]:
+    """Rank `rank`'s part in `balanced_rows`, in half-chunks: (swap, halves it sends to each
+    rank ..., halves it receives from each rank ..., the half-chunks of keys its first computed
+    half reads, its second's). A flat tuple of ints: simulated ranks combine each entry into one
+    per-rank int."""
+    def owner(j):  # the rank that computes half-chunk j
+        return min(j, 2 * n - 1 - j)
+
+    held, wanted = (2 * rank, 2 * rank + 1), (rank, 2 * n - 1 - rank)
+    swap = int(owner(held[0]) > owner(held[1]))
+    to = [sum(owner(j) == d for j in held) for d in range(n)]
+    back = [sum(j // 2 == s for j in wanted) for s in range(n)]
+    ends = [j + 1 for j in wanted]
+    return (swap, *to, *back, *ends)
 
 
 def choice(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> int:
