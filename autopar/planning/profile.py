@@ -43,6 +43,8 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
+from autopar.planning.flop_formulas import flop_formulas
+
 PROFILE_KEY = "autopar_profile"  # node.meta[PROFILE_KEY] -> OpProfile
 
 aten = torch.ops.aten
@@ -312,7 +314,7 @@ class _ProfileInterpreter(fx.Interpreter):
 def _op_flops(n: fx.Node, fn, args, kwargs) -> tuple[float, float]:
     """(forward, backward) FLOPs of one op, run alone on detached copies of its inputs."""
     args, kwargs = tree_map(_detach_keep_grad, (args, kwargs))
-    with FlopCounterMode(display=False, custom_mapping=_FLOP_FORMULAS) as counter:
+    with FlopCounterMode(display=False, custom_mapping=flop_formulas()) as counter:
         out = fn(*args, **kwargs)
     fwd = float(counter.get_total_flops())
     inputs = [t for t in _tensors((args, kwargs)) if t.requires_grad]
@@ -320,7 +322,7 @@ def _op_flops(n: fx.Node, fn, args, kwargs) -> tuple[float, float]:
     if not inputs or not outs:
         return fwd, 0.0
     try:
-        with FlopCounterMode(display=False, custom_mapping=_FLOP_FORMULAS) as counter:
+        with FlopCounterMode(display=False, custom_mapping=flop_formulas()) as counter:
             torch.autograd.grad(
                 outs, inputs, grad_outputs=[torch.ones_like(o) for o in outs], allow_unused=True
             )
@@ -437,31 +439,6 @@ class _GroupedFlash(torch.autograd.Function):
             return g.unflatten(-3, (key.shape[-3], group)).sum(-3)
 
         return dq, per_head(dk), per_head(dv), None, None, None, None
-
-
-def _sdpa_fwd_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-    # Same count as torch.utils.flop_counter.sdpa_flop_count: the two matmuls q @ k^T and
-    # p @ v, 2 FLOPs per multiply-add; causal masking is not discounted (as FlopCounterMode).
-    b, h, s_q, d_q = query_shape
-    s_k, d_v = key_shape[-2], value_shape[-1]
-    return 2 * b * h * s_q * s_k * (d_q + d_v)
-
-
-def _sdpa_bwd_flops(
-    grad_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs
-) -> int:
-    # Same count as torch.utils.flop_counter.sdpa_backward_flop_count: five matmuls, the
-    # scores recomputed (q k^T), dP = dO v^T, dV = P^T dO, dQ = dS k, dK = dS^T q.
-    b, h, s_q, d_q = query_shape
-    s_k, d_v = key_shape[-2], value_shape[-1]
-    return 2 * b * h * s_q * s_k * (3 * d_q + 2 * d_v)
-
-
-# FlopCounterMode has no formula for the CPU flash kernel; count it as its GPU siblings.
-_FLOP_FORMULAS = {
-    aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_fwd_flops,
-    aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_bwd_flops,
-}
 
 
 # --- tensors ---------------------------------------------------------------------------------

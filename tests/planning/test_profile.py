@@ -349,3 +349,29 @@ class TestParameterStateBytes:
     def test_unknown_optimizer_says_which_exist(self):
         with pytest.raises(ValueError, match="adamw"):
             TrainingPrecision.fp32("lion")
+
+
+def test_hugging_face_experts_grouped_matmuls_are_counted():
+    """transformers runs Mixtral's experts as one grouped matmul per projection (its custom op
+    on CPUs and fp32, torch's `_grouped_mm` on GPUs). FlopCounterMode counts neither: the
+    experts, most of an MoE model's work, would be priced free. Each is 2 * rows * K * N
+    forward (every routed row through its expert's matrix once) and twice that backward."""
+    from autopar.models import registry
+
+    tiny = dict(num_hidden_layers=1, hidden_size=64, intermediate_size=128,
+                num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
+    with torch.device("meta"):
+        model, example, loss_fn = registry.build_model("hf:mixtral", batch=4, seq=16,
+                                                       overrides=tiny)
+    gm = trace(model, example, loss_fn=loss_fn).graph_module
+    profiles = profile_graph(gm)
+    grouped = [n for n in gm.graph.nodes if "grouped_mm" in str(n.target)]
+    assert len(grouped) == 2  # gate-and-up, then down
+    for n in grouped:
+        rows, k = n.args[0].meta["val"].shape
+        experts, _, out = n.args[1].meta["val"].shape
+        assert experts == 8
+        want = 2 * rows * k * out
+        assert (profiles[n.name].fwd_flops, profiles[n.name].bwd_flops) == (want, 2 * want)
+    # 64 tokens x top-2 = 128 rows: 2 x 128 x 64 x 256 (gate and up) and 2 x 128 x 128 x 64
+    assert sum(profiles[n.name].fwd_flops for n in grouped) == 4194304 + 2097152

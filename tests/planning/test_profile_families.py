@@ -14,7 +14,7 @@ nothing else differs the two agree to 1e-5. What else differs is added to the fo
 explicitly, term by term, never absorbed by the tolerance:
 
 - *Fused attention recomputes the scores in backward.* autopar counts SDPA as the flash kernels
-  run it (profile.py `_sdpa_bwd_flops`): 5 matmuls of s_q x s_k x d backward (q k^T again, dP,
+  run it (flop_formulas.py `_sdpa_bwd_flops`): 5 matmuls of s_q x s_k x d backward (q k^T again, dP,
   dV, dQ, dK) where the formulas count 4. `flash_recompute` = 2 B s_q s_k d_attn per layer.
   Families whose attention is plain matmuls (T5, Switch, Swin) have no such term.
 - *The batch gets no gradient.* A patch convolution's backward is dW alone (1 x forward).
