@@ -372,6 +372,16 @@ EXPERTS_META = "autopar_experts"
 _EXPERT_COUNT_ATTRS = ("n_experts", "num_experts")
 
 
+# grouped matmuls (input rows sorted by expert, times one matrix per expert): torch's, and the
+# custom op transformers runs its experts with where torch's kernel does not take the inputs
+_GROUPED_MATMULS = {"aten::_grouped_mm", "transformers::grouped_mm_fallback"}
+
+
+def is_grouped_mm(op) -> bool:
+    """Whether graph op `op` is a grouped matmul of a mixture-of-experts layer's experts."""
+    return isinstance(op, torch._ops.OpOverload) and op.name() in _GROUPED_MATMULS
+
+
 def mark_experts(gm: fx.GraphModule, params: dict[str, str], model: nn.Module) -> None:
     """Mark (node meta `EXPERTS_META`) the parameters that stack experts: a parameter of at
     least 3 dims held directly by a module with an integer `n_experts` or `num_experts`, whose

@@ -32,7 +32,7 @@ from autopar.errors import MeshError
 from autopar.layers import POST, PRE, assign_layers, decision_nodes
 from autopar.parallelism import BATCH, SEQUENCE
 from autopar.plan import SCHEMA_VERSION, OpSharding, Plan, placement_to_str
-from autopar.planning import context_parallel, cost, sequence_parallel
+from autopar.planning import context_parallel, cost, expert_rows, sequence_parallel
 from autopar.planning.profile import (
     OpProfile,
     TrainingPrecision,
@@ -97,6 +97,8 @@ def build_problem(
     strategies: dict[str, list[Strategy]] = {}
     nodes, compute = [], {}
     stream = set(sequence_parallel.stream_nodes(traced)) if sequence_axis else set()
+    held, expert_axes = _experts_held(traced, mesh)
+    grouped, rows = expert_rows.chain(gm, held) if expert_axes else (set(), set())
     seq_index = list(mesh).index(sequence_axis) if sequence_axis else None
     for n in decision_nodes(gm):
         if n.op == "placeholder":
@@ -107,6 +109,10 @@ def build_problem(
                 options = [sequence_parallel.with_sequence_split(o, _val(a), seq_index)
                            for o, a in zip(options, tensor_inputs(n))]
             sts = node_strategies(n, pmesh, options)
+            if n.name in grouped:
+                sts = expert_rows.only_expert_axes(sts, expert_axes)
+            elif n.name in rows:
+                sts = expert_rows.with_partial_rows(sts, expert_axes)
         strategies[n.name] = sts
         skip = _dp_axes(mesh) if not param_grad_sync and n.op != "placeholder" else ()
         secs = [_node_time_s(n, s, profiles, cluster, shape, links, skip, grads, free)
@@ -114,7 +120,7 @@ def build_problem(
         compute[n.name] = secs
         mem = [_node_memory_bytes(n, s, traced, profiles, shape, precision) for s in sts]
         nodes.append(solvers.Node(name=n.name, costs_s=tuple(secs), memory_bytes=tuple(mem)))
-    edges = _edges(gm, strategies, shape, links, _experts_held(traced, mesh))
+    edges = _edges(gm, strategies, shape, links, (held, expert_axes, grouped | rows))
     problem = solvers.ShardingProblem(
         nodes=tuple(nodes),
         edges=tuple(edges),
@@ -296,8 +302,8 @@ def _experts_held(traced: TracedModel, mesh: dict[str, int]) -> tuple[set[str], 
     return held, axes
 
 
-def _edges(gm, strategies, shape, links, experts=(set(), ())) -> list[solvers.Edge]:
-    held, expert_axes = experts
+def _edges(gm, strategies, shape, links, experts=(set(), (), set())) -> list[solvers.Edge]:
+    held, expert_axes, partial_rows = experts
     edges = []
     for n in gm.graph.nodes:
         if n.op != "call_function" or is_getitem(n):
@@ -308,19 +314,22 @@ def _edges(gm, strategies, shape, links, experts=(set(), ())) -> list[solvers.Ed
             stays = expert_axes if src.name in held else ()
             matrix = tuple(
                 tuple(math.inf if any(si.outputs[k][a] != dj.inputs[slot][a] for a in stays)
+                      or expert_rows.forbids(n.name, si.outputs[k], dj.inputs[slot],
+                                             partial_rows, expert_axes)
                       else _edge_time_s(si.outputs[k], dj.inputs[slot], val, shape, links)
                       for dj in strategies[n.name])
                 for si in strategies[src.name]
             )
-            if stays and not any(all(isinstance(dj.inputs[slot][a], Shard) for a in stays)
-                                 for dj in strategies[n.name]):
+            if stays and not any(all(si.outputs[k][a] == dj.inputs[slot][a] for a in stays)
+                                 for si in strategies[src.name] for dj in strategies[n.name]):
                 raise MeshError(
                     f"expert parallelism cannot split the experts that reach {n.name} "
                     f"({n.target}): the op has no sharding that takes them split over ep as they "
                     "are held (each rank its own experts), so they would have to be gathered. "
                     "Use ep=1 (data parallelism with ZeRO-3 shards the experts too), or compute "
                     "the experts with batched matmuls (torch.bmm / einsum) over their stacked "
-                    "weights.")
+                    "weights or with grouped matmuls (a transformers model: leave "
+                    "config._experts_implementation at its default, or set \"grouped_mm\").")
             if any(any(c > 0 for c in row) for row in matrix) or len(matrix) > 1:
                 edges.append(solvers.Edge(src=src.name, dst=n.name, costs_s=matrix))
     return _merge_parallel_edges(edges)

@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 import torch
 from torch import fx
-from torch.distributed.tensor import Placement, Replicate, Shard
+from torch.distributed.tensor import Partial, Placement, Replicate, Shard
 
 from autopar.errors import AutoparError, NoShardingRuleWarning
 from autopar.trace import tensor_inputs
@@ -60,11 +60,49 @@ def _sdpa(node: fx.Node) -> list[AxisStrategy]:
     return strategies
 
 
+def _grouped_mm(node: fx.Node) -> list[AxisStrategy]:
+    """A grouped matmul (a mixture-of-experts layer's experts): input (S, K), its rows sorted by
+    expert, times weight (E, K, N), one matrix per expert, with offs (E,) the cumulative row
+    count of each expert, gives (S, N). As `aten._grouped_mm` and transformers' fallback op.
+
+    Every rule of a matmul that splits K (a partial sum) or N holds for each group alike. The
+    experts (dim 0 of the weight) may be split too, the rows whole: each rank computes the rows
+    of its own experts and leaves the others zero, so the sum over ranks is the output (expert
+    parallelism: `runtime.experts.own_rows`). That output is a partial sum of a special kind,
+    each row nonzero on one rank only, which the row-wise ops after it may keep
+    (`planning.expert_rows`); fed such a value, the next grouped matmul of the same experts
+    reads only its own rows, so it takes the input partial too. The rows themselves cannot be
+    split: offs counts them all.
+    """
+    x, w = (a.meta["val"] for a in node.args[:2])
+    inputs = tensor_inputs(node)
+    replicate = [((Replicate(),) * len(inputs), (Replicate(),))]
+    if x.ndim != 2 or w.ndim != 3 or len(inputs) != 3:  # other layouts, a bias: whole
+        return replicate
+    r, p = Replicate(), Partial()
+    return replicate + [
+        ((Shard(1), Shard(1), r), (p,)),  # K split: partial sums
+        ((r, Shard(2), r), (Shard(1),)),  # N split
+        ((r, Shard(0), r), (p,)),  # experts split: each rank its experts' rows
+        ((p, Shard(0), r), (p,)),  # ... fed rows of the same experts' split (expert_rows)
+    ]
+
+
 Rule = Callable[[fx.Node], list[AxisStrategy]]
 
 RULES: dict[object, Rule] = {
     aten.scaled_dot_product_attention.default: _sdpa,
+    aten._grouped_mm.default: _grouped_mm,
 }
+# ops of libraries autopar does not import, by their registered name: transformers runs its
+# experts' grouped matmul as this custom op where torch's kernel does not take the inputs
+# (CPUs, fp32 weights)
+RULES_BY_NAME: dict[str, Rule] = {
+    "transformers::grouped_mm_fallback": _grouped_mm,
+}
+
+def _op_name(op) -> str | None:
+    return op.name() if isinstance(op, torch._ops.OpOverload) else None
 
 # rules registered by `register_rule`: an OpOverload, or an OpOverloadPacket (all its overloads)
 _REGISTERED: dict[object, Rule] = {}
@@ -128,7 +166,7 @@ def rule_for(op) -> Rule | None:
     for key in (op, getattr(op, "overloadpacket", None)):
         if key is not None and key in _REGISTERED:
             return _REGISTERED[key]
-    return RULES.get(op)
+    return RULES.get(op) or RULES_BY_NAME.get(_op_name(op))
 
 
 def rule_strategies(node: fx.Node) -> list[AxisStrategy] | None:

@@ -369,11 +369,16 @@ def shard_factor(placements: Placements | None, mesh_shape) -> int:
 
 
 def work_factor(strategy: Strategy, mesh_shape) -> int:
-    """Over how many devices an op's work is split: axes on which any operand is sharded or
-    partial split the work; fully replicated axes repeat it."""
+    """Over how many devices an op's work is split: axes on which any operand is sharded, or
+    the output partial from inputs that are not (a contraction split), split the work; fully
+    replicated axes repeat it, and so do partial inputs (each rank runs the op on its whole
+    partial value: a linear op on a partial sum, or a row-wise op on expert rows)."""
     split = 1
     for a, n in enumerate(mesh_shape):
-        pls = [pl[a] for pl in (*strategy.inputs, *strategy.outputs) if pl is not None]
-        if any(isinstance(p, (Shard, Partial)) for p in pls):
+        ins = [pl[a] for pl in strategy.inputs]
+        outs = [pl[a] for pl in strategy.outputs if pl is not None]
+        if any(isinstance(p, Shard) for p in (*ins, *outs)) or (
+                any(isinstance(p, Partial) for p in outs)
+                and not any(isinstance(p, Partial) for p in ins)):
             split *= n
     return split

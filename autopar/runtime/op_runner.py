@@ -20,9 +20,9 @@ from torch.utils.checkpoint import checkpoint
 
 from autopar import dtensor, parallelism
 from autopar.plan import Plan
-from autopar.runtime import attention
+from autopar.runtime import attention, experts
 from autopar.runtime.mesh import local_shape, placements_of
-from autopar.trace import is_getitem
+from autopar.trace import is_getitem, is_grouped_mm
 
 
 class OpRunner:
@@ -231,6 +231,9 @@ def _call_locally(node: fx.Node, args, kwargs, outputs, mesh):
         # queries split along the sequence (context parallelism): causal rows balanced over
         # ranks where they can be, else masked by where they sit
         target = _sequence_split_attention(node, leaves[0], mesh)
+    elif is_grouped_mm(node.target) and _first_expert(leaves[1], mesh) is not None:
+        # experts split over ranks: each rank its own experts' rows (dropless routing)
+        target = experts.own_rows(target, _first_expert(leaves[1], mesh))
 
     def run(*local):
         filled = list(leaves)
@@ -248,11 +251,14 @@ def _call_locally(node: fx.Node, args, kwargs, outputs, mesh):
             DTensor.from_local(r, mesh, pl, run_check=False) for r, pl in zip(results, outputs)
         ]
         return type(result)(wrapped) if isinstance(result, (tuple, list)) else wrapped[0]
+    # a partial input's gradient is whole (each rank's local backward gives all of it; for
+    # expert rows, all of its own rows, the only ones read)
     split = {a for pl in outputs if pl for a, p in enumerate(pl) if not isinstance(p, Replicate)}
     in_grad = [
         tuple(
-            Partial("sum") if a in split and isinstance(p, Replicate) else p
-            for a, p in enumerate(dtensor.for_grad(leaves[i].placements))
+            Partial("sum") if a in split and isinstance(p, Replicate) else g
+            for a, (p, g) in enumerate(zip(leaves[i].placements,
+                                           dtensor.for_grad(leaves[i].placements)))
         )
         for i in slots
     ]
@@ -282,6 +288,16 @@ def _sequence_split_attention(node: fx.Node, q: DTensor, mesh):
         return attention.query_rows(_first_row(q, mesh))
     return attention.balanced_rows(mesh.get_group(axis), mesh.get_local_rank(axis),
                                    mesh.size(axis))
+
+
+def _first_expert(weight: DTensor, mesh) -> int | None:
+    """The first expert whose weights this rank holds, where axes split a grouped matmul's
+    experts (dim 0 of its weight; in mesh order, outer axes first); None where none does."""
+    index, coordinate, split = 0, mesh.get_coordinate(), False
+    for a, p in enumerate(weight.placements):
+        if isinstance(p, Shard) and p.dim == 0:
+            index, split = index * mesh.size(a) + coordinate[a], True
+    return index * weight.to_local().shape[0] if split else None
 
 
 def _first_row(q: DTensor, mesh) -> int:

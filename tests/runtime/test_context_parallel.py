@@ -208,7 +208,7 @@ def test_balanced_causal_rows_equal_causal_attention():
     q, k, v, _, want = _causal_reference()
     ranks = [[torch.from_numpy(a) for a in r] for r in run_on_ranks(_balanced_on_rank, 4)]
     torch.testing.assert_close(torch.cat([r[0] for r in ranks], dim=2), want)
-    for out, dq, dk, dv, want_dq, want_dk, want_dv in ranks:
+    for _out, dq, _dk, _dv, want_dq, _want_dk, _want_dv in ranks:
         torch.testing.assert_close(dq, want_dq)
     torch.testing.assert_close(sum(r[2] for r in ranks), ranks[0][5])
     torch.testing.assert_close(sum(r[3] for r in ranks), ranks[0][6])

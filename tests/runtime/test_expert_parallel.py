@@ -116,15 +116,17 @@ def test_ep_must_divide_the_experts_and_needs_experts():
 
 
 def test_experts_no_rule_can_split_are_refused_by_name():
-    """transformers' Mixtral runs its experts with a grouped matmul (a custom op without a
-    sharding rule): ep would have to gather them, and the error says so and what to do."""
+    """transformers' Mixtral told to run its experts as "batched_mm" indexes the stacked
+    weights by each token's expert (`aten.index`, which cannot take them split): ep would have
+    to gather them, and the error says so and what to do."""
     tiny = dict(num_hidden_layers=1, hidden_size=64, intermediate_size=128,
                 num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
     with torch.device("meta"):
         model, example, loss_fn = registry.build_model("hf:mixtral", batch=4, seq=16,
                                                        overrides=tiny)
+    model.config._experts_implementation = "batched_mm"
     with pytest.raises(MeshError, match="expert parallelism cannot split the experts that reach "
-                                        "grouped_mm.*Use ep=1"):
+                                        "index.*Use ep=1.*grouped_mm"):
         autopar.manual_plan(model, fast_cpu_cluster(2), example, loss_fn=loss_fn, pp=1, dp=1,
                             tp=1, ep=2, microbatch_size=2)
 
