@@ -2,7 +2,7 @@
 may pick ep) beside hand configurations with and without ep, by the same cost model.
 
     python benchmarks/plan_experts.py --json experts.json [--model switch-base-128]
-        [--nodes 1 8] [--batch 256] [--search-nodes 1]
+        [--nodes 1 8] [--batch 256] [--seq N] [--search-nodes 1] [--bf16] [--timeout S]
 
 Each hand configuration is an `autopar.manual_plan` keyword dict (tp, pp, dp, ep, zero, ...;
 `autopar.sweep.resolve_manual` fills dp and the microbatch size). The search runs only on the
@@ -15,6 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 
+import torch
+
+from autopar.planning.profile import TrainingPrecision
 from autopar.sweep import sweep
 
 # without ep: data parallel (plain, ZeRO-2, ZeRO-3), tensor parallel inside a node with ZeRO-2
@@ -34,17 +37,23 @@ def main() -> None:
     ap.add_argument("--search-nodes", type=int, nargs="*", default=[1])
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--seq", type=int, default=None)
+    ap.add_argument("--bf16", action="store_true",
+                    help="bf16 weights and bf16 mixed precision (fp32 master weights and Adam)")
+    ap.add_argument("--timeout", type=float, default=None,
+                    help="seconds a case may take (then a 'timeout' row)")
     ap.add_argument("--json", required=True)
     args = ap.parse_args()
+    extra = {"precision": TrainingPrecision.mixed_bf16()} if args.bf16 else {}
     rows = []
     for nodes in args.nodes:
-        options = [{"manual": m, "label": _label(m)} for m in WITHOUT_EP + WITH_EP]
+        options = [{"manual": m, "label": _label(m), **extra} for m in WITHOUT_EP + WITH_EP]
         if nodes in args.search_nodes:
-            options.insert(0, {"label": "autopar"})
+            options.insert(0, {"label": "autopar", **extra})
         rows += sweep([args.model], [(args.cluster, nodes)], options, batch=args.batch,
-                            seq=args.seq, log=print)
-    with open(args.json, "w") as f:
-        json.dump(rows, f, indent=1, default=str)
+                      seq=args.seq, dtype=torch.bfloat16 if args.bf16 else None,
+                      timeout=args.timeout, log=print)
+        with open(args.json, "w") as f:  # what is done so far, should a later case stall
+            json.dump(rows, f, indent=1, default=str)
     print(f"{'gpus':>5} {'case':<24} {'status':<8} {'mesh':<20} {'flavour':<9} {'step s':>8} "
           f"{'peak GiB':>9} {'plan s':>7}")
     for r in rows:
