@@ -48,6 +48,13 @@ _SDPA = torch.ops.aten.scaled_dot_product_attention.default
 # device's memory: then tp within a node alone leaves little room (Llama 3 8B at 8K tokens
 # holds about 36 GiB a sample in bf16; at 2K, 9 GiB, and cp is not tried on 80 GB devices)
 _ACTIVATIONS_BIND = 0.25
+# the fewest tokens of a sample the search leaves a cp rank: below it, each rank's attention is
+# too small a piece of work for cp's per-layer all-gather and exchange to pay, and a shorter
+# sequence's activations are held down by tp, pp and checkpointing (Megatron-Core and Llama 3
+# use cp from 8K-token sequences on, 1K+ tokens a rank). A bound on the search space, not a
+# measured crossover: manual_plan takes any cp. Without it, a 64-token Llama under a tight
+# limit tried cp 2 to 8 on 8 GPUs: planned in 249 s against 36 s, the same plan
+MIN_TOKENS_PER_RANK = 512
 
 
 def sequence_length(traced: TracedModel) -> int | None:
@@ -80,6 +87,13 @@ def check_sequence(traced: TracedModel, cp: int) -> None:
             f"cp={cp} does not divide the sequence of {length} tokens: use a cp that does "
             f"({', '.join(str(d) for d in range(1, length + 1) if length % d == 0 and d <= 64)}"
             f"{', ...' if length > 64 else ''})")
+
+
+def searched(cp: int, sequence: int) -> bool:
+    """Whether the search tries `cp` for a sequence of `sequence` tokens (0: cp is not tried):
+    a divisor leaving each rank at least `MIN_TOKENS_PER_RANK` of them. cp=1 always."""
+    return cp == 1 or (sequence > 0 and sequence % cp == 0
+                       and sequence // cp >= MIN_TOKENS_PER_RANK)
 
 
 def search_sizes(traced: TracedModel, batch: int, memory_bytes: float) -> int:

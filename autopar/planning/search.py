@@ -25,7 +25,7 @@ from autopar.errors import InfeasibleError, MeshError
 from autopar.layers import assign_layers, decision_nodes, layer_order
 from autopar.parallelism import DATA, OPS, PIPELINE, POLICIES, SEQUENCE
 from autopar.plan import Plan
-from autopar.planning import sequence_parallel
+from autopar.planning import context_parallel, sequence_parallel
 from autopar.planning.assemble import candidate_plan
 from autopar.planning.candidate import (
     Candidate,
@@ -67,8 +67,8 @@ def candidate_meshes(cluster: Cluster, n_layers: int, experts: int = 0,
     """Every mesh of the world size over the searched axes (`parallelism.AXES`), dp taking the
     ranks the others leave, pp at most the number of layers, an axis that splits experts
     (ep) a divisor of `experts` (the model's expert count; 1 without experts), one that
-    splits the sequence (cp) a divisor of `sequence` (1 when 0: the search does not try cp,
-    `context_parallel.search_sizes`). The innermost
+    splits the sequence (cp) a divisor of `sequence` that leaves each rank enough of it (1 when
+    0: the search does not try cp; `context_parallel.search_sizes`, `.searched`). The innermost
     axis varies slowest: with pp, dp, tp, every tp from 1 up, and for each every pp.
 
     tp across nodes included: its collectives run over the slower inter-node link, yet where
@@ -87,7 +87,7 @@ def candidate_meshes(cluster: Cluster, n_layers: int, experts: int = 0,
         for n in divisors(left):
             if parallelism.splits_experts(free[i]) and (experts or 1) % n:
                 continue
-            if parallelism.splits(free[i], SEQUENCE) and (sequence or 1) % n:
+            if parallelism.splits(free[i], SEQUENCE) and not context_parallel.searched(n, sequence):
                 continue
             if free[i] != PIPELINE or n <= n_layers:
                 place(i + 1, left // n, {**sizes, free[i]: n})

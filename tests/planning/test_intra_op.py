@@ -109,9 +109,12 @@ class TestMeshes:
         with_experts = candidate_meshes(fast_cpu_cluster(8), n_layers=4, experts=6)
         assert {m["ep"] for m in with_experts} == {1, 2}  # of 8 ranks, those dividing 6
         assert {"pp": 2, "dp": 1, "ep": 2, "cp": 1, "tp": 2} in with_experts
-        with_sequence = candidate_meshes(fast_cpu_cluster(8), n_layers=4, sequence=12)
-        assert {m["cp"] for m in with_sequence} == {1, 2, 4}  # of 8 ranks, those dividing 12
+        # of 8 ranks, those dividing 3,072 and leaving each at least 512 tokens (not 8: 384)
+        with_sequence = candidate_meshes(fast_cpu_cluster(8), n_layers=4, sequence=3072)
+        assert {m["cp"] for m in with_sequence} == {1, 2, 4}
         assert {"pp": 1, "dp": 1, "ep": 1, "cp": 4, "tp": 2} in with_sequence
+        short = candidate_meshes(fast_cpu_cluster(8), n_layers=4, sequence=512)
+        assert {m["cp"] for m in short} == {1}  # 512 tokens: no cp leaves a rank 512
 
     def test_planner_chooses_the_mesh(self):
         plan = autopar.plan(MLP(), fast_cpu_cluster(4), mlp_batch(), loss_fn=mse)
