@@ -1,9 +1,9 @@
 """Expert parallelism for Hugging Face's Mixtral as it comes: dropless routing, its experts run
 as grouped matmuls (`planning.op_rules._grouped_mm`, `planning.expert_rows`,
 `runtime.experts`). The tiny model (tests/helpers/hf_models.py: default config, 4 experts,
-top-2, dropout off) trained on 4 gloo ranks under dp=2 x ep=2, ep=4 and ep=2 x tp=2 equals
-single-process training after every step within 1e-5 relative, and each rank holds 1/ep of
-every expert weight (tp may split them further)."""
+top-2, dropout off) trained on 4 gloo ranks under dp=2 x ep=2, ep=4 and ep=2 x tp=2 (replayed)
+equals single-process training after every step within 1e-5 relative, and each rank holds 1/ep
+of every expert weight (tp may split them further)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ from tests.helpers.models import fast_cpu_cluster
 STEPS, LR = 2, 0.1
 MESHES = {"dp2xep2": dict(dp=2, ep=2, tp=1), "ep4": dict(dp=1, ep=4, tp=1),
           "ep2xtp2": dict(dp=1, ep=2, tp=2)}
+# op by op, and once replayed (the default runtime, which traces each layer on fake tensors)
+RUNTIMES = {"dp2xep2": "eager", "ep4": "eager", "ep2xtp2": "replay"}
 
 
 def test_each_ranks_own_rows_sum_to_the_grouped_matmul():
@@ -99,15 +101,16 @@ def _single_process_losses() -> list[float]:
     return _sgd_losses(model.parameters(), step)
 
 
-def _train_all(plans: list[str]) -> list:
-    """On every rank: for each plan, the losses and each expert weight's local shape after."""
+def _train_all(runs: list[tuple[str, str]]) -> list:
+    """On every rank: for each (plan, runtime), the losses and each expert weight's local shape
+    after."""
     results = []
-    for plan_json in plans:
+    for plan_json, runtime in runs:
         torch.manual_seed(0)
         model = hf_model("mixtral", dropout_off=True)
         plan = autopar.Plan.from_dict(json.loads(plan_json))
         pm = autopar.autoparallelize(model, fast_cpu_cluster(4), hf_batch("mixtral"), plan=plan,
-                                     runtime="eager")
+                                     runtime=runtime)
         losses = _sgd_losses(pm.parameters(), pm.train_step)
         results.append((losses, [tuple(p.to_local().shape) for p in pm.parameters()
                                  if p.ndim == 3]))
@@ -117,7 +120,8 @@ def _train_all(plans: list[str]) -> list:
 @pytest.mark.slow
 def test_hf_mixtral_under_ep_trains_as_one_process():
     want = _single_process_losses()
-    per_rank = run_on_ranks(_train_all, 4, [_plan(mesh) for mesh in MESHES], timeout_s=900)
+    per_rank = run_on_ranks(_train_all, 4, [(_plan(m), RUNTIMES[m]) for m in MESHES],
+                            timeout_s=900)
     experts, hidden, ffn = 4, 64, 128
     for k, mesh in enumerate(MESHES):
         ep, tp = MESHES[mesh]["ep"], MESHES[mesh]["tp"]
