@@ -3,6 +3,7 @@ may pick ep) beside hand configurations with and without ep, by the same cost mo
 
     python benchmarks/plan_experts.py --json experts.json [--model switch-base-128]
         [--nodes 1 8] [--batch 256] [--seq N] [--search-nodes 1] [--bf16] [--timeout S]
+        [--checkpoint full]
 
 Each hand configuration is an `autopar.manual_plan` keyword dict (tp, pp, dp, ep, zero, ...;
 `autopar.sweep.resolve_manual` fills dp and the microbatch size). The search runs only on the
@@ -39,6 +40,8 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=None)
     ap.add_argument("--bf16", action="store_true",
                     help="bf16 weights and bf16 mixed precision (fp32 master weights and Adam)")
+    ap.add_argument("--checkpoint", default=None,
+                    help="every hand configuration checkpoints every block so (e.g. full)")
     ap.add_argument("--timeout", type=float, default=None,
                     help="seconds a case may take (then a 'timeout' row)")
     ap.add_argument("--json", required=True)
@@ -46,7 +49,9 @@ def main() -> None:
     extra = {"precision": TrainingPrecision.mixed_bf16()} if args.bf16 else {}
     rows = []
     for nodes in args.nodes:
-        options = [{"manual": m, "label": _label(m), **extra} for m in WITHOUT_EP + WITH_EP]
+        hand = [m | ({"checkpoint": args.checkpoint} if args.checkpoint else {})
+                for m in WITHOUT_EP + WITH_EP]
+        options = [{"manual": m, "label": _label(m), **extra} for m in hand]
         if nodes in args.search_nodes:
             options.insert(0, {"label": "autopar", **extra})
         rows += sweep([args.model], [(args.cluster, nodes)], options, batch=args.batch,
