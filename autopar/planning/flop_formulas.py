@@ -61,9 +61,11 @@ _LIBRARY_FLOP_FORMULAS = {
 
 
 def flop_formulas() -> dict:
-    """`_FLOP_FORMULAS` and the library ops of `_LIBRARY_FLOP_FORMULAS` registered by now."""
-    formulas = dict(_FLOP_FORMULAS)
-    for (namespace, name), formula in _LIBRARY_FLOP_FORMULAS.items():
+    """`_FLOP_FORMULAS` and the library ops of `_LIBRARY_FLOP_FORMULAS` registered by now. Called
+    for every op profiled: a library op found once stays in `_FLOP_FORMULAS`, so only those
+    not yet registered are looked up again."""
+    for (namespace, name), formula in list(_LIBRARY_FLOP_FORMULAS.items()):
         if torch._C._dispatch_has_kernel(f"{namespace}::{name}"):
-            formulas[getattr(getattr(torch.ops, namespace), name)] = formula
-    return formulas
+            _FLOP_FORMULAS[getattr(getattr(torch.ops, namespace), name)] = formula
+            del _LIBRARY_FLOP_FORMULAS[namespace, name]
+    return _FLOP_FORMULAS

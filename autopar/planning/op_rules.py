@@ -101,6 +101,7 @@ RULES_BY_NAME: dict[str, Rule] = {
     "transformers::grouped_mm_fallback": _grouped_mm,
 }
 
+
 def _op_name(op) -> str | None:
     return op.name() if isinstance(op, torch._ops.OpOverload) else None
 

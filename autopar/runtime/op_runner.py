@@ -231,9 +231,9 @@ def _call_locally(node: fx.Node, args, kwargs, outputs, mesh):
         # queries split along the sequence (context parallelism): causal rows balanced over
         # ranks where they can be, else masked by where they sit
         target = _sequence_split_attention(node, leaves[0], mesh)
-    elif is_grouped_mm(node.target) and _first_expert(leaves[1], mesh) is not None:
+    elif is_grouped_mm(node.target) and (first := _first_expert(leaves[1], mesh)) is not None:
         # experts split over ranks: each rank its own experts' rows (dropless routing)
-        target = experts.own_rows(target, _first_expert(leaves[1], mesh))
+        target = experts.own_rows(target, first)
 
     def run(*local):
         filled = list(leaves)
@@ -292,22 +292,25 @@ def _sequence_split_attention(node: fx.Node, q: DTensor, mesh):
 
 def _first_expert(weight: DTensor, mesh) -> int | None:
     """The first expert whose weights this rank holds, where axes split a grouped matmul's
-    experts (dim 0 of its weight; in mesh order, outer axes first); None where none does."""
-    index, coordinate, split = 0, mesh.get_coordinate(), False
-    for a, p in enumerate(weight.placements):
-        if isinstance(p, Shard) and p.dim == 0:
-            index, split = index * mesh.size(a) + coordinate[a], True
-    return index * weight.to_local().shape[0] if split else None
+    experts (dim 0 of its weight); None where none does."""
+    if not any(isinstance(p, Shard) and p.dim == 0 for p in weight.placements):
+        return None
+    return _first_index(weight, 0, mesh)
 
 
 def _first_row(q: DTensor, mesh) -> int:
-    """The sequence position (dim 2) of this rank's first query row: the axes that split dim 2
-    cut it in mesh order, outer axes first (DTensor's order for even shards)."""
+    """The sequence position (dim 2) of this rank's first query row."""
+    return _first_index(q, 2, mesh)
+
+
+def _first_index(x: DTensor, dim: int, mesh) -> int:
+    """Where this rank's shard of `x` starts along `dim`: the axes that split `dim` cut it in
+    mesh order, outer axes first (DTensor's order for even shards)."""
     index, coordinate = 0, mesh.get_coordinate()
-    for a, p in enumerate(q.placements):
-        if isinstance(p, Shard) and p.dim == 2:
+    for a, p in enumerate(x.placements):
+        if isinstance(p, Shard) and p.dim == dim:
             index = index * mesh.size(a) + coordinate[a]
-    return index * q.to_local().shape[2]
+    return index * x.to_local().shape[dim]
 
 
 # Ops that only reinterpret their input's shape: run on local shards (see _view_locally).
