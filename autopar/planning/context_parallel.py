@@ -53,7 +53,8 @@ _ACTIVATIONS_BIND = 0.25
 # sequence's activations are held down by tp, pp and checkpointing (Megatron-Core and Llama 3
 # use cp from 8K-token sequences on, 1K+ tokens a rank). A bound on the search space, not a
 # measured crossover: manual_plan takes any cp. Without it, a 64-token Llama under a tight
-# limit tried cp 2 to 8 on 8 GPUs: planned in 249 s against 36 s, the same plan
+# limit (tests/planning/test_search_grid.py) tried cp 2 to 8 on 8 GPUs for the same plan, at
+# several times the planning time
 MIN_TOKENS_PER_RANK = 512
 
 
