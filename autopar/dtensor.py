@@ -21,6 +21,11 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from autopar.trace import tensor_inputs
 
+try:  # private, and new in torch 2.12 or so: without it, DTensor's own way is used
+    from torch.distributed.tensor.placement_types import _StridedShard, _StridedShardOffsetMode
+except ImportError:
+    _StridedShard = _StridedShardOffsetMode = None
+
 Placements = tuple[Placement, ...]
 
 
@@ -91,7 +96,8 @@ def propagate(op, args, kwargs, vals_and_placements, mesh: DeviceMesh):
     d_args, d_kwargs = tree_map(conv, args), tree_map(conv, kwargs)
     dispatcher = DTensor._op_dispatcher
     info = dispatcher.unwrap_to_op_info(op, d_args, d_kwargs)
-    with _quiet_fake_tensor_log():  # rejected combinations log a traceback before raising
+    with _quiet_fake_tensor_log(), _strided_sizes_by_arithmetic(), _output_meta_kept():
+        # (rejected combinations log a traceback before raising)
         # The non-cached entry: the cached one would remember answers for our planning mesh,
         # and DeviceMesh equality ignores process groups, so a later run on a real mesh of the
         # same shape could be handed specs that point at the planning mesh.
@@ -125,6 +131,89 @@ def _quiet_fake_tensor_log():
         yield
     finally:
         log.disabled = disabled
+
+
+_OUTPUT_META: dict = {}  # (op, inputs' global shapes, strides, dtypes, other args) -> metas
+
+
+def _meta_key(schema) -> str | None:
+    """What an op's global output metadata depends on: the op and its args, tensors by global
+    shape, stride and dtype (not placement); None where a size is symbolic."""
+    symbolic = []
+
+    def conv(a):
+        meta = getattr(a, "tensor_meta", None)
+        if meta is not None:
+            if not all(type(x) is int for x in (*meta.shape, *meta.stride)):
+                symbolic.append(a)
+            return ("T", tuple(meta.shape), tuple(meta.stride), str(meta.dtype))
+        return a
+    key = repr((str(schema.op), tree_map(conv, (schema.args_schema, schema.kwargs_schema))))
+    return None if symbolic else key
+
+
+@contextlib.contextmanager
+def _output_meta_kept():
+    """While propagating: DTensor's global output metadata of an op (found by running it on
+    fake tensors) kept per `_meta_key`. It does not depend on the placements, and the probes
+    ask each op under many; running it every time was a sixth of the DTensor time of a plan."""
+    prop = _propagator()
+    compute = type(prop)._propagate_tensor_meta_non_cached
+
+    def kept(schema):
+        key = _meta_key(schema)
+        if key is None:
+            return compute(prop, schema)
+        if key not in _OUTPUT_META:
+            _OUTPUT_META[key] = compute(prop, schema)
+        return _OUTPUT_META[key]
+
+    prop._propagate_tensor_meta_non_cached = kept  # the instance's, shadowing the class's
+    try:
+        yield
+    finally:
+        del prop._propagate_tensor_meta_non_cached
+
+
+def _strided_local_size(size: int, split_factor: int, num_chunks: int, rank: int) -> int:
+    """The length of `rank`'s piece of a dim of `size` under `_StridedShard(split_factor)`
+    over `num_chunks` ranks: the dim is chunked into `split_factor` pieces and each piece into
+    `num_chunks`, as torch.chunk does (chunks of ceil(n / k)); the rank holds its chunk of every
+    piece. The same sums torch's `local_shard_size_and_offset` does for unbacked sizes."""
+    total, first = 0, -(-size // split_factor)
+    for i in range(split_factor):
+        n = max(0, min(first * (i + 1), size) - min(first * i, size))
+        second = -(-n // num_chunks)
+        total += max(0, min(second * (rank + 1), n) - min(second * rank, n))
+    return total
+
+
+@contextlib.contextmanager
+def _strided_sizes_by_arithmetic():
+    """While propagating: the local size of a `_StridedShard` dim by arithmetic.
+
+    DTensor finds it (to rewrite a view's shape args to local sizes) by building an arange over
+    the whole dim and splitting it: on GPT-3's 3M-row activations that was a fifth of a plan's
+    DTensor time. Only the size is asked there (offsets skipped); other calls go to torch."""
+    cls = _StridedShard
+    original = cls.__dict__.get("local_shard_size_and_offset") if cls is not None else None
+    if original is None:  # another torch: nothing to speed up
+        yield
+        return
+
+    def local_size_and_offset(self, curr_local_size, num_chunks, rank,
+                              offset_mode=_StridedShardOffsetMode.FIRST):
+        if (_StridedShardOffsetMode(offset_mode) is _StridedShardOffsetMode.NONE
+                and type(curr_local_size) is int and type(rank) is int
+                and type(self.split_factor) is int):
+            return _strided_local_size(curr_local_size, self.split_factor, num_chunks, rank), None
+        return original(self, curr_local_size, num_chunks, rank, offset_mode)
+
+    cls.local_shard_size_and_offset = local_size_and_offset
+    try:
+        yield
+    finally:
+        cls.local_shard_size_and_offset = original
 
 
 class InputRef:

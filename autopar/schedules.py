@@ -42,6 +42,7 @@ they always answer with what torch runs.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -303,7 +304,8 @@ def _torch_pipeline_order(torch_class: str, pp: int, m: int, v: int) -> list[lis
     except ImportError:
         get_schedule_ops = None
     if get_schedule_ops is not None:
-        return [list(r) for r in get_schedule_ops(cls, pp, m, v)]
+        with _without_comms():
+            return [list(r) for r in get_schedule_ops(cls, pp, m, v)]
     from unittest import mock
 
     from torch.distributed.pipelining.stage import PipelineStage
@@ -313,6 +315,20 @@ def _torch_pipeline_order(torch_class: str, pp: int, m: int, v: int) -> list[lis
     single = issubclass(cls, _torch_schedules.PipelineScheduleSingle)
     order = cls(stage if single else [stage] * v, m).pipeline_order
     return [list(order[r]) for r in range(pp)]
+
+
+def _without_comms():
+    """Multi-stage schedules lower their compute order into one with sends and receives when
+    built (``_prepare_schedule_with_comms``, which fills ``pipeline_order_with_comms`` and
+    leaves ``pipeline_order`` as it was). Only the compute order is read here, and the lowering
+    was most of the time of building one (GPT-3's search builds dozens); skip it."""
+    from unittest import mock
+
+    runtime = getattr(_torch_schedules, "_PipelineScheduleRuntime", None)
+    if runtime is None or not hasattr(runtime, "_prepare_schedule_with_comms"):
+        return contextlib.nullcontext()
+    return mock.patch.object(runtime, "_prepare_schedule_with_comms",
+                             lambda self, *args, **kwargs: None)
 
 
 def _compute_actions(raw: list) -> list[Action]:

@@ -196,3 +196,16 @@ def test_fallback_without_visualizer(monkeypatch):
             assert schedules._actions(*key) == actions
     finally:
         schedules._actions.cache_clear()
+
+
+@pytest.mark.parametrize("name, pp, m, v", GRID)
+def test_skipping_the_comms_lowering_keeps_torchs_compute_order(name, pp, m, v):
+    # `_torch_pipeline_order` builds schedules without their send/receive lowering (the slow
+    # part of building one); the order must be the one torch's own visualiser gives with it
+    from torch.distributed.pipelining import schedules as torch_schedules
+    from torch.distributed.pipelining._schedule_visualizer import get_schedule_ops
+
+    cls = getattr(torch_schedules, SCHEDULES[name].torch_class)
+    ours = schedules._torch_pipeline_order(SCHEDULES[name].torch_class, pp, m, v)
+    theirs = get_schedule_ops(cls, pp, m, v)
+    assert [[str(a) for a in rank] for rank in ours] == [[str(a) for a in rank] for rank in theirs]
