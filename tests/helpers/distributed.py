@@ -17,6 +17,9 @@ RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE), uses one intra-op thread, and j
 before calling `fn`. If a rank raises, the parent raises with that rank and its traceback and
 stops the others; if the ranks do not finish within `timeout_s`, it stops them all and says which
 were still running.
+
+`run_cases(fn, world_size, cases)` runs `fn(*case)` for several cases in one launch, each rank
+taking them in turn, and gives each case's results (or its error) apart.
 """
 
 from __future__ import annotations
@@ -63,6 +66,39 @@ def run_on_ranks(fn, world_size: int, *args: Any, timeout_s: float = 300) -> lis
         _stop(procs, grace_s=10.0)  # all returned: let them exit on their own
     finally:
         results_q.close()
+    return results
+
+
+class CaseFailed:
+    """What `run_cases` gives for a case that raised on a rank: the error and its traceback."""
+
+    def __init__(self, error: str):
+        self.error = error
+
+    def __repr__(self):
+        return f"CaseFailed({self.error!r})"
+
+
+def run_cases(fn, world_size: int, cases, *, timeout_s: float = 900) -> list[list]:
+    """Call `fn(*case)` for each case in turn, in one launch of `world_size` gloo ranks; for
+    each case, its result on every rank (in rank order), or a `CaseFailed` where it raised.
+
+    The ranks' later cases find the process's caches warm (DTensor's sharding rules, export's
+    and the fake tensors'): on 2 cores, cases of one model each in a launch of its own took
+    about twice as long. A case that raises on every rank alike leaves the ranks in step for
+    the next; one that raises on some ranks only hangs the others until `timeout_s`."""
+    cases = [tuple(case) for case in cases]
+    per_rank = run_on_ranks(_each_case, world_size, fn, cases, timeout_s=timeout_s)
+    return [[rank[k] for rank in per_rank] for k in range(len(cases))]
+
+
+def _each_case(fn, cases: list[tuple]) -> list:
+    results = []
+    for case in cases:
+        try:
+            results.append(fn(*case))
+        except Exception:
+            results.append(CaseFailed(traceback.format_exc()))
     return results
 
 

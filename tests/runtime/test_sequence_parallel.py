@@ -6,6 +6,7 @@ norms really see 1/tp of the sequence."""
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 
@@ -16,7 +17,7 @@ import autopar
 from autopar.errors import MeshError
 from autopar.models.gpt import GPT
 from autopar.models.losses import lm_loss
-from tests.helpers.distributed import run_on_ranks
+from tests.helpers.distributed import CaseFailed, run_cases
 from tests.helpers.models import CONFIG, batches, fast_cpu_cluster, reference_losses, sgd_losses
 
 MESHES = {"tp2xdp2": dict(pp=1, tp=2, dp=2, microbatch_size=2),
@@ -28,11 +29,17 @@ MESHES = {"tp2xdp2": dict(pp=1, tp=2, dp=2, microbatch_size=2),
                                           checkpoint="selective")}
 
 
-def _plan(mesh: str, sequence_parallel: bool = True) -> autopar.Plan:
+@functools.cache
+def _plan_json(mesh: str, sequence_parallel: bool = True) -> str:
+    """The hand plan of `mesh`, made once per session (the plan test and the runs share it)."""
     with torch.device("meta"):
         model = GPT(CONFIG)
     return autopar.manual_plan(model, fast_cpu_cluster(4), batches()[0], loss_fn=lm_loss,
-                               sequence_parallel=sequence_parallel, **MESHES[mesh])
+                               sequence_parallel=sequence_parallel, **MESHES[mesh]).to_json()
+
+
+def _plan(mesh: str, sequence_parallel: bool = True) -> autopar.Plan:
+    return autopar.Plan.from_dict(json.loads(_plan_json(mesh, sequence_parallel)))
 
 
 def _train(plan_json: str, runtime: str):
@@ -90,12 +97,35 @@ def test_sequence_parallel_needs_tp():
                             pp=1, dp=4, microbatch_size=1, sequence_parallel=True)
 
 
+RUNTIMES = ["replay", "eager"]
+# Every training run of this file, (mesh, runtime): one launch of 4 ranks trains them in turn,
+# so that each rank's later runs of the same GPT find DTensor's sharding rules and export's
+# caches warm (a launch each took twice as long); op by op first on each mesh, then replayed.
+# ZeRO-3 replayed runs in a launch of its own: in a process where another run came first, its
+# trace fails in AOTAutograd's partitioner ("Node tangents_2 was invalid, but is output"), and
+# a replayed run after it fails likewise (found 2026-12-07; tests/runtime/test_expert_parallel.py
+# met it too). Each passes in a fresh process.
+ALONE = [("tp2xdp2-zero3-selective", "replay")]
+JOBS = [(mesh, runtime) for mesh in MESHES for runtime in reversed(RUNTIMES)
+        if (mesh, runtime) not in ALONE]
+
+
+@pytest.fixture(scope="module")
+def runs() -> dict:
+    out = {}
+    for jobs in [JOBS, *([job] for job in ALONE)]:
+        cases = [(_plan_json(mesh), runtime) for mesh, runtime in jobs]
+        out.update(zip(jobs, run_cases(_train, 4, cases)))
+    return out
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mesh", MESHES)
-@pytest.mark.parametrize("runtime", ["replay", "eager"])
-def test_sequence_parallel_trains_as_one_process(mesh, runtime):
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_sequence_parallel_trains_as_one_process(mesh, runtime, runs):
     tp = MESHES[mesh]["tp"]
-    ranks = run_on_ranks(_train, 4, _plan(mesh).to_json(), runtime)
+    ranks = runs[mesh, runtime]
+    assert not any(isinstance(r, CaseFailed) for r in ranks), ranks
     want = reference_losses("gpt")
     for losses, norms in ranks:
         assert losses == pytest.approx(want, rel=1e-5)
