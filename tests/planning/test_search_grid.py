@@ -81,15 +81,16 @@ def _dp_shardings(dp: int) -> list[dict]:
 
 
 class Grid:
-    """The cases, each model built once; every case's hand configurations scored and its plans
-    made once (per memory limit)."""
+    """The cases, each model built once (one object for both clusters, so that its traces are
+    shared too); every case's hand configurations scored and its plans made once (per memory
+    limit)."""
 
     def __init__(self):
         x = torch.zeros(BATCH, SEQ, dtype=torch.long, device="meta")
-        self.cases = {}
-        for m, c in itertools.product(MODELS, CLUSTERS):
-            with torch.device("meta"):
-                self.cases[m, c] = (MODELS[m](), (x, x), CLUSTERS[c]())
+        with torch.device("meta"):
+            models = {m: build() for m, build in MODELS.items()}
+        self.cases = {(m, c): (models[m], (x, x), CLUSTERS[c]())
+                      for m, c in itertools.product(MODELS, CLUSTERS)}
         self._hand: dict = {}
         self._plans: dict = {}
 
