@@ -24,10 +24,13 @@ taking them in turn, and gives each case's results (or its error) apart.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import queue
+import signal
 import socket
+import sys
 import time
 import traceback
 from datetime import timedelta
@@ -38,25 +41,35 @@ PRELOAD = ["torch", "torch.distributed", "torch.export._trace", "autopar", "pyte
            "tests.helpers.models", "tests.helpers.hf_preload"]
 
 
-def run_on_ranks(fn, world_size: int, *args: Any, timeout_s: float = 300) -> list:
-    """Call `fn(*args)` on `world_size` gloo ranks; return their results in rank order."""
+def run_on_ranks(fn, world_size: int, *args: Any, timeout_s: float = 300,
+                 prepare=None) -> list:
+    """Call `fn(*args)` on `world_size` gloo ranks; return their results in rank order.
+
+    `prepare` (a module-level function, or a functools.partial of one): called once, in one
+    process, before the ranks are forked from that process; what it leaves in memory (traces,
+    see tests/helpers/traces.py) every rank has without making it again."""
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(PRELOAD)  # read when the server starts, on the first call
     results_q = ctx.Queue()
     port = _free_port()
-    procs = [
-        ctx.Process(
-            target=_child,
-            args=(fn, args, rank, world_size, port, timeout_s, results_q),
-            name=f"rank{rank}",
-            daemon=True,
-        )
-        for rank in range(world_size)
-    ]
+    if prepare is None:
+        procs = [
+            ctx.Process(
+                target=_child,
+                args=(fn, args, rank, world_size, port, timeout_s, results_q),
+                name=f"rank{rank}",
+                daemon=True,
+            )
+            for rank in range(world_size)
+        ]
+    else:  # one process prepares, then forks the ranks and reports those that die
+        procs = [ctx.Process(target=_prepared, name="ranks", daemon=True,
+                             args=(prepare, fn, args, world_size, port, timeout_s, results_q))]
     for p in procs:
         p.start()
+    procs = procs * (world_size // len(procs))  # each rank's process, or their parent's
     try:
         results = _collect(procs, results_q, world_size, timeout_s)
     except BaseException:
@@ -69,6 +82,51 @@ def run_on_ranks(fn, world_size: int, *args: Any, timeout_s: float = 300) -> lis
     return results
 
 
+def _prepared(prepare, fn, args, world_size: int, port: int, timeout_s: float,
+              results_q) -> None:
+    """`prepare()`, then fork the ranks (one intra-op thread here already, so no thread pool
+    is forked); wait for them, and report a rank that dies without a result. Stopped
+    (SIGTERM), it kills the ranks."""
+    import torch
+
+    torch.set_num_threads(1)
+    try:
+        prepare()
+    except BaseException:
+        results_q.put((0, False, "prepare raised:\n" + traceback.format_exc()))
+        return
+    ranks: dict[int, int] = {}
+
+    def stop(signum, frame):
+        for pid in ranks:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        os._exit(1)
+
+    signal.signal(signal.SIGTERM, stop)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    for rank in range(world_size):
+        pid = os.fork()
+        if pid == 0:  # the rank: report, flush the queue, exit without this process's cleanup
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            code = 1
+            try:
+                _child(fn, args, rank, world_size, port, timeout_s, results_q)
+                results_q.close()
+                results_q.join_thread()
+                code = 0
+            finally:
+                os._exit(code)
+        ranks[pid] = rank
+    while ranks:
+        pid, status = os.wait()
+        rank = ranks.pop(pid)
+        code = os.waitstatus_to_exitcode(status)
+        if code != 0:
+            results_q.put((rank, False, f"exited with code {code} without returning a result"))
+
+
 class CaseFailed:
     """What `run_cases` gives for a case that raised on a rank: the error and its traceback."""
 
@@ -79,7 +137,7 @@ class CaseFailed:
         return f"CaseFailed({self.error!r})"
 
 
-def run_cases(fn, world_size: int, cases, *, timeout_s: float = 900) -> list[list]:
+def run_cases(fn, world_size: int, cases, *, timeout_s: float = 900, prepare=None) -> list[list]:
     """Call `fn(*case)` for each case in turn, in one launch of `world_size` gloo ranks; for
     each case, its result on every rank (in rank order), or a `CaseFailed` where it raised.
 
@@ -88,7 +146,8 @@ def run_cases(fn, world_size: int, cases, *, timeout_s: float = 900) -> list[lis
     about twice as long. A case that raises on every rank alike leaves the ranks in step for
     the next; one that raises on some ranks only hangs the others until `timeout_s`."""
     cases = [tuple(case) for case in cases]
-    per_rank = run_on_ranks(_each_case, world_size, fn, cases, timeout_s=timeout_s)
+    per_rank = run_on_ranks(_each_case, world_size, fn, cases, timeout_s=timeout_s,
+                            prepare=prepare)
     return [[rank[k] for rank in per_rank] for k in range(len(cases))]
 
 
@@ -153,7 +212,7 @@ def _others(procs, results_q) -> str:
         if not ok:
             lines.append(f"rank {rank} raised: {value.strip().splitlines()[-1]}")
     lines += [f"rank {r} exited with code {p.exitcode}" for r, p in enumerate(procs)
-              if p.exitcode not in (None, 0)]
+              if p.exitcode not in (None, 0) and procs.count(p) == 1]
     return "".join(f"\nalso: {line}" for line in lines)
 
 

@@ -1,5 +1,7 @@
 """`run_on_ranks` runs a function on N gloo ranks and surfaces a failing rank's traceback."""
 
+import functools
+import os
 import time
 
 import pytest
@@ -59,3 +61,40 @@ def test_a_later_error_of_another_rank_is_reported_too():
     message = str(info.value)
     assert "ConnectionResetError: a peer went away" in message
     assert "also: rank 0 raised: ValueError: the root cause" in message
+
+
+# `prepare`: once, in the process the ranks fork from
+_PREPARED: list = []
+
+
+def _prepare(value) -> None:
+    _PREPARED.append((value, os.getpid()))
+
+
+def _what_was_prepared() -> list:
+    return [(value, pid != os.getpid()) for value, pid in _PREPARED]
+
+
+def test_prepare_runs_once_and_every_rank_has_what_it_made():
+    results = run_on_ranks(_what_was_prepared, 4, prepare=functools.partial(_prepare, 7))
+    assert results == [[(7, True)]] * 4  # made once, in another process (the ranks' parent)
+    assert _PREPARED == []  # not in this one
+
+
+def _raise_in_prepare() -> None:
+    raise ValueError("boom in prepare")
+
+
+def _die_on_rank_1() -> None:
+    if dist.get_rank() == 1:
+        os._exit(3)
+    time.sleep(120)  # far past the test: the parent must stop it once rank 1 is reported
+
+
+def test_a_prepared_launch_reports_a_failing_prepare_and_a_rank_that_dies():
+    with pytest.raises(RuntimeError, match="prepare raised:(.|\n)*ValueError: boom in prepare"):
+        run_on_ranks(_sum_of_ranks, 2, prepare=_raise_in_prepare)
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="rank 1 of 2 raised:\nexited with code 3"):
+        run_on_ranks(_die_on_rank_1, 2, prepare=functools.partial(_prepare, 0), timeout_s=60)
+    assert time.monotonic() - start < 30  # reported when it died, not at the timeout
