@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import autopar
+from tests.helpers import traces
 from tests.helpers.distributed import run_on_ranks
 from tests.helpers.hf_models import FAMILIES, hf_batch, hf_model
 from tests.helpers.models import fast_cpu_cluster
@@ -87,9 +88,20 @@ def parallel_losses(model_type: str, plan_json: str, dropout_off: bool = True) -
     # op by op: over two steps, the replay runtime's tracing on the first costs more than it
     # saves (both runtimes run the same ops and collectives; tests/test_end_to_end.py covers
     # replay)
-    pm = autopar.autoparallelize(model, fast_cpu_cluster(4), hf_batch(model_type), plan=plan,
-                                 runtime="eager")
+    with traces.remembered(f"{model_type}, dropout off: {dropout_off}"):
+        pm = autopar.autoparallelize(model, fast_cpu_cluster(4), hf_batch(model_type),
+                                     plan=plan, runtime="eager")
     return _sgd_losses(model_type, pm.parameters(), pm.train_step)
+
+
+def trace_all(jobs) -> None:
+    """Once, before the ranks fork: each job's trace as the ranks' autoparallelize makes it
+    (tests/helpers/traces.py), instead of 4 ranks exporting at once on each."""
+    for model_type, plan_json, dropout_off in jobs:
+        torch.manual_seed(0)
+        model = hf_model(model_type, dropout_off=dropout_off)
+        traces.remember(f"{model_type}, dropout off: {dropout_off}", model,
+                        hf_batch(model_type), None, autopar.Plan.from_dict(json.loads(plan_json)))
 
 
 def train_all(jobs) -> list:
@@ -115,7 +127,8 @@ JOBS = ([(t, "dp2xtp2", True) for t in TENSOR_PARALLEL]
 @pytest.fixture(scope="module")
 def runs() -> dict:
     jobs = [(t, hand_plan(t, mesh, dropout_off), dropout_off) for t, mesh, dropout_off in JOBS]
-    per_rank = run_on_ranks(train_all, 4, jobs, timeout_s=1800)
+    per_rank = run_on_ranks(train_all, 4, jobs, timeout_s=1800,
+                            prepare=functools.partial(trace_all, jobs))
     return {job: [rank[k] for rank in per_rank] for k, job in enumerate(JOBS)}
 
 
