@@ -19,7 +19,7 @@ stops the others; if the ranks do not finish within `timeout_s`, it stops them a
 were still running.
 
 `run_cases(fn, world_size, cases)` runs `fn(*case)` for several cases in one launch, each rank
-taking them in turn, and gives each case's results (or its error) apart.
+taking them in turn, and gives each case's results apart.
 """
 
 from __future__ import annotations
@@ -127,24 +127,14 @@ def _prepared(prepare, fn, args, world_size: int, port: int, timeout_s: float,
             results_q.put((rank, False, f"exited with code {code} without returning a result"))
 
 
-class CaseFailed:
-    """What `run_cases` gives for a case that raised on a rank: the error and its traceback."""
-
-    def __init__(self, error: str):
-        self.error = error
-
-    def __repr__(self):
-        return f"CaseFailed({self.error!r})"
-
-
 def run_cases(fn, world_size: int, cases, *, timeout_s: float = 900, prepare=None) -> list[list]:
     """Call `fn(*case)` for each case in turn, in one launch of `world_size` gloo ranks; for
-    each case, its result on every rank (in rank order), or a `CaseFailed` where it raised.
+    each case, its result on every rank (in rank order).
 
     The ranks' later cases find the process's caches warm (DTensor's sharding rules, export's
-    and the fake tensors'): on 2 cores, cases of one model each in a launch of its own took
-    about twice as long. A case that raises on every rank alike leaves the ranks in step for
-    the next; one that raises on some ranks only hangs the others until `timeout_s`."""
+    and the fake tensors'), and a `prepare` (see `run_on_ranks`) serves them all. A case that
+    raises fails the launch at once, as `run_on_ranks` does: had the ranks gone on, those it
+    left inside a collective would wait for it until `timeout_s`."""
     cases = [tuple(case) for case in cases]
     per_rank = run_on_ranks(_each_case, world_size, fn, cases, timeout_s=timeout_s,
                             prepare=prepare)
@@ -152,13 +142,7 @@ def run_cases(fn, world_size: int, cases, *, timeout_s: float = 900, prepare=Non
 
 
 def _each_case(fn, cases: list[tuple]) -> list:
-    results = []
-    for case in cases:
-        try:
-            results.append(fn(*case))
-        except Exception:
-            results.append(CaseFailed(traceback.format_exc()))
-    return results
+    return [fn(*case) for case in cases]
 
 
 def _collect(procs, results_q, world_size: int, timeout_s: float) -> list:
