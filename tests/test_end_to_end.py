@@ -12,7 +12,8 @@ import torch
 import autopar
 from autopar.models.gpt import GPT
 from autopar.models.losses import lm_loss
-from tests.helpers.distributed import run_on_ranks
+from tests.helpers import traces
+from tests.helpers.distributed import run_cases, run_on_ranks
 from tests.helpers.models import (
     CONFIG,
     MODELS,
@@ -58,29 +59,66 @@ def train_parallel(model_name: str, mesh: dict[str, int], runtime: str = "replay
         options = {"plan": autopar.Plan.from_dict(json.loads(plan_json))}
     else:
         options = on_mesh(mesh)
-    pm = autopar.autoparallelize(
-        model, fast_cpu_cluster(4), example_inputs=data[0], loss_fn=lm_loss, runtime=runtime,
-        **options,
-    )
+    with traces.remembered(model_name):  # the compile's trace; rank 0 still plans on its own
+        pm = autopar.autoparallelize(
+            model, fast_cpu_cluster(4), example_inputs=data[0], loss_fn=lm_loss,
+            runtime=runtime, **options,
+        )
     losses = sgd_losses(pm.parameters(), pm.train_step, data)
     split = sorted(name for name, p in pm.named_parameters() if p.to_local().numel() < p.numel())
     return (losses, split, pm.plan.to_json()) + ((pm,) if keep else ())
+
+
+def trace_models(names) -> None:
+    """A launch's `prepare`: each model's trace of the whole batch, as the ranks' autoparallelize
+    compiles a plan without pipeline stages, made once before they fork (tests/helpers/traces.py)."""
+    for name in names:
+        torch.manual_seed(0)
+        traces.remember(name, MODELS[name](), batches()[0], lm_loss)
+
+
+def _call(fn, *args):
+    return fn(*args)
 
 
 # both models on the 2-D mesh with the default (replay) runtime, GPT's planned offline on the
 # meta device; the 1-D meshes once each, op by op (the "eager" runtime), so both runtimes stay
 # proven
 # (gpt on dp=4 is the fast lane's end-to-end check: `pytest -m "not slow"`)
+SLOW_CASES = [("gpt", {"dp": 2, "tp": 2}, "replay", True),
+              ("llama", {"dp": 2, "tp": 2}, "replay", False),
+              ("llama", {"tp": 4}, "eager", False)]
+
+
+def _job(model_name, mesh, runtime, plan_on_meta):
+    plan_json = offline_plan(model_name, mesh) if plan_on_meta else None
+    return (train_parallel, model_name, mesh, runtime, plan_json)
+
+
+@pytest.fixture(scope="module")
+def slow_runs() -> dict:
+    """The slow lane's 4-rank runs in one launch, each rank taking them in turn, the models'
+    traces made once before the ranks fork: SLOW_CASES, and GPT's checkpointed layers (after
+    its plain run of the same plan)."""
+    jobs = [_job(*case) for case in SLOW_CASES]
+    jobs.insert(1, (train_checkpointed, "gpt", offline_plan("gpt", {"dp": 2, "tp": 2})))
+    results = run_cases(_call, 4, jobs, prepare=functools.partial(trace_models, list(MODELS)))
+    return {"checkpointed": results.pop(1), **{repr(case): r
+                                               for case, r in zip(SLOW_CASES, results)}}
+
+
 @pytest.mark.parametrize("model_name, mesh, runtime, plan_on_meta", [
-    pytest.param("gpt", {"dp": 2, "tp": 2}, "replay", True, marks=pytest.mark.slow),
-    pytest.param("llama", {"dp": 2, "tp": 2}, "replay", False, marks=pytest.mark.slow),
-    pytest.param("llama", {"tp": 4}, "eager", False, marks=pytest.mark.slow),
+    *(pytest.param(*case, marks=pytest.mark.slow) for case in SLOW_CASES),
     ("gpt", {"dp": 4}, "eager", False),
 ], ids=str)
-def test_losses_match_single_process(model_name, mesh, runtime, plan_on_meta):
+def test_losses_match_single_process(model_name, mesh, runtime, plan_on_meta, request):
     reference = reference_losses(model_name)
-    plan_json = offline_plan(model_name, mesh) if plan_on_meta else None
-    results = run_on_ranks(train_parallel, 4, model_name, mesh, runtime, plan_json)
+    case = (model_name, mesh, runtime, plan_on_meta)
+    if case in SLOW_CASES:
+        results = request.getfixturevalue("slow_runs")[repr(case)]
+    else:  # the fast lane's, a launch of its own
+        fn, *args = _job(*case)
+        results = run_on_ranks(fn, 4, *args, prepare=functools.partial(trace_models, [model_name]))
     losses = [r[0] for r in results]
     for rank_losses in losses:  # the same loss on every rank ...
         assert rank_losses == losses[0]
@@ -135,7 +173,8 @@ def test_a_plan_made_with_another_torch_runs_where_dtensor_lacks_its_rules():
                if op.rule == "dtensor" and any(p not in ([], ["R"]) for p in op.inputs + op.outputs)}
     assert {"gather", "squeeze"} <= sharded, "the test needs these ops sharded by DTensor"
     plan.made_with = {"torch": "2.11.0+cu130"}  # as if made elsewhere
-    results = run_on_ranks(train_without_rules, 2, plan.to_json())
+    results = run_on_ranks(train_without_rules, 2, plan.to_json(),
+                           prepare=functools.partial(trace_models, ["gpt"]))
     reference = reference_losses("gpt")
     for losses, warned, log_softmax in results:
         assert losses == pytest.approx(reference, rel=1e-5)
@@ -172,15 +211,17 @@ def train_checkpointed(model_name: str, plan_json: str):
     plan = autopar.Plan.from_dict(json.loads(plan_json))
     first = "blocks" if hasattr(model, "blocks") else "layers"
     plan.checkpoint = {f"{first}.0": "full", f"{first}.1": "selective"}
-    pm = autopar.autoparallelize(model, cluster, data[0], loss_fn=lm_loss, plan=plan)
+    with traces.remembered(model_name):
+        pm = autopar.autoparallelize(model, cluster, data[0], loss_fn=lm_loss, plan=plan)
     return sgd_losses(pm.parameters(), pm.train_step, data)
 
 
 @pytest.mark.slow
-def test_checkpointed_layers_match_single_process():
+def test_checkpointed_layers_match_single_process(slow_runs):
     # GPT here; the pipeline tests checkpoint Llama layers. The plan is the one the GPT case of
-    # test_losses_match_single_process runs (made once, here, instead of on each rank)
-    results = run_on_ranks(train_checkpointed, 4, "gpt", offline_plan("gpt", {"dp": 2, "tp": 2}))
+    # test_losses_match_single_process runs (made once, here, instead of on each rank), trained
+    # in the same launch as that case (`slow_runs`)
+    results = slow_runs["checkpointed"]
     assert results[0] == pytest.approx(reference_losses("gpt"), rel=1e-5)
 
 
