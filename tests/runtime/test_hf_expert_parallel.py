@@ -15,6 +15,7 @@ import torch
 
 import autopar
 from autopar.runtime.experts import own_rows
+from tests.helpers import traces
 from tests.helpers.distributed import run_on_ranks
 from tests.helpers.hf_models import hf_batch, hf_model
 from tests.helpers.models import fast_cpu_cluster
@@ -109,19 +110,27 @@ def _train_all(runs: list[tuple[str, str]]) -> list:
         torch.manual_seed(0)
         model = hf_model("mixtral", dropout_off=True)
         plan = autopar.Plan.from_dict(json.loads(plan_json))
-        pm = autopar.autoparallelize(model, fast_cpu_cluster(4), hf_batch("mixtral"), plan=plan,
-                                     runtime=runtime)
+        with traces.remembered("mixtral"):
+            pm = autopar.autoparallelize(model, fast_cpu_cluster(4), hf_batch("mixtral"),
+                                         plan=plan, runtime=runtime)
         losses = _sgd_losses(pm.parameters(), pm.train_step)
         results.append((losses, [tuple(p.to_local().shape) for p in pm.parameters()
                                  if p.ndim == 3]))
     return results
 
 
+def _trace() -> None:
+    """The launch's `prepare`: the trace every run's autoparallelize makes (the whole batch,
+    no pipeline), made once before the ranks fork (tests/helpers/traces.py)."""
+    torch.manual_seed(0)
+    traces.remember("mixtral", hf_model("mixtral", dropout_off=True), hf_batch("mixtral"), None)
+
+
 @pytest.mark.slow
 def test_hf_mixtral_under_ep_trains_as_one_process():
     want = _single_process_losses()
     per_rank = run_on_ranks(_train_all, 4, [(_plan(m), RUNTIMES[m]) for m in MESHES],
-                            timeout_s=900)
+                            timeout_s=900, prepare=_trace)
     experts, hidden, ffn = 4, 64, 128
     for k, mesh in enumerate(MESHES):
         ep, tp = MESHES[mesh]["ep"], MESHES[mesh]["tp"]
