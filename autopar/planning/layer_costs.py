@@ -179,26 +179,8 @@ def layer_costs(stand: StandIn, profiles, cluster, sub_mesh, flavour, *, precisi
     gm = traced.graph_module
     shape = tuple(sub_mesh.values())
     links = sub.axis_links(shape)
-    dp = sub_mesh.get(DATA, 1)
-    dp_axis = list(sub_mesh).index(DATA) if DATA in sub_mesh else None
-    # a flavour that shards state (not a hybrid one) shards it over dp and cp together, and
-    # its collectives run on that group: on the link of the outer of the two
-    folds_cp = kind.shards_state and not kind.hybrid
-    group = parallelism.state_ranks(sub_mesh) if folds_cp else dp
-    group_axis = next((i for i, a in enumerate(sub_mesh)
-                       if a == DATA or (folds_cp and parallelism.splits(a, SEQUENCE))), None)
-    shard = group  # the ranks that share one copy of the parameters and their state
-    if kind.hybrid:
-        inner = parallelism.inner_size(sub_mesh, DATA)
-        shard = dp_shard or hybrid_shard(sub, dp, inner)
-        if shard is None or not 1 < shard < dp or dp % shard:
-            raise MeshError(f"hybrid sharding needs dp ({dp}) to span nodes in groups that fit in "
-                            f"one node; dp x the axes inside it = {dp} x {inner} does not")
-    dp_links = None  # (link across replicas, link within a shard group)
-    if kind.hybrid:
-        dp_links = sub.axis_links((dp // shard, shard, sub.world_size // dp))[:2]
-    elif group_axis is not None:
-        dp_links = (links[group_axis],) * 2
+    groups = _DataGroups.of(sub, sub_mesh, kind, dp_shard)
+    dp_axis, group, shard = groups.dp_axis, groups.group, groups.shard
     layer_of = assign_layers(stand.full)  # the stand-in's nodes keep their full-graph layers
     full_order = layer_order(layer_of)
     order = [name for name in full_order if stand.planned_layer(name) == name]
@@ -236,13 +218,10 @@ def layer_costs(stand: StandIn, profiles, cluster, sub_mesh, flavour, *, precisi
                 local = n.meta["val"].numel() / shard_factor(_non_dp(s.outputs[0], dp_axis), shape)
                 parts = parameter_state_bytes(local, precision)
                 divide = shard if kind.shards_state else 1
-                step_s = fwd_s = bwd_s = 0.0
-                if group > 1:
-                    step_s, fwd_s, bwd_s = cost.data_parallel_traffic_s(
-                        kind, local, precision, group, shard, dp_links)
+                step_s, fwd_s, bwd_s = groups.traffic_s(local, precision)
                 step_s += _expert_axes_sync_s(s.outputs[0], sub_mesh, links,
                                               local * precision.grad_bytes / divide,
-                                              sequence=not folds_cp)
+                                              sequence=not groups.folds_cp)
                 for owner in users:  # a tied weight lives on every stage that reads it
                     for part, nbytes in parts.items():
                         state[owner][part] += nbytes / divide
@@ -329,6 +308,107 @@ def layer_costs(stand: StandIn, profiles, cluster, sub_mesh, flavour, *, precisi
         flavour=flavour, comm_s=comm_s, model_flops=model_flops, dp_shard=shard,
         tied=tuple(tied),
     )
+
+
+@dataclass(frozen=True)
+class _DataGroups:
+    """The ranks a data-parallel flavour reduces and shards each parameter over, on one stage
+    mesh, and the links its collectives take."""
+
+    kind: parallelism.DataParallelFlavour
+    dp_axis: int | None
+    group: int  # the ranks that reduce a parameter's gradient (dp, with cp if `folds_cp`)
+    shard: int  # the ranks that share one copy of the parameters and their state
+    links: tuple | None  # (link across replicas, link within a shard group)
+    folds_cp: bool
+
+    @classmethod
+    def of(cls, sub: Cluster, sub_mesh: dict[str, int], kind, dp_shard: int | None = None):
+        """MeshError where a hybrid flavour does not apply to the mesh."""
+        links = sub.axis_links(tuple(sub_mesh.values()))
+        dp = sub_mesh.get(DATA, 1)
+        dp_axis = list(sub_mesh).index(DATA) if DATA in sub_mesh else None
+        # a flavour that shards state (not a hybrid one) shards it over dp and cp together,
+        # and its collectives run on that group: on the link of the outer of the two
+        folds_cp = kind.shards_state and not kind.hybrid
+        group = parallelism.state_ranks(sub_mesh) if folds_cp else dp
+        group_axis = next((i for i, a in enumerate(sub_mesh)
+                           if a == DATA or (folds_cp and parallelism.splits(a, SEQUENCE))), None)
+        shard = group
+        if kind.hybrid:
+            if DATA not in sub_mesh:
+                raise MeshError("hybrid sharding shards over dp, and this mesh has none")
+            inner = parallelism.inner_size(sub_mesh, DATA)
+            shard = dp_shard or hybrid_shard(sub, dp, inner)
+            if shard is None or not 1 < shard < dp or dp % shard:
+                raise MeshError(f"hybrid sharding needs dp ({dp}) to span nodes in groups that "
+                                f"fit in one node; dp x the axes inside it = {dp} x {inner} "
+                                "does not")
+        dp_links = None
+        if kind.hybrid:
+            dp_links = sub.axis_links((dp // shard, shard, sub.world_size // dp))[:2]
+        elif group_axis is not None:
+            dp_links = (links[group_axis],) * 2
+        return cls(kind, dp_axis, group, shard, dp_links, folds_cp)
+
+    def traffic_s(self, local: float, precision) -> tuple[float, float, float]:
+        """(per step, per microbatch forward, per microbatch backward) collectives of one
+        parameter of `local` elements (as the ops' sharding leaves it, before dp)."""
+        if self.group <= 1:
+            return 0.0, 0.0, 0.0
+        return cost.data_parallel_traffic_s(self.kind, local, precision, self.group, self.shard,
+                                            self.links)
+
+
+@dataclass(frozen=True)
+class StateBound:
+    """What any sharding of a stage mesh pays for its parameters under one flavour, at least:
+    every parameter as small as the mesh's axes besides dp can make it (its elements over
+    their product), whatever the ops' strategies; each charge grows with the bytes."""
+
+    microbatch_s: float  # the flavour's collectives in one microbatch, every layer
+    step_s: float  # once a step, every rank together: its sync and the optimizer step
+    gradient_bytes: float  # the local gradients every rank together accumulates
+
+    def step_bound_s(self, work_s: float, pp: int, m: int, b: float, device) -> float:
+        """A lower bound on a candidate's step, given W >= one microbatch's intra-op work over
+        all layers: the stage model with every stage's work (W + these collectives) / pp
+        (see `search._step_bound`), plus the busiest rank's once-a-step share, at least 1/pp
+        of the total (`candidate.evaluate`). The optimizer step and the gradient accumulation
+        charged once over all the bytes: each is a memory pass with a floor per layer, so
+        once is no more than per layer."""
+        work = work_s + self.microbatch_s
+        once = self.step_s + cost.gradient_accumulation_s(self.gradient_bytes, m, device)
+        return b * work + (m - b) * work / pp + once / pp
+
+
+def state_bound(full: TracedModel, cluster: Cluster, sub_mesh: dict[str, int], flavour: str, *,
+                precision) -> StateBound | None:
+    """`StateBound` of `flavour` on `sub_mesh` over every parameter of the full graph (each
+    once: a tied weight's copies on other ranks only add); None where the flavour does not
+    apply to the mesh (hybrid sharding without nodes to span)."""
+    sub = sub_cluster(cluster, math.prod(sub_mesh.values()))
+    kind = parallelism.get_flavour(flavour)
+    try:
+        groups = _DataGroups.of(sub, sub_mesh, kind)
+    except MeshError:
+        return None
+    ops_split = math.prod(n for a, n in sub_mesh.items() if a != DATA)
+    divide = groups.shard if kind.shards_state else 1
+    per_microbatch = per_step = 0.0
+    state = {"parameters": 0.0, "gradients": 0.0, "optimizer": 0.0}
+    for name in full.parameters:
+        node = full.node(name)
+        if not node.users:
+            continue  # read by no op: no layer holds or reduces it
+        local = node.meta["val"].numel() / ops_split
+        step_s, fwd_s, bwd_s = groups.traffic_s(local, precision)
+        per_microbatch += fwd_s + bwd_s
+        per_step += step_s
+        for part, nbytes in parameter_state_bytes(local, precision).items():
+            state[part] += nbytes / divide
+    per_step += cost.optimizer_step_s(state, sub.device, precision)
+    return StateBound(per_microbatch, per_step, state["gradients"])
 
 
 def _expert_axes_sync_s(placements, sub_mesh: dict[str, int], links, grad_bytes: float,

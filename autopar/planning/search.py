@@ -41,6 +41,7 @@ from autopar.planning.layer_costs import (
     layer_costs,
     prepare,
     solve_layers,
+    state_bound,
     sub_cluster,
 )
 from autopar.planning.profile import TrainingPrecision
@@ -112,7 +113,9 @@ def search(trace_fn, example_inputs, cluster: Cluster, space: SearchSpace, *,
     """The fastest plan over `space` that fits; `trace_fn(inputs)` traces one microbatch.
 
     Two passes. First every (mesh, microbatch) with the fastest intra-op sharding of its stage
-    mesh. Then, for those a lower bound does not show to lose against the best plan of the
+    mesh, in the order of a lower bound on their candidates (compute alone, plus what the
+    parameters cost each flavour at their smallest: `state_bound`), until the best plan found
+    is no slower than the next bound. Then, for those a lower bound does not show to lose against the best plan of the
     first pass: with tp, the fastest sharding with sequence parallelism (the residual stream
     split along the sequence over tp: 1/tp of its activations for about the same time, where
     the first pass's ties go the other way, so that a plan that checkpointed to fit may need
@@ -126,18 +129,28 @@ def search(trace_fn, example_inputs, cluster: Cluster, space: SearchSpace, *,
     solved: dict[tuple, tuple] = {}
     found = _Found(budget, log)
 
+    state_bounds: dict[tuple, list] = {}
+
+    def plan_bound(stand, order, mesh, m, work_s) -> float:
+        """A lower bound on every candidate of `mesh` with `m` microbatches whose intra-op
+        work per microbatch is at least `work_s`: the best of its flavours' `StateBound`s
+        under each schedule."""
+        sub_mesh = parallelism.intra_op_mesh(mesh)
+        key = tuple(sub_mesh.items())
+        if key not in state_bounds:  # the parameters are the same at every microbatch size
+            state_bounds[key] = [
+                b for f in _flavours(space, mesh)
+                if (b := state_bound(stand.full, cluster, sub_mesh, f,
+                                     precision=precision)) is not None]
+        pp = mesh[PIPELINE]
+        return min((b.step_bound_s(work_s, pp, m, bubble_weight(sched, pp, m, v), cluster.device)
+                    for sched, v in _schedules(space, pp, m, len(order))
+                    for b in state_bounds[key]), default=math.inf)
+
     def score(stand, profiles, order, mesh, mb, m, mode="fastest"):
-        """Score the candidates of one intra-op sharding; None if it has none (MeshError), []
-        if a bound shows that none can beat the best so far (no solve then)."""
+        """Score the candidates of one intra-op sharding; None if it has none (MeshError)."""
         sub_mesh = parallelism.intra_op_mesh(mesh)
         key = (mb, tuple(sub_mesh.items()), mode)
-        if key not in solved and found.best is not None:
-            work = _compute_bound(stand, profiles, cluster, sub_mesh)
-            if min((_bubble_bound(work, mesh[PIPELINE], m, sched, v)
-                    for sched, v in _schedules(space, mesh[PIPELINE], m, len(order))),
-                   default=math.inf) >= found.best.step_time_s:
-                found.pruned += 1
-                return []
         if key not in solved:
             try:
                 solved[key] = solve_layers(stand, profiles, cluster, sub_mesh, precision=precision,
@@ -151,15 +164,13 @@ def search(trace_fn, example_inputs, cluster: Cluster, space: SearchSpace, *,
                 solved[key] = None
         if solved[key] is None:
             return None
-        flavours = (space.flavours if parallelism.state_ranks(mesh) > 1
-                    else (parallelism.REPLICATE,))
         return [found.add(c) for c in _candidates(
-            solved[key], stand, profiles, cluster, sub_mesh, flavours, space, mesh, mb, m,
+            solved[key], stand, profiles, cluster, sub_mesh, _flavours(space, mesh), space,
+            mesh, mb, m,
             order, budget, solver, time_limit_s, precision, found)]
 
     second = []  # what the second pass may try: (mesh, microbatch)s the first pass scored
-    # ops split inside a node first, widest first: such meshes usually win at scale, and an
-    # early good plan lets the bound prune the rest (ops split across nodes last)
+    # ops split inside a node first, widest first (ties of the bound below go this way)
     mesh_order = lambda x: (_ops_size(x) > cluster.devices_per_node, -_ops_size(x),  # noqa: E731
                             x[PIPELINE])
     ranks = parallelism.batch_ranks
@@ -172,31 +183,51 @@ def search(trace_fn, example_inputs, cluster: Cluster, space: SearchSpace, *,
              if (batch // ranks(mesh)) % local == 0
              and (local == 1 or parallelism.sequence_ranks(mesh) == 1
                   or space.microbatch_sizes)]
-    for i, (mesh, local) in enumerate(pairs):
-        pp = mesh[PIPELINE]
-        mb = local * ranks(mesh)
-        m = batch // mb
-        if log:  # a progress line: what is being solved, the best so far, elapsed
-            best = f"best so far {found.best.step_time_s:.4g} s" if found.best else "none fits yet"
-            log(f"[{i + 1}/{len(pairs)}] {_mesh_text(mesh)}, {m} x {mb}: {best}, "
-                f"{time.perf_counter() - start:.0f} s")
+    def traced(mb: int):
         if mb not in traces:  # one trace, stand-in and layer order per microbatch size
             stand, profiles = prepare(trace_fn(microbatch_inputs(example_inputs, mb)))
             traces[mb] = (stand, profiles, layer_order(assign_layers(stand.full)))
-        stand, profiles, order = traces[mb]
-        if pp > len(order):
+        return traces[mb]
+
+    # every pair's lower bound before any solve, then the pairs most promising first
+    # (best-first branch and bound): a good plan found early rules out the rest by their bound
+    first, work_bounds = [], {}
+    for k, (mesh, local) in enumerate(pairs):
+        mb = local * ranks(mesh)
+        stand, profiles, order = traced(mb)
+        if mesh[PIPELINE] > len(order):
             continue
+        sub_mesh = parallelism.intra_op_mesh(mesh)
+        key = (mb, tuple(sub_mesh.items()))
+        if key not in work_bounds:
+            work_bounds[key] = _compute_bound(stand, profiles, cluster, sub_mesh)
+        m = batch // mb
+        first.append((plan_bound(stand, order, mesh, m, work_bounds[key]), k, mb, m))
+    first.sort()
+    for i, (bound, k, mb, m) in enumerate(first):
+        if found.best is not None and bound >= found.best.step_time_s:
+            found.pruned += len(first) - i  # these and every later pair, in bound order
+            break
+        mesh = pairs[k][0]
+        if log:  # a progress line: what is being solved, the best so far, elapsed
+            best = f"best so far {found.best.step_time_s:.4g} s" if found.best else "none fits yet"
+            log(f"[{i + 1}/{len(first)}] {_mesh_text(mesh)}, {m} x {mb}: {best}, "
+                f"{time.perf_counter() - start:.0f} s")
+        stand, profiles, order = traces[mb]
         fits = score(stand, profiles, order, mesh, mb, m)
-        if fits:  # scored (not pruned by the bound, not refused by the mesh)
+        if fits:  # scored (not refused by the mesh)
             # all over the limit: the least-memory sharding may fit
             second.append((stand, profiles, order, mesh, mb, m, not any(fits)))
 
     def second_bound(entry) -> float:
+        """A lower bound on the least-memory (or the sequence-parallel) sharding's candidates
+        of a (mesh, microbatch): both solve the fastest's problem, restricted, so their intra-op
+        work is at least the fastest's objective where that one is proven optimal."""
         stand, profiles, order, mesh, mb, m, _ = entry
-        fastest = solved[(mb, tuple(parallelism.intra_op_mesh(mesh).items()), "fastest")]
-        return min((_least_memory_bound(fastest, mesh[PIPELINE], m, sched, v)
-                    for sched, v in _schedules(space, mesh[PIPELINE], m, len(order))),
-                   default=math.inf)
+        _, _, fastest = solved[(mb, tuple(parallelism.intra_op_mesh(mesh).items()), "fastest")]
+        if fastest.status != "optimal":
+            return 0.0
+        return plan_bound(stand, order, mesh, m, fastest.objective_s)
 
     # most promising first: a good plan found early lets the bound rule out more of the rest
     for bound, i in sorted((second_bound(e), i) for i, e in enumerate(second)):
@@ -263,18 +294,9 @@ def _mesh_text(mesh: dict[str, int]) -> str:
     return " ".join(f"{a}={n}" for a, n in mesh.items())
 
 
-def _least_memory_bound(fastest, pp: int, m: int, schedule: str, v: int) -> float:
-    """A lower bound on the step time of any candidate of the least-memory (or the
-    sequence-parallel) sharding of a (mesh, microbatch) under `schedule`, from its fastest
-    sharding's solve (both solve the same problem, restricted): the stage model's
-    step with every stage's work W / pp (`_bubble_bound`), W one microbatch's work over all
-    layers. W is at least the sharding's intra-op objective (checkpointing, ZeRO-3 gathers, p2p
-    and dp sync only add), and the least-memory objective is at least the fastest's when that
-    one is proven optimal (no bound otherwise: 0)."""
-    _, _, solution = fastest
-    if solution.status != "optimal":
-        return 0.0
-    return _bubble_bound(solution.objective_s, pp, m, schedule, v)
+def _flavours(space, mesh) -> tuple[str, ...]:
+    """The data-parallel flavours a mesh's candidates try: replicate alone without dp."""
+    return space.flavours if parallelism.state_ranks(mesh) > 1 else (parallelism.REPLICATE,)
 
 
 def _candidates(solved, stand, profiles, cluster, sub_mesh, flavours, space, mesh, mb, m, order,
@@ -316,13 +338,6 @@ def _compute_bound(stand, profiles, cluster: Cluster, sub_mesh: dict[str, int]) 
             total += stand.weight_of(n.name) * min(
                 op_compute_s(n, profiles[n.name], cluster.device, k) for k in splits)
     return total
-
-
-def _bubble_bound(work: float, pp: int, m: int, schedule: str, v: int) -> float:
-    """The stage model's step with every stage's work W / pp: b W + (m - b) W / pp, a lower
-    bound on any cut's step (see `_step_bound`)."""
-    b = bubble_weight(schedule, pp, m, v)
-    return b * work + (m - b) * work / pp
 
 
 def _step_bound(costs: LayerCosts, pp: int, m: int, schedule: str, v: int) -> float:

@@ -349,16 +349,20 @@ def test_gradient_accumulation_is_charged_per_later_microbatch(gpt_on_four_h100s
 
 def test_progress_lines_say_what_is_solved_and_the_best_so_far(gpt_on_four_h100s):
     """A long plan says where it is: one line per (mesh, microbatch) it solves, numbered out of
-    all of them, with the best step found so far and the time since the search began."""
+    all of them, with the best step found so far and the time since the search began; the
+    last line says how many the bound ruled out (those it did not reach)."""
     model, batch, cluster = gpt_on_four_h100s
     said: list[str] = []
     plan = autopar.plan(model, cluster, batch, loss_fn=lm_loss, mesh={"pp": 2, "dp": 2},
                         schedule="1F1B", log=said.append)
     progress = [line for line in said if line.startswith("[")]
-    n = len(progress)
-    assert n > 1 and progress[0].startswith(f"[1/{n}] pp=2 dp=2") and "none fits yet" in progress[0]
-    assert progress[-1].startswith(f"[{n}/{n}]") and "best so far" in progress[-1]
+    k = len(progress)
+    n = int(progress[0].split("/")[1].split("]")[0])
+    assert k > 1 and progress[0].startswith(f"[1/{n}] pp=2 dp=2") and "none fits yet" in progress[0]
+    assert progress[-1].startswith(f"[{k}/{n}]") and "best so far" in progress[-1]
     assert said[-1].startswith("searched")
+    pruned = int(said[-1].split("; ")[1].split()[0])
+    assert k + pruned == n, (k, pruned, n)
     assert plan.predicted["step_time_s"] > 0
 
 

@@ -1,7 +1,10 @@
-"""The bound the search checks before an intra-op solve: below every sharding's per-microbatch
-work on every stage mesh, and pruning with it never changes the plan."""
+"""The bounds the search checks before an intra-op solve: below every sharding's per-microbatch
+work on every stage mesh, and below every candidate's step with the parameters' data-parallel
+charges added; pruning with them never changes the plan."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
@@ -11,8 +14,17 @@ import autopar.planning.search as search
 from autopar.models.gpt import GPT, GPTConfig
 from autopar.models.llama import Llama, LlamaConfig
 from autopar.models.losses import lm_loss
-from autopar.planning.layer_costs import layer_costs, prepare, solve_layers
+from autopar.layers import assign_layers, layer_order
+from autopar.planning.candidate import bubble_weight
+from autopar.planning.layer_costs import (
+    StateBound,
+    layer_costs,
+    prepare,
+    solve_layers,
+    state_bound,
+)
 from autopar.planning.profile import TrainingPrecision
+from autopar.schedules import get_schedule
 from autopar.trace import trace_for_training
 
 CLUSTER = autopar.Cluster.preset("h100-80g", devices_per_node=8)
@@ -49,6 +61,51 @@ def test_compute_bound_is_below_every_layer_sum_the_solve_gives(name, mesh):
             assert bound > 0.3 * work, (bound, work)
 
 
+@pytest.mark.parametrize("mesh", [
+    {"pp": 1, "dp": 2, "tp": 4}, {"pp": 2, "dp": 4, "tp": 1}, {"pp": 2, "dp": 2, "tp": 2},
+], ids=["dp2-tp4", "pp2-dp4", "pp2-dp2-tp2"])
+def test_the_state_bound_is_below_every_candidate_of_the_mesh(mesh):
+    """Every flavour's `StateBound` over the fastest sharding's objective is at most the step of
+    each candidate the search scores for that flavour, of the fastest and of the least-memory
+    sharding, under every schedule; and, with dp, above the bound without it."""
+    with torch.device("meta"):
+        model = MODELS["gpt"]()
+    mb, m = 8, 4
+    x = torch.zeros(mb, SEQ, dtype=torch.long, device="meta")
+    stand, profiles = prepare(trace_for_training(model, (x, x), lm_loss))
+    order = layer_order(assign_layers(stand.full))
+    precision = TrainingPrecision.mixed_bf16()
+    sub_mesh = {a: n for a, n in mesh.items() if a != "pp"}
+    pp = mesh["pp"]
+    space = search.SearchSpace(meshes=[mesh], microbatch_sizes=None,
+                               schedules=("1F1B", "Interleaved1F1B", "ZBVZeroBubble"),
+                               flavours=("replicate", "zero2", "zero3"))
+    fastest = solve_layers(stand, profiles, CLUSTER, sub_mesh, precision=precision)
+    assert fastest[2].status == "optimal"
+    work = fastest[2].objective_s
+    least = solve_layers(stand, profiles, CLUSTER, sub_mesh, precision=precision,
+                         least_memory=True, built=fastest)
+    schedules = list(search._schedules(space, pp, m, len(order)))
+    for flavour in space.flavours:
+        bounds = state_bound(stand.full, CLUSTER, sub_mesh, flavour, precision=precision)
+        assert bounds.step_s > 0 and bounds.gradient_bytes > 0
+        for solved in (fastest, least):
+            costs = layer_costs(stand, profiles, CLUSTER, sub_mesh, flavour,
+                                precision=precision, solved=solved)
+            for schedule, v in schedules:
+                b = bubble_weight(schedule, pp, m, v)
+                lower = bounds.step_bound_s(work, pp, m, b, CLUSTER.device)
+                runnable = costs  # a split backward runs no selective checkpointing
+                if get_schedule(schedule).split_backward:
+                    runnable = dataclasses.replace(costs, layers=search._offered(
+                        costs.layers, ("none", "full")))
+                c = search._best_cut(runnable, CLUSTER, mesh, mb, m, schedule, v, flavour,
+                                     order, float("inf"), "highs", None)
+                assert lower <= c.step_time_s * (1 + 1e-12), (flavour, schedule, lower, c)
+                without = b * work + (m - b) * work / pp
+                assert lower > without
+
+
 @pytest.mark.slow
 def test_pruning_before_the_solve_changes_no_plan(monkeypatch):
     with torch.device("meta"):
@@ -60,6 +117,7 @@ def test_pruning_before_the_solve_changes_no_plan(monkeypatch):
     assert any("ruled out by a bound" in ln and not ln.endswith(" 0 meshes") for ln in lines)
     assert int(lines[-1].split("; ")[1].split()[0]) > 0, lines[-1]  # some pairs were pruned
     monkeypatch.setattr(search, "_compute_bound", lambda *a: 0.0)
+    monkeypatch.setattr(search, "state_bound", lambda *a, **k: StateBound(0.0, 0.0, 0.0))
     unpruned = autopar.plan(model, CLUSTER, (x, x), loss_fn=lm_loss, schedule="1F1B")
     assert pruned.predicted["step_time_s"] == unpruned.predicted["step_time_s"]
     assert pruned.mesh == unpruned.mesh and pruned.pipeline == unpruned.pipeline
