@@ -96,7 +96,8 @@ def propagate(op, args, kwargs, vals_and_placements, mesh: DeviceMesh):
     d_args, d_kwargs = tree_map(conv, args), tree_map(conv, kwargs)
     dispatcher = DTensor._op_dispatcher
     info = dispatcher.unwrap_to_op_info(op, d_args, d_kwargs)
-    with _quiet_fake_tensor_log(), _strided_sizes_by_arithmetic(), _output_meta_kept():
+    with _quiet_fake_tensor_log(), _strided_sizes_by_arithmetic(), _output_meta_kept(), \
+            _redistribute_costs_kept():
         # (rejected combinations log a traceback before raising)
         # The non-cached entry: the cached one would remember answers for our planning mesh,
         # and DeviceMesh equality ignores process groups, so a later run on a real mesh of the
@@ -173,6 +174,48 @@ def _output_meta_kept():
         yield
     finally:
         del prop._propagate_tensor_meta_non_cached
+
+
+_REDISTRIBUTE_COST: dict = {}  # (meshes, specs' placements, orders, tensor metadata) -> cost
+try:  # private: where DTensor's strategy expansion prices a move between two specs
+    from torch.distributed.tensor._ops import utils as _strategy_utils
+except ImportError:
+    _strategy_utils = None
+
+
+def _spec_key(spec):
+    meta = spec.tensor_meta
+    return (spec.placements, spec.shard_order,
+            None if meta is None else (tuple(meta.shape), tuple(meta.stride), meta.dtype))
+
+
+@contextlib.contextmanager
+def _redistribute_costs_kept():
+    """While propagating: DTensor's price of moving a tensor from one spec to another, kept per
+    (both meshes, both specs' placements and shard orders, the tensor's shape, stride and
+    dtype), all it reads (a mesh by DeviceMesh equality: its ranks, layout, device type and
+    names). Every strategy DTensor expands prices a move from each input's spec: a third of
+    a plan's DTensor time went there, mostly on the same moves asked again."""
+    original = getattr(_strategy_utils, "redistribute_cost", None)
+    if original is None:  # another torch: nothing to speed up
+        yield
+        return
+
+    def kept(current, target):
+        try:
+            key = (current.mesh, target.mesh, _spec_key(current), _spec_key(target))
+            hash(key)
+        except (AttributeError, TypeError):  # a spec of another form: DTensor's own way
+            return original(current, target)
+        if key not in _REDISTRIBUTE_COST:
+            _REDISTRIBUTE_COST[key] = original(current, target)
+        return _REDISTRIBUTE_COST[key]
+
+    _strategy_utils.redistribute_cost = kept
+    try:
+        yield
+    finally:
+        _strategy_utils.redistribute_cost = original
 
 
 def _strided_local_size(size: int, split_factor: int, num_chunks: int, rank: int) -> int:
