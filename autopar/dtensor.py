@@ -97,7 +97,7 @@ def propagate(op, args, kwargs, vals_and_placements, mesh: DeviceMesh):
     dispatcher = DTensor._op_dispatcher
     info = dispatcher.unwrap_to_op_info(op, d_args, d_kwargs)
     with _quiet_fake_tensor_log(), _strided_sizes_by_arithmetic(), _output_meta_kept(), \
-            _redistribute_costs_kept():
+            _redistribute_costs_kept(), _shard_orders_kept():
         # (rejected combinations log a traceback before raising)
         # The non-cached entry: the cached one would remember answers for our planning mesh,
         # and DeviceMesh equality ignores process groups, so a later run on a real mesh of the
@@ -216,6 +216,55 @@ def _redistribute_costs_kept():
         yield
     finally:
         _strategy_utils.redistribute_cost = original
+
+
+try:  # private: the spec every strategy DTensor expands is made of
+    from torch.distributed.tensor._dtensor_spec import DTensorSpec as _DTensorSpec
+except ImportError:
+    _DTensorSpec = None
+_SHARD_ORDER: dict = {}  # placements -> DTensorSpec.compute_default_shard_order(placements)
+_VERIFIED: set = set()  # (placements, shard order) pairs DTensorSpec has verified
+
+
+@contextlib.contextmanager
+def _shard_orders_kept():
+    """While propagating: a spec's default shard order, and the check that a shard order
+    matches its placements, done once per placements (both are functions of them alone). Every
+    DTensorSpec made computes and checks one: a fifth of a plan's DTensor time went there, on
+    the same few placements."""
+    cls = _DTensorSpec
+    compute = cls.__dict__.get("compute_default_shard_order") if cls is not None else None
+    verify = cls.__dict__.get("_verify_shard_order") if cls is not None else None
+    if not isinstance(compute, staticmethod) or verify is None:  # another torch
+        yield
+        return
+
+    def computed(placements):
+        try:
+            return _SHARD_ORDER[placements]
+        except KeyError:
+            order = _SHARD_ORDER[placements] = compute.__func__(placements)
+            return order
+        except TypeError:  # unhashable placements: DTensor's own way
+            return compute.__func__(placements)
+
+    def verified(self, shard_order):
+        try:
+            key = (self.placements, shard_order)
+            if key in _VERIFIED:
+                return
+        except TypeError:
+            return verify(self, shard_order)
+        verify(self, shard_order)  # raises where they do not match: nothing is kept then
+        _VERIFIED.add(key)
+
+    cls.compute_default_shard_order = staticmethod(computed)
+    cls._verify_shard_order = verified
+    try:
+        yield
+    finally:
+        cls.compute_default_shard_order = compute
+        cls._verify_shard_order = verify
 
 
 def _strided_local_size(size: int, split_factor: int, num_chunks: int, rank: int) -> int:

@@ -33,3 +33,49 @@ def test_the_arithmetic_is_used_only_while_propagating():
     with pytest.raises(RuntimeError), dtensor._strided_sizes_by_arithmetic():
         raise RuntimeError  # restored on errors too
     assert _StridedShard.local_shard_size_and_offset is original
+
+
+def _specs(placement_sets):
+    from torch.distributed.tensor._dtensor_spec import DTensorSpec
+    mesh = dtensor.planning_mesh((2, 2, 2), ("a", "b", "c"))
+    return [DTensorSpec(mesh, tuple(pl)) for pl in placement_sets]
+
+
+def test_kept_shard_orders_equal_dtensors_and_bad_orders_still_raise():
+    from torch.distributed.tensor import Partial, Replicate, Shard
+    from torch.distributed.tensor._dtensor_spec import DTensorSpec, ShardOrderEntry
+    options = [Replicate(), Shard(0), Shard(1), Partial()]
+    sets = [(a, b, c) for a in options for b in options for c in options]
+    want = [s.shard_order for s in _specs(sets)]
+    original = (DTensorSpec.__dict__["compute_default_shard_order"],
+                DTensorSpec.__dict__["_verify_shard_order"])
+    with dtensor._shard_orders_kept():
+        for _ in range(2):  # computed, then kept
+            assert [s.shard_order for s in _specs(sets)] == want
+        mesh = dtensor.planning_mesh((2, 2, 2), ("a", "b", "c"))
+        wrong = (ShardOrderEntry(tensor_dim=1, mesh_dims=(0,)),)
+        for _ in range(2):  # a mismatch is never kept as verified
+            with pytest.raises(AssertionError):
+                DTensorSpec(mesh, (Shard(0), Replicate(), Replicate()), shard_order=wrong)
+    assert (DTensorSpec.__dict__["compute_default_shard_order"],
+            DTensorSpec.__dict__["_verify_shard_order"]) == original
+
+
+def test_kept_redistribute_costs_equal_dtensors():
+    import torch
+    from torch.distributed.tensor import Partial, Replicate, Shard
+    from torch.distributed.tensor._collective_utils import redistribute_cost
+    from torch.distributed.tensor._dtensor_spec import TensorMeta
+    from torch.distributed.tensor._ops import utils
+    options = [Replicate(), Shard(0), Shard(1), Partial()]
+    sets = [(a, b, c) for a in options for b in options for c in options]
+    specs = _specs(sets)
+    for s, shape in zip(specs, [(8, 16), (16, 8), (4, 4)] * len(specs)):
+        s.tensor_meta = TensorMeta(torch.Size(shape), (shape[1], 1), torch.float32)
+    pairs = [(x, y) for x in specs[::7] for y in specs[::5]
+             if x.tensor_meta.shape == y.tensor_meta.shape]
+    want = [redistribute_cost(x, y) for x, y in pairs]
+    with dtensor._redistribute_costs_kept():
+        for _ in range(2):
+            assert [utils.redistribute_cost(x, y) for x, y in pairs] == want
+    assert utils.redistribute_cost is redistribute_cost
