@@ -310,13 +310,14 @@ def _edges(gm, strategies, shape, links, experts=(set(), (), set())) -> list[sol
             continue
         for slot, arg in enumerate(tensor_inputs(n)):
             src, k = source_of(arg)
-            val = arg.meta["val"]
+            price = _edge_pricer(arg.meta["val"], shape, links)
             stays = expert_axes if src.name in held else ()
+            rows = n.name in partial_rows  # expert_rows.forbids can refuse an entry
             matrix = tuple(
                 tuple(math.inf if any(si.outputs[k][a] != dj.inputs[slot][a] for a in stays)
-                      or expert_rows.forbids(n.name, si.outputs[k], dj.inputs[slot],
-                                             partial_rows, expert_axes)
-                      else _edge_time_s(si.outputs[k], dj.inputs[slot], val, shape, links)
+                      or rows and expert_rows.forbids(n.name, si.outputs[k], dj.inputs[slot],
+                                                      partial_rows, expert_axes)
+                      else price(si.outputs[k], dj.inputs[slot])
                       for dj in strategies[n.name])
                 for si in strategies[src.name]
             )
@@ -335,13 +336,19 @@ def _edges(gm, strategies, shape, links, experts=(set(), (), set())) -> list[sol
     return _merge_parallel_edges(edges)
 
 
-def _edge_time_s(src: Placements, dst: Placements, val, shape, links) -> float:
-    """Forward resharding src -> dst, plus its mirror in backward: the gradient goes back from
-    dst to src, with Partial turned into Replicate (DTensor's backward of a redistribute)."""
-    if src == dst:
-        return 0.0
-    return _both_ways_s(tuple(src), tuple(dst), tuple(val.shape), val.element_size(),
-                        val.dtype.is_floating_point, tuple(shape), tuple(links))
+def _edge_pricer(val, shape, links):
+    """`price(src, dst)`: resharding a value like `val` from src to dst in forward, plus its
+    mirror in backward: the gradient goes back from dst to src, with Partial turned into
+    Replicate (DTensor's backward of a redistribute). What does not depend on the placements
+    is read once per edge, not once per entry of its matrix."""
+    fixed = (tuple(val.shape), val.element_size(), val.dtype.is_floating_point, tuple(shape),
+             tuple(links))
+
+    def price(src: Placements, dst: Placements) -> float:
+        if src == dst:
+            return 0.0
+        return _both_ways_s(tuple(src), tuple(dst), *fixed)
+    return price
 
 
 # The same pairs recur on every copy of a block, every microbatch size's tied nodes and every
