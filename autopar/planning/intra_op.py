@@ -313,16 +313,15 @@ def _edges(gm, strategies, shape, links, experts=(set(), (), set())) -> list[sol
             price = _edge_pricer(arg.meta["val"], shape, links)
             stays = expert_axes if src.name in held else ()
             rows = n.name in partial_rows  # expert_rows.forbids can refuse an entry
-            matrix = tuple(
-                tuple(math.inf if any(si.outputs[k][a] != dj.inputs[slot][a] for a in stays)
-                      or rows and expert_rows.forbids(n.name, si.outputs[k], dj.inputs[slot],
-                                                      partial_rows, expert_axes)
-                      else price(si.outputs[k], dj.inputs[slot])
-                      for dj in strategies[n.name])
-                for si in strategies[src.name]
-            )
-            if stays and not any(all(si.outputs[k][a] == dj.inputs[slot][a] for a in stays)
-                                 for si in strategies[src.name] for dj in strategies[n.name]):
+            # an entry depends only on the two placements, and many strategies share them:
+            # priced once per distinct pair, then spread over the matrix
+            outs, out_of = _distinct(si.outputs[k] for si in strategies[src.name])
+            ins, in_of = _distinct(dj.inputs[slot] for dj in strategies[n.name])
+            table = [[math.inf if any(o[a] != i[a] for a in stays)
+                      or rows and expert_rows.forbids(n.name, o, i, partial_rows, expert_axes)
+                      else price(o, i) for i in ins] for o in outs]
+            matrix = tuple(tuple(table[r][c] for c in in_of) for r in out_of)
+            if stays and not any(all(o[a] == i[a] for a in stays) for o in outs for i in ins):
                 raise MeshError(
                     f"expert parallelism cannot split the experts that reach {n.name} "
                     f"({n.target}): the op has no sharding that takes them split over ep as they "
@@ -334,6 +333,13 @@ def _edges(gm, strategies, shape, links, experts=(set(), (), set())) -> list[sol
             if any(any(c > 0 for c in row) for row in matrix) or len(matrix) > 1:
                 edges.append(solvers.Edge(src=src.name, dst=n.name, costs_s=matrix))
     return _merge_parallel_edges(edges)
+
+
+def _distinct(placements) -> tuple[list, list[int]]:
+    """The distinct placements, in order of first appearance, and each item's index among them."""
+    index: dict = {}
+    of = [index.setdefault(p, len(index)) for p in placements]
+    return list(index), of
 
 
 def _edge_pricer(val, shape, links):
