@@ -166,8 +166,7 @@ def search(trace_fn, example_inputs, cluster: Cluster, space: SearchSpace, *,
             return None
         return [found.add(c) for c in _candidates(
             solved[key], stand, profiles, cluster, sub_mesh, _flavours(space, mesh), space,
-            mesh, mb, m,
-            order, budget, solver, time_limit_s, precision, found)]
+            mesh, mb, m, order, budget, solver, time_limit_s, precision, found)]
 
     second = []  # what the second pass may try: (mesh, microbatch)s the first pass scored
     # ops split inside a node first, widest first (ties of the bound below go this way)
@@ -183,6 +182,7 @@ def search(trace_fn, example_inputs, cluster: Cluster, space: SearchSpace, *,
              if (batch // ranks(mesh)) % local == 0
              and (local == 1 or parallelism.sequence_ranks(mesh) == 1
                   or space.microbatch_sizes)]
+
     def traced(mb: int):
         if mb not in traces:  # one trace, stand-in and layer order per microbatch size
             stand, profiles = prepare(trace_fn(microbatch_inputs(example_inputs, mb)))

@@ -11,10 +11,10 @@ import torch
 
 import autopar
 import autopar.planning.search as search
+from autopar.layers import assign_layers, layer_order
 from autopar.models.gpt import GPT, GPTConfig
 from autopar.models.llama import Llama, LlamaConfig
 from autopar.models.losses import lm_loss
-from autopar.layers import assign_layers, layer_order
 from autopar.planning.candidate import bubble_weight
 from autopar.planning.layer_costs import (
     StateBound,
