@@ -112,10 +112,9 @@ def main() -> None:
 
 def compare_trees(args) -> None:
     """Each case, run by run, in every tree in turn; the medians per tree."""
-    import subprocess as sp
     result = {"date": time.strftime("%Y-%m-%d"), "runs": args.runs, "trees": {}}
     for tree in args.trees:
-        commit = sp.run(["git", "-C", tree, "rev-parse", "--short", "HEAD"], capture_output=True,
+        commit = subprocess.run(["git", "-C", tree, "rev-parse", "--short", "HEAD"], capture_output=True,
                         text=True).stdout.strip()
         result["trees"][tree] = {"commit": commit, "cases": {c: [] for c in args.cases}}
     for name in args.cases:

@@ -115,12 +115,13 @@ def search(trace_fn, example_inputs, cluster: Cluster, space: SearchSpace, *,
     Two passes. First every (mesh, microbatch) with the fastest intra-op sharding of its stage
     mesh, in the order of a lower bound on their candidates (compute alone, plus what the
     parameters cost each flavour at their smallest: `state_bound`), until the best plan found
-    is no slower than the next bound. Then, for those a lower bound does not show to lose against the best plan of the
-    first pass: with tp, the fastest sharding with sequence parallelism (the residual stream
-    split along the sequence over tp: 1/tp of its activations for about the same time, where
-    the first pass's ties go the other way, so that a plan that checkpointed to fit may need
-    less of it); and where every candidate went over the memory limit, the sharding of least
-    memory (its min-peak ILPs are the slowest solves of a search under a tight limit)."""
+    is no slower than the next bound. Then, for those a lower bound does not show to lose
+    against the best plan of the first pass: with tp, the fastest sharding with sequence
+    parallelism (the residual stream split along the sequence over tp: 1/tp of its activations
+    for about the same time, where the first pass's ties go the other way, so that a plan that
+    checkpointed to fit may need less of it); and where every candidate went over the memory
+    limit, the sharding of least memory (its min-peak ILPs are the slowest solves of a search
+    under a tight limit)."""
     start = time.perf_counter()
     precision = precision or TrainingPrecision()
     budget = memory_limit_bytes if memory_limit_bytes is not None else cluster.device.memory_bytes
