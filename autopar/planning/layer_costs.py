@@ -369,6 +369,9 @@ class StateBound:
     microbatch_s: float  # the flavour's collectives in one microbatch, every layer
     step_s: float  # once a step, every rank together: its sync and the optimizer step
     gradient_bytes: float  # the local gradients every rank together accumulates
+    # parameters, gradients and optimizer state every pp rank together holds: the busiest
+    # holds at least 1/pp of it, so a mesh whose share is over the memory limit fits nowhere
+    state_bytes: float = 0.0
 
     def step_bound_s(self, work_s: float, pp: int, m: int, b: float, device) -> float:
         """A lower bound on a candidate's step, given W >= one microbatch's intra-op work over
@@ -408,7 +411,7 @@ def state_bound(full: TracedModel, cluster: Cluster, sub_mesh: dict[str, int], f
         for part, nbytes in parameter_state_bytes(local, precision).items():
             state[part] += nbytes / divide
     per_step += cost.optimizer_step_s(state, sub.device, precision)
-    return StateBound(per_microbatch, per_step, state["gradients"])
+    return StateBound(per_microbatch, per_step, state["gradients"], sum(state.values()))
 
 
 def _expert_axes_sync_s(placements, sub_mesh: dict[str, int], links, grad_bytes: float,

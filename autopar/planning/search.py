@@ -115,8 +115,10 @@ def search(trace_fn, example_inputs, cluster: Cluster, space: SearchSpace, *,
     Two passes. First every (mesh, microbatch) with the fastest intra-op sharding of its stage
     mesh, in the order of a lower bound on their candidates (compute alone, plus what the
     parameters cost each flavour at their smallest: `state_bound`), until the best plan found
-    is no slower than the next bound. Then, for those a lower bound does not show to lose
-    against the best plan of the first pass: with tp, the fastest sharding with sequence
+    is no slower than the next bound; a flavour whose parameters' state alone, at its
+    smallest, puts a rank over the memory limit is left out of the bound, and a pair where
+    every flavour does is scored only if nothing else fits. Then, for those a lower bound does
+    not show to lose against the best plan of the first pass: with tp, the fastest sharding with sequence
     parallelism (the residual stream split along the sequence over tp: 1/tp of its activations
     for about the same time, where the first pass's ties go the other way, so that a plan that
     checkpointed to fit may need less of it); and where every candidate went over the memory
@@ -132,10 +134,8 @@ def search(trace_fn, example_inputs, cluster: Cluster, space: SearchSpace, *,
 
     state_bounds: dict[tuple, list] = {}
 
-    def plan_bound(stand, order, mesh, m, work_s) -> float:
-        """A lower bound on every candidate of `mesh` with `m` microbatches whose intra-op
-        work per microbatch is at least `work_s`: the best of its flavours' `StateBound`s
-        under each schedule."""
+    def flavour_bounds(stand, mesh) -> list:
+        """The `StateBound` of each flavour `mesh` tries."""
         sub_mesh = parallelism.intra_op_mesh(mesh)
         key = tuple(sub_mesh.items())
         if key not in state_bounds:  # the parameters are the same at every microbatch size
@@ -143,10 +143,22 @@ def search(trace_fn, example_inputs, cluster: Cluster, space: SearchSpace, *,
                 b for f in _flavours(space, mesh)
                 if (b := state_bound(stand.full, cluster, sub_mesh, f,
                                      precision=precision)) is not None]
+        return state_bounds[key]
+
+    def fitting_bounds(stand, mesh) -> list:
+        """The `StateBound`s of the flavours whose state, at its smallest, leaves the busiest
+        pp rank (at least 1/pp of it) within the limit: the others fit nowhere on `mesh`."""
+        return [b for b in flavour_bounds(stand, mesh)
+                if b.state_bytes / mesh[PIPELINE] <= budget]
+
+    def plan_bound(stand, order, mesh, m, work_s) -> float:
+        """A lower bound on every candidate that fits of `mesh` with `m` microbatches whose
+        intra-op work per microbatch is at least `work_s`: the best of its fitting flavours'
+        `StateBound`s under each schedule (inf when no flavour fits)."""
         pp = mesh[PIPELINE]
         return min((b.step_bound_s(work_s, pp, m, bubble_weight(sched, pp, m, v), cluster.device)
                     for sched, v in _schedules(space, pp, m, len(order))
-                    for b in state_bounds[key]), default=math.inf)
+                    for b in fitting_bounds(stand, mesh)), default=math.inf)
 
     def score(stand, profiles, order, mesh, mb, m, mode="fastest"):
         """Score the candidates of one intra-op sharding; None if it has none (MeshError)."""
@@ -169,7 +181,6 @@ def search(trace_fn, example_inputs, cluster: Cluster, space: SearchSpace, *,
             solved[key], stand, profiles, cluster, sub_mesh, _flavours(space, mesh), space,
             mesh, mb, m, order, budget, solver, time_limit_s, precision, found)]
 
-    second = []  # what the second pass may try: (mesh, microbatch)s the first pass scored
     # ops split inside a node first, widest first (ties of the bound below go this way)
     mesh_order = lambda x: (_ops_size(x) > cluster.devices_per_node, -_ops_size(x),  # noqa: E731
                             x[PIPELINE])
@@ -190,58 +201,88 @@ def search(trace_fn, example_inputs, cluster: Cluster, space: SearchSpace, *,
             traces[mb] = (stand, profiles, layer_order(assign_layers(stand.full)))
         return traces[mb]
 
+    work_bounds: dict[tuple, float] = {}
+
+    def weigh(ks) -> list[tuple[float, int, int, int]]:
+        """(lower bound, pair, microbatch size, microbatches) of pairs `ks`, best first."""
+        out = []
+        for k in ks:
+            mesh, local = pairs[k]
+            mb = local * ranks(mesh)
+            stand, profiles, order = traced(mb)
+            sub_mesh = parallelism.intra_op_mesh(mesh)
+            key = (mb, tuple(sub_mesh.items()))
+            if key not in work_bounds:
+                work_bounds[key] = _compute_bound(stand, profiles, cluster, sub_mesh)
+            m = batch // mb
+            out.append((plan_bound(stand, order, mesh, m, work_bounds[key]), k, mb, m))
+        return sorted(out)
+
+    def solve(first) -> None:
+        """Score pairs `first` (from `weigh`) best first, then the second pass over them."""
+        second = []  # what the second pass may try: (mesh, microbatch)s the first pass scored
+        for i, (bound, k, mb, m) in enumerate(first):
+            if found.best is not None and bound >= found.best.step_time_s:
+                found.pruned += len(first) - i  # these and every later pair, in bound order
+                break
+            mesh = pairs[k][0]
+            if log:  # a progress line: what is being solved, the best so far, elapsed
+                log(f"[{i + 1}/{len(first)}] {_mesh_text(mesh)}, {m} x {mb}: {found.so_far()}, "
+                    f"{time.perf_counter() - start:.0f} s")
+            stand, profiles, order = traces[mb]
+            fits = score(stand, profiles, order, mesh, mb, m)
+            if fits:  # scored (not refused by the mesh)
+                # all over the limit: the least-memory sharding may fit
+                second.append((stand, profiles, order, mesh, mb, m, not any(fits)))
+
+        def second_bound(entry) -> float:
+            """A lower bound on the least-memory (or the sequence-parallel) sharding's
+            candidates of a (mesh, microbatch): both solve the fastest's problem, restricted,
+            so their intra-op work is at least the fastest's objective where that one is
+            proven optimal."""
+            stand, profiles, order, mesh, mb, m, _ = entry
+            _, _, fastest = solved[(mb, tuple(parallelism.intra_op_mesh(mesh).items()),
+                                    "fastest")]
+            if fastest.status != "optimal":
+                return 0.0
+            return plan_bound(stand, order, mesh, m, fastest.objective_s)
+
+        # most promising first: a good plan found early lets the bound rule out more of the rest
+        again = [(b, i) for b, i in sorted((second_bound(e), i) for i, e in enumerate(second))
+                 if found.best is None or b < found.best.step_time_s]
+        for n, (bound, i) in enumerate(again):
+            stand, profiles, order, mesh, mb, m, none_fit = second[i]
+            sub_mesh = parallelism.intra_op_mesh(mesh)
+            if found.best is not None and bound >= found.best.step_time_s:
+                continue
+            # where the fastest sharding fitted by checkpointing, or did not fit at all, the
+            # stream split along the sequence may fit with less
+            sequence = sequence_parallel.axis(sub_mesh, "offer")
+            if log and (sequence or none_fit):
+                how = "sequence-parallel" if sequence else "least-memory"
+                log(f"[{how} {n + 1}/{len(again)}] {_mesh_text(mesh)}, {m} x {mb}: "
+                    f"{found.so_far()}, {time.perf_counter() - start:.0f} s")
+            if sequence:
+                score(stand, profiles, order, mesh, mb, m, "sequence")
+            if none_fit:
+                score(stand, profiles, order, mesh, mb, m, "least")
+
     # every pair's lower bound before any solve, then the pairs most promising first
-    # (best-first branch and bound): a good plan found early rules out the rest by their bound
-    first, work_bounds = [], {}
+    # (best-first branch and bound): a good plan found early rules out the rest by their bound.
+    # A pair whose parameters' state alone puts a rank over the limit is left out: it is
+    # scored only if nothing else fits, for the error's smallest peak.
+    fit, over = [], []
     for k, (mesh, local) in enumerate(pairs):
-        mb = local * ranks(mesh)
-        stand, profiles, order = traced(mb)
-        if mesh[PIPELINE] > len(order):
-            continue
-        sub_mesh = parallelism.intra_op_mesh(mesh)
-        key = (mb, tuple(sub_mesh.items()))
-        if key not in work_bounds:
-            work_bounds[key] = _compute_bound(stand, profiles, cluster, sub_mesh)
-        m = batch // mb
-        first.append((plan_bound(stand, order, mesh, m, work_bounds[key]), k, mb, m))
-    first.sort()
-    for i, (bound, k, mb, m) in enumerate(first):
-        if found.best is not None and bound >= found.best.step_time_s:
-            found.pruned += len(first) - i  # these and every later pair, in bound order
-            break
-        mesh = pairs[k][0]
-        if log:  # a progress line: what is being solved, the best so far, elapsed
-            best = f"best so far {found.best.step_time_s:.4g} s" if found.best else "none fits yet"
-            log(f"[{i + 1}/{len(first)}] {_mesh_text(mesh)}, {m} x {mb}: {best}, "
-                f"{time.perf_counter() - start:.0f} s")
-        stand, profiles, order = traces[mb]
-        fits = score(stand, profiles, order, mesh, mb, m)
-        if fits:  # scored (not refused by the mesh)
-            # all over the limit: the least-memory sharding may fit
-            second.append((stand, profiles, order, mesh, mb, m, not any(fits)))
-
-    def second_bound(entry) -> float:
-        """A lower bound on the least-memory (or the sequence-parallel) sharding's candidates
-        of a (mesh, microbatch): both solve the fastest's problem, restricted, so their intra-op
-        work is at least the fastest's objective where that one is proven optimal."""
-        stand, profiles, order, mesh, mb, m, _ = entry
-        _, _, fastest = solved[(mb, tuple(parallelism.intra_op_mesh(mesh).items()), "fastest")]
-        if fastest.status != "optimal":
-            return 0.0
-        return plan_bound(stand, order, mesh, m, fastest.objective_s)
-
-    # most promising first: a good plan found early lets the bound rule out more of the rest
-    for bound, i in sorted((second_bound(e), i) for i, e in enumerate(second)):
-        stand, profiles, order, mesh, mb, m, none_fit = second[i]
-        sub_mesh = parallelism.intra_op_mesh(mesh)
-        if found.best is not None and bound >= found.best.step_time_s:
-            continue
-        # where the fastest sharding fitted by checkpointing, or did not fit at all, the stream
-        # split along the sequence may fit with less
-        if sequence_parallel.axis(sub_mesh, "offer"):
-            score(stand, profiles, order, mesh, mb, m, "sequence")
-        if none_fit:
-            score(stand, profiles, order, mesh, mb, m, "least")
+        # the parameters and the layers are the same at every microbatch size: any trace says
+        # whether the pipeline is too deep or the state too big
+        stand, _, order = traces[next(iter(traces))] if traces else traced(local * ranks(mesh))
+        if mesh[PIPELINE] <= len(order):
+            (fit if fitting_bounds(stand, mesh) else over).append(k)
+    solve(weigh(fit))
+    if found.best is None and over:
+        solve(weigh(over))
+    else:
+        found.too_big = len(over)
     best, smallest = found.best, found.smallest
     if best is None:
         if smallest is None:
@@ -257,7 +298,8 @@ def search(trace_fn, example_inputs, cluster: Cluster, space: SearchSpace, *,
         )
     if log:
         log(f"searched {found.tried} candidates ({found.pipelined} with pipeline stages; "
-            f"{found.pruned} meshes x microbatches ruled out by a bound before solving) in "
+            f"{found.pruned} meshes x microbatches ruled out by a bound before solving, "
+            f"{found.too_big} by their state's memory) in "
             f"{time.perf_counter() - start:.1f} s")
     return candidate_plan(best, cluster, precision,
                           solver={"candidates": found.tried, "stage_cut": best.cut})
@@ -275,6 +317,10 @@ class _Found:
     tried: int = 0
     pipelined: int = 0  # of those tried, candidates with pipeline stages
     pruned: int = 0  # (mesh, microbatch) pairs a bound ruled out before their solve
+    too_big: int = 0  # ... and pairs whose state alone is over the limit in every flavour
+
+    def so_far(self) -> str:
+        return f"best so far {self.best.step_time_s:.4g} s" if self.best else "none fits yet"
 
     def add(self, c: Candidate) -> bool:
         """Keep `c` if it fits and is the fastest yet; say whether it fits."""

@@ -88,7 +88,7 @@ def test_the_state_bound_is_below_every_candidate_of_the_mesh(mesh):
     schedules = list(search._schedules(space, pp, m, len(order)))
     for flavour in space.flavours:
         bounds = state_bound(stand.full, CLUSTER, sub_mesh, flavour, precision=precision)
-        assert bounds.step_s > 0 and bounds.gradient_bytes > 0
+        assert bounds.step_s > 0 and bounds.gradient_bytes > 0 and bounds.state_bytes > 0
         for solved in (fastest, least):
             costs = layer_costs(stand, profiles, CLUSTER, sub_mesh, flavour,
                                 precision=precision, solved=solved)
@@ -102,22 +102,32 @@ def test_the_state_bound_is_below_every_candidate_of_the_mesh(mesh):
                 c = search._best_cut(runnable, CLUSTER, mesh, mb, m, schedule, v, flavour,
                                      order, float("inf"), "highs", None)
                 assert lower <= c.step_time_s * (1 + 1e-12), (flavour, schedule, lower, c)
+                # the busiest rank holds at least its share of the state at its smallest
+                assert bounds.state_bytes / pp <= c.peak_memory_bytes * (1 + 1e-12)
                 without = b * work + (m - b) * work / pp
                 assert lower > without
 
 
 @pytest.mark.slow
-def test_pruning_before_the_solve_changes_no_plan(monkeypatch):
+@pytest.mark.parametrize("options", [
+    {},
+    # replicated state over 0.5 GiB on pp x tp of 1 and 2 ranks: pairs left out before solving
+    {"data_parallel": "replicate", "memory_limit": 0.5 * 2**30},
+], ids=["time", "memory"])
+def test_pruning_before_the_solve_changes_no_plan(monkeypatch, options):
     with torch.device("meta"):
         model = MODELS["gpt"]()
     x = torch.zeros(16, SEQ, dtype=torch.long, device="meta")
     lines = []
     pruned = autopar.plan(model, CLUSTER, (x, x), loss_fn=lm_loss, schedule="1F1B",
-                          log=lines.append)
-    assert any("ruled out by a bound" in ln and not ln.endswith(" 0 meshes") for ln in lines)
-    assert int(lines[-1].split("; ")[1].split()[0]) > 0, lines[-1]  # some pairs were pruned
+                          log=lines.append, **options)
+    # "...; N meshes x microbatches ruled out by a bound before solving, K by their state's
+    # memory) in ..."
+    by_time, by_memory = (int(part.split()[0]) for part in lines[-1].split("; ")[1].split(", "))
+    assert by_time > 0 and (by_memory > 0) == bool(options), lines[-1]
     monkeypatch.setattr(search, "_compute_bound", lambda *a: 0.0)
     monkeypatch.setattr(search, "state_bound", lambda *a, **k: StateBound(0.0, 0.0, 0.0))
-    unpruned = autopar.plan(model, CLUSTER, (x, x), loss_fn=lm_loss, schedule="1F1B")
+    unpruned = autopar.plan(model, CLUSTER, (x, x), loss_fn=lm_loss, schedule="1F1B",
+                            **options)
     assert pruned.predicted["step_time_s"] == unpruned.predicted["step_time_s"]
     assert pruned.mesh == unpruned.mesh and pruned.pipeline == unpruned.pipeline
