@@ -373,16 +373,19 @@ class StateBound:
     # holds at least 1/pp of it, so a mesh whose share is over the memory limit fits nowhere
     state_bytes: float = 0.0
 
-    def step_bound_s(self, work_s: float, pp: int, m: int, b: float, device) -> float:
+    def step_bound_s(self, work_s: float, pp: int, m: int, b: float, device,
+                     busiest_s: float = 0.0) -> float:
         """A lower bound on a candidate's step, given W >= one microbatch's intra-op work over
-        all layers: the stage model with every stage's work (W + these collectives) / pp
-        (see `search._step_bound`), plus the busiest rank's once-a-step share, at least 1/pp
-        of the total (`candidate.evaluate`). The optimizer step and the gradient accumulation
-        charged once over all the bytes: each is a memory pass with a floor per layer, so
-        once is no more than per layer."""
+        all layers and `busiest_s` <= the busiest rank's share of it: the stage model
+        b * sum_s T_s + (m - b) * max_r T_rank with sum_s T_s >= W + these collectives and
+        max_r T_rank at least the larger of `busiest_s` and 1/pp of that (see
+        `search._step_bound`), plus the busiest rank's once-a-step share, at least 1/pp of the
+        total (`candidate.evaluate`). The optimizer step and the gradient accumulation charged
+        once over all the bytes: each is a memory pass with a floor per layer, so once is no
+        more than per layer."""
         work = work_s + self.microbatch_s
         once = self.step_s + cost.gradient_accumulation_s(self.gradient_bytes, m, device)
-        return b * work + (m - b) * work / pp + once / pp
+        return b * work + (m - b) * max(work / pp, busiest_s) + once / pp
 
 
 def state_bound(full: TracedModel, cluster: Cluster, sub_mesh: dict[str, int], flavour: str, *,

@@ -30,6 +30,7 @@ from autopar.planning.assemble import candidate_plan
 from autopar.planning.candidate import (
     Candidate,
     bubble_weight,
+    busiest_rank_bound,
     evaluate,
     even_stages,
     pipeline_problem,
@@ -151,14 +152,17 @@ def search(trace_fn, example_inputs, cluster: Cluster, space: SearchSpace, *,
         return [b for b in flavour_bounds(stand, mesh)
                 if b.state_bytes / mesh[PIPELINE] <= budget]
 
-    def plan_bound(stand, order, mesh, m, work_s) -> float:
+    def plan_bound(stand, order, mesh, m, work_s, layer_works) -> float:
         """A lower bound on every candidate that fits of `mesh` with `m` microbatches whose
-        intra-op work per microbatch is at least `work_s`: the best of its fitting flavours'
-        `StateBound`s under each schedule (inf when no flavour fits)."""
-        pp = mesh[PIPELINE]
-        return min((b.step_bound_s(work_s, pp, m, bubble_weight(sched, pp, m, v), cluster.device)
-                    for sched, v in _schedules(space, pp, m, len(order))
-                    for b in fitting_bounds(stand, mesh)), default=math.inf)
+        intra-op work per microbatch is at least `work_s`, and each layer's at least
+        `layer_works` (`_compute_bounds`): the best of its fitting flavours' `StateBound`s
+        under each schedule (inf when no flavour fits)."""
+        pp, best = mesh[PIPELINE], math.inf
+        for sched, v in _schedules(space, pp, m, len(order)):
+            weight, busiest = bubble_weight(sched, pp, m, v), busiest_rank_bound(layer_works, pp, v)
+            best = min([best, *(b.step_bound_s(work_s, pp, m, weight, cluster.device, busiest)
+                                for b in fitting_bounds(stand, mesh))])
+        return best
 
     def score(stand, profiles, order, mesh, mb, m, mode="fastest"):
         """Score the candidates of one intra-op sharding; None if it has none (MeshError)."""
@@ -201,7 +205,7 @@ def search(trace_fn, example_inputs, cluster: Cluster, space: SearchSpace, *,
             traces[mb] = (stand, profiles, layer_order(assign_layers(stand.full)))
         return traces[mb]
 
-    work_bounds: dict[tuple, float] = {}
+    work_bounds: dict[tuple, tuple[float, ...]] = {}  # (mb, stage mesh) -> per layer
 
     def weigh(ks) -> list[tuple[float, int, int, int]]:
         """(lower bound, pair, microbatch size, microbatches) of pairs `ks`, best first."""
@@ -213,9 +217,10 @@ def search(trace_fn, example_inputs, cluster: Cluster, space: SearchSpace, *,
             sub_mesh = parallelism.intra_op_mesh(mesh)
             key = (mb, tuple(sub_mesh.items()))
             if key not in work_bounds:
-                work_bounds[key] = _compute_bound(stand, profiles, cluster, sub_mesh)
+                work_bounds[key] = _compute_bounds(stand, profiles, cluster, sub_mesh)
             m = batch // mb
-            out.append((plan_bound(stand, order, mesh, m, work_bounds[key]), k, mb, m))
+            works = work_bounds[key]
+            out.append((plan_bound(stand, order, mesh, m, sum(works), works), k, mb, m))
         return sorted(out)
 
     def solve(first) -> None:
@@ -245,7 +250,8 @@ def search(trace_fn, example_inputs, cluster: Cluster, space: SearchSpace, *,
                                     "fastest")]
             if fastest.status != "optimal":
                 return 0.0
-            return plan_bound(stand, order, mesh, m, fastest.objective_s)
+            return plan_bound(stand, order, mesh, m, fastest.objective_s,
+                              work_bounds[(mb, tuple(parallelism.intra_op_mesh(mesh).items()))])
 
         # most promising first: a good plan found early lets the bound rule out more of the rest
         again = [(b, i) for b, i in sorted((second_bound(e), i) for i, e in enumerate(second))
@@ -371,31 +377,36 @@ def _candidates(solved, stand, profiles, cluster, sub_mesh, flavours, space, mes
                             solver, time_limit_s, best)
 
 
-def _compute_bound(stand, profiles, cluster: Cluster, sub_mesh: dict[str, int]) -> float:
-    """A lower bound on one microbatch's work over all layers on a stage mesh, before any
-    solve: each op's forward and backward compute alone (no communication, no host time),
-    split over the best of the ways its strategies can split work (over any set of the mesh's
-    axes), each node weighted by the full-graph nodes it stands for."""
+def _compute_bounds(stand, profiles, cluster: Cluster,
+                    sub_mesh: dict[str, int]) -> tuple[float, ...]:
+    """Per layer of the full graph, in pipeline order: a lower bound on one microbatch's work
+    of the layer on a stage mesh, before any solve. Each op's forward and backward compute
+    alone (no communication, no host time), split over the best of the ways its strategies can
+    split work (over any set of the mesh's axes); a layer the stand-in dropped takes the bound
+    of the layer that stands for it."""
     splits = {1}
     for n in sub_mesh.values():
         splits |= {k * n for k in splits}
-    total = 0.0
+    layer_of = assign_layers(stand.full)
+    planned: dict[str, float] = {}
     for n in decision_nodes(stand.traced.graph_module):  # the ILP's nodes
         if n.op == "call_function" and n.name in profiles:
-            total += stand.weight_of(n.name) * min(
+            layer = layer_of[n.name]
+            planned[layer] = planned.get(layer, 0.0) + min(
                 op_compute_s(n, profiles[n.name], cluster.device, k) for k in splits)
-    return total
+    return tuple(planned.get(stand.planned_layer(name), 0.0) for name in layer_order(layer_of))
 
 
 def _step_bound(costs: LayerCosts, pp: int, m: int, schedule: str, v: int) -> float:
     """A lower bound on any cut's step time: with W one microbatch's work over all layers
-    (fastest options), sum_s T_s >= W and max_r T_rank >= W / pp, so the stage model's
-    b * sum_s T_s + (m - b) * max_r T_rank >= b W + (m - b) W / pp; plus the dp sync, whose
-    busiest rank holds at least 1/pp of it."""
-    work = sum(min(o.fwd_s + o.bwd_s for o in x.options) for x in costs.layers)
+    (fastest options), sum_s T_s >= W and max_r T_rank >= `busiest_rank_bound` of the layers'
+    fastest works (at least W / pp), so the stage model's b * sum_s T_s + (m - b) * max_r
+    T_rank is at least b W + (m - b) times that; plus the dp sync, whose busiest rank holds at
+    least 1/pp of it."""
+    works = [min(o.fwd_s + o.bwd_s for o in x.options) for x in costs.layers]
     b = bubble_weight(schedule, pp, m, v)
     sync = sum(costs.sync_s.values())
-    return b * work + (m - b) * work / pp + sync / pp
+    return b * sum(works) + (m - b) * busiest_rank_bound(works, pp, v) + sync / pp
 
 
 def _offered(layers, policies) -> tuple[solvers.Layer, ...]:

@@ -5,6 +5,9 @@ charges added; pruning with them never changes the plan."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import math
+import random
 
 import pytest
 import torch
@@ -15,7 +18,7 @@ from autopar.layers import assign_layers, layer_order
 from autopar.models.gpt import GPT, GPTConfig
 from autopar.models.llama import Llama, LlamaConfig
 from autopar.models.losses import lm_loss
-from autopar.planning.candidate import bubble_weight
+from autopar.planning.candidate import bubble_weight, busiest_rank_bound
 from autopar.planning.layer_costs import (
     StateBound,
     layer_costs,
@@ -47,7 +50,9 @@ def test_compute_bound_is_below_every_layer_sum_the_solve_gives(name, mesh):
     x = torch.zeros(8, SEQ, dtype=torch.long, device="meta")
     stand, profiles = prepare(trace_for_training(model, (x, x), lm_loss))
     precision = TrainingPrecision.mixed_bf16()
-    bound = search._compute_bound(stand, profiles, CLUSTER, mesh)
+    assert stand.is_shallow  # six blocks: the stand-in's third stands for blocks 2 to 5
+    per_layer = search._compute_bounds(stand, profiles, CLUSTER, mesh)
+    bound = sum(per_layer)
     # the least-memory sharding of GPT too (Llama's takes long to prove and adds no kind of op)
     for least in (False, True) if name == "gpt" else (False,):
         solved = solve_layers(stand, profiles, CLUSTER, mesh, precision=precision,
@@ -55,15 +60,42 @@ def test_compute_bound_is_below_every_layer_sum_the_solve_gives(name, mesh):
         for flavour in ("replicate", "zero3"):
             costs = layer_costs(stand, profiles, CLUSTER, mesh, flavour, precision=precision,
                                 solved=solved)
-            work = sum(min(o.fwd_s + o.bwd_s for o in x.options) for x in costs.layers)
-            assert 0 < bound <= work * (1 + 1e-12), (bound, work)
+            works = [min(o.fwd_s + o.bwd_s for o in x.options) for x in costs.layers]
+            assert len(per_layer) == len(works)
+            for lower, work in zip(per_layer, works):  # layer by layer, in pipeline order
+                assert 0 < lower <= work * (1 + 1e-12), (lower, work)
             # and not a trivial one: compute is most of this work on one node
-            assert bound > 0.3 * work, (bound, work)
+            assert bound > 0.3 * sum(works), (bound, sum(works))
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_busiest_rank_bound_is_the_least_busiest_rank_of_any_cut(seed):
+    """Against every cut of a few layers into pp * v contiguous stages (stage s on rank
+    s mod pp, as interleaved 1F1B runs them): at most the least busiest rank of them all, and
+    with one stage a rank equal to it."""
+    rng = random.Random(seed)
+    n = rng.randint(1, 9)
+    works = [rng.choice([0.0, 1.0, rng.uniform(0.1, 5.0)]) for _ in range(n)]
+    pp, v = rng.randint(1, 4), rng.choice([1, 1, 2])
+    bound = busiest_rank_bound(works, pp, v)
+    least = math.inf
+    for ends in itertools.combinations(range(1, n), pp * v - 1):  # non-empty stages
+        edges = (0, *ends, n)
+        ranks = [0.0] * pp
+        for s in range(pp * v):
+            ranks[s % pp] += sum(works[edges[s]:edges[s + 1]])
+        least = min(least, max(ranks))
+    if least == math.inf:
+        return  # fewer layers than stages: no cut to compare with
+    assert bound <= least * (1 + 1e-12), (works, pp, v, bound, least)
+    if v == 1:
+        assert bound >= least * (1 - 1e-9) - 1e-12, (works, pp, bound, least)
 
 
 @pytest.mark.parametrize("mesh", [
     {"pp": 1, "dp": 2, "tp": 4}, {"pp": 2, "dp": 4, "tp": 1}, {"pp": 2, "dp": 2, "tp": 2},
-], ids=["dp2-tp4", "pp2-dp4", "pp2-dp2-tp2"])
+    {"pp": 4, "dp": 2, "tp": 1},  # 8 layers on 4 ranks: the busiest holds more than 1/4
+], ids=["dp2-tp4", "pp2-dp4", "pp2-dp2-tp2", "pp4-dp2"])
 def test_the_state_bound_is_below_every_candidate_of_the_mesh(mesh):
     """Every flavour's `StateBound` over the fastest sharding's objective is at most the step of
     each candidate the search scores for that flavour, of the fastest and of the least-memory
@@ -86,6 +118,7 @@ def test_the_state_bound_is_below_every_candidate_of_the_mesh(mesh):
     least = solve_layers(stand, profiles, CLUSTER, sub_mesh, precision=precision,
                          least_memory=True, built=fastest)
     schedules = list(search._schedules(space, pp, m, len(order)))
+    per_layer = search._compute_bounds(stand, profiles, CLUSTER, sub_mesh)
     for flavour in space.flavours:
         bounds = state_bound(stand.full, CLUSTER, sub_mesh, flavour, precision=precision)
         assert bounds.step_s > 0 and bounds.gradient_bytes > 0 and bounds.state_bytes > 0
@@ -94,7 +127,9 @@ def test_the_state_bound_is_below_every_candidate_of_the_mesh(mesh):
                                 precision=precision, solved=solved)
             for schedule, v in schedules:
                 b = bubble_weight(schedule, pp, m, v)
-                lower = bounds.step_bound_s(work, pp, m, b, CLUSTER.device)
+                # the busiest rank's share as the search bounds it, from each layer's compute
+                busiest = busiest_rank_bound(per_layer, pp, v)
+                lower = bounds.step_bound_s(work, pp, m, b, CLUSTER.device, busiest)
                 runnable = costs  # a split backward runs no selective checkpointing
                 if get_schedule(schedule).split_backward:
                     runnable = dataclasses.replace(costs, layers=search._offered(
@@ -125,7 +160,7 @@ def test_pruning_before_the_solve_changes_no_plan(monkeypatch, options):
     # memory) in ..."
     by_time, by_memory = (int(part.split()[0]) for part in lines[-1].split("; ")[1].split(", "))
     assert by_time > 0 and (by_memory > 0) == bool(options), lines[-1]
-    monkeypatch.setattr(search, "_compute_bound", lambda *a: 0.0)
+    monkeypatch.setattr(search, "_compute_bounds", lambda *a: (0.0,))
     monkeypatch.setattr(search, "state_bound", lambda *a, **k: StateBound(0.0, 0.0, 0.0))
     unpruned = autopar.plan(model, CLUSTER, (x, x), loss_fn=lm_loss, schedule="1F1B",
                             **options)
