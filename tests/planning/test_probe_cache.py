@@ -15,6 +15,7 @@ sizes in turn, so that later sizes are answered from classes that earlier ones f
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import pytest
 import torch
@@ -75,7 +76,11 @@ SIZES = {
 }
 
 
-def _traced(build, batch, cfg):
+@functools.cache
+def _traced(family: str, i: int):
+    """The trace of `SIZES[family][i]`, made once per module: the tests only read it (the
+    strategies are kept in the probe caches, never on the nodes)."""
+    build, batch, cfg = SIZES[family][i]
     model, example, loss = build(batch, **cfg)
     return trace_for_training(model, example, loss)
 
@@ -128,22 +133,33 @@ def asked(monkeypatch):
         cache.update(was)
 
 
-def _check_exact(family, sizes, meshes, enumerate_fn, monkeypatch):
-    """Each size on each mesh: the strategies asked with exact sizes (caches emptied each
-    time) against those from one cache shared by every mesh and size in turn."""
+@functools.cache
+def _exact(family: str, i: int, mesh: tuple, enumerate_fn):
+    """The strategies of `SIZES[family][i]` on `mesh` (its (axis, size) items) asked with exact
+    sizes, size classes off and every cache emptied first. Made once per module (GPT's first
+    size on 2 x 4 is two tests' reference); the tests only read it."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(strategies, "NORMALISE_SIZES", False)
+        _empty_caches()
+        return enumerate_fn(_traced(family, i), dict(mesh))
+
+
+def _check_exact(family, n_sizes, meshes, enumerate_fn, asked, monkeypatch) -> list[int]:
+    """The family's first `n_sizes` sizes on each mesh: the strategies asked with exact sizes
+    (caches emptied each time) against those from one cache shared by every mesh and size in
+    turn. Returns the questions that shared cache put to DTensor on each mesh."""
     meshes = meshes if isinstance(meshes, list) else [meshes]
-    traced = [_traced(*size) for size in sizes]
-    monkeypatch.setattr(strategies, "NORMALISE_SIZES", False)
-    exact = {}
-    for mesh in meshes:
-        for i, t in enumerate(traced):
-            _empty_caches()
-            exact[i, tuple(mesh.values())] = enumerate_fn(t, mesh)
+    sizes = SIZES[family][:n_sizes]
+    exact = {(i, tuple(mesh.items())): _exact(family, i, tuple(mesh.items()), enumerate_fn)
+             for mesh in meshes for i in range(n_sizes)}
     monkeypatch.setattr(strategies, "NORMALISE_SIZES", True)
     _empty_caches()
+    per_mesh = []
     for mesh in meshes:
-        for i, (size, t) in enumerate(zip(sizes, traced)):
-            want = exact[i, tuple(mesh.values())]
+        asked.update({"all": 0, "by class": 0})
+        for i, size in enumerate(sizes):
+            t = _traced(family, i)
+            want = exact[i, tuple(mesh.items())]
             got = enumerate_fn(t, mesh)
             assert got.keys() == want.keys()
             for name in want:
@@ -151,14 +167,16 @@ def _check_exact(family, sizes, meshes, enumerate_fn, monkeypatch):
                     f"{family} at batch {size[1]}, {size[2]} on mesh {mesh}: node {name} "
                     f"({t.node(name).target}) has {got[name]} by size class, {want[name]} by "
                     "exact sizes")
+        per_mesh.append(asked["all"])
     assert strategies._ASKED_BY_CLASS, "no answer was kept by class"
+    return per_mesh
 
 
 @pytest.mark.parametrize("family, mesh", [("gpt", {"dp": 2, "tp": 4}),
                                           ("swin", {"dp": 4, "tp": 2})])
 def test_size_classes_give_the_exact_strategies(family, mesh, asked, monkeypatch):
     """The fast lane: two sizes of one class, the inputs the planner gives."""
-    _check_exact(family, SIZES[family][:2], mesh, planner_strategies, monkeypatch)
+    _check_exact(family, 2, mesh, planner_strategies, asked, monkeypatch)
 
 
 def test_meshes_of_one_rank_share_the_answers(asked, monkeypatch):
@@ -166,15 +184,12 @@ def test_meshes_of_one_rank_share_the_answers(asked, monkeypatch):
     and 2 x 2 (where other sets of axes divide the sizes), every node still gets exactly the
     strategies its exact sizes on that mesh give; and 4 x 8 after 2 x 4 asks DTensor less."""
     meshes = [{"dp": 2, "tp": 4}, {"dp": 4, "tp": 2}, {"dp": 4, "tp": 8}, {"dp": 2, "tp": 2}]
-    _check_exact("gpt", SIZES["gpt"][:1], meshes, planner_strategies, monkeypatch)
-    small = _traced(*SIZES["gpt"][0])
-    _empty_caches()
-    asked.update({"all": 0, "by class": 0})
-    for mesh in meshes:  # one cache, as one search keeps it
-        planner_strategies(small, mesh)
-    shared = asked["all"]
-    fresh = 0
-    for mesh in meshes:
+    # its shared cache is one cache for the meshes in turn, as one search keeps it
+    per_mesh = _check_exact("gpt", 1, meshes, planner_strategies, asked, monkeypatch)
+    shared = sum(per_mesh)
+    small = _traced("gpt", 0)
+    fresh = per_mesh[0]  # the first mesh was asked with the cache empty: as planned alone
+    for mesh in meshes[1:]:
         _empty_caches()
         asked.update({"all": 0, "by class": 0})
         planner_strategies(small, mesh)
@@ -192,7 +207,7 @@ MORE_FAMILIES = [("llama", {"dp": 2, "tp": 4}), ("t5", {"dp": 4, "tp": 2})]
 @pytest.mark.parametrize("family, mesh", MORE_FAMILIES)
 def test_size_classes_give_the_exact_strategies_of_more_families(family, mesh, asked,
                                                                  monkeypatch):
-    _check_exact(family, SIZES[family][:2], mesh, planner_strategies, monkeypatch)
+    _check_exact(family, 2, mesh, planner_strategies, asked, monkeypatch)
 
 
 # And at all three sizes, with every even placement of every input, beyond what the planner
@@ -207,7 +222,7 @@ EVERYWHERE = [("bert", (2, 4))]
 @pytest.mark.parametrize("family, shape", EVERYWHERE)
 def test_size_classes_give_the_exact_strategies_everywhere(family, shape, asked, monkeypatch):
     mesh = {f"axis{i}": n for i, n in enumerate(shape)}
-    _check_exact(family, SIZES[family], mesh, every_input_strategies, monkeypatch)
+    _check_exact(family, len(SIZES[family]), mesh, every_input_strategies, asked, monkeypatch)
 
 
 def test_another_size_reuses_the_answers(asked, monkeypatch):
@@ -217,7 +232,7 @@ def test_another_size_reuses_the_answers(asked, monkeypatch):
     table's shape); planned alone, or after the small one with size classes off, it asks for
     all of them. (Views and the like, kept exact, are asked either way.)"""
     mesh = {"dp": 2, "tp": 4}
-    small, large = (_traced(*size) for size in SIZES["gpt"][:2])
+    small, large = _traced("gpt", 0), _traced("gpt", 1)
 
     def asked_for_large(after_small: bool) -> int:
         _empty_caches()
