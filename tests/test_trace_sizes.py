@@ -6,6 +6,8 @@ forward that branches on the batch size (it falls back to `trace`), and batch 1.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from torch import nn
@@ -18,6 +20,7 @@ from autopar.trace_sizes import SizedTracer
 FAMILIES = ["gpt-tiny", "llama-test", "palm-test", "bert-test", "vit-test", "t5-test",
             "switch-test", "swin-test"]
 SLOW = {"t5-test", "switch-test", "swin-test"}
+BATCH = 24  # the families' batch: the sizes compared are cut from it
 
 
 def value_facts(v):
@@ -53,14 +56,26 @@ def builtin(name: str, batch: int):
     return model, inputs, target, family.loss
 
 
-def check_sizes(sized: SizedTracer, model, inputs, target, loss, sizes) -> None:
-    """`sized` at each of `sizes` equals `trace` there. The first size is the reference that
-    `SizedTracer` traces with `trace` itself: no second trace to compare it with."""
+@functools.cache
+def traced(name: str, batch: int) -> TracedModel:
+    """`trace` of the family at `batch`, cut from its batch of BATCH; made once per module, as
+    tests comparing with the same trace share it (gpt-tiny's batch of 2: three tests). A trace
+    depends on the model's build and on its inputs' shapes and dtypes, not on which tensors of
+    those shapes it is given (`inputs_key`). Read, never changed."""
+    model, inputs, target, loss = builtin(name, BATCH)
+    x, y = microbatch_inputs(inputs, batch), microbatch_inputs(target, batch)
+    return trace(model, x, loss_fn=loss, target=y)
+
+
+def check_sizes(sized: SizedTracer, name: str, model, inputs, target, loss, sizes) -> None:
+    """`sized` at each of `sizes` equals `trace` there (of the family `name`). The first size
+    is the reference that `SizedTracer` traces with `trace` itself: no second trace to compare
+    it with."""
     for k, batch in enumerate(sizes):
         x, y = microbatch_inputs(inputs, batch), microbatch_inputs(target, batch)
         made = sized(model, x, loss_fn=loss, target=y)
         if k:
-            assert_same_graph(made, trace(model, x, loss_fn=loss, target=y))
+            assert_same_graph(made, traced(name, batch))
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n
@@ -69,9 +84,9 @@ def test_builtin_families_other_batch_sizes_equal_their_trace(name):
     """A size below the reference's, and (the fast lane's families, whose traces take a second)
     one above it from the same symbolic export; the slow lane's, whose traces take 3 s each,
     make the one below (the symbolic program is run the same way at any size)."""
-    model, inputs, target, loss = builtin(name, 24)
+    model, inputs, target, loss = builtin(name, BATCH)
     sized = SizedTracer(min_trace_s=0)
-    check_sizes(sized, model, inputs, target, loss, (8, 2) if name in SLOW else (8, 2, 12))
+    check_sizes(sized, name, model, inputs, target, loss, (8, 2) if name in SLOW else (8, 2, 12))
     assert sized.exports == 2  # the first size, then one symbolic export for the others
 
 
@@ -91,7 +106,7 @@ def test_hugging_face_models_other_batch_sizes_equal_their_trace(model_type):
 def test_batch_one_is_traced():
     model, inputs, target, loss = builtin("gpt-tiny", 4)
     sized = SizedTracer(min_trace_s=0)
-    check_sizes(sized, model, inputs, target, loss, (4, 2, 1))
+    check_sizes(sized, "gpt-tiny", model, inputs, target, loss, (4, 2, 1))
     assert sized.exports == 3  # 4, the symbolic export (for 2), then 1 traced
 
 
@@ -123,7 +138,7 @@ def test_cheap_traces_are_traced_at_each_size():
     """Below `min_trace_s` the symbolic export (two to three traces' time) is not made."""
     model, inputs, target, loss = builtin("gpt-tiny", 4)
     sized = SizedTracer(min_trace_s=3600)
-    check_sizes(sized, model, inputs, target, loss, (4, 2))
+    check_sizes(sized, "gpt-tiny", model, inputs, target, loss, (4, 2))
     assert sized.exports == 2
 
 
