@@ -371,7 +371,7 @@ class StateBound:
     gradient_bytes: float  # the local gradients every rank together accumulates
     # parameters, gradients and optimizer state every pp rank together holds: the busiest
     # holds at least 1/pp of it, so a mesh whose share is over the memory limit fits nowhere
-    state_bytes: float = 0.0
+    state_bytes: float
 
     def step_bound_s(self, work_s: float, pp: int, m: int, b: float, device,
                      busiest_s: float = 0.0) -> float:

@@ -117,10 +117,10 @@ def search(trace_fn, example_inputs, cluster: Cluster, space: SearchSpace, *,
     mesh, those whose ops are split within a node before those across nodes, each group in the
     order of a lower bound on their candidates (compute alone, plus what the parameters cost
     each flavour at their smallest: `state_bound`), until the best plan found is no slower
-    than the group's next bound; a flavour whose parameters' state alone, at its
-    smallest, puts a rank over the memory limit is left out of the bound, and a pair where
-    every flavour does is scored only if nothing else fits. Then, for those a lower bound does
-    not show to lose against the best plan of the first pass: with tp, the fastest sharding with sequence
+    than the group's next bound; a flavour whose parameters' state alone, at its smallest,
+    puts a rank over the memory limit is left out of the bound, and a pair where every flavour
+    does is scored only if nothing else fits. Then, for those a lower bound does not show to
+    lose against the best plan of the first pass: with tp, the fastest sharding with sequence
     parallelism (the residual stream split along the sequence over tp: 1/tp of its activations
     for about the same time, where the first pass's ties go the other way, so that a plan that
     checkpointed to fit may need less of it); and where every candidate went over the memory
@@ -213,9 +213,10 @@ def search(trace_fn, example_inputs, cluster: Cluster, space: SearchSpace, *,
         `ks`, in the order they are solved: meshes whose ops are split within a node first
         (`_spans_nodes`), each group best first. The bound is compute and parameter charges
         alone, smallest where the most ranks split the work, as they do when tp or cp spans
-        nodes; there the collectives, which it leaves out, set the step. First, they would set the best so far
-        (GPT 1T on 3,072 GPUs: 8,205 s, then 4,774 s, ... against about 106 s), and each
-        candidate's stage cuts, which stop at the best so far, would run long."""
+        nodes; there the collectives, which it leaves out, set the step. First, they would set
+        the best so far (GPT 1T on 3,072 GPUs: 8,205 s, then 4,774 s, ... against about
+        106 s), and each candidate's stage cuts, which stop at the best so far, would run
+        long."""
         out = []
         for k in ks:
             mesh, local = pairs[k]
@@ -254,12 +255,11 @@ def search(trace_fn, example_inputs, cluster: Cluster, space: SearchSpace, *,
             so their intra-op work is at least the fastest's objective where that one is
             proven optimal."""
             stand, profiles, order, mesh, mb, m, _ = entry
-            _, _, fastest = solved[(mb, tuple(parallelism.intra_op_mesh(mesh).items()),
-                                    "fastest")]
+            key = (mb, tuple(parallelism.intra_op_mesh(mesh).items()))
+            _, _, fastest = solved[(*key, "fastest")]
             if fastest.status != "optimal":
                 return 0.0
-            return plan_bound(stand, order, mesh, m, fastest.objective_s,
-                              work_bounds[(mb, tuple(parallelism.intra_op_mesh(mesh).items()))])
+            return plan_bound(stand, order, mesh, m, fastest.objective_s, work_bounds[key])
 
         # most promising first: a good plan found early lets the bound rule out more of the rest
         again = [(b, i) for b, i in sorted((second_bound(e), i) for i, e in enumerate(second))
@@ -286,10 +286,12 @@ def search(trace_fn, example_inputs, cluster: Cluster, space: SearchSpace, *,
     # A pair whose parameters' state alone puts a rank over the limit is left out: it is
     # scored only if nothing else fits, for the error's smallest peak.
     fit, over = [], []
-    for k, (mesh, local) in enumerate(pairs):
-        # the parameters and the layers are the same at every microbatch size: any trace says
-        # whether the pipeline is too deep or the state too big
-        stand, _, order = traces[next(iter(traces))] if traces else traced(local * ranks(mesh))
+    if pairs:
+        # the parameters and the layers are the same at every microbatch size: one trace says
+        # whether a pipeline is too deep or the state too big
+        mesh, local = pairs[0]
+        stand, _, order = traced(local * ranks(mesh))
+    for k, (mesh, _) in enumerate(pairs):
         if mesh[PIPELINE] <= len(order):
             (fit if fitting_bounds(stand, mesh) else over).append(k)
     solve(weigh(fit))

@@ -161,7 +161,7 @@ def test_pruning_before_the_solve_changes_no_plan(monkeypatch, options):
     by_time, by_memory = (int(part.split()[0]) for part in lines[-1].split("; ")[1].split(", "))
     assert by_time > 0 and (by_memory > 0) == bool(options), lines[-1]
     monkeypatch.setattr(search, "_compute_bounds", lambda *a: (0.0,))
-    monkeypatch.setattr(search, "state_bound", lambda *a, **k: StateBound(0.0, 0.0, 0.0))
+    monkeypatch.setattr(search, "state_bound", lambda *a, **k: StateBound(0.0, 0.0, 0.0, 0.0))
     unpruned = autopar.plan(model, CLUSTER, (x, x), loss_fn=lm_loss, schedule="1F1B",
                             **options)
     assert pruned.predicted["step_time_s"] == unpruned.predicted["step_time_s"]
