@@ -15,6 +15,12 @@ share their objective and rows over ranks (`solvers.pipeline_ranks`):
               where each stage ends, plus valid rank_bound rows; the same plans and optimum,
               without the equal-cost copies that make deep stacks of equal blocks slow to prove.
 
+Before either, `solve_pipeline` solves the relaxation with every layer on its fastest option and
+no memory rows (`_fastest_unbounded`): the step never falls when an option gets slower, so when
+that plan fits the budget it is the optimum, and when none of its plans is below the caller's
+cutoff, none of the problem's is. Where memory does not bind, that small model is proven many
+times sooner (`_solve_relaxed`).
+
 `solve_pipeline(formulation="auto")` takes "runs" when two adjacent layers are identical and
 "layers" otherwise. The three steps are `build_pipeline_ilp` or `build_pipeline_runs_ilp`,
 `run_solver` (`solvers.backend`, shared with the intra-op ILP) and `read_pipeline_solution`;
@@ -32,6 +38,7 @@ is the reference in tests.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 
@@ -125,6 +132,12 @@ def solve_pipeline(
     start = time.perf_counter()
     problem.validate()
     solver = pick_solver(solver)
+    relaxed = _fastest_unbounded(problem)
+    if relaxed is not None:
+        sol = _solve_relaxed(problem, relaxed, solver=solver, time_limit_s=time_limit_s,
+                             msg=msg, formulation=formulation, cutoff_s=cutoff_s, start=start)
+        if sol is not None:
+            return sol
     formulation = _pick_formulation(problem, formulation)
     if solver == "highs":
         sol = _solve_below(problem, formulation, cutoff_s, time_limit_s, gap, msg, start)
@@ -143,6 +156,46 @@ def solve_pipeline(
             f"{solver} found no stage cut within time_limit_s={time_limit_s}; raise the limit"
         )
     return read_pipeline_solution(problem, ilp, result, start=start)
+
+
+def _fastest_unbounded(problem: PipelineProblem) -> PipelineProblem | None:
+    """The problem with every layer on its fastest option (least memory among equally fast
+    ones) and no memory budget; None when that is the problem itself."""
+    if math.isinf(problem.memory_budget_bytes) and all(len(x.options) == 1 for x in problem.layers):
+        return None
+    fastest = tuple(
+        dataclasses.replace(x, options=(min(x.options, key=lambda o: (o.fwd_s + o.bwd_s,
+                                                                       o.activation_bytes)),))
+        for x in problem.layers)
+    return dataclasses.replace(problem, layers=fastest, memory_budget_bytes=math.inf)
+
+
+def _solve_relaxed(problem, relaxed, *, solver, time_limit_s, msg, formulation, cutoff_s,
+                   start) -> PipelineSolution | None:
+    """The optimum of `problem` read off its relaxation `relaxed` (`_fastest_unbounded`), or
+    None when the relaxation cannot tell.
+
+    Why it is exact: the step b * sum_s T_s + (m - b) * max_r T_rank_r (0 <= b <= m) never
+    falls when an option gets slower, so no plan of `problem` beats the relaxation's optimum;
+    when that optimum's plan fits the budget it is a plan of `problem`, hence its optimum.
+    When memory does not bind, the small model (one option a layer, no memory rows) is proven
+    far sooner: Swin-L's 29 layers on 8 stages of one microbatch, 0.2 s against 5-6 s. No
+    relaxed plan below the caller's cutoff means no plan of `problem` below it either."""
+    try:
+        sol = solve_pipeline(relaxed, solver=solver, time_limit_s=time_limit_s, msg=msg,
+                             formulation=formulation, cutoff_s=cutoff_s)
+    except NoPlanBelowCutoff:
+        raise
+    except NoSolutionFound:
+        return None
+    if sol.status != "optimal" or max(sol.peak_memory_bytes) > problem.memory_budget_bytes:
+        return None
+    index = {x.name: i for i, x in enumerate(problem.layers)}
+    stages = tuple(tuple(index[name] for name in stage) for stage in sol.stages)
+    options = [next(k for k, o in enumerate(x.options) if o.name == sol.options[x.name])
+               for x in problem.layers]
+    return solution_from_plan(problem, stages, options, status="optimal", gap=sol.gap,
+                              solver=sol.solver, start=start)
 
 
 # The even plan's step is raised by this much (relative) before it bounds a HiGHS solve, so that
@@ -193,6 +246,10 @@ def _solve_below(problem, formulation, cutoff_s, time_limit_s, gap, msg, start):
                 return None  # contradicts the plan in hand: tolerances; the plain solve decides
             return _held_solution(problem, held, start)
         sol = read_pipeline_solution(problem, ilp, result, start=start)
+        if not ours and sol.status == "optimal" and sol.step_time_s * (1.0 - (sol.gap or 0.0)) >= bound:
+            # HiGHS proved an optimum at or above the bound (it may, from presolve): its dual
+            # bound is a proof that no plan is below the caller's cutoff
+            raise NoPlanBelowCutoff(f"no stage cut fits with a step below {cutoff_s:.6g} s")
         if ours and sol.status != "optimal" and held[0] < sol.step_time_s:
             return _held_solution(problem, held, start)  # stopped early on a slower plan
         if sol.step_time_s < bound:  # the best of the plans below the bound: of all

@@ -217,6 +217,31 @@ def test_random_instances_cover_the_cases():
     assert sum(p.num_stages == 1 for p in problems) >= 10
 
 
+def test_the_relaxation_answers_some_instances_and_the_full_model_the_others(monkeypatch):
+    """solve_pipeline first solves the problem with every layer on its fastest option and no
+    memory budget, and returns that plan when it fits (`_solve_relaxed`). The brute-force
+    instances above hold both kinds, so test_ilp_equals_brute_force checks both paths; and the
+    relaxation's optimum is never above the full problem's (it is a lower bound)."""
+    said = []
+    real = pipeline_module._solve_relaxed
+    monkeypatch.setattr(pipeline_module, "_solve_relaxed",
+                        lambda *a, **kw: said.append(real(*a, **kw)) or said[-1])
+    answered = full_model = 0
+    for seed in SEEDS:
+        p = random_problem(random.Random(seed))
+        said.clear()
+        try:
+            sol = solve_pipeline(p)
+        except InfeasibleProblem:
+            continue
+        relaxed = pipeline_module._fastest_unbounded(p)
+        if relaxed is not None:
+            assert solve_pipeline_brute_force(relaxed).step_time_s <= sol.step_time_s * (1 + 1e-9)
+        answered += bool(said and said[0] is not None)
+        full_model += bool(said and said[0] is None)
+    assert answered >= 15 and full_model >= 15
+
+
 def test_auto_takes_the_runs_model_when_layers_repeat(monkeypatch):
     built = []
     real = pipeline_module.build_pipeline_runs_ilp
