@@ -184,18 +184,14 @@ def _solve_relaxed(problem, relaxed, *, solver, time_limit_s, msg, formulation, 
     try:
         sol = solve_pipeline(relaxed, solver=solver, time_limit_s=time_limit_s, msg=msg,
                              formulation=formulation, cutoff_s=cutoff_s)
-    except NoPlanBelowCutoff:
+    except NoPlanBelowCutoff:  # a NoSolutionFound, but a proof: none of `problem`'s either
         raise
     except NoSolutionFound:
         return None
     if sol.status != "optimal" or max(sol.peak_memory_bytes) > problem.memory_budget_bytes:
         return None
-    index = {x.name: i for i, x in enumerate(problem.layers)}
-    stages = tuple(tuple(index[name] for name in stage) for stage in sol.stages)
-    options = [next(k for k, o in enumerate(x.options) if o.name == sol.options[x.name])
-               for x in problem.layers]
-    return solution_from_plan(problem, stages, options, status="optimal", gap=sol.gap,
-                              solver=sol.solver, start=start)
+    # its options are `problem`'s own, so its times and peaks are `problem`'s too
+    return dataclasses.replace(sol, solve_time_s=time.perf_counter() - start)
 
 
 # The even plan's step is raised by this much (relative) before it bounds a HiGHS solve, so that
@@ -246,9 +242,10 @@ def _solve_below(problem, formulation, cutoff_s, time_limit_s, gap, msg, start):
                 return None  # contradicts the plan in hand: tolerances; the plain solve decides
             return _held_solution(problem, held, start)
         sol = read_pipeline_solution(problem, ilp, result, start=start)
-        if not ours and sol.status == "optimal" and sol.step_time_s * (1.0 - (sol.gap or 0.0)) >= bound:
-            # HiGHS proved an optimum at or above the bound (it may, from presolve): its dual
-            # bound is a proof that no plan is below the caller's cutoff
+        proven_s = sol.step_time_s * (1.0 - (sol.gap or 0.0))  # HiGHS's dual bound
+        if not ours and sol.status == "optimal" and proven_s >= bound:
+            # an optimum at or above the bound (HiGHS may return one from presolve) proves
+            # that no plan is below the caller's cutoff
             raise NoPlanBelowCutoff(f"no stage cut fits with a step below {cutoff_s:.6g} s")
         if ours and sol.status != "optimal" and held[0] < sol.step_time_s:
             return _held_solution(problem, held, start)  # stopped early on a slower plan
