@@ -97,7 +97,7 @@ def propagate(op, args, kwargs, vals_and_placements, mesh: DeviceMesh):
     dispatcher = DTensor._op_dispatcher
     info = dispatcher.unwrap_to_op_info(op, d_args, d_kwargs)
     with _quiet_fake_tensor_log(), _strided_sizes_by_arithmetic(), _output_meta_kept(), \
-            _redistribute_costs_kept(), _shard_orders_kept():
+            _redistribute_costs_kept(), _shard_orders_kept(), _fixed_points_first():
         # (rejected combinations log a traceback before raising)
         # The non-cached entry: the cached one would remember answers for our planning mesh,
         # and DeviceMesh equality ignores process groups, so a later run on a real mesh of the
@@ -216,6 +216,83 @@ def _redistribute_costs_kept():
         yield
     finally:
         _strategy_utils.redistribute_cost = original
+
+
+try:  # private: where DTensor expands a one-axis rule to every axis of the mesh
+    from torch.distributed.tensor import _sharding_prop as _sharding_prop_module
+    from torch.distributed.tensor._op_schema import OpStrategy as _OpStrategy
+    from torch.distributed.tensor._ops import single_dim_strategy as _single_dim
+    _PreparedSingleDim = _single_dim._PreparedSingleDimStrategy
+except (ImportError, AttributeError):
+    _sharding_prop_module = _single_dim = _PreparedSingleDim = _OpStrategy = None
+
+
+FIXED_POINTS_FIRST = True  # False: DTensor's full expansion for every question (tests compare)
+
+
+@contextlib.contextmanager
+def _fixed_points_first():
+    """While propagating: where the inputs' placements already match one of a one-axis rule's
+    strategies on every mesh axis (and shard their tensors evenly), that strategy is the answer,
+    at no cost, found by DTensor's own lookup (`try_propagate`, the first step of its
+    priority-queue search), not by pricing every combination of the rule's strategies over the
+    axes. DTensor's full expansion picks the same strategy (the first of least cost, and it costs
+    nothing); tests compare the two. Most of what the planner asks is of this kind (each answer
+    is confirmed by asking it again), and on a 3-axis mesh (dp x ep x tp) the full expansion
+    prices hundreds of combinations: most of an MoE plan's DTensor time."""
+    original = getattr(_sharding_prop_module, "_expand_single_dim_strategy_to_mesh", None)
+    if not FIXED_POINTS_FIRST or original is None or _PreparedSingleDim is None or not hasattr(
+            _PreparedSingleDim, "try_propagate"):  # another torch: DTensor's own way
+        yield
+        return
+
+    def expand(mesh, op_schema, strategy_info, output_tensor_meta):
+        full = original(mesh, op_schema, strategy_info, output_tensor_meta)
+
+        def expanded(op, args_schema, kwargs_schema):
+            fixed = _fixed_point(mesh, op_schema, strategy_info, output_tensor_meta)
+            return fixed if fixed is not None else full(op, args_schema, kwargs_schema)
+        return expanded
+
+    _sharding_prop_module._expand_single_dim_strategy_to_mesh = expand
+    try:
+        yield
+    finally:
+        _sharding_prop_module._expand_single_dim_strategy_to_mesh = original
+
+
+def _fixed_point(mesh, op_schema, strategy_info, output_tensor_meta):
+    """DTensor's strategy for inputs that already match one on every axis, else None (and None
+    where the lookup does not apply: list, keyword or in-place tensor inputs, inputs on other
+    meshes, _StridedShard or symbolic sizes; the full expansion answers those)."""
+    if op_schema.op.name().split("::")[-1].split(".")[0].endswith("_"):
+        return None
+    if any(isinstance(v, _OpStrategy) or type(v).__name__ == "TupleStrategy"
+           for v in op_schema.kwargs_schema.values()):
+        return None
+    specs = []
+    for arg in op_schema.args_schema:
+        if isinstance(arg, _OpStrategy):
+            if len(arg.strategies) != 1:
+                return None
+            specs.append(arg.strategies[0].output_spec)
+        elif type(arg).__name__ == "TupleStrategy":
+            return None
+    if not specs or any(s.mesh != mesh for s in specs):
+        return None
+    for spec in specs:
+        if _StridedShard is not None and any(isinstance(p, _StridedShard)
+                                             for p in spec.placements):
+            return None
+        meta = spec.tensor_meta
+        if meta is None or not all(type(x) is int for x in meta.shape):
+            return None
+    try:
+        prepared = _PreparedSingleDim(strategy_info, op_schema, output_tensor_meta,
+                                      num_inputs=len(specs))
+    except Exception:  # the rule wants something the lookup does not give it
+        return None
+    return prepared.try_propagate(mesh, tuple(s.placements for s in specs), specs)
 
 
 try:  # private: the spec every strategy DTensor expands is made of
