@@ -292,7 +292,44 @@ def _fixed_point(mesh, op_schema, strategy_info, output_tensor_meta):
                                       num_inputs=len(specs))
     except Exception:  # the rule wants something the lookup does not give it
         return None
-    return prepared.try_propagate(mesh, tuple(s.placements for s in specs), specs)
+    placements = tuple(s.placements for s in specs)
+    if _ambiguous(prepared, placements):
+        return None
+    found = prepared.try_propagate(mesh, placements, specs)
+    if found is None or any(_mixed_partials(spec.placements)
+                            for spec in _specs(found.strategies[0].output_specs)):
+        return None  # the full expansion skips a strategy with mixed partial outputs
+    return found
+
+
+def _ambiguous(prepared, placements) -> bool:
+    """Whether, on some axis, the inputs' placements match two strategies with different
+    outputs: the lookup takes the first, DTensor's selection the last."""
+    n_out = prepared.num_outputs
+    outputs: dict = {}
+    twice = set()
+    for strategy in prepared.expanded_strategies:
+        key, out = tuple(strategy[n_out:]), tuple(strategy[:n_out])
+        if outputs.setdefault(key, out) != out:
+            twice.add(key)
+    return bool(twice) and any(tuple(pl[axis] for pl in placements) in twice
+                               for axis in range(len(placements[0])))
+
+
+def _specs(output_specs):
+    if output_specs is None:
+        return ()
+    return tuple(s for s in (output_specs if isinstance(output_specs, tuple)
+                             else (output_specs,)) if s is not None)
+
+
+def _mixed_partials(placements) -> bool:
+    """Partials of more than one kind on one tensor (sum with avg of one type excepted), which
+    DTensor's expansion never offers."""
+    kinds = {(type(p), p.reduce_op) for p in placements if isinstance(p, Partial)}
+    if len(kinds) < 2:
+        return False
+    return not (len({t for t, _ in kinds}) == 1 and {op for _, op in kinds} == {"sum", "avg"})
 
 
 try:  # private: the spec every strategy DTensor expands is made of
