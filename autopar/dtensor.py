@@ -97,7 +97,7 @@ def propagate(op, args, kwargs, vals_and_placements, mesh: DeviceMesh):
     dispatcher = DTensor._op_dispatcher
     info = dispatcher.unwrap_to_op_info(op, d_args, d_kwargs)
     with _quiet_fake_tensor_log(), _strided_sizes_by_arithmetic(), _output_meta_kept(), \
-            _redistribute_costs_kept(), _shard_orders_kept(), _fixed_points_first():
+            _redistribute_costs_kept(), _shard_orders_kept(), _expansion_shortcuts():
         # (rejected combinations log a traceback before raising)
         # The non-cached entry: the cached one would remember answers for our planning mesh,
         # and DeviceMesh equality ignores process groups, so a later run on a real mesh of the
@@ -220,28 +220,41 @@ def _redistribute_costs_kept():
 
 try:  # private: where DTensor expands a one-axis rule to every axis of the mesh
     from torch.distributed.tensor import _sharding_prop as _sharding_prop_module
+    from torch.distributed.tensor._op_schema import OpSpec as _OpSpec
     from torch.distributed.tensor._op_schema import OpStrategy as _OpStrategy
     from torch.distributed.tensor._ops import single_dim_strategy as _single_dim
     _PreparedSingleDim = _single_dim._PreparedSingleDimStrategy
 except (ImportError, AttributeError):
-    _sharding_prop_module = _single_dim = _PreparedSingleDim = _OpStrategy = None
+    _sharding_prop_module = _single_dim = _PreparedSingleDim = _OpStrategy = _OpSpec = None
 
 
-FIXED_POINTS_FIRST = True  # False: DTensor's full expansion for every question (tests compare)
+# False: DTensor's full expansion for every question (tests compare the two)
+EXPANSION_SHORTCUTS = True
+_EXPANSIONS: dict = {}  # (mesh, op, inputs' metadata, other args, sharded?) -> `_Expansion`
 
 
 @contextlib.contextmanager
-def _fixed_points_first():
-    """While propagating: where the inputs' placements already match one of a one-axis rule's
+def _expansion_shortcuts():
+    """While propagating, two shortcuts past DTensor's expansion of a one-axis rule over every
+    mesh axis, which on a 3-axis mesh (dp x ep x tp) prices hundreds of combinations a question
+    (most of an MoE plan's DTensor time).
+
+    First: where the inputs' placements already match one of a one-axis rule's
     strategies on every mesh axis (and shard their tensors evenly), that strategy is the answer,
     at no cost, found by DTensor's own lookup (`try_propagate`, the first step of its
     priority-queue search), not by pricing every combination of the rule's strategies over the
     axes. DTensor's full expansion picks the same strategy (the first of least cost, and it costs
     nothing); tests compare the two. Most of what the planner asks is of this kind (each answer
     is confirmed by asking it again), and on a 3-axis mesh (dp x ep x tp) the full expansion
-    prices hundreds of combinations: most of an MoE plan's DTensor time."""
+    prices hundreds of combinations.
+
+    Second, for the other questions: the expansion's strategies are the same for every question
+    with the same op, tensor metadata and other args (while every input shards evenly and some
+    input is Shard-split, or none is: which sharding kinds fill a rule's placeholders), so they
+    are kept from the first question (`_Expansion`) and only priced again for the next one, by
+    DTensor's own cost function, and DTensor's own selection picks among them."""
     original = getattr(_sharding_prop_module, "_expand_single_dim_strategy_to_mesh", None)
-    if not FIXED_POINTS_FIRST or original is None or _PreparedSingleDim is None or not hasattr(
+    if not EXPANSION_SHORTCUTS or original is None or _PreparedSingleDim is None or not hasattr(
             _PreparedSingleDim, "try_propagate"):  # another torch: DTensor's own way
         yield
         return
@@ -251,7 +264,16 @@ def _fixed_points_first():
 
         def expanded(op, args_schema, kwargs_schema):
             fixed = _fixed_point(mesh, op_schema, strategy_info, output_tensor_meta)
-            return fixed if fixed is not None else full(op, args_schema, kwargs_schema)
+            if fixed is not None:
+                return fixed
+            key = _expansion_key(mesh, op_schema, strategy_info)
+            if key is None:
+                return full(op, args_schema, kwargs_schema)
+            if key in _EXPANSIONS:
+                return _EXPANSIONS[key].priced(op_schema)
+            result = full(op, args_schema, kwargs_schema)
+            _EXPANSIONS[key] = _Expansion(result)
+            return result
         return expanded
 
     _sharding_prop_module._expand_single_dim_strategy_to_mesh = expand
@@ -267,26 +289,9 @@ def _fixed_point(mesh, op_schema, strategy_info, output_tensor_meta):
     meshes, _StridedShard or symbolic sizes; the full expansion answers those)."""
     if op_schema.op.name().split("::")[-1].split(".")[0].endswith("_"):
         return None
-    if any(isinstance(v, _OpStrategy) or type(v).__name__ == "TupleStrategy"
-           for v in op_schema.kwargs_schema.values()):
-        return None
-    specs = []
-    for arg in op_schema.args_schema:
-        if isinstance(arg, _OpStrategy):
-            if len(arg.strategies) != 1:
-                return None
-            specs.append(arg.strategies[0].output_spec)
-        elif type(arg).__name__ == "TupleStrategy":
-            return None
+    specs = _input_specs(op_schema)
     if not specs or any(s.mesh != mesh for s in specs):
         return None
-    for spec in specs:
-        if _StridedShard is not None and any(isinstance(p, _StridedShard)
-                                             for p in spec.placements):
-            return None
-        meta = spec.tensor_meta
-        if meta is None or not all(type(x) is int for x in meta.shape):
-            return None
     try:
         prepared = _PreparedSingleDim(strategy_info, op_schema, output_tensor_meta,
                                       num_inputs=len(specs))
@@ -300,6 +305,95 @@ def _fixed_point(mesh, op_schema, strategy_info, output_tensor_meta):
                             for spec in _specs(found.strategies[0].output_specs)):
         return None  # the full expansion skips a strategy with mixed partial outputs
     return found
+
+
+def _input_specs(op_schema):
+    """The tensor inputs' specs, in order, or None where an input is not a plain OpStrategy
+    (lists, keyword tensors), is placed by a _StridedShard or a Partial subclass, or is of
+    symbolic size."""
+    if any(isinstance(v, _OpStrategy) or type(v).__name__ == "TupleStrategy"
+           for v in op_schema.kwargs_schema.values()):
+        return None
+    specs = []
+    for arg in op_schema.args_schema:
+        if isinstance(arg, _OpStrategy):
+            if len(arg.strategies) != 1:
+                return None
+            specs.append(arg.strategies[0].output_spec)
+        elif type(arg).__name__ == "TupleStrategy":
+            return None
+    for spec in specs:
+        if any(_StridedShard is not None and isinstance(p, _StridedShard)
+               or isinstance(p, Partial) and not is_plain_partial(p) for p in spec.placements):
+            return None  # (a _MaskPartial is equal to itself only: DTensor moves it anyway)
+        meta = spec.tensor_meta
+        if meta is None or not all(type(x) is int for x in (*meta.shape, *meta.stride)):
+            return None
+    return specs
+
+
+def _expansion_key(mesh, op_schema, strategy_info):
+    """What DTensor's expansion of `op_schema` depends on besides the inputs' placements, or
+    None where it depends on them too (an in-place op; inputs on other meshes, not sharding
+    evenly, or of the kinds `_input_specs` refuses; rules taking args from other meshes)."""
+    if getattr(strategy_info, "different_mesh_args", None):
+        return None
+    op = op_schema.op
+    if op.name().split("::")[-1].split(".")[0].endswith("_"):
+        return None
+    specs = _input_specs(op_schema)
+    if not specs or any(s.mesh != mesh for s in specs):
+        return None
+    if not all(_strategy_utils.is_tensor_shardable(s.tensor_meta.shape, s) for s in specs):
+        return None  # an uneven input may keep its own placements: the strategies differ
+
+    def meta(a):
+        if isinstance(a, _OpStrategy):
+            m = a.strategies[0].output_spec.tensor_meta
+            return ("T", tuple(m.shape), tuple(m.stride), str(m.dtype))
+        return a
+    try:
+        rest = repr(tree_map(meta, (op_schema.args_schema, op_schema.kwargs_schema)))
+    except Exception:
+        return None
+    sharded = any(type(p).__name__ == "Shard" for s in specs for p in s.placements)
+    key = (mesh, str(op), rest, sharded)
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+class _Expansion:
+    """DTensor's strategies for one `_expansion_key`, to be priced for other inputs: for each
+    input, its distinct target specs, and each strategy's index into them."""
+
+    def __init__(self, result):
+        self.strategies = [(s.output_specs, list(s.input_specs)) for s in result.strategies]
+        n_in = len(self.strategies[0][1]) if self.strategies else 0
+        self.targets: list[list] = [[] for _ in range(n_in)]
+        self.index: list[tuple[int, ...]] = []
+        seen: list[dict] = [{} for _ in range(n_in)]
+        for _, ins in self.strategies:
+            row = []
+            for i, spec in enumerate(ins):
+                k = spec.placements
+                if k not in seen[i]:
+                    seen[i][k] = len(self.targets[i])
+                    self.targets[i].append(spec)
+                row.append(seen[i][k])
+            self.index.append(tuple(row))
+
+    def priced(self, op_schema):
+        """The strategies, each priced for `op_schema`'s inputs as DTensor prices them."""
+        args = [a for a in op_schema.args_schema if isinstance(a, _OpStrategy)]
+        costs = [[_strategy_utils.generate_redistribute_costs(arg, t) for t in targets]
+                 for arg, targets in zip(args, self.targets)]
+        return _OpStrategy([
+            _OpSpec(output_specs=outs, input_specs=ins,
+                    redistribute_cost=[costs[i][k] for i, k in enumerate(row)])
+            for (outs, ins), row in zip(self.strategies, self.index)])
 
 
 def _ambiguous(prepared, placements) -> bool:

@@ -1,6 +1,8 @@
-"""A question whose input placements already match a strategy on every mesh axis is answered by
-DTensor's own lookup (`dtensor._fixed_points_first`), not by its full expansion over the axes:
-the answers must be the same, for every question the planner asks.
+"""DTensor's answers with the planner's shortcuts past its full expansion of a rule over the mesh
+axes (`dtensor._expansion_shortcuts`: a question whose inputs already match a strategy on every
+axis answered by DTensor's own lookup; the others by the expansion kept from an earlier question
+of the same op and sizes, priced again) are those of the full expansion, for every question the
+planner asks.
 
 Each family's tiny zoo model is enumerated as the planner asks (batch over "dp", experts over
 "ep" where the model has them, the solver free on "tp"); every question is put to DTensor both
@@ -33,9 +35,9 @@ def both_ways(monkeypatch):
     ask = dtensor.ask
 
     def compared(op, args, kwargs, vals, placements, mesh):
-        monkeypatch.setattr(dtensor, "FIXED_POINTS_FIRST", False)
+        monkeypatch.setattr(dtensor, "EXPANSION_SHORTCUTS", False)
         full = ask(op, args, kwargs, vals, placements, mesh)
-        monkeypatch.setattr(dtensor, "FIXED_POINTS_FIRST", True)
+        monkeypatch.setattr(dtensor, "EXPANSION_SHORTCUTS", True)
         fast = ask(op, args, kwargs, vals, placements, mesh)
         seen["asked"] += 1
         seen["fixed"] += full is not None and tuple(full[0]) == tuple(placements)
@@ -45,6 +47,7 @@ def both_ways(monkeypatch):
         return fast
 
     monkeypatch.setattr(dtensor, "ask", compared)
+    monkeypatch.setattr(dtensor, "_EXPANSIONS", {})
     _empty_caches()
     yield seen
     _empty_caches()
@@ -59,8 +62,9 @@ def both_ways(monkeypatch):
     ("swin-test", {"dp": 2, "tp": 2}),
     pytest.param("switch-test", {"dp": 2, "ep": 2, "tp": 2}, marks=pytest.mark.slow),
 ])
-def test_the_lookup_answers_as_the_full_expansion(name, mesh, both_ways):
+def test_the_shortcuts_answer_as_the_full_expansion(name, mesh, both_ways):
     planner_strategies(_traced(name), mesh)
     assert not both_ways["differ"], both_ways["differ"][:3]
     # most questions are of this kind (every answer is confirmed by asking it again)
     assert both_ways["fixed"] > both_ways["asked"] / 2, both_ways
+    assert dtensor._EXPANSIONS, "no expansion was kept"
