@@ -1,11 +1,11 @@
-"""autopar/dtensor.py: the adapter's own arithmetic against DTensor's."""
+"""autopar/dtensor.py and dtensor_speedups.py: the adapter's own arithmetic against DTensor's."""
 
 import random
 
 import pytest
 from torch.distributed.tensor.placement_types import _StridedShard, _StridedShardOffsetMode
 
-from autopar import dtensor
+from autopar import dtensor, dtensor_speedups
 
 
 def test_strided_local_sizes_equal_dtensors():
@@ -18,19 +18,20 @@ def test_strided_local_sizes_equal_dtensors():
         rank = rng.randrange(k)
         want, _ = _StridedShard(0, split_factor=split).local_shard_size_and_offset(
             size, k, rank, _StridedShardOffsetMode.NONE)
-        assert dtensor._strided_local_size(size, split, k, rank) == want, (size, split, k, rank)
+        assert dtensor_speedups._strided_local_size(size, split, k, rank) == want, \
+            (size, split, k, rank)
 
 
 def test_the_arithmetic_is_used_only_while_propagating():
     original = _StridedShard.local_shard_size_and_offset
-    with dtensor._strided_sizes_by_arithmetic():
+    with dtensor_speedups._strided_sizes_by_arithmetic():
         assert _StridedShard.local_shard_size_and_offset is not original
         # offsets are still DTensor's
         size, offsets = _StridedShard(0, split_factor=2).local_shard_size_and_offset(
             8, 2, 1, _StridedShardOffsetMode.ALL)
         assert (size, offsets) == (4, [2, 3, 6, 7])
     assert _StridedShard.local_shard_size_and_offset is original
-    with pytest.raises(RuntimeError), dtensor._strided_sizes_by_arithmetic():
+    with pytest.raises(RuntimeError), dtensor_speedups._strided_sizes_by_arithmetic():
         raise RuntimeError  # restored on errors too
     assert _StridedShard.local_shard_size_and_offset is original
 
@@ -49,7 +50,7 @@ def test_kept_shard_orders_equal_dtensors_and_bad_orders_still_raise():
     want = [s.shard_order for s in _specs(sets)]
     original = (DTensorSpec.__dict__["compute_default_shard_order"],
                 DTensorSpec.__dict__["_verify_shard_order"])
-    with dtensor._shard_orders_kept():
+    with dtensor_speedups._shard_orders_kept():
         for _ in range(2):  # computed, then kept
             assert [s.shard_order for s in _specs(sets)] == want
         mesh = dtensor.planning_mesh((2, 2, 2), ("a", "b", "c"))
@@ -75,7 +76,7 @@ def test_kept_redistribute_costs_equal_dtensors():
     pairs = [(x, y) for x in specs[::7] for y in specs[::5]
              if x.tensor_meta.shape == y.tensor_meta.shape]
     want = [redistribute_cost(x, y) for x, y in pairs]
-    with dtensor._redistribute_costs_kept():
+    with dtensor_speedups._redistribute_costs_kept():
         for _ in range(2):
             assert [utils.redistribute_cost(x, y) for x, y in pairs] == want
     assert utils.redistribute_cost is redistribute_cost

@@ -1,6 +1,6 @@
 """DTensor's answers with the planner's shortcuts past its full expansion of a rule over the mesh
-axes (`dtensor._expansion_shortcuts`: a question whose inputs already match a strategy on every
-axis answered by DTensor's own lookup; the others by the expansion kept from an earlier question
+axes (`dtensor_speedups._expansion_shortcuts`: a question whose inputs already match a strategy
+on every axis answered by DTensor's own lookup; the others by the expansion kept from an earlier question
 of the same op and sizes, priced again) are those of the full expansion, for every question the
 planner asks.
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from autopar import dtensor
+from autopar import dtensor, dtensor_speedups
 from autopar.models.registry import entry
 from autopar.trace import trace_for_training
 from tests.planning.test_probe_cache import _empty_caches, planner_strategies
@@ -35,9 +35,9 @@ def both_ways(monkeypatch):
     ask = dtensor.ask
 
     def compared(op, args, kwargs, vals, placements, mesh):
-        monkeypatch.setattr(dtensor, "EXPANSION_SHORTCUTS", False)
+        monkeypatch.setattr(dtensor_speedups, "EXPANSION_SHORTCUTS", False)
         full = ask(op, args, kwargs, vals, placements, mesh)
-        monkeypatch.setattr(dtensor, "EXPANSION_SHORTCUTS", True)
+        monkeypatch.setattr(dtensor_speedups, "EXPANSION_SHORTCUTS", True)
         fast = ask(op, args, kwargs, vals, placements, mesh)
         seen["asked"] += 1
         seen["fixed"] += full is not None and tuple(full[0]) == tuple(placements)
@@ -47,7 +47,7 @@ def both_ways(monkeypatch):
         return fast
 
     monkeypatch.setattr(dtensor, "ask", compared)
-    monkeypatch.setattr(dtensor, "_EXPANSIONS", {})
+    monkeypatch.setattr(dtensor_speedups, "_EXPANSIONS", {})
     _empty_caches()
     yield seen
     _empty_caches()
@@ -67,4 +67,4 @@ def test_the_shortcuts_answer_as_the_full_expansion(name, mesh, both_ways):
     assert not both_ways["differ"], both_ways["differ"][:3]
     # most questions are of this kind (every answer is confirmed by asking it again)
     assert both_ways["fixed"] > both_ways["asked"] / 2, both_ways
-    assert dtensor._EXPANSIONS, "no expansion was kept"
+    assert dtensor_speedups._EXPANSIONS, "no expansion was kept"
