@@ -149,14 +149,12 @@ def _expansion_shortcuts():
     mesh axis, which on a 3-axis mesh (dp x ep x tp) prices hundreds of combinations a question
     (most of an MoE plan's DTensor time).
 
-    First: where the inputs' placements already match one of a one-axis rule's
-    strategies on every mesh axis (and shard their tensors evenly), that strategy is the answer,
-    at no cost, found by DTensor's own lookup (`try_propagate`, the first step of its
-    priority-queue search), not by pricing every combination of the rule's strategies over the
-    axes. DTensor's full expansion picks the same strategy (the first of least cost, and it costs
-    nothing); tests compare the two. Most of what the planner asks is of this kind (each answer
-    is confirmed by asking it again), and on a 3-axis mesh (dp x ep x tp) the full expansion
-    prices hundreds of combinations.
+    First: where the inputs' placements already match one of a one-axis rule's strategies on
+    every mesh axis (and shard their tensors evenly), that strategy is the answer, at no cost,
+    found by DTensor's own lookup (`try_propagate`, the first step of its priority-queue
+    search). DTensor's full expansion picks the same strategy (the one needing no move); tests
+    compare the two. Most of what the planner asks is of this kind (each answer is confirmed
+    by asking it again).
 
     Second, for the other questions: the expansion's strategies are the same for every question
     with the same op, tensor metadata and other args (while every input shards evenly and some
@@ -173,10 +171,13 @@ def _expansion_shortcuts():
         full = original(mesh, op_schema, strategy_info, output_tensor_meta)
 
         def expanded(op, args_schema, kwargs_schema):
-            fixed = _fixed_point(mesh, op_schema, strategy_info, output_tensor_meta)
+            specs = _plain_inputs(mesh, op_schema)
+            if specs is None:
+                return full(op, args_schema, kwargs_schema)
+            fixed = _fixed_point(mesh, op_schema, specs, strategy_info, output_tensor_meta)
             if fixed is not None:
                 return fixed
-            key = _expansion_key(mesh, op_schema, strategy_info)
+            key = _expansion_key(mesh, op_schema, specs, strategy_info)
             if key is None:
                 return full(op, args_schema, kwargs_schema)
             if key in _EXPANSIONS:
@@ -193,15 +194,9 @@ def _expansion_shortcuts():
         _sharding_prop_module._expand_single_dim_strategy_to_mesh = original
 
 
-def _fixed_point(mesh, op_schema, strategy_info, output_tensor_meta):
-    """DTensor's strategy for inputs that already match one on every axis, else None (and None
-    where the lookup does not apply: list, keyword or in-place tensor inputs, inputs on other
-    meshes, _StridedShard or symbolic sizes; the full expansion answers those)."""
-    if op_schema.op.name().split("::")[-1].split(".")[0].endswith("_"):
-        return None
-    specs = _input_specs(op_schema)
-    if not specs or any(s.mesh != mesh for s in specs):
-        return None
+def _fixed_point(mesh, op_schema, specs, strategy_info, output_tensor_meta):
+    """DTensor's strategy for inputs (`specs`, from `_plain_inputs`) that already match one on
+    every axis, else None (the full expansion answers then)."""
     try:
         prepared = _PreparedSingleDim(strategy_info, op_schema, output_tensor_meta,
                                       num_inputs=len(specs))
@@ -217,10 +212,12 @@ def _fixed_point(mesh, op_schema, strategy_info, output_tensor_meta):
     return found
 
 
-def _input_specs(op_schema):
-    """The tensor inputs' specs, in order, or None where an input is not a plain OpStrategy
-    (lists, keyword tensors), is placed by a _StridedShard or a Partial subclass, or is of
-    symbolic size."""
+def _plain_inputs(mesh, op_schema):
+    """The tensor inputs' specs, in order, where both shortcuts apply; None for an in-place op,
+    no tensor input, or an input that is not a plain OpStrategy (lists, keyword tensors), is on
+    another mesh, is placed by a _StridedShard or a Partial subclass, or is of symbolic size."""
+    if op_schema.op.name().split("::")[-1].split(".")[0].endswith("_"):
+        return None
     if any(isinstance(v, _OpStrategy) or type(v).__name__ == "TupleStrategy"
            for v in op_schema.kwargs_schema.values()):
         return None
@@ -239,20 +236,16 @@ def _input_specs(op_schema):
         meta = spec.tensor_meta
         if meta is None or not all(type(x) is int for x in (*meta.shape, *meta.stride)):
             return None
+    if not specs or any(s.mesh != mesh for s in specs):
+        return None
     return specs
 
 
-def _expansion_key(mesh, op_schema, strategy_info):
-    """What DTensor's expansion of `op_schema` depends on besides the inputs' placements, or
-    None where it depends on them too (an in-place op; inputs on other meshes, not sharding
-    evenly, or of the kinds `_input_specs` refuses; rules taking args from other meshes)."""
+def _expansion_key(mesh, op_schema, specs, strategy_info):
+    """What DTensor's expansion of `op_schema` (inputs `specs`, from `_plain_inputs`) depends on
+    besides the inputs' placements, or None where it depends on them too (inputs not sharding
+    evenly; rules taking args from other meshes)."""
     if getattr(strategy_info, "different_mesh_args", None):
-        return None
-    op = op_schema.op
-    if op.name().split("::")[-1].split(".")[0].endswith("_"):
-        return None
-    specs = _input_specs(op_schema)
-    if not specs or any(s.mesh != mesh for s in specs):
         return None
     if not all(_strategy_utils.is_tensor_shardable(s.tensor_meta.shape, s) for s in specs):
         return None  # an uneven input may keep its own placements: the strategies differ
@@ -267,7 +260,7 @@ def _expansion_key(mesh, op_schema, strategy_info):
     except Exception:
         return None
     sharded = any(type(p).__name__ == "Shard" for s in specs for p in s.placements)
-    key = (mesh, str(op), rest, sharded)
+    key = (mesh, str(op_schema.op), rest, sharded)
     try:
         hash(key)
     except TypeError:
