@@ -20,6 +20,9 @@ Module map
                              score_stages); runs of identical layers (layer_runs, same_kind)
     pipeline.py              stage-cut solve: solve_pipeline picks a formulation, builds it,
                              solves it, reads the plan (read_pipeline_solution)
+    pipeline_dp.py           stage cut without options or memory rows (the relaxation
+                             solve_pipeline solves first), by an exact DP over the ranks:
+                             solve_cut_dp
     pipeline_layers.py       stage-cut ILP with one variable per layer: build_pipeline_ilp
     pipeline_runs.py         stage-cut ILP over runs of identical layers, with rank bounds:
                              build_pipeline_runs_ilp, fastest_fill
@@ -32,7 +35,8 @@ Module map
 Imports run one way: backend.py imports no solvers module; each brute force and ILP imports its
 problem module (pipeline_problem.py imports problem.py for the shared errors) and backend.py
 (intra_op.py also reduction.py, which imports problem.py only);
-the two stage-cut ILPs import pipeline_ranks.py; pipeline.py imports both of them; this file
+the two stage-cut ILPs import pipeline_ranks.py; pipeline.py imports both of them
+and pipeline_dp.py (which imports pipeline_problem.py only); this file
 imports the public names.
 """
 

@@ -15,7 +15,11 @@ share their objective and rows over ranks (`solvers.pipeline_ranks`):
               where each stage ends, plus valid rank_bound rows; the same plans and optimum,
               without the equal-cost copies that make deep stacks of equal blocks slow to prove.
 
-Before either, `solve_pipeline` solves the relaxation with every layer on its fastest option and
+With one option a layer and no memory budget, only the cut is left, and an exact DP over the
+ranks finds it (`solvers.pipeline_dp`, for one stage a rank and the two placements of two),
+milliseconds where the ILPs took seconds; `formulation="auto"` uses it where it applies.
+
+Before either ILP, `solve_pipeline` solves the relaxation with every layer on its fastest option and
 no memory rows (`_fastest_unbounded`): the step never falls when an option gets slower, so when
 that plan fits the budget it is the optimum, and when none of its plans is below the caller's
 cutoff, none of the problem's is. Where memory does not bind, that small model is proven many
@@ -43,6 +47,7 @@ import math
 import time
 
 from solvers.backend import SolverResult, highs_within_tolerance, pick_solver, run_solver
+from solvers.pipeline_dp import solve_cut_dp
 from solvers.pipeline_layers import PipelineIlp, build_pipeline_ilp, read_layers_plan
 from solvers.pipeline_problem import (
     PipelineProblem,
@@ -89,8 +94,10 @@ def solve_pipeline(
     formulation : {"auto", "layers", "runs"}
         "layers": the per-layer model (`solvers.pipeline_layers`); "runs": the count model over
         runs of identical layers (`solvers.pipeline_runs`), which has the same optimum and proves it
-        much faster on deep stacks of equal blocks; "auto" (default) takes "runs" when two
-        adjacent layers are identical and "layers" otherwise.
+        much faster on deep stacks of equal blocks; "auto" (default) answers the cut alone (one
+        option a layer, no budget, also the relaxation) by the DP of `solvers.pipeline_dp`
+        where it applies (the solution's `solver` is then "dp"), and otherwise takes "runs" when
+        two adjacent layers are identical and "layers" otherwise.
     cutoff_s : float, optional
         A step time the caller already has a plan for. With HiGHS the solve prunes every plan
         not below it: when it proves none is, NoPlanBelowCutoff is raised (often in a fraction
@@ -132,6 +139,10 @@ def solve_pipeline(
     start = time.perf_counter()
     problem.validate()
     solver = pick_solver(solver)
+    if formulation == "auto":
+        plan = solve_cut_dp(problem)
+        if plan is not None:
+            return _dp_solution(problem, plan, cutoff_s, start)
     relaxed = _fastest_unbounded(problem)
     if relaxed is not None:
         sol = _solve_relaxed(problem, relaxed, solver=solver, time_limit_s=time_limit_s,
@@ -156,6 +167,15 @@ def solve_pipeline(
             f"{solver} found no stage cut within time_limit_s={time_limit_s}; raise the limit"
         )
     return read_pipeline_solution(problem, ilp, result, start=start)
+
+
+def _dp_solution(problem, plan, cutoff_s, start) -> PipelineSolution:
+    """The optimum the DP found, or NoPlanBelowCutoff when it is not below the caller's cutoff
+    (as HiGHS proves it)."""
+    sol = solution_from_plan(problem, *plan, status="optimal", gap=0.0, solver="dp", start=start)
+    if cutoff_s is not None and sol.step_time_s >= cutoff_s:
+        raise NoPlanBelowCutoff(f"no stage cut fits with a step below {cutoff_s:.6g} s")
+    return sol
 
 
 def _fastest_unbounded(problem: PipelineProblem) -> PipelineProblem | None:

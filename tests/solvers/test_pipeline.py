@@ -34,9 +34,11 @@ def both(p, **kwargs):
 
 
 class TestSolvePipeline:
-    def test_balanced_cut_of_equal_layers(self):
+    def test_balanced_cut_of_equal_layers(self, monkeypatch):
         # Each layer takes 3 s; cut (2, 2) gives 12 + 3 * 6 = 30, cut (1, 3) 12 + 3 * 9 = 39.
         p = problem([layer(n) for n in "abcd"])
+        assert both(p)[0].solver == "dp"  # the cut alone: solvers.pipeline_dp answers
+        monkeypatch.setattr(pipeline_module, "solve_cut_dp", lambda p: None)  # the ILPs
         for solver in ("highs", "cbc"):
             sol, _ = both(p, solver=solver)
             assert sol.stages == (("a", "b"), ("c", "d"))
@@ -243,6 +245,7 @@ def test_the_relaxation_answers_some_instances_and_the_full_model_the_others(mon
 
 
 def test_auto_takes_the_runs_model_when_layers_repeat(monkeypatch):
+    monkeypatch.setattr(pipeline_module, "solve_cut_dp", lambda p: None)  # no DP: an ILP
     built = []
     real = pipeline_module.build_pipeline_runs_ilp
     monkeypatch.setattr(
