@@ -34,7 +34,7 @@ from __future__ import annotations
 import itertools
 import math
 
-from solvers.pipeline_problem import PipelineProblem
+from solvers.pipeline_problem import PipelineProblem, even_plan
 
 __all__ = ["MAX_STEPS", "placement", "solve_cut_dp"]
 
@@ -72,9 +72,15 @@ def solve_cut_dp(problem: PipelineProblem) -> tuple[tuple[tuple[int, ...], ...],
     # send[j]: the seconds of a cut at j (after layer j - 1); never charged at 0 or L
     send = [0.0] + [problem.p2p_latency_s + problem.p2p_s_per_byte * x.boundary_bytes
                     for x in problem.layers]
-    walk = {"one": _one, "loop": _loop, "v": _v}[how]
-    ends = walk(L, R, prefix, send)
     b, m = problem.bubble_weight, problem.num_microbatches
+    # No rank of an optimal cut works longer than `cap`: a plan whose busiest rank does has a
+    # step above the even cut's, b * W + (m - b) * M > step(even). (A hair over, for rounding.)
+    even_s = even_plan(problem)[0]
+    cap = (even_s - b * prefix[L]) / (m - b) * (1 + 1e-9) + 1e-12 if m > b else math.inf
+    walk = {"one": _one, "loop": _loop, "v": _v}[how]
+    ends = walk(L, R, prefix, send, cap)
+    if not ends:  # only if rounding beat the hair: the ILPs decide
+        return None
     best = min(ends, key=lambda e: (b * (prefix[L] + e.sends_s) + (m - b) * e.busiest_s,
                                     e.cuts()))
     cuts = best.cuts()
@@ -102,18 +108,22 @@ class _Entry:
         return tuple(sorted(out))
 
 
-def _keep(front: list[_Entry], new: _Entry) -> None:
-    """Add `new` to `front` unless an entry there is as good on both counts; drop the entries
-    it beats on both."""
+def _keep(front: list[_Entry], busiest_s: float, sends_s: float, points, parent) -> None:
+    """Add the partial cut (busiest_s, sends_s) to `front` unless an entry there is as good on
+    both counts; drop the entries it beats on both. (Made an `_Entry` only when kept: most
+    are not, and this loop is the DP's inner one.)"""
+    beaten = False
     for old in front:
-        if old.busiest_s <= new.busiest_s and old.sends_s <= new.sends_s:
+        if old.busiest_s <= busiest_s and old.sends_s <= sends_s:
             return
-    front[:] = [old for old in front
-                if not (new.busiest_s <= old.busiest_s and new.sends_s <= old.sends_s)]
-    front.append(new)
+        beaten = beaten or (busiest_s <= old.busiest_s and sends_s <= old.sends_s)
+    if beaten:
+        front[:] = [old for old in front
+                    if not (busiest_s <= old.busiest_s and sends_s <= old.sends_s)]
+    front.append(_Entry(busiest_s, sends_s, points, parent))
 
 
-def _one(L, R, prefix, send) -> list[_Entry]:
+def _one(L, R, prefix, send, cap) -> list[_Entry]:
     """One stage a rank: the state is where the next stage starts."""
     states = {0: [_Entry(0.0, 0.0, (), None)]}
     for r in range(R):
@@ -121,16 +131,18 @@ def _one(L, R, prefix, send) -> list[_Entry]:
         nxt: dict[int, list[_Entry]] = {}
         for a, front in states.items():
             for a2 in ([L] if last else range(a + 1, L - (R - 1 - r) + 1)):
+                if prefix[a2] - prefix[a] > cap:
+                    break  # and every longer stage
                 s = 0.0 if last else send[a2]
                 t = prefix[a2] - prefix[a] + s
                 for e in front:
-                    _keep(nxt.setdefault(a2, []),
-                          _Entry(max(e.busiest_s, t), e.sends_s + s, () if last else (a2,), e))
+                    _keep(nxt.setdefault(a2, []), max(e.busiest_s, t), e.sends_s + s,
+                          () if last else (a2,), e)
         states = nxt
-    return states[L]
+    return states.get(L, [])
 
 
-def _loop(L, R, prefix, send) -> list[_Entry]:
+def _loop(L, R, prefix, send, cap) -> list[_Entry]:
     """Stage r and stage R + r on rank r: for every end e of the first round, two fronts
     moving forward, from 0 to e and from e to L."""
     ends: list[_Entry] = []
@@ -142,20 +154,24 @@ def _loop(L, R, prefix, send) -> list[_Entry]:
             nxt: dict[tuple[int, int], list[_Entry]] = {}
             for (a, c), front in states.items():
                 for a2 in ([e] if last else range(a + 1, e - left + 1)):
+                    if prefix[a2] - prefix[a] > cap:
+                        break
                     first_t = prefix[a2] - prefix[a] + send[a2]  # never the last stage
                     for c2 in ([L] if last else range(c + 1, L - left + 1)):
+                        if prefix[a2] - prefix[a] + prefix[c2] - prefix[c] > cap:
+                            break
                         s = send[a2] + (0.0 if last else send[c2])
                         t = first_t + prefix[c2] - prefix[c] + (0.0 if last else send[c2])
                         points = (a2, c2) if not last else ()
                         for x in front:
-                            _keep(nxt.setdefault((a2, c2), []),
-                                  _Entry(max(x.busiest_s, t), x.sends_s + s, points, x))
+                            _keep(nxt.setdefault((a2, c2), []), max(x.busiest_s, t),
+                                  x.sends_s + s, points, x)
             states = nxt
         ends.extend(states.get((e, L), []))
     return ends
 
 
-def _v(L, R, prefix, send) -> list[_Entry]:
+def _v(L, R, prefix, send, cap) -> list[_Entry]:
     """Stage r and stage 2R - 1 - r on rank r: fronts from 0 forward and from L backward, one
     stage each per rank, meeting where the first round ends."""
     states = {(0, L): [_Entry(0.0, 0.0, (), None)]}
@@ -166,13 +182,18 @@ def _v(L, R, prefix, send) -> list[_Entry]:
         for (a, c), front in states.items():
             back_s = 0.0 if c == L else send[c]  # the send after stage 2R-1-r, which ends at c
             for a2 in range(a + 1, c - 2 * left):
-                for c2 in ([a2] if last else range(a2 + 2 * left, c)):
+                if prefix[a2] - prefix[a] > cap:
+                    break
+                # the stage [c2, c) shrinks as c2 grows: from the smallest up
+                for c2 in ([a2] if last else range(c - 1, a2 + 2 * left - 1, -1)):
+                    if prefix[a2] - prefix[a] + prefix[c] - prefix[c2] > cap:
+                        break
                     s = send[a2] + back_s
                     t = prefix[a2] - prefix[a] + prefix[c] - prefix[c2] + s
                     points = (a2,) if last else (a2, c2)
                     for x in front:
-                        _keep(nxt.setdefault((a2, c2), []),
-                              _Entry(max(x.busiest_s, t), x.sends_s + s, points, x))
+                        _keep(nxt.setdefault((a2, c2), []), max(x.busiest_s, t),
+                              x.sends_s + s, points, x)
         states = nxt
     return [x for (a, c), front in states.items() if a == c for x in front]
 
