@@ -1,9 +1,12 @@
 """The `autopar` command: plan offline, explain a plan, run the demo.
 
-    autopar plan MODEL --cluster PRESET_OR_FILE [--mesh dp=2,tp=2] [-o plan.json] [--json]
+    autopar plan MODEL --cluster PRESET_OR_FILE [--mesh dp=2,tp=2] [--precision bf16-mixed]
+                 [--schedule S] [--data-parallel F] [--microbatch-size N] [--checkpoint none]
+                 [-o plan.json] [--json]
     autopar explain plan.json [--model MODEL] [--json]
     autopar demo [--nproc 4] [--steps 5] [--mesh dp=2,tp=2]
     autopar models [--json]
+    autopar clusters [--json]
     autopar sweep MODEL... --cluster PRESET_OR_FILE [--nodes 1 8] [-o table.csv] [--plot fig.png]
 
 MODEL is a built-in name (`autopar models` lists them: `autopar.models.registry.BUILTIN_MODELS`)
@@ -33,7 +36,9 @@ from autopar.models.registry import (
     parameter_count,
     positive,
 )
-from autopar.parallelism import check_world_size
+from autopar.parallelism import check_world_size, flavour_names
+from autopar.planning.profile import TrainingPrecision
+from autopar.schedules import SCHEDULES
 from autopar.units import format_bytes, format_count, parse_bytes
 
 EXIT_USAGE = 2  # what argparse itself uses for a bad command line
@@ -88,9 +93,14 @@ def cmd_plan(args) -> int:
     batch = args.batch
     if batch is None and not is_factory(args.model):
         batch = math.lcm(8, cluster.world_size)  # splits evenly over any dp axis
+    precision, dtype = PRECISIONS[args.precision]
+    microbatch = (None if args.microbatch_size is None
+                  else positive(args.microbatch_size, "--microbatch-size"))
     with torch.device("meta"):
         model, example_inputs, loss_fn = build_model(args.model, batch=batch, seq=args.seq,
                                                      overrides=parse_overrides(args.set))
+    if dtype is not None:
+        model, example_inputs = _cast(model, example_inputs, dtype)
     with solver_output_to_stderr():
         plan = autopar.plan(
             model,
@@ -99,8 +109,13 @@ def cmd_plan(args) -> int:
             loss_fn=loss_fn,
             mesh=mesh,
             memory_limit=memory_limit,
+            precision=precision(),
             solver=args.solver,
             time_limit=args.time_limit,
+            schedule=args.schedule,
+            microbatch_size=microbatch,
+            data_parallel=args.data_parallel,
+            checkpoint=args.checkpoint == "auto",
             log=None if args.quiet else _progress,
         )
     if args.output:
@@ -112,6 +127,23 @@ def cmd_plan(args) -> int:
         if args.output:
             print(f"\nwrote {args.output}")
     return 0
+
+
+# --precision: what the plan counts a parameter's state in, and the dtype the model is cast to
+# first (compute is priced in the model's own dtype): "bf16-mixed" is bf16 weights and compute
+# with fp32 master weights and optimizer state, the way large models are trained
+PRECISIONS = {
+    "fp32": (TrainingPrecision.fp32, None),
+    "bf16-mixed": (TrainingPrecision.mixed_bf16, torch.bfloat16),
+}
+
+
+def _cast(model, example_inputs, dtype):
+    """The model and its floating inputs in `dtype` (token ids and labels stay integers)."""
+    cast = torch.utils._pytree.tree_map(
+        lambda t: t.to(dtype) if torch.is_tensor(t) and t.is_floating_point() else t,
+        example_inputs)
+    return model.to(dtype), cast
 
 
 def _progress(line: str) -> None:
@@ -236,6 +268,43 @@ def cmd_models(args) -> int:
     return 0
 
 
+def cmd_clusters(args) -> int:
+    """Every cluster preset: its device, memory, peak, node size and links, and whether its
+    device is calibrated (measured op times) or priced from its datasheet."""
+    from autopar.cluster import PRESETS, Cluster
+
+    rows = []
+    for name in PRESETS:
+        c = Cluster.preset(name)
+        rows.append({
+            "name": name, "device": c.device.name, "memory_bytes": c.device.memory_bytes,
+            "peak_flops": dict(c.device.peak_flops),
+            "devices_per_node": c.devices_per_node,
+            "intra_node_bytes_per_s": c.intra_node.bandwidth_bytes_per_s,
+            "inter_node_bytes_per_s": c.inter_node.bandwidth_bytes_per_s,
+            "calibrated": c.device.calibration is not None})
+    if args.json:
+        _print_json(rows)
+        return 0
+    def peak(flops: dict) -> str:  # the fastest dtype's
+        dtype, value = max(flops.items(), key=lambda kv: kv[1])
+        return f"{value / 1e12:,.4g} TFLOP/s {dtype}"
+
+    table = [("name", "device", "memory", "peak", "per node", "links (in / across nodes)",
+              "prices")] + [
+        (r["name"], r["device"], format_bytes(r["memory_bytes"]), peak(r["peak_flops"]),
+         str(r["devices_per_node"]),
+         f"{r['intra_node_bytes_per_s'] / 1e9:,.0f} / {r['inter_node_bytes_per_s'] / 1e9:,.0f} "
+         "GB/s", "calibrated" if r["calibrated"] else "datasheet")
+        for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    print("\n--nodes N takes N of a preset; --cluster FILE.json any other "
+          "(the format of autopar/data/devices/*.json)")
+    return 0
+
+
 def cmd_sweep(args) -> int:
     """Plan every MODEL on every --nodes count with every option; a table, a CSV, a plot."""
     from autopar.sweep import check_plot, plot, sweep, to_csv, to_text
@@ -351,6 +420,19 @@ def make_parser() -> argparse.ArgumentParser:
         "--memory-limit",
         help="bytes per device, e.g. 40GiB, 80GB, 1e9 (default: the device's memory)",
     )
+    p.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32",
+                   help="fp32 (default), or bf16-mixed: the model cast to bf16 (compute priced "
+                        "in bf16), fp32 master weights and optimizer state")
+    p.add_argument("--schedule", choices=tuple(SCHEDULES),
+                   help="pipeline schedule (default: search them all)")
+    p.add_argument("--data-parallel", choices=flavour_names(),
+                   help="data-parallel flavour (default: search them all)")
+    p.add_argument("--microbatch-size", type=int, metavar="N",
+                   help="samples a microbatch per data-parallel rank (default: search every "
+                        "divisor of the batch)")
+    p.add_argument("--checkpoint", choices=("auto", "none"), default="auto",
+                   help="auto (default): each block may be checkpointed, full or selective; "
+                        "none: never")
     p.add_argument("--solver", choices=("highs", "cbc"), default="highs")
     p.add_argument("--time-limit", type=float, metavar="S", help="solver time limit, seconds")
     p.add_argument("-o", "--output", metavar="PLAN_JSON", help="write the plan here")
@@ -402,6 +484,15 @@ def make_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        "clusters",
+        help="list the cluster presets",
+        description="List every cluster preset (--cluster NAME): its device, memory, peak, "
+        "devices a node, links, and whether its op times are calibrated.",
+    )
+    p.add_argument("--json", action="store_true", help="print the list as JSON")
+    p.set_defaults(func=cmd_clusters)
 
     p = sub.add_parser(
         "models",

@@ -13,9 +13,9 @@ such (with the last (mesh, microbatch) its search began and its best plan so far
 already in the output file are skipped, so an interrupted run resumes (`--redo` plans them
 again; the report reads a case's last row).
 
-What a case plans is what `autopar plan NAME --cluster h100-80g --nodes N` plans, with the
-model cast to bf16 and bf16 mixed precision (the way these models are trained; the command
-line plans fp32 until issue 18): the global batch is lcm(8, GPUs) (one sequence or image a GPU
+What a case plans is what `autopar plan NAME --cluster h100-80g --nodes N --precision
+bf16-mixed` plans (the model cast to bf16, bf16 mixed precision: the way these models are
+trained; the command line's default is fp32): the global batch is lcm(8, GPUs) (one sequence or image a GPU
 at 64 GPUs and up), the search is the default one (every pp x dp x tp, microbatch size,
 schedule, ZeRO flavour and checkpointing), each stage-cut solve limited to `--time-limit` s.
 """

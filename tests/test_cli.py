@@ -58,6 +58,63 @@ class TestPlan:
         assert Plan.from_dict(d).to_json() == (tmp_path / "p.json").read_text()
 
 
+class TestPlanOptions:
+    """--precision, --schedule, --data-parallel, --microbatch-size, --checkpoint: the search
+    space and the precision of `autopar.plan`, from the command line."""
+
+    def plan(self, capsys, *extra: str, args=PLAN_ARGS) -> dict:
+        rc, out, _ = run_cli(capsys, *args, "--json", "--quiet", *extra)
+        assert rc == 0
+        return json.loads(out)
+
+    def test_bf16_mixed_counts_state_as_zero_does_and_prices_bf16(self, capsys):
+        fp32 = self.plan(capsys)["predicted"]
+        mixed = self.plan(capsys, "--precision", "bf16-mixed")["predicted"]
+        # bf16 weights and gradients (2 + 2 bytes), fp32 master and AdamW state (4 + 8)
+        assert mixed["memory_parameters_bytes"] == fp32["memory_parameters_bytes"] / 2
+        assert mixed["memory_gradients_bytes"] == fp32["memory_gradients_bytes"] / 2
+        assert mixed["memory_optimizer_bytes"] == fp32["memory_optimizer_bytes"] * 1.5
+        # the model is cast: its activations are bf16 too
+        assert mixed["memory_activations_bytes"] < fp32["memory_activations_bytes"]
+
+    def test_search_space_flags(self, capsys):
+        args = ["plan", "gpt-tiny", "--cluster", "cpu", "--devices-per-node", "4"]
+        d = self.plan(capsys, "--mesh", "pp=2,dp=2", "--schedule", "GPipe",
+                      "--microbatch-size", "1", "--data-parallel", "zero3",
+                      "--checkpoint", "none", args=args)
+        assert d["pipeline"]["schedule"] == "GPipe"
+        assert d["pipeline"]["microbatch_size"] == 2  # 1 a dp rank, 2 dp ranks
+        assert d["data_parallel"] == "zero3"
+        assert not d["checkpoint"]
+
+    @pytest.mark.parametrize(("flag", "value", "message"), [
+        ("--precision", "fp8", "invalid choice: 'fp8'"),
+        ("--schedule", "1F2B", "invalid choice: '1F2B'"),
+        ("--data-parallel", "zero4", "invalid choice: 'zero4'"),
+        ("--microbatch-size", "0", "--microbatch-size"),
+    ])
+    def test_bad_values(self, flag, value, message):
+        proc = subprocess.run([sys.executable, "-m", "autopar.cli", *PLAN_ARGS, flag, value],
+                              capture_output=True, text=True, cwd=REPO)
+        assert proc.returncode == 2 and message in proc.stderr
+        assert "Traceback" not in proc.stderr
+
+
+def test_clusters_lists_every_preset(capsys):
+    from autopar.cluster import PRESETS, Cluster
+
+    rc, out, _ = run_cli(capsys, "clusters", "--json")
+    rows = json.loads(out)
+    assert rc == 0 and [r["name"] for r in rows] == list(PRESETS)
+    for r in rows:  # each row as the preset itself says
+        c = Cluster.preset(r["name"])
+        assert (r["memory_bytes"], r["devices_per_node"], r["calibrated"]) == (
+            c.device.memory_bytes, c.devices_per_node, c.device.calibration is not None)
+    rc, out, _ = run_cli(capsys, "clusters")
+    assert rc == 0 and all(name in out for name in PRESETS)
+    assert "989 TFLOP/s bfloat16" in out and "calibrated" in out and "datasheet" in out
+
+
 class TestSimulate:
     def test_report_text_and_json(self, capsys, plan_file):
         rc, out, _ = run_cli(capsys, "simulate", str(plan_file))
