@@ -1,6 +1,7 @@
 """autopar.Plan: JSON round trip, determinism, clear errors on bad files and mismatches, summary."""
 
 import json
+import os
 
 import pytest
 from torch.distributed.tensor import Partial, Replicate, Shard
@@ -66,6 +67,30 @@ class TestRoundTrip:
         plan.save(tmp_path / "a.json")
         Plan.load(tmp_path / "a.json").save(tmp_path / "b.json")
         assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
+
+    def test_save_is_atomic(self, tmp_path, monkeypatch):
+        # a save that fails midway leaves the plan that was there, whole, and no stray file
+        path = tmp_path / "plan.json"
+        old = sample_plan()
+        old.save(path)
+        os.chmod(path, 0o640)
+        before = path.read_bytes()
+
+        def fail(fd):
+            raise OSError("disk full")
+
+        monkeypatch.setattr(os, "fsync", fail)
+        with pytest.raises(OSError, match="disk full"):
+            sample_plan(n_layers=12).save(path)
+        assert path.read_bytes() == before and os.listdir(tmp_path) == ["plan.json"]
+        monkeypatch.undo()
+        new = sample_plan(n_layers=12)
+        new.save(path)  # replaces it whole, keeping its mode
+        assert Plan.load(path) == new and os.stat(path).st_mode & 0o777 == 0o640
+        new.save(tmp_path / "fresh.json")  # a new file gets open()'s mode, not mkstemp's 0600
+        umask = os.umask(0)
+        os.umask(umask)
+        assert os.stat(tmp_path / "fresh.json").st_mode & 0o777 == 0o666 & ~umask
 
     def test_mesh_order_is_kept_and_names_sort_naturally(self):
         d = json.loads(sample_plan(n_layers=12, mesh={"tp": 2, "dp": 2}).to_json())
