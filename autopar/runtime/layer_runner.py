@@ -84,7 +84,7 @@ class LayerRunner:
                         nodes, env, self._run_node, self._readers, self._regather, how
                     )
                 segment(env)
-            elif how == "none":
+            elif how == "none" or not torch.is_grad_enabled():  # nothing to save: no recompute
                 for n in nodes:
                     self._run_node(n, env)
             else:

@@ -80,6 +80,14 @@ class ParallelModel(nn.Module):
         self._settle_gradients()
         return loss.to_local().detach()
 
+    def eval_step(self, inputs, target=None) -> torch.Tensor:
+        """The loss of one global batch, forward only, under `torch.no_grad()` (no gradients
+        touched, no checkpointing); equal on every rank, as `train_step` returns it."""
+        with torch.no_grad():
+            loss = self._run(self._traced.layout.tensors(inputs, target), self._traced.loss_node)
+            loss = loss.redistribute(self.mesh, (Replicate(),) * self.mesh.ndim)
+        return loss.to_local().detach()
+
     def forward(self, *args, **kwargs):
         """Evaluation: the model's output (of a structured output, the first tensor that is not
         the loss: a Hugging Face model's logits) for inputs passed as to the model itself, as a

@@ -145,3 +145,43 @@ def test_hybrid_sharding_shards_less_and_crosses_nodes_less_than_zero3():
     assert hsdp.step_time_s < zero3.step_time_s  # gathers stay inside the node
     with pytest.raises(autopar.AutoparError, match="dp_shard=3 with dp=4"):
         autopar.manual_plan(model, cluster, batches()[0], dp_shard=3, **common)
+
+
+def evaluate_and_train(model_name, plan_json):
+    """eval_step on every batch with the initial weights, whether that left any gradient, the
+    training losses, then eval_step on the first batch with the trained weights."""
+    from autopar.plan import Plan
+
+    torch.manual_seed(0)
+    model = MODELS[model_name]()
+    data = batches()
+    plan = Plan.from_dict(json.loads(plan_json))
+    pm = ParallelModel(model, traced_batch(model_name), plan, make_mesh(plan))
+    before = [float(pm.eval_step(x, y)) for x, y in data]
+    untouched = all(p.grad is None for p in pm.parameters())
+    trained = sgd_losses(pm.parameters(), pm.train_step, data)
+    return before, untouched, trained, float(pm.eval_step(*data[0]))
+
+
+@pytest.mark.slow
+def test_eval_step_matches_single_process():
+    # dp 2 x tp 2 under ZeRO-3, one block checkpointed: evaluation runs it plainly (no grad)
+    _, plan = zero_plan("gpt", {"dp": 2, "tp": 2}, "zero3")
+    plan.checkpoint = {"blocks.0": "full"}
+    results = run_on_ranks(evaluate_and_train, 4, "gpt", plan.to_json(),
+                           prepare=functools.partial(traced_batch, "gpt"))
+    torch.manual_seed(0)
+    model = MODELS["gpt"]()
+    data = batches()
+    with torch.no_grad():
+        before = [lm_loss(model(x), y).item() for x, y in data]
+    trained = reference_losses("gpt", models={"gpt": lambda: model})  # trains `model` itself
+    with torch.no_grad():
+        after = lm_loss(model(data[0][0]), data[0][1]).item()
+    for r in results:
+        assert r == results[0]  # the same on every rank
+    got_before, untouched, got_trained, got_after = results[0]
+    assert untouched
+    assert got_before == pytest.approx(before, rel=1e-5)
+    assert got_trained == pytest.approx(trained, rel=1e-5)
+    assert got_after == pytest.approx(after, rel=1e-5)
