@@ -122,16 +122,17 @@ def report(path: str) -> str:
                    for p in pairs)
         not_optimal = sum(p["ilp"]["status"] != "optimal" for p in pairs)
 
-        def times(method):
-            walls = [p[method]["wall_s"] for p in pairs]
-            return statistics.median(walls), max(walls), sum(walls)
-
-        dp, ilp = times("dp"), times("ilp")
+        dp, ilp = (_times([p[method]["wall_s"] for p in pairs]) for method in METHODS)
         lines.append(
             f"| {case} | {len(pairs)} ({', '.join(f'{a}x{b}' for a, b in shapes)}) "
             f"| {not_optimal} | {diff:.1e} | {dp[0]:.4f} / {dp[1]:.3f} / {dp[2]:.2f} "
             f"| {ilp[0]:.3f} / {ilp[1]:.2f} / {ilp[2]:.1f} | {ilp[2] / dp[2]:.0f}x |")
     return "\n".join(lines)
+
+
+def _times(walls: list[float]) -> tuple[float, float, float]:
+    """Median, largest and total."""
+    return statistics.median(walls), max(walls), sum(walls)
 
 
 def main(argv=None) -> None:
