@@ -10,8 +10,9 @@ often its answer: what is left of the problem is the cut alone,
 and both C and M only grow as a partial cut grows. So a partial cut is worth keeping only if no
 other one ending at the same place has both a smaller busiest rank so far and fewer seconds of
 sends: each state keeps that Pareto front, and the best finished front entry is the optimum.
-Exact, with no tolerance but the floats': Switch-Base-8's 27 layers on 16 interleaved stages
-took HiGHS 8-28 s and take this milliseconds.
+Exact, with no tolerance but the floats': Switch-Base-8's 27 unlike layers on 16 interleaved
+stages took HiGHS up to 14 s a cut and take this under 0.2 s
+(docs/benchmarks/2026-12-07-stage-cut-dp).
 
 The DP walks the ranks in order, each rank taking its stages at once; where they lie depends on
 the placement (`PipelineProblem.ranks`):
