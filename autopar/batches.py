@@ -140,6 +140,14 @@ def microbatch_inputs(example_inputs, microbatch_size: int):
     return tree_map(cut, example_inputs)
 
 
+def floating_to(example_inputs, dtype: torch.dtype):
+    """`example_inputs` with every floating tensor in `dtype` (token ids and labels stay
+    integers): the batch of a model cast to `dtype`."""
+    return tree_map(
+        lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t,
+        example_inputs)
+
+
 def batch_size(example_inputs) -> int:
     """The batch size: dim 0 of the first tensor that has one."""
     flat = [x for x in tree_leaves(example_inputs)

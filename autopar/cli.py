@@ -26,6 +26,7 @@ import warnings
 
 import torch
 
+from autopar.batches import floating_to
 from autopar.console import parse_mesh, solver_output_to_stderr
 from autopar.errors import AutoparError
 from autopar.models.hf import parse_overrides
@@ -100,7 +101,7 @@ def cmd_plan(args) -> int:
         model, example_inputs, loss_fn = build_model(args.model, batch=batch, seq=args.seq,
                                                      overrides=parse_overrides(args.set))
     if dtype is not None:
-        model, example_inputs = _cast(model, example_inputs, dtype)
+        model, example_inputs = model.to(dtype), floating_to(example_inputs, dtype)
     with solver_output_to_stderr():
         plan = autopar.plan(
             model,
@@ -137,13 +138,6 @@ PRECISIONS = {
     "bf16-mixed": (TrainingPrecision.mixed_bf16, torch.bfloat16),
 }
 
-
-def _cast(model, example_inputs, dtype):
-    """The model and its floating inputs in `dtype` (token ids and labels stay integers)."""
-    cast = torch.utils._pytree.tree_map(
-        lambda t: t.to(dtype) if torch.is_tensor(t) and t.is_floating_point() else t,
-        example_inputs)
-    return model.to(dtype), cast
 
 
 def _progress(line: str) -> None:

@@ -30,10 +30,9 @@ from dataclasses import dataclass
 from multiprocessing.connection import wait as wait_for
 
 import torch
-from torch.utils._pytree import tree_map
 
 from autopar.api import manual_plan, plan
-from autopar.batches import batch_size
+from autopar.batches import batch_size, floating_to
 from autopar.cluster import Cluster
 from autopar.console import mesh_text
 from autopar.errors import AutoparError
@@ -250,10 +249,7 @@ def _build(case: Case):
                            "(model, example_inputs, loss_fn) or (model, example_inputs)")
     model, example_inputs, loss_fn = built if len(built) == 3 else (*built, None)
     if case.dtype is not None:
-        model = model.to(case.dtype)
-        example_inputs = tree_map(
-            lambda t: t.to(case.dtype) if torch.is_tensor(t) and t.is_floating_point() else t,
-            example_inputs)
+        model, example_inputs = model.to(case.dtype), floating_to(example_inputs, case.dtype)
     return model, example_inputs, loss_fn
 
 

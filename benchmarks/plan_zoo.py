@@ -70,6 +70,7 @@ def reference_gpt(name: str) -> str:
 def _build(case: str, batch: int):
     import torch
 
+    from autopar.batches import floating_to
     from autopar.models.gpt import GPT, GPTConfig
     from autopar.models.inputs import next_token_batch
     from autopar.models.losses import lm_loss
@@ -84,10 +85,7 @@ def _build(case: str, batch: int):
         else:
             model, example, loss = build_model(case, batch=batch, seq=None)
         # bf16 weights take bf16 images (token ids and labels stay integers)
-        example = torch.utils._pytree.tree_map(
-            lambda t: t.to(torch.bfloat16) if torch.is_tensor(t) and t.is_floating_point() else t,
-            example)
-        return model.to(torch.bfloat16), example, loss
+        return model.to(torch.bfloat16), floating_to(example, torch.bfloat16), loss
 
 
 def plan_one(case: str, gpus: int, time_limit: float) -> dict:
