@@ -375,8 +375,11 @@ class Cluster:
         """The cluster this process runs in (under torchrun or an initialised process group).
 
         World size from torch.distributed if initialised, else WORLD_SIZE (default 1); devices per
-        node from LOCAL_WORLD_SIZE (default: the visible GPUs, or the whole world size on CPU).
-        With CUDA, the preset matching the device name and memory, else a generic spec (with a
+        node from LOCAL_WORLD_SIZE (default: the visible GPUs, or the whole world size on CPU);
+        nodes = world size / devices per node, checked against torchrun's GROUP_WORLD_SIZE (the
+        nodes that joined the rendezvous) and GROUP_RANK where torchrun set them (see
+        `_node_count`: a job whose nodes run different numbers of processes is an error). With
+        CUDA, the preset matching the device name and memory, else a generic spec (with a
         warning); else the "cpu" preset.
         """
         world = _env_int("WORLD_SIZE", 1)
@@ -387,22 +390,62 @@ class Cluster:
             visible = min(world, max(torch.cuda.device_count(), 1))
             guess = visible if world % visible == 0 else world
         local = _env_int("LOCAL_WORLD_SIZE", guess)
-        if local > world or world % local:
-            raise ClusterSpecError(
-                f"LOCAL_WORLD_SIZE={local} does not divide the world size {world}; launch with "
-                "torchrun --nproc-per-node N so every node runs the same number of processes")
-        nodes = world // local
+        nodes = _node_count(world, local)
         if not torch.cuda.is_available():
             return cls.preset("cpu", nodes=nodes, devices_per_node=local)
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
         return _cuda_cluster(props.name, props.total_memory, nodes, local)
 
 
+def _node_count(world: int, local: int) -> int:
+    """Nodes of a job of `world` processes, `local` of them on this node.
+
+    torchrun, with any rendezvous (c10d, etcd, static), gives every worker GROUP_WORLD_SIZE (the
+    nodes, i.e. torchrun agents, that joined), GROUP_RANK (this node's index among them), RANK,
+    LOCAL_RANK and LOCAL_WORLD_SIZE (this node's --nproc-per-node), and numbers ranks node after
+    node: a node's first rank is the sum of the LOCAL_WORLD_SIZEs of the nodes before it
+    (torch.distributed.elastic.agent.server.api.SimpleElasticAgent._assign_worker_ranks).
+
+    A Cluster is `nodes` x `devices_per_node` with ranks numbered node by node, and the cost
+    model prices a mesh axis by whether its groups of ranks stay inside a node. So when torchrun
+    says how many nodes there are, it must agree with world / local, and this node's first rank
+    must be GROUP_RANK x local; otherwise the nodes run different numbers of processes (an
+    elastic job can: --nproc-per-node is each node's own), and this raises rather than plan for
+    a topology that is not there: one cluster shape cannot describe such a job, and no mesh
+    could keep its axes inside nodes of different sizes. Only this node's counts are known here
+    (a collective would hang a caller that runs detect() on one rank only), so a node whose own
+    count happens to fit may pass, but every node cannot: some node of an uneven job raises.
+    Without GROUP_WORLD_SIZE (not torchrun), nodes = world / local, which must divide.
+    """
+    groups = _env_int("GROUP_WORLD_SIZE", None)
+    if groups is not None and groups * local != world:
+        raise ClusterSpecError(
+            f"this node runs LOCAL_WORLD_SIZE={local} processes but the job has {world} on "
+            f"GROUP_WORLD_SIZE={groups} nodes: its nodes run different numbers of processes, "
+            "which autopar cannot describe (a Cluster is nodes of equal size); launch every node "
+            "with the same torchrun --nproc-per-node")
+    if local > world or world % local:
+        raise ClusterSpecError(
+            f"LOCAL_WORLD_SIZE={local} does not divide the world size {world}; launch with "
+            "torchrun --nproc-per-node N so every node runs the same number of processes")
+    nodes = world // local
+    group_rank, rank, local_rank = (_env_index(v) for v in ("GROUP_RANK", "RANK", "LOCAL_RANK"))
+    known = None not in (groups, group_rank, rank, local_rank)
+    if known and rank - local_rank != group_rank * local:
+        raise ClusterSpecError(
+            f"this node (GROUP_RANK={group_rank}, LOCAL_WORLD_SIZE={local}) starts at rank "
+            f"{rank - local_rank}, not {group_rank * local}: the nodes before it run different "
+            "numbers of processes, which autopar cannot describe (a Cluster is nodes of equal "
+            "size, ranks numbered node by node); launch every node with the same torchrun "
+            "--nproc-per-node")
+    return nodes
+
+
 def _link_dict(link: Link) -> dict:
     return {"bandwidth_bytes_per_s": link.bandwidth_bytes_per_s, "latency_s": link.latency_s}
 
 
-def _env_int(var: str, default: int) -> int:
+def _env_int(var: str, default: int | None) -> int | None:
     raw = os.environ.get(var)
     if raw is None:
         return default
@@ -411,6 +454,21 @@ def _env_int(var: str, default: int) -> int:
     except ValueError:
         raise ClusterSpecError(f"environment variable {var}={raw!r} must be a positive integer; "
                                "launch with torchrun, which sets it") from None
+
+
+def _env_index(var: str) -> int | None:
+    """A rank-like environment variable (0 or more), or None where it is unset."""
+    raw = os.environ.get(var)
+    if raw is None:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ClusterSpecError(f"environment variable {var}={raw!r} must be a whole number >= 0; "
+                               "launch with torchrun, which sets it")
+    return value
 
 
 def _cuda_cluster(device_name: str, total_memory: int, nodes: int, local: int) -> Cluster:
