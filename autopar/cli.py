@@ -3,7 +3,7 @@
     autopar plan MODEL --cluster PRESET_OR_FILE [--mesh dp=2,tp=2] [--precision bf16-mixed]
                  [--schedule S] [--data-parallel F] [--microbatch-size N] [--checkpoint none]
                  [-o plan.json] [--json]
-    autopar explain plan.json [--model MODEL] [--json]
+    autopar explain plan.json [--model MODEL] [--plot fig.png] [--json]
     autopar demo [--nproc 4] [--steps 5] [--mesh dp=2,tp=2]
     autopar models [--json]
     autopar clusters [--json]
@@ -27,7 +27,8 @@ import warnings
 import torch
 
 from autopar.batches import floating_to
-from autopar.console import parse_mesh, solver_output_to_stderr
+from autopar.cli_explain import cmd_explain, load_plan_file
+from autopar.console import check_output_path, parse_mesh, solver_output_to_stderr
 from autopar.errors import AutoparError
 from autopar.models.hf import parse_overrides
 from autopar.models.registry import (
@@ -52,13 +53,20 @@ def load_cluster(spec: str, *, nodes: int | None, devices_per_node: int | None):
     """A preset name or a JSON cluster file, with --nodes / --devices-per-node applied."""
     from autopar.cluster import PRESETS, Cluster
 
+    for value, flag in ((nodes, "--nodes"), (devices_per_node, "--devices-per-node")):
+        if value is not None:
+            positive(value, flag)  # 0 is a mistake, not "the default"
     if spec.lower() in PRESETS:
         return Cluster.preset(spec, nodes=nodes or 1, devices_per_node=devices_per_node)
     if not os.path.exists(spec):
         raise AutoparError(
             f"unknown cluster {spec!r}: not a preset ({', '.join(PRESETS)}) and no such file"
         )
-    cluster = Cluster.from_file(spec)
+    try:
+        cluster = Cluster.from_file(spec)
+    except UnicodeDecodeError as e:
+        raise AutoparError(f"cannot read cluster file {spec}: not UTF-8 text ({e.reason}); give "
+                           "a JSON file like autopar/data/devices/h100-80g.json") from None
     if nodes is None and devices_per_node is None:
         return cluster
     d = cluster.to_dict()
@@ -85,6 +93,8 @@ def _print_json(obj) -> None:
 def cmd_plan(args) -> int:
     import autopar
 
+    if args.output:
+        check_output_path(args.output, "-o")  # before the search, not after it
     mesh = parse_mesh(args.mesh) if args.mesh else None
     memory_limit = parse_bytes(args.memory_limit) if args.memory_limit else None
     cluster = load_cluster(args.cluster, nodes=args.nodes, devices_per_node=args.devices_per_node)
@@ -146,37 +156,12 @@ def _progress(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def cmd_explain(args) -> int:
-    from autopar.plan import Plan
-
-    plan = Plan.load(args.plan)
-    layers = _ops_by_layer(plan, args) if args.model else None
-    if args.json:
-        d = plan.to_dict()
-        if layers is not None:
-            d["ops_by_layer"] = {layer: list(ops) for layer, ops in layers.items()}
-        _print_json(d)
-        return 0
-    print(plan.summary())
-    print()
-    if layers is None:
-        print(f"ops ({len(plan.ops)}; give --model to group them by layer)")
-        _print_ops(plan, list(plan.ops), indent="  ")
-        return 0
-    print(f"ops by layer ({len(plan.ops)} ops; placements per mesh axis {_axes(plan)})")
-    for layer, ops in layers.items():
-        print(f"  {layer or '(model)'}")
-        _print_ops(plan, ops, indent="    ")
-    return 0
-
-
 def cmd_simulate(args) -> int:
     import dataclasses
 
-    from autopar.plan import Plan
     from autopar.simulate import simulate
 
-    report = simulate(Plan.load(args.plan))
+    report = simulate(load_plan_file(args.plan))
     if args.json:
         _print_json(dataclasses.asdict(report))
         return 0
@@ -192,44 +177,6 @@ def cmd_simulate(args) -> int:
         print(f"communication {axis:<3} {t * 1e3:.3f} ms")
     print(f"pipeline bubble  {report.bubble_fraction:.1%}")
     return 0
-
-
-def _axes(plan) -> str:
-    return "x".join(plan.mesh)
-
-
-def _print_ops(plan, names: list[str], indent: str) -> None:
-    def sharding(placements: list[str]) -> str:
-        return ",".join(placements) if placements else "-"
-
-    rows = []
-    for name in names:
-        op = plan.ops[name]
-        ins = " ".join(sharding(p) for p in op.inputs) or "-"
-        outs = " ".join(sharding(p) for p in op.outputs) or "-"
-        rows.append((name, op.rule, ins, outs))
-    w = [max((len(r[i]) for r in rows), default=0) for i in range(3)]
-    for name, rule, ins, outs in rows:
-        print(f"{indent}{name.ljust(w[0])}  {rule.ljust(w[1])}  {ins.ljust(w[2])} -> {outs}")
-
-
-def _ops_by_layer(plan, args) -> dict[str, list[str]]:
-    """Retrace the model (on meta) to map each planned op to its layer, in graph order."""
-    from autopar.trace import layer_of, trace_for_training
-
-    batch = args.batch
-    if batch is None and not is_factory(args.model):
-        batch = math.lcm(8, plan.world_size)  # as `autopar plan` defaults it
-    with torch.device("meta"):
-        model, example_inputs, loss_fn = build_model(args.model, batch=batch, seq=args.seq,
-                                                     overrides=parse_overrides(args.set))
-    traced = trace_for_training(model, example_inputs, loss_fn)
-    plan.check_matches(graph_fingerprint=traced.fingerprint, world_size=plan.world_size)
-    layers: dict[str, list[str]] = {}
-    for node in traced.graph_module.graph.nodes:
-        if node.name in plan.ops:
-            layers.setdefault(layer_of(node), []).append(node.name)
-    return layers
 
 
 def cmd_demo(args) -> int:
@@ -306,6 +253,9 @@ def cmd_sweep(args) -> int:
     clusters = [load_cluster(args.cluster, nodes=n, devices_per_node=args.devices_per_node)
                 for n in args.nodes or [None]]
     by = args.by.split(",") if args.by else None
+    for path, flag in ((args.output, "-o"), (args.plot, "--plot")):
+        if path:
+            check_output_path(path, flag)
     if args.plot:
         check_plot(x=args.x, y=args.y, by=by)  # now, not after an hour of planning
     with solver_output_to_stderr():
@@ -447,6 +397,9 @@ def make_parser() -> argparse.ArgumentParser:
         help="the MODEL the plan was made for (as given to `autopar plan`), to group ops by layer",
     )
     _add_model_args(p)
+    p.add_argument("--plot", metavar="FIGURE",
+                   help="also draw memory by kind, the pipeline timeline and where the step "
+                   "time goes (PNG, PDF, SVG; needs matplotlib)")
     p.add_argument(
         "--json",
         action="store_true",
@@ -551,6 +504,11 @@ def main(argv: list[str] | None = None) -> int:
     except (AutoparError, ValueError, FileNotFoundError) as e:
         sys.stdout.flush()
         print(f"autopar: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as e:  # a path of the user's that cannot be read or written
+        sys.stdout.flush()
+        print(f"autopar: error: cannot use {e.filename or 'a file'}: {e.strerror or e}; check "
+              "the path and its permissions", file=sys.stderr)
         return EXIT_USAGE
 
 

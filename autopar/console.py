@@ -1,5 +1,5 @@
-"""What the `autopar` command and the demo's workers share: a mesh as text, both ways, and a
-solver's banner kept off stdout."""
+"""What the `autopar` command and the demo's workers share: a mesh as text, both ways, a
+solver's banner kept off stdout, and an output path checked before any work."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import contextlib
 import os
 import re
 import sys
+
+from autopar.errors import AutoparError
 
 _AXIS_RE = re.compile(r"^([A-Za-z_]\w*)=(\d+)$")
 
@@ -56,3 +58,15 @@ def solver_output_to_stderr(*, discard: bool = False):
         os.dup2(saved, 1)
         os.close(saved)
         os.close(target)
+
+
+def check_output_path(path: str, option: str) -> None:
+    """Fail at once, before any planning or drawing, when `path` could not be written: its
+    folder does not exist, or it is a folder itself. A mistake found after an hour's sweep
+    costs the hour, and a write that fails half way must not leave half a file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise AutoparError(f"{option} {path} is a folder: give a file name inside it")
+    if not os.path.isdir(folder):
+        raise AutoparError(f"{option} {path}: no folder {folder}; create it first "
+                           f"(mkdir -p {folder}) or write somewhere else")

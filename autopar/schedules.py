@@ -50,7 +50,9 @@ from typing import NamedTuple
 
 from torch.distributed.pipelining import schedules as _torch_schedules
 
-__all__ = ["SCHEDULES", "Action", "Schedule", "get_schedule", "simulated_actions"]
+__all__ = [
+    "SCHEDULES", "Action", "Schedule", "get_schedule", "simulated_actions", "unit_timeline",
+]
 
 
 class Action(NamedTuple):
@@ -386,13 +388,17 @@ def simulated_actions(
 
 
 def _timeline(
-    actions: Sequence[Sequence[Action]], num_stages: int, duration: Callable[[Action], float]
+    actions: Sequence[Sequence[Action]],
+    num_stages: int,
+    duration: Callable[[Action], float],
+    spans: list[list[tuple[Action, float, float]]] | None = None,
 ) -> tuple[float, list[float]]:
     """(step time, busy time per rank) of running the ranks' action lists with free comms.
 
     F(s, mb) waits for F(s-1, mb); B/I(s, mb) waits for F(s, mb) and B/I(s+1, mb); W(s, mb) for
     I(s, mb). Each rank runs its list in order. A rank stuck on an input that never comes is a
-    deadlock in the schedule, reported as RuntimeError.
+    deadlock in the schedule, reported as RuntimeError. `spans`, when given (one list per
+    rank), gets each action's (action, start, end) in the order the rank runs them.
     """
     done: dict[tuple[int, str, int], float] = {}
     ptr, free, busy = [0] * len(actions), [0.0] * len(actions), [0.0] * len(actions)
@@ -417,6 +423,8 @@ def _timeline(
                 start = max([free[r]] + [done[d] for d in deps])
                 free[r] = start + duration(a)
                 busy[r] += duration(a)
+                if spans is not None:
+                    spans[r].append((a, start, free[r]))
                 done[a.stage, "G" if a.kind in "BI" else a.kind, a.microbatch] = free[r]
                 ptr[r] += 1
                 moved = True
@@ -427,6 +435,22 @@ def _timeline(
 
 
 _UNIT_TIME = {"F": 1.0, "B": 2.0, "I": 1.0, "W": 1.0}
+
+
+def unit_timeline(
+    name: str, pp: int, num_microbatches: int, v: int | None = None
+) -> list[list[tuple[Action, float, float]]]:
+    """Each rank's compute actions with their (start, end), in the unit times the bubble is
+    measured in (F = 1, B = 2, I = W = 1, equal stages, free communication): the schedule
+    as torch runs it, to draw (`autopar.plot`). Its idle rank-time over pp x the last end is
+    `Schedule.bubble_fraction` (before any closed form)."""
+    schedule = get_schedule(name)
+    v = schedule.default_v(v)
+    schedule.check(pp, num_microbatches, v)
+    spans: list[list[tuple[Action, float, float]]] = [[] for _ in range(pp)]
+    _timeline(_actions(schedule.name, pp, num_microbatches, v), pp * v,
+              lambda a: _UNIT_TIME[a.kind], spans)
+    return spans
 
 
 @functools.lru_cache(maxsize=256)

@@ -12,10 +12,12 @@ from pathlib import Path
 import pytest
 
 from autopar.cli import main
+from autopar.cluster import Cluster
 from autopar.console import parse_mesh
 from autopar.models.registry import BUILTIN_MODELS
 from autopar.plan import Plan
 from autopar.units import format_count, parse_bytes
+from tests.helpers.cli import assert_user_error, run_autopar
 
 PLAN_ARGS = [
     "plan",
@@ -294,3 +296,94 @@ def test_plan_shows_its_progress_on_stderr_and_quiet_hides_it(capsys):
     assert main([*args, "--quiet"]) == 0
     out, err = capsys.readouterr()
     assert json.loads(out)["mesh"] and "[1/" not in err and "searched" not in err
+
+
+class TestBadInputAsSubprocess:
+    """Issue 18's bad inputs, each run as the user runs the command (tests/helpers/cli.py): a
+    one-line reason, exit 2, no traceback, and nothing written at -o. The other mistakes above
+    run in this process, through `main`."""
+
+    @pytest.fixture(scope="class")
+    def files(self, tmp_path_factory) -> dict[str, Path]:
+        """Broken inputs: cluster files and plan files cut short, of another kind or version."""
+        d = tmp_path_factory.mktemp("bad")
+        golden = (REPO / "tests" / "golden" / "demo-4cpu.json").read_text()
+        newer = json.loads(golden)
+        newer["schema_version"] += 1
+        cluster = json.dumps(Cluster.preset("cpu").to_dict())
+        texts = {
+            "cluster-cut": cluster[: len(cluster) // 2],
+            "cluster-no-device": json.dumps({"name": "mine", "nodes": 1, "devices_per_node": 4}),
+            "plan-cut": golden[: len(golden) // 2],
+            "plan-newer": json.dumps(newer),
+            "plan": golden,
+        }
+        paths = {name: d / f"{name}.json" for name in texts}
+        for name, text in texts.items():
+            paths[name].write_text(text)
+        paths["plan-binary"] = d / "plan-binary.json"
+        paths["plan-binary"].write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")  # a picture, not a plan
+        paths["folder"] = d
+        return paths
+
+    PLAN = ["plan", "gpt-tiny", "--cluster", "cpu", "--quiet"]
+    CASES = {  # id: (argv, with "{name}" for a file of `files`; what the one line says)
+        "unknown-model": (["plan", "gpt-nano", "--cluster", "cpu"], "unknown model 'gpt-nano'"),
+        "unknown-preset": (["plan", "gpt-tiny", "--cluster", "tpu-v9"],
+                           "unknown cluster 'tpu-v9'"),
+        "cluster-file-cut-short": (["plan", "gpt-tiny", "--cluster", "{cluster-cut}"],
+                                   "cannot read cluster file"),
+        "cluster-file-without-device": (["plan", "gpt-tiny", "--cluster",
+                                         "{cluster-no-device}"], "device is missing"),
+        "batch-zero": ([*PLAN, "--batch", "0"], "--batch must be >= 1, got 0"),
+        "batch-negative": ([*PLAN, "--batch", "-4"], "--batch must be >= 1, got -4"),
+        "mesh-not-the-world": ([*PLAN, "--devices-per-node", "4", "--mesh", "dp=3"],
+                               "multiply to"),
+        "mesh-not-the-batch": ([*PLAN, "--devices-per-node", "4", "--batch", "6", "--mesh",
+                                "dp=4"], "the batch must divide by 4"),
+        "mesh-more-stages-than-layers": ([*PLAN, "--devices-per-node", "8", "--mesh", "pp=8"],
+                                         "needs at least 8 layers"),
+        "plan-cut-short": (["explain", "{plan-cut}"], "is not valid JSON"),
+        "plan-not-text": (["simulate", "{plan-binary}"], "not UTF-8 text"),
+        "plan-a-folder": (["explain", "{folder}"], "is a folder, not a plan file"),
+        "plan-newer-schema": (["explain", "{plan-newer}"], "newer than this autopar reads"),
+        "plan-another-model": (["explain", "{plan}", "--model", "llama-test"],
+                               "graph fingerprint"),
+    }
+
+    @pytest.mark.parametrize("case", list(CASES))
+    def test_one_line_exit_2_nothing_written(self, case, files, tmp_path):
+        """`plan` writes to -o: a new path stays absent; where the mistake is found only after
+        the trace (a mesh the model cannot take), a plan already there stays as it was."""
+        argv, message = self.CASES[case]
+        argv = [files[a[1:-1]] if a.startswith("{") else a for a in argv]
+        out = tmp_path / "out.json"
+        old = case.startswith("mesh-") and b'{"an": "older plan"}\n'
+        if old:
+            out.write_bytes(old)
+        proc = run_autopar(*argv, *(["-o", out] if argv[0] == "plan" else []))
+        assert_user_error(proc, message)
+        assert (out.read_bytes() == old) if old else not out.exists()
+        assert [p.name for p in tmp_path.iterdir()] == (["out.json"] if old else [])
+
+    def test_an_output_folder_that_does_not_exist_fails_before_planning(self, tmp_path):
+        out = tmp_path / "missing" / "plan.json"
+        proc = run_autopar(*self.PLAN, "-o", out)
+        assert_user_error(proc, f"-o {out}: no folder {out.parent}")
+        assert not out.parent.exists()
+        assert "searched" not in proc.stderr  # refused before the search, not after it
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--nodes", "0"], "--nodes must be >= 1, got 0"),
+    (["--devices-per-node", "0"], "--devices-per-node must be >= 1, got 0"),
+])
+def test_zero_nodes_is_a_mistake_not_the_default(capsys, argv, message):
+    rc, _, err = run_cli(capsys, "plan", "gpt-tiny", "--cluster", "cpu", *argv)
+    assert rc == 2 and message in err
+
+
+def test_a_cluster_file_that_is_not_text(capsys, tmp_path):
+    (tmp_path / "cluster.json").write_bytes(b"\xff\xfe\x00")
+    rc, _, err = run_cli(capsys, "plan", "gpt-tiny", "--cluster", str(tmp_path / "cluster.json"))
+    assert rc == 2 and "not UTF-8 text" in err and "Traceback" not in err

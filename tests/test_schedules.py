@@ -134,6 +134,19 @@ class TestAgainstTorchActions:
         else:  # the paper's formula is optimistic here; we answer with the simulation
             assert schedule.bubble_formula(pp, m, v) < simulated
 
+    def test_unit_timeline_is_the_simulation(self, name, pp, m, v):
+        # what `autopar explain --plot` draws: torch's order on each rank, one action at a time,
+        # in unit times, with the simulation's bubble
+        spans = schedules.unit_timeline(name, pp, m, v)
+        assert [[a for a, _, _ in rank] for rank in spans] == simulated_actions(name, pp, m, v)
+        unit = {"F": 1.0, "B": 2.0, "I": 1.0, "W": 1.0}
+        for rank in spans:
+            assert all(end - start == unit[a.kind] for a, start, end in rank)
+            assert all(prev[2] <= nxt[1] for prev, nxt in zip(rank, rank[1:]))
+        step = max(end for rank in spans for _, _, end in rank)
+        busy = sum(end - start for rank in spans for _, start, end in rank)
+        assert 1 - busy / (pp * step) == pytest.approx(schedules._unit_bubble(name, pp, m, v))
+
     def test_uniform_step_time(self, name, pp, m, v):
         schedule = get_schedule(name)
         step = schedule.step_time_s(0.5, 1.0, m, pp, v)
