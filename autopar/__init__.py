@@ -4,6 +4,8 @@
     autopar.simulate(plan)                                      -> Report    (predictions)
     autopar.manual_plan(model, cluster, inputs, tp=, pp=, dp=, ...) -> Plan  (hand configs)
     autopar.autoparallelize(model, cluster, example_inputs)    -> ParallelModel (in torchrun)
+    autopar.optimizer(pm, torch.optim.AdamW, lr=...)            -> its optimizer (fp32 masters
+                                                                   under "bf16-mixed")
     autopar.register_rule(op, fn)                               -> a sharding rule for an op
     autopar.sweep(models, clusters, options)                    -> rows (plain dicts)
     autopar.sweep.to_csv(rows, path), .to_dataframe(rows), .plot(rows, x=, y=, path=)
@@ -21,7 +23,9 @@ from autopar.errors import (
     TraceError,
 )
 from autopar.plan import Plan
+from autopar.planning.training_precision import TrainingPrecision
 from autopar.planning.op_rules import register_rule
+from autopar.runtime.optim import optimizer
 from autopar.runtime.parallel_model import ParallelModel
 from autopar.simulate import Report, simulate
 from autopar.sweep import sweep
@@ -38,8 +42,10 @@ __all__ = [
     "Report",
     "PlanMismatchError",
     "TraceError",
+    "TrainingPrecision",
     "autoparallelize",
     "manual_plan",
+    "optimizer",
     "plan",
     "register_rule",
     "simulate",

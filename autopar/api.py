@@ -10,7 +10,7 @@ import torch.distributed as dist
 from torch import nn
 
 from autopar import parallelism
-from autopar.batches import batch_size, microbatch_inputs
+from autopar.batches import batch_size, floating_to, microbatch_inputs
 from autopar.cluster import Cluster
 from autopar.errors import AutoparError, InfeasibleError, MeshError
 from autopar.layers import assign_layers, layer_order
@@ -21,7 +21,10 @@ from autopar.planning.assemble import candidate_plan
 from autopar.planning.fixed_mesh import check_divides
 from autopar.planning.manual import hand_configuration
 from autopar.planning.profile import TrainingPrecision, parameter_state_bytes
+from autopar.precision import compute_view, model_dtype
+from autopar.precision import resolve as resolve_precision
 from autopar.runtime.mesh import make_mesh
+from autopar.runtime.optim import check_runnable, plan_precision
 from autopar.runtime.parallel_model import ParallelModel
 from autopar.runtime.pipeline import PipelinedModel
 from autopar.trace import trace_for_training
@@ -37,7 +40,7 @@ def plan(
     loss_fn=None,
     mesh: dict[str, int] | None = None,
     memory_limit: float | None = None,
-    precision: TrainingPrecision | None = None,
+    precision: TrainingPrecision | str | None = None,
     solver: str = "highs",
     time_limit: float | None = None,
     schedule: str | None = None,
@@ -62,9 +65,24 @@ def plan(
     each block may be checkpointed "full" or "selective"). `memory_limit` is
     bytes per device (default: the device's memory). A pipelined plan's graph is that of
     `autopar.batches.microbatch_inputs(example_inputs, plan.pipeline["microbatch_size"])`.
+    `precision`: "fp32", "bf16-mixed" or an `autopar.TrainingPrecision` (default: the model's
+    dtype's, see `autopar.precision.resolve`); the model is traced and priced in its compute
+    dtype whatever dtype it was built in, and floating inputs are cast to it.
     """
+    precision = resolve_precision(precision, model)
+    example_inputs = floating_to(example_inputs, precision.dtype)
+    with compute_view(model, precision.dtype):
+        return _search(model, cluster, example_inputs, loss_fn=loss_fn, mesh=mesh,
+                       memory_limit=memory_limit, precision=precision, solver=solver,
+                       time_limit=time_limit, schedule=schedule, microbatch_size=microbatch_size,
+                       data_parallel=data_parallel, checkpoint=checkpoint, log=log)
+
+
+def _search(model, cluster, example_inputs, *, loss_fn, mesh, memory_limit, precision, solver,
+            time_limit, schedule, microbatch_size, data_parallel, checkpoint, log) -> Plan:
+    """`plan` once the precision is settled and the model seen in its compute dtype."""
     inputs_only = example_inputs[0] if loss_fn is not None else example_inputs
-    _check_state_fits(model, cluster, precision or TrainingPrecision(), memory_limit)
+    _check_state_fits(model, cluster, precision, memory_limit)
     trace_fn = tracer(model, loss_fn)
     probe = trace_fn(example_inputs)
     n_layers = len(layer_order(assign_layers(probe)))
@@ -144,7 +162,7 @@ def manual_plan(
     schedule: str = "1F1B",
     zero: int = 0,
     dp_shard: int | None = None,
-    precision: TrainingPrecision | None = None,
+    precision: TrainingPrecision | str | None = None,
     solver: str = "highs",
     sequence_parallel: bool = False,
     ep: int = 1,
@@ -187,7 +205,20 @@ def manual_plan(
             f"that divides dp and is neither 1 nor dp (here one of "
             f"{[d for d in range(2, dp) if dp % d == 0] or 'none: dp has no such divisor'}), "
             "and shards like ZeRO-3 (zero=3 or leave zero out)")
-    precision = precision or TrainingPrecision()
+    precision = resolve_precision(precision, model)
+    example_inputs = floating_to(example_inputs, precision.dtype)
+    with compute_view(model, precision.dtype):
+        return _hand_plan(model, cluster, example_inputs, loss_fn=loss_fn, tp=tp, pp=pp, dp=dp,
+                          microbatch_size=microbatch_size, checkpoint=checkpoint,
+                          schedule=schedule, flavour=flavour, dp_shard=dp_shard,
+                          precision=precision, solver=solver,
+                          sequence_parallel=sequence_parallel, ep=ep, cp=cp)
+
+
+def _hand_plan(model, cluster, example_inputs, *, loss_fn, tp, pp, dp, microbatch_size,
+               checkpoint, schedule, flavour, dp_shard, precision, solver, sequence_parallel,
+               ep, cp) -> Plan:
+    """`manual_plan` once the precision is settled and the model seen in its compute dtype."""
     mesh = parallelism.full_mesh({"pp": pp, "dp": dp, "ep": ep, "cp": cp, "tp": tp},
                                  cluster.world_size)
     inputs_only = example_inputs[0] if loss_fn is not None else example_inputs
@@ -272,21 +303,20 @@ def autoparallelize(
         )
     if plan is None:
         plan = _plan_on_rank0(model, cluster, example_inputs, loss_fn, options)
+    # the graph the plan was made for: a pipelined plan's is one microbatch's, in the plan's
+    # compute dtype whatever dtype the model is in (the runtime keeps the model's own weights as
+    # fp32 masters where that is lower)
+    precision = check_runnable(plan_precision(plan))
+    dtype = precision.dtype if plan.precision else model_dtype(model)  # older files: as built
+    batch = example_inputs
     if plan.pipeline:
-        return _pipelined(model, example_inputs, loss_fn, plan, runtime)
-    traced = trace_for_training(model, example_inputs, loss_fn)
+        batch = microbatch_inputs(example_inputs, plan.pipeline["microbatch_size"])
+    with compute_view(model, dtype):
+        traced = trace_for_training(model, floating_to(batch, dtype), loss_fn)
     world = dist.get_world_size() if dist.is_initialized() else None
     plan.check_matches(graph_fingerprint=traced.fingerprint, world_size=world or plan.world_size)
-    return ParallelModel(model, traced, plan, make_mesh(plan), runtime=runtime)
-
-
-def _pipelined(model: nn.Module, example_inputs, loss_fn, plan: Plan, runtime: str):
-    """A plan with pipeline stages: its graph is one microbatch's, so trace that."""
-    micro = microbatch_inputs(example_inputs, plan.pipeline["microbatch_size"])
-    traced = trace_for_training(model, micro, loss_fn)
-    world = dist.get_world_size() if dist.is_initialized() else plan.world_size
-    plan.check_matches(graph_fingerprint=traced.fingerprint, world_size=world)
-    return PipelinedModel(model, traced, plan, make_mesh(plan), runtime=runtime)
+    build = PipelinedModel if plan.pipeline else ParallelModel
+    return build(model, traced, plan, make_mesh(plan), runtime=runtime)
 
 
 def _plan_on_rank0(model: nn.Module, cluster: Cluster, example_inputs, loss_fn,

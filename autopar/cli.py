@@ -26,7 +26,6 @@ import warnings
 
 import torch
 
-from autopar.batches import floating_to
 from autopar.cli_explain import cmd_explain, load_plan_file
 from autopar.console import check_output_path, parse_mesh, solver_output_to_stderr
 from autopar.errors import AutoparError
@@ -39,7 +38,7 @@ from autopar.models.registry import (
     positive,
 )
 from autopar.parallelism import check_world_size, flavour_names
-from autopar.planning.profile import TrainingPrecision
+from autopar.planning.training_precision import PRECISION_NAMES
 from autopar.schedules import SCHEDULES
 from autopar.units import format_bytes, format_count, parse_bytes
 
@@ -104,14 +103,11 @@ def cmd_plan(args) -> int:
     batch = args.batch
     if batch is None and not is_factory(args.model):
         batch = math.lcm(8, cluster.world_size)  # splits evenly over any dp axis
-    precision, dtype = PRECISIONS[args.precision]
     microbatch = (None if args.microbatch_size is None
                   else positive(args.microbatch_size, "--microbatch-size"))
     with torch.device("meta"):
         model, example_inputs, loss_fn = build_model(args.model, batch=batch, seq=args.seq,
                                                      overrides=parse_overrides(args.set))
-    if dtype is not None:
-        model, example_inputs = model.to(dtype), floating_to(example_inputs, dtype)
     with solver_output_to_stderr():
         plan = autopar.plan(
             model,
@@ -120,7 +116,7 @@ def cmd_plan(args) -> int:
             loss_fn=loss_fn,
             mesh=mesh,
             memory_limit=memory_limit,
-            precision=precision(),
+            precision=args.precision,  # traced and priced in its compute dtype
             solver=args.solver,
             time_limit=args.time_limit,
             schedule=args.schedule,
@@ -139,14 +135,6 @@ def cmd_plan(args) -> int:
             print(f"\nwrote {args.output}")
     return 0
 
-
-# --precision: what the plan counts a parameter's state in, and the dtype the model is cast to
-# first (compute is priced in the model's own dtype): "bf16-mixed" is bf16 weights and compute
-# with fp32 master weights and optimizer state, the way large models are trained
-PRECISIONS = {
-    "fp32": (TrainingPrecision.fp32, None),
-    "bf16-mixed": (TrainingPrecision.mixed_bf16, torch.bfloat16),
-}
 
 
 
@@ -364,9 +352,10 @@ def make_parser() -> argparse.ArgumentParser:
         "--memory-limit",
         help="bytes per device, e.g. 40GiB, 80GB, 1e9 (default: the device's memory)",
     )
-    p.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32",
-                   help="fp32 (default), or bf16-mixed: the model cast to bf16 (compute priced "
-                        "in bf16), fp32 master weights and optimizer state")
+    p.add_argument("--precision", choices=tuple(PRECISION_NAMES),
+                   help="fp32, or bf16-mixed: compute priced in bf16, bf16 weights and gradients, "
+                        "fp32 master weights and optimizer state (default: the model's dtype's; "
+                        "fp32 for the built-ins)")
     p.add_argument("--schedule", choices=tuple(SCHEDULES),
                    help="pipeline schedule (default: search them all)")
     p.add_argument("--data-parallel", choices=flavour_names(),

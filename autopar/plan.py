@@ -26,6 +26,9 @@ optional; a version 1 file loads as a plan without them):
                     parallel mesh, "dp_replicate" x "dp": sharded as ZeRO-3 over "dp" (ranks of
                     one node), replicated over "dp_replicate" (across nodes).
     checkpoint      layer name -> "full" (absent: none).
+    precision       what the plan assumed (`autopar.TrainingPrecision.to_dict()`): the dtype
+                    the graph computes in ("compute_dtype") and the bytes a parameter element of
+                    parameters, gradients and optimizer state; absent in older files: fp32.
     fallback_ops    ATen op -> how many of its nodes run whole on every rank (all "R") because
                     no sharding rule covers them: neither DTensor's, nor autopar's own, nor one
                     registered with `autopar.register_rule`. Left out when there are none (and
@@ -155,6 +158,9 @@ class Plan:
     made_with: dict[str, str] = field(default_factory=dict)
     # ATen op -> number of its nodes replicated for want of a sharding rule (see the docstring)
     fallback_ops: dict[str, int] = field(default_factory=dict)
+    # TrainingPrecision.to_dict() of what the plan assumed: compute dtype and bytes a parameter
+    # (empty in files written before plans said it: fp32)
+    precision: dict = field(default_factory=dict)
     source_path: str | None = field(
         default=None, compare=False, repr=False
     )  # set by load(); not saved
@@ -198,6 +204,7 @@ class Plan:
             "data_parallel": self.data_parallel,
             "checkpoint": {k: self.checkpoint[k] for k in natural_sorted(self.checkpoint)},
             "made_with": {k: self.made_with[k] for k in sorted(self.made_with)},
+            "precision": {k: self.precision[k] for k in sorted(self.precision)},
         }
         if self.fallback_ops:  # left out when empty: plans without fallbacks read as before
             d["fallback_ops"] = {k: self.fallback_ops[k] for k in sorted(self.fallback_ops)}
@@ -230,6 +237,7 @@ class Plan:
             checkpoint=dict(d.get("checkpoint") or {}),
             made_with=dict(d.get("made_with") or {}),
             fallback_ops=dict(d.get("fallback_ops") or {}),
+            precision=dict(d.get("precision") or {}),
         )
 
     def to_json(self) -> str:

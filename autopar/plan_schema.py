@@ -89,11 +89,21 @@ def validate_plan(d: Any, *, where: str) -> None:
             or not math.isfinite(value)
         ):
             fail(f"predicted[{key!r}] should be a finite number, got {value!r}")
+    _validate_precision(d.get("precision") or {}, fail)
+
+
+def _validate_precision(precision, fail) -> None:
+    from autopar.planning.training_precision import TrainingPrecision
+
+    try:
+        TrainingPrecision.from_dict(precision)
+    except (TypeError, ValueError) as e:
+        fail(f"precision {precision!r} is not a TrainingPrecision's fields ({e})")
 
 
 _OP_KEYS = {"inputs", "outputs", "rule"}
 
-OPTIONAL = ("pipeline", "data_parallel", "checkpoint", "made_with", "fallback_ops")
+OPTIONAL = ("pipeline", "data_parallel", "checkpoint", "made_with", "fallback_ops", "precision")
 PIPELINE_KEYS = ("schedule", "stages_per_rank", "microbatch_size", "num_microbatches", "stages")
 
 

@@ -26,6 +26,7 @@ def summary(plan) -> str:
         for s, st in enumerate(p["stages"]):
             lines.append(f"    stage {s} on pp rank {st['rank']}: {_layers_str(st['layers'])}")
     lines.append(f"  data par.  {plan.data_parallel}")
+    lines.append(f"  precision  {_precision_str(plan.precision)}")
     if plan.made_with:
         lines.append("  made with  " + ", ".join(f"{k} {v}" for k, v in
                                                 sorted(plan.made_with.items())))
@@ -49,6 +50,12 @@ def summary(plan) -> str:
     if not rows:
         lines.append("  (no parameters)")
     return "\n".join(lines)
+
+
+def _precision_str(precision: dict) -> str:
+    from autopar.planning.training_precision import TrainingPrecision
+
+    return TrainingPrecision.from_dict(precision).describe()
 
 
 def _layers_str(layers: list[str]) -> str:

@@ -43,6 +43,7 @@ def candidate_plan(c: Candidate, cluster: Cluster, precision: TrainingPrecision,
     plan.data_parallel = (c.flavour if parallelism.state_ranks(c.mesh) > 1
                           else parallelism.REPLICATE)
     plan.checkpoint = {k: v for k, v in c.options.items() if v != "none"}
+    plan.precision = precision.to_dict()
     if parallelism.get_flavour(plan.data_parallel).shards_state:
         shard_parameters_over_dp(plan, costs.traced, sub_mesh,
                                  hybrid=parallelism.get_flavour(plan.data_parallel).hybrid)
@@ -60,8 +61,7 @@ def candidate_plan(c: Candidate, cluster: Cluster, precision: TrainingPrecision,
         "flops_per_step": costs.model_flops * c.num_microbatches,
         "samples_per_step": float(batch),
         "tokens_per_step": float(batch * seq) if seq else 0.0,
-        "peak_flops_per_device": cluster.device.peak_flops_for(
-            "bfloat16" if precision.compute_bytes == 2 else "float32"),
+        "peak_flops_per_device": cluster.device.peak_flops_for(precision.compute_dtype),
         "world_size": float(cluster.world_size),
         "communication_pp_s": c.p2p_s,
         "communication_dp_s": (sum(costs.sync_s.values())

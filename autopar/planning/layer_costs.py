@@ -208,7 +208,7 @@ def layer_costs(stand: StandIn, profiles, cluster, sub_mesh, flavour, *, precisi
     reshard_axis = next((a for a in sub_mesh if parallelism.splits(a, OPS)),
                         next((a for a in sub_mesh if parallelism.splits_experts(a)),
                              next(iter(sub_mesh))))
-    compute_dtype = torch.bfloat16 if precision.compute_bytes == 2 else torch.float32
+    compute_dtype = precision.dtype
     for name, s in chosen.items():
         n, layer = nodes[name], layer_of[name]
         i = solution.choices[name]

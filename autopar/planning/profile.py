@@ -44,6 +44,12 @@ from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
 from autopar.planning.flop_formulas import flop_formulas
+from autopar.planning.training_precision import (  # noqa: F401  (their old home)
+    COMPUTE_DTYPES,
+    PRECISION_NAMES,
+    TrainingPrecision,
+    parameter_state_bytes,
+)
 
 PROFILE_KEY = "autopar_profile"  # node.meta[PROFILE_KEY] -> OpProfile
 
@@ -481,76 +487,3 @@ def _detach_keep_grad(value):
     if isinstance(value, torch.Tensor):
         return value.detach().requires_grad_(value.requires_grad)
     return value
-
-
-# --- parameter, gradient and optimizer state -------------------------------------------------
-
-
-_OPTIMIZER_STATE_BYTES = {  # fp32 state per parameter element
-    "adamw": 8,  # exp_avg + exp_avg_sq
-    "adam": 8,
-    "sgd_momentum": 4,  # momentum_buffer
-    "sgd": 0,
-}
-
-
-@dataclass(frozen=True, kw_only=True)
-class TrainingPrecision:
-    """How parameters, gradients and optimizer state are held, in bytes per parameter element.
-
-    Defaults are fp32 AdamW: 4 + 4 + 8 = 16 bytes per parameter.
-    """
-
-    param_bytes: int = 4  # the persistent (possibly sharded) parameter
-    grad_bytes: int = 4  # the gradient
-    optimizer_bytes: int = 8  # optimizer state, including any fp32 master copy of the weights
-    compute_bytes: int = 4  # the copy matmuls read (bf16: 2); FSDP all-gathers in this dtype
-
-    @classmethod
-    def fp32(cls, optimizer: str = "adamw") -> TrainingPrecision:
-        """fp32 params, grads and state: AdamW 16, SGD+momentum 12, SGD 8 bytes per param."""
-        return cls(
-            param_bytes=4,
-            grad_bytes=4,
-            optimizer_bytes=_optimizer_bytes(optimizer),
-            compute_bytes=4,
-        )
-
-    @classmethod
-    def mixed_bf16(cls, optimizer: str = "adamw") -> TrainingPrecision:
-        """Mixed precision as in ZeRO (Rajbhandari et al. 2020, "ZeRO: Memory Optimizations
-        Toward Training Trillion Parameter Models", sec. 3.1): 16-bit params (2) and grads (2);
-        the optimizer holds an fp32 master copy (4) plus its fp32 state (AdamW 8): 2 + 2 + 12 =
-        16 bytes per parameter, the paper's 16 Psi.
-
-        FSDP2 with `MixedPrecisionPolicy(param_dtype=bf16)` instead keeps the sharded params and
-        grads in fp32 and casts a bf16 copy per layer for compute: 4 + 4 + 8, the same 16 bytes
-        in total; its bf16 unsharded copies are temporaries, sized with `compute_bytes`.
-        """
-        return cls(
-            param_bytes=2,
-            grad_bytes=2,
-            optimizer_bytes=4 + _optimizer_bytes(optimizer),
-            compute_bytes=2,
-        )
-
-
-def _optimizer_bytes(optimizer: str) -> int:
-    if optimizer not in _OPTIMIZER_STATE_BYTES:
-        raise ValueError(
-            f"unknown optimizer {optimizer!r}; choose one of {sorted(_OPTIMIZER_STATE_BYTES)}."
-        )
-    return _OPTIMIZER_STATE_BYTES[optimizer]
-
-
-def parameter_state_bytes(numel: int, precision: TrainingPrecision) -> dict[str, float]:
-    """Bytes of parameters, gradients and optimizer state for `numel` parameter elements.
-
-    >>> parameter_state_bytes(10, TrainingPrecision.fp32())
-    {'parameters': 40.0, 'gradients': 40.0, 'optimizer': 80.0}
-    """
-    return {
-        "parameters": float(numel * precision.param_bytes),
-        "gradients": float(numel * precision.grad_bytes),
-        "optimizer": float(numel * precision.optimizer_bytes),
-    }

@@ -65,3 +65,13 @@ def local_shape(shape, placements, mesh_shape) -> tuple[int, ...]:
         if isinstance(p, Shard):
             local[p.dim] //= n
     return tuple(local)
+
+
+def as_traced(value: torch.Tensor, node) -> torch.Tensor:
+    """`value` (a weight, buffer or input) in the dtype its placeholder was traced in: the plan's
+    compute dtype for floating tensors (a "bf16-mixed" plan of an fp32 model runs in bf16);
+    integers as they are."""
+    want = node.meta["val"].dtype
+    if value.is_floating_point() and want.is_floating_point and value.dtype != want:
+        return value.to(want)
+    return value

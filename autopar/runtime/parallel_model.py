@@ -17,8 +17,15 @@ from autopar.parallelism import check_policies, check_runtime
 from autopar.plan import Plan
 from autopar.runtime.gradient_buckets import GradientBuckets
 from autopar.runtime.layer_runner import LayerRunner
-from autopar.runtime.mesh import mesh_device, placements_of, shard_local
+from autopar.runtime.mesh import as_traced, mesh_device, placements_of, shard_local
 from autopar.runtime.op_runner import OpRunner, regathers
+from autopar.runtime.optim import (
+    Weight,
+    check_runnable,
+    clip_grad_norm_,
+    master_of,
+    plan_precision,
+)
 from autopar.trace import TracedModel, tensor_inputs
 
 
@@ -37,17 +44,24 @@ class ParallelModel(nn.Module):
         self._device = mesh_device(mesh)
         self._params = nn.ParameterDict()
         self._names: dict[str, str] = {}  # placeholder name -> key in self._params
+        self._weights: list[Weight] = []
+        keeps_masters = check_runnable(plan_precision(plan)).keeps_masters
         for node_name, fqn in traced.parameters.items():
             param = model.get_parameter(fqn)
             key = fqn.replace(".", "__")
             placements = placements_of(plan.parameters[fqn])
-            dt = distribute_tensor(param.detach().to(self._device), mesh, placements)
+            # in the dtype the graph was traced in: the plan's compute dtype
+            value = as_traced(param.detach().to(self._device), traced.node(node_name))
+            dt = distribute_tensor(value, mesh, placements)
             self._params[key] = nn.Parameter(dt, requires_grad=param.requires_grad)
             self._names[node_name] = key
+            self._weights.append(Weight(fqn, self._params[key],
+                                        master_of(param, self._params[key], keeps_masters)))
         self._buffers_by_node = {
             node_name: distribute_tensor(
-                traced.buffer(model, fqn).detach().to(self._device), mesh, (Replicate(),) * mesh.ndim
-            )
+                as_traced(traced.buffer(model, fqn).detach().to(self._device),
+                          traced.node(node_name)),
+                mesh, (Replicate(),) * mesh.ndim)
             for node_name, fqn in traced.buffers.items()
         }
         self._nodes = {n.name: n for n in self._graph.nodes}
@@ -87,6 +101,17 @@ class ParallelModel(nn.Module):
             loss = self._run(self._traced.layout.tensors(inputs, target), self._traced.loss_node)
             loss = loss.redistribute(self.mesh, (Replicate(),) * self.mesh.ndim)
         return loss.to_local().detach()
+
+    def weights(self) -> list[Weight]:
+        """This rank's parameters (and their fp32 masters under mixed precision), by FQN: what
+        `autopar.optimizer` steps and `clip_grad_norm_` measures."""
+        return list(self._weights)
+
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0,
+                        error_if_nonfinite: bool = False) -> torch.Tensor:
+        """`torch.nn.utils.clip_grad_norm_` of the whole model, across every shard (every rank
+        calls it after `train_step`); returns the norm before clipping, equal on every rank."""
+        return clip_grad_norm_(self._weights, max_norm, norm_type, error_if_nonfinite)
 
     def forward(self, *args, **kwargs):
         """Evaluation: the model's output (of a structured output, the first tensor that is not
@@ -133,7 +158,7 @@ class ParallelModel(nn.Module):
                 f"missing input '{node.name}': train_step needs the inputs and the target the "
                 f"model was planned with ({', '.join(self._traced.inputs)})"
             )
-        value = torch.as_tensor(user[node.name]).to(self._device)
+        value = as_traced(torch.as_tensor(user[node.name]).to(self._device), node)
         expected = tuple(node.meta["val"].shape)
         if tuple(value.shape) != expected:
             raise ValueError(

@@ -46,10 +46,12 @@ from autopar.errors import AutoparError, MeshError
 from autopar.layers import assign_layers
 from autopar.parallelism import PIPELINE, check_policies, check_runtime
 from autopar.plan import Plan
+from autopar.runtime import pipeline_eval
 from autopar.runtime.gradient_buckets import GradientBuckets
 from autopar.runtime.layer_runner import LayerRunner
-from autopar.runtime.mesh import local_shape, mesh_device, placements_of, shard_local
+from autopar.runtime.mesh import as_traced, local_shape, mesh_device, placements_of, shard_local
 from autopar.runtime.op_runner import OpRunner, regathers
+from autopar.runtime.optim import Weight, check_runnable, clip_grad_norm_, master_of, plan_precision
 from autopar.schedules import Schedule, get_schedule
 from autopar.trace import TracedModel, is_getitem
 
@@ -190,6 +192,7 @@ class PipelinedModel(nn.Module):
         self.pp = plan.mesh[PIPELINE]
         device = mesh_device(mesh)
         stage_of, boundary, loss = split_stages(traced, plan)
+        self.stage_split = stage_of, boundary, loss
         self._traced, self._loss = traced, loss
         layer = assign_layers(traced)
         placements = self._travel_placements(traced, boundary)
@@ -200,8 +203,9 @@ class PipelinedModel(nn.Module):
         self._params = self._make_params(model, traced, stage_of, loss, mine, device)
         carries_grad = _carries_grad(traced)
         buffers = {
-            node: distribute_tensor(traced.buffer(model, fqn).detach().to(device), self.sub,
-                                    (Replicate(),) * self.sub.ndim)
+            node: distribute_tensor(as_traced(traced.buffer(model, fqn).detach().to(device),
+                                              traced.node(node)),
+                                    self.sub, (Replicate(),) * self.sub.ndim)
             for node, fqn in traced.buffers.items()
         }
         self.stage_modules = nn.ModuleList()
@@ -298,12 +302,20 @@ class PipelinedModel(nn.Module):
             if len({self.plan.pipeline["stages"][s]["rank"] for s in stages}) > 1
         }
         params = {}
+        self._weights = []
+        keeps_masters = check_runnable(plan_precision(self.plan)).keeps_masters
         for name, fqn in traced.parameters.items():
             if not used_by.get(name, set()) & set(mine):
                 continue
             p = model.get_parameter(fqn)
-            dt = distribute_tensor(p.detach().to(device), self.sub, placements_of(self.plan.parameters[fqn]))
+            value = as_traced(p.detach().to(device), traced.node(name))  # the compute dtype
+            dt = distribute_tensor(value, self.sub, placements_of(self.plan.parameters[fqn]))
             params[name] = nn.Parameter(dt, requires_grad=p.requires_grad)
+            # a parameter two pp ranks share counts in the gradient norm on the first of them
+            first = min(self.plan.pipeline["stages"][s]["rank"] for s in used_by[name])
+            self._weights.append(Weight(fqn, params[name],
+                                        master_of(p, params[name], keeps_masters),
+                                        counted=first == self.pp_rank))
         self._all_params = {name: fqn for name, fqn in traced.parameters.items()}
         return params
 
@@ -323,9 +335,12 @@ class PipelinedModel(nn.Module):
         return loss.clone() if self._split else loss  # torch detaches it in place after I
 
     def train_step(self, inputs, target=None) -> torch.Tensor:
-        tensors = self._traced.layout.tensors(inputs, target)
+        tensors = [as_traced(torch.as_tensor(t), self._traced.node(name)) for t, name in
+                   zip(self._traced.layout.tensors(inputs, target), self._traced.inputs)]
         inputs = tensors[: self._traced.layout.n_tensors]
-        if self._target_name is None:
+        if self._target_name is not None:
+            target = tensors[self._traced.layout.n_tensors]
+        else:
             # a model with its own loss: the schedule still splits a target into microbatches
             # and hands each to our loss_fn, which ignores it
             target = torch.zeros(self._num_microbatches)
@@ -344,6 +359,29 @@ class PipelinedModel(nn.Module):
         total = mean.detach().clone()
         dist.all_reduce(total, group=self.pp_group)  # only the last stage's rank adds a loss
         return total
+
+    def eval_step(self, inputs, target=None) -> torch.Tensor:
+        """The loss of one global batch, forward only, under `torch.no_grad()` (no gradients
+        touched, no checkpointing); equal on every rank, as `train_step` returns it. Runs the
+        stages microbatch by microbatch itself (`pipeline_eval`), not through the schedule."""
+        return pipeline_eval.eval_step(self, inputs, target)
+
+    def forward(self, *args, **kwargs):
+        """Evaluation: the model's output (of a structured output, the first tensor that is not
+        the loss: a Hugging Face model's logits) for inputs passed as to the model itself, as a
+        full tensor on every rank (the microbatches' outputs joined along dim 0)."""
+        return pipeline_eval.forward(self, args, kwargs)
+
+    def weights(self) -> list[Weight]:
+        """This rank's parameters (and their fp32 masters under mixed precision), by FQN: what
+        `autopar.optimizer` steps and `clip_grad_norm_` measures."""
+        return list(self._weights)
+
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0,
+                        error_if_nonfinite: bool = False) -> torch.Tensor:
+        """`torch.nn.utils.clip_grad_norm_` of the whole model, across every shard and stage
+        (every rank calls it after `train_step`); returns the norm before clipping."""
+        return clip_grad_norm_(self._weights, max_norm, norm_type, error_if_nonfinite)
 
     def _settle_gradients(self):
         buckets = GradientBuckets(self.sub)  # after the last microbatch: reduced once, bucketed

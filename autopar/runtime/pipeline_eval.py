@@ -36,13 +36,11 @@ import weakref
 
 import torch
 import torch.distributed as dist
-from torch import fx
 from torch.distributed.pipelining.microbatch import split_args_kwargs_into_chunks
 from torch.distributed.tensor import DTensor
 
 from autopar.errors import AutoparError
-from autopar.runtime.mesh import local_shape, mesh_device, shard_local
-from autopar.runtime.pipeline import split_stages
+from autopar.runtime.mesh import as_traced, local_shape, mesh_device, shard_local
 
 _EVALUATORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # PipelinedModel -> _Evaluator
 
@@ -80,7 +78,7 @@ class _Evaluator:
     def __init__(self, pm):
         self.pm = pm
         traced, plan = pm._traced, pm.plan
-        stage_of, boundary, loss = split_stages(traced, plan)
+        stage_of, boundary, loss = pm.stage_split  # split_stages' answer for the plan
         self.ranks = [st["rank"] for st in plan.pipeline["stages"]]
         self.n_stages = len(self.ranks)
         self.m = plan.pipeline["num_microbatches"]
@@ -204,22 +202,13 @@ class _Evaluator:
         dtypes the graph was traced in."""
         values = []
         for t, node in zip(tensors, self.inputs):
-            t = _as_traced(torch.as_tensor(t), node)
+            t = as_traced(torch.as_tensor(t), node)
             want = tuple(node.meta["val"].shape)
             if not want or tuple(t.shape) != (self.m * want[0], *want[1:]):
                 raise AutoparError(_shape_problem(node.name, tuple(t.shape), want, self.m))
             values.append(t)
         chunks, _ = split_args_kwargs_into_chunks(tuple(values), None, self.m)
         return chunks
-
-
-def _as_traced(value: torch.Tensor, node: fx.Node) -> torch.Tensor:
-    """A floating input in the dtype its placeholder was traced in (a plan's compute dtype);
-    integers as they are: what `train_step` hands the stages."""
-    want = node.meta["val"].dtype
-    if value.is_floating_point() and want.is_floating_point and value.dtype != want:
-        return value.to(want)
-    return value
 
 
 def _shape_problem(name: str, got: tuple, want: tuple, m: int) -> str:
