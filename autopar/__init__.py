@@ -23,8 +23,8 @@ from autopar.errors import (
     TraceError,
 )
 from autopar.plan import Plan
-from autopar.planning.training_precision import TrainingPrecision
 from autopar.planning.op_rules import register_rule
+from autopar.planning.training_precision import TrainingPrecision
 from autopar.runtime.optim import optimizer
 from autopar.runtime.parallel_model import ParallelModel
 from autopar.simulate import Report, simulate

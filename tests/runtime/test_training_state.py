@@ -129,7 +129,7 @@ def test_fp32_adamw_and_clipping_equal_torch_on_the_unsharded_model(mesh, runs):
     # element whose gradient is mostly rounding moves by up to 3e-5 otherwise (2 of 12288 seen)
     for fqn, w in weights.items():
         torch.testing.assert_close(_steady(fqn, w), _steady(fqn, want_weights[fqn]), rtol=1e-3,
-                                   atol=LR / 100, msg=lambda m: f"{fqn}: {m}")
+                                   atol=LR / 100, msg=lambda m, fqn=fqn: f"{fqn}: {m}")
     assert norms[1] > MAX_NORM  # the clip really scaled the gradients
 
 
