@@ -289,6 +289,7 @@ class Cluster:
 
     @property
     def world_size(self) -> int:
+        """Number of devices: `nodes * devices_per_node`."""
         return self.devices_per_node * self.nodes
 
     def peak_flops(self, dtype: torch.dtype | str) -> float:

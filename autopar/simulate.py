@@ -68,6 +68,8 @@ class Report:
     bubble_fraction: float = 0.0
 
     def summary(self) -> str:
+        """The report as a few readable lines: step time, throughput, compute and MFU, peak
+        memory and its breakdown (GiB), communication per mesh axis, pipeline bubble."""
         gib = 2**30
         mem = ", ".join(f"{k} {v / gib:.2f}" for k, v in self.memory_bytes.items())
         comm = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in self.communication_s.items())

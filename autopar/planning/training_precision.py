@@ -117,6 +117,7 @@ class TrainingPrecision:
                                                  else ")"))
 
     def to_dict(self) -> dict:
+        """Plain JSON-able dict, keys sorted (a plan's `precision` field); `from_dict` reads it."""
         return {"compute_bytes": self.compute_bytes, "compute_dtype": self.compute_dtype,
                 "grad_bytes": self.grad_bytes, "optimizer_bytes": self.optimizer_bytes,
                 "param_bytes": self.param_bytes}

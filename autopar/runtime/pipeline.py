@@ -335,6 +335,12 @@ class PipelinedModel(nn.Module):
         return loss.clone() if self._split else loss  # torch detaches it in place after I
 
     def train_step(self, inputs, target=None) -> torch.Tensor:
+        """Forward and backward on one global batch, through the plan's pipeline schedule
+        (num_microbatches x microbatch_size); returns the mean loss (equal on every rank).
+
+        Gradients land in `p.grad` of this rank's `self.parameters()` (its stages'), with the
+        parameters' own placements, so any torch.optim optimizer can step them.
+        """
         tensors = [as_traced(torch.as_tensor(t), self._traced.node(name)) for t, name in
                    zip(self._traced.layout.tensors(inputs, target), self._traced.inputs)]
         inputs = tensors[: self._traced.layout.n_tensors]
