@@ -98,21 +98,22 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if not self.weights:
             raise AutoparError("this rank holds no trainable parameter: nothing to optimize")
         self._mixed = any(w.master is not None for w in self.weights)
+        # the tensors the wrapped optimizer steps: each weight's local shard (its master's)
         with torch.no_grad():  # the shards themselves, leaves the optimizer may step
-            self._shards = [(w.master if w.master is not None else w.param).to_local()
+            self.shards = [(w.master if w.master is not None else w.param).to_local()
                             for w in self.weights]
         self.inner = optimizer_class(self._groups(group_of), **kwargs)
-        super().__init__(self._shards, self.inner.defaults)
+        super().__init__(self.shards, self.inner.defaults)
         self.param_groups = self.inner.param_groups
         self.state = self.inner.state
-        self._chunks = _chunks([s.numel() for s in self._shards], CHUNK_ELEMENTS)
+        self._chunks = _chunks([s.numel() for s in self.shards], CHUNK_ELEMENTS)
 
     def _groups(self, group_of) -> list[dict]:
         """One group per distinct options `group_of(fqn)` returns (all in one without it)."""
         if group_of is None:
-            return [{"params": self._shards}]
+            return [{"params": self.shards}]
         groups: dict[tuple, dict] = {}
-        for w, shard in zip(self.weights, self._shards):
+        for w, shard in zip(self.weights, self.shards):
             options = dict(group_of(w.fqn) or {})
             key = tuple(sorted(options.items()))
             groups.setdefault(key, {**options, "params": []})["params"].append(shard)
@@ -127,12 +128,12 @@ class ShardedOptimizer(torch.optim.Optimizer):
             for i in chunk:
                 grad = self.weights[i].param.grad
                 local = None if grad is None else grad.to_local()
-                self._shards[i].grad = local.float() if self._mixed and local is not None else local
+                self.shards[i].grad = local.float() if self._mixed and local is not None else local
             self.inner.step()
             for i in chunk:
-                self._shards[i].grad = None
+                self.shards[i].grad = None
             if self._mixed:
-                pairs = [(self.weights[i].param.to_local(), self._shards[i]) for i in chunk
+                pairs = [(self.weights[i].param.to_local(), self.shards[i]) for i in chunk
                          if self.weights[i].master is not None]
                 if pairs:
                     torch._foreach_copy_([a for a, _ in pairs], [b for _, b in pairs])
@@ -232,3 +233,13 @@ def optimizer(model, optimizer_class=torch.optim.AdamW, *, group_of=None,
                            f"{type(model).__name__}: for a plain module use {optimizer_class.__name__}"
                            "(module.parameters(), ...)")
     return ShardedOptimizer(model.weights(), optimizer_class, group_of=group_of, **kwargs)
+
+
+def state_names(model, fqns) -> dict[str, list[str]]:
+    """Each parameter the plan names (`fqns`) with every name it has in `model.state_dict()`
+    (a tied weight has several, the trace keeps one): how checkpoints and `full_state_dict`
+    name the weights."""
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return {fqn: names[id(model.get_parameter(fqn))] for fqn in fqns}

@@ -25,6 +25,7 @@ from autopar.runtime.optim import (
     clip_grad_norm_,
     master_of,
     plan_precision,
+    state_names,
 )
 from autopar.trace import TracedModel, tensor_inputs
 
@@ -57,6 +58,7 @@ class ParallelModel(nn.Module):
             self._names[node_name] = key
             self._weights.append(Weight(fqn, self._params[key],
                                         master_of(param, self._params[key], keeps_masters)))
+        self.state_names = state_names(model, traced.parameters.values())
         self._buffers_by_node = {
             node_name: distribute_tensor(
                 as_traced(traced.buffer(model, fqn).detach().to(self._device),

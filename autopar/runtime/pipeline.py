@@ -51,7 +51,14 @@ from autopar.runtime.gradient_buckets import GradientBuckets
 from autopar.runtime.layer_runner import LayerRunner
 from autopar.runtime.mesh import as_traced, local_shape, mesh_device, placements_of, shard_local
 from autopar.runtime.op_runner import OpRunner, regathers
-from autopar.runtime.optim import Weight, check_runnable, clip_grad_norm_, master_of, plan_precision
+from autopar.runtime.optim import (
+    Weight,
+    check_runnable,
+    clip_grad_norm_,
+    master_of,
+    plan_precision,
+    state_names,
+)
 from autopar.schedules import Schedule, get_schedule
 from autopar.trace import TracedModel, is_getitem
 
@@ -317,6 +324,7 @@ class PipelinedModel(nn.Module):
                                         master_of(p, params[name], keeps_masters),
                                         counted=first == self.pp_rank))
         self._all_params = {name: fqn for name, fqn in traced.parameters.items()}
+        self.state_names = state_names(model, traced.parameters.values())
         return params
 
     def _loss_fn(self, output, target):
@@ -377,6 +385,11 @@ class PipelinedModel(nn.Module):
         the loss: a Hugging Face model's logits) for inputs passed as to the model itself, as a
         full tensor on every rank (the microbatches' outputs joined along dim 0)."""
         return pipeline_eval.forward(self, args, kwargs)
+
+    @property
+    def traced(self) -> TracedModel:
+        """The training graph of one microbatch: the one the plan was made for."""
+        return self._traced
 
     def weights(self) -> list[Weight]:
         """This rank's parameters (and their fp32 masters under mixed precision), by FQN: what
