@@ -24,13 +24,8 @@ one thread a process, so the arithmetic is the same too.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 import uuid
 from datetime import timedelta
@@ -41,13 +36,11 @@ import torch
 
 from autopar.cluster import Cluster
 from autopar.errors import ClusterSpecError
+from tests.helpers.torchrun import TORCHRUN_VARS, free_port, launch, report, torchrun
 
-REPO = Path(__file__).resolve().parents[2]
 MESH = {"dp": 2, "tp": 2}
 STEPS = 3
 LAUNCH_TIMEOUT_S = 120  # each launch; one takes ~15-25 s on 2 cores
-TORCHRUN_VARS = ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_WORLD_SIZE", "GROUP_RANK", "RANK",
-                 "LOCAL_RANK", "ROLE_WORLD_SIZE", "ROLE_RANK")
 
 
 # -- Cluster.detect() from torchrun's environment -------------------------------------------------
@@ -114,83 +107,6 @@ class TestDetectNodes:
 
 # -- the launch: two torchrun nodes against one -----------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _torchrun(launch: list[str], plan: Path, out: Path) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", *launch,
-            "-m", "tests.runtime.test_multinode", "--plan", str(plan), "--out", str(out)]
-
-
-def _launch(commands: list[list[str]], logs: list[Path], timeout_s: float) -> list[int | None]:
-    """Start `commands` at once, each writing its output to its `logs` file, and wait for all;
-    the exit status of each, None for one still running after `timeout_s` (then the whole job
-    is stopped: torchrun starts each worker in a session of its own, so stopping torchrun's
-    process group would leave the workers behind)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore::FutureWarning",
-               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    for var in TORCHRUN_VARS:  # a pytest itself run under torchrun must not leak its own
-        env.pop(var, None)
-    procs = []
-    for cmd, log in zip(commands, logs):
-        with open(log, "w") as f:
-            procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f,
-                                          stderr=subprocess.STDOUT, start_new_session=True))
-    deadline = time.monotonic() + timeout_s
-    codes = []
-    for p in procs:
-        try:
-            codes.append(p.wait(timeout=max(0.1, deadline - time.monotonic())))
-        except subprocess.TimeoutExpired:
-            codes.append(None)
-    if None in codes:
-        _stop([p for p in procs if p.poll() is None])
-    return codes
-
-
-def _stop(procs: list[subprocess.Popen]) -> None:
-    """SIGTERM each torchrun (which stops its workers), then SIGKILL whatever of it and its
-    workers is left after 10 s."""
-    tree = {p.pid: _descendants(p.pid) for p in procs}
-    for p in procs:
-        p.terminate()
-    for p in procs:
-        try:
-            p.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-    for pid in (pid for pids in tree.values() for pid in pids):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-
-
-def _descendants(pid: int) -> list[int]:
-    """The processes below `pid` (Linux /proc; none found elsewhere)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(parent, []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        kids = children.get(todo.pop(), [])
-        found += kids
-        todo += kids
-    return found
-
-
-def _report(codes: list[int | None], logs: list[Path]) -> str:
-    return "".join(f"\n--- torchrun {i} (exit status {rc}; None: stopped at the timeout) ---\n"
-                   f"{log.read_text(errors='replace')[-6000:]}"
-                   for i, (rc, log) in enumerate(zip(codes, logs)))
-
-
 # A launch that fails to connect is tried once more, on a new port: the rendezvous (its port
 # taken between _free_port and torchrun's bind) or gloo's full-mesh connect in
 # init_process_group (it can time out on a loaded 2-core machine). A launch in which any rank
@@ -211,23 +127,24 @@ def _run_job(tmp: Path, name: str, launches: list[list[str]], plan: Path) -> dic
     """Run `launches` (torchrun arguments before the script, one torchrun each) concurrently;
     every rank's record (see `worker`), by rank."""
     for attempt in range(2):
-        port = _free_port()
+        port = free_port()
         out = tmp / f"{name}-{attempt}"
         out.mkdir()
-        commands = [_torchrun([a.replace("PORT", str(port)) for a in launch], plan, out)
-                    for launch in launches]
+        commands = [torchrun([a.replace("PORT", str(port)) for a in options],
+                             "tests.runtime.test_multinode", "--plan", str(plan), "--out", str(out))
+                    for options in launches]
         logs = [out / f"torchrun{i}.log" for i in range(len(commands))]
-        codes = _launch(commands, logs, LAUNCH_TIMEOUT_S)
+        codes = launch(commands, logs, LAUNCH_TIMEOUT_S)
         if all(rc == 0 for rc in codes):
             records = {}
             for f in out.glob("rank*.json"):
                 record = json.loads(f.read_text())
                 records[record["rank"]] = record
-            assert sorted(records) == [0, 1, 2, 3], f"{name}: ranks missing{_report(codes, logs)}"
+            assert sorted(records) == [0, 1, 2, 3], f"{name}: ranks missing{report(codes, logs)}"
             return records
         if attempt == 0 and _connect_failure_only(out, logs):
             continue
-        pytest.fail(f"{name} launch failed{_report(codes, logs)}")
+        pytest.fail(f"{name} launch failed{report(codes, logs)}")
     raise AssertionError("unreachable")
 
 
