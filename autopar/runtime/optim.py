@@ -182,17 +182,19 @@ def clip_grad_norm_(weights: list[Weight], max_norm: float, norm_type: float = 2
     norm_type = float(norm_type)
     grads = [w.param.grad for w in weights if w.param.grad is not None]
     device = weights[0].param.to_local().device if weights else torch.device("cpu")
-    counted = [g.to_local().float() for w in weights if (g := w.param.grad) is not None
-               and w.counted and _first_replica(g)]
+    # each gradient's norm in fp32 on its own, only the scalars kept: an fp32 copy of every
+    # bf16 gradient at once would hold 4 bytes a parameter the plan does not count
+    norms = [torch.linalg.vector_norm(g.to_local(), norm_type, dtype=torch.float32)
+             for w in weights if (g := w.param.grad) is not None and w.counted
+             and _first_replica(g)]
     if math.isinf(norm_type):
-        local = torch.stack([g.abs().max() for g in counted]).max() if counted else \
-            torch.zeros((), device=device)
+        local = torch.stack(norms).max() if norms else torch.zeros((), device=device)
         if dist.is_initialized():
             dist.all_reduce(local, op=dist.ReduceOp.MAX)
         total = local
     else:
-        local = (torch.stack([g.abs().pow(norm_type).sum() for g in counted]).sum()
-                 if counted else torch.zeros((), device=device))
+        local = (torch.stack(norms).pow(norm_type).sum() if norms
+                 else torch.zeros((), device=device))
         if dist.is_initialized():
             dist.all_reduce(local)
         total = local.pow(1.0 / norm_type)
