@@ -287,7 +287,10 @@ def autoparallelize(
     `runtime`: "replay" (default) traces each layer's local ops and collectives on the first
     step and replays them after; "eager" runs every op through DTensor every step (several
     times the host time per op; for debugging). Both run the same ops and collectives.
-    Zero-bubble schedules (split backward) always run eagerly.
+    "compile" traces as "replay" does and compiles each layer's forward and backward graphs
+    with Inductor (elementwise chains fused; the first step pays the compile); the cost model
+    still prices the uncompiled kernels. Zero-bubble schedules (split backward) always run
+    eagerly.
     """
     check_runtime(runtime)
     if example_inputs is None:

@@ -320,7 +320,7 @@ KEEP_IN_GRAPH = frozenset(KEEP | {_aten.scaled_dot_product_attention.default,
 
 # How a model's ops run: "replay" traces each layer once and replays it; "eager" runs every op
 # through DTensor every step (slower on the host; for debugging).
-RUNTIMES = ("replay", "eager")
+RUNTIMES = ("replay", "eager", "compile")
 
 # Data-parallel collectives go out a bucket at a time (one collective for many weights), in
 # the replayed graphs and in the gradient buckets; the cost model shares each bucket's latency.

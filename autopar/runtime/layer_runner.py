@@ -44,7 +44,7 @@ class LayerRunner:
     """
 
     def __init__(self, nodes, run_node, layer_of, checkpointing, *, traced: bool = False,
-                 wanted=(), regather=frozenset()):
+                 wanted=(), regather=frozenset(), compiled: bool = False):
         self._run_node = run_node
         self._regather = regather  # names of ZeRO-3 parameters: gathered again in backward
         # who reads each value: a later op of this runner, or the caller (`wanted`); a traced
@@ -71,6 +71,7 @@ class LayerRunner:
                 self._units.append((list(group), h))
                 weight = w
         self._traced = traced
+        self._compiled = compiled  # traced graphs compiled by Inductor (runtime="compile")
         self._segments: dict[int, _Segment] = {}
 
     def run(self, env: dict[fx.Node, object]) -> None:
@@ -81,8 +82,8 @@ class LayerRunner:
                 segment = self._segments.get(i)
                 if segment is None:
                     segment = self._segments[i] = _Segment(
-                        nodes, env, self._run_node, self._readers, self._regather, how
-                    )
+                        nodes, env, self._run_node, self._readers, self._regather, how,
+                        self._compiled)
                 segment(env)
             elif how == "none" or not torch.is_grad_enabled():  # nothing to save: no recompute
                 for n in nodes:
@@ -101,7 +102,7 @@ class _Segment:
     values that later ops read (never other intermediates: they would stay alive as outputs).
     A checkpointed layer's recomputation is part of its traced backward."""
 
-    def __init__(self, group, env, run_node, readers, regather, how: str):
+    def __init__(self, group, env, run_node, readers, regather, how: str, compiled: bool):
         inside = set(group)
         self.reads = _reads(group, env)
         self.escapes = [n for n in group if readers.get(n, set()) - inside]
@@ -110,7 +111,8 @@ class _Segment:
         # the traced function's arguments are the reads' tensor leaves, in order
         owners = [a for a in self.reads for v in tree_flatten(env[a])[0] if _is_tensor(v)]
         positions = [i for i, a in enumerate(owners) if a.name in regather]
-        self._fn = replay.trace_once(self._body, regather=positions, keep=_TRACED_KEEP[how])
+        self._fn = replay.trace_once(self._body, regather=positions, keep=_TRACED_KEEP[how],
+                                     compiled=compiled)
 
     def _body(self, *tensors):
         local = dict(zip(self.reads, tree_unflatten(self._fill(tensors), self._in_spec)))

@@ -37,7 +37,8 @@ class ParallelModel(nn.Module):
                  runtime: str = "replay"):
         super().__init__()
         self.plan = plan
-        self._replay = check_runtime(runtime) == "replay"
+        self._replay = check_runtime(runtime) != "eager"
+        self._compiled = runtime == "compile"
         self._runners: dict[tuple[str, bool], tuple[LayerRunner, list[fx.Node]]] = {}
         self.mesh = mesh
         self._traced = traced
@@ -145,6 +146,7 @@ class ParallelModel(nn.Module):
                 ops, self._ops.run_node, self._layer, checkpointing,
                 traced=self._replay and training, wanted=[self._nodes[want]],
                 regather=set(self._names) if regathers(self.plan) else frozenset(),
+                compiled=self._compiled,
             )
             placeholders = [n for n in self._graph.nodes if n in needed and n.op == "placeholder"]
             self._runners[key] = runner, placeholders

@@ -133,7 +133,8 @@ class StageModule(nn.Module):
     """One pipeline stage: its ops, run op by op like ParallelModel, on local tensors in and out."""
 
     def __init__(self, *, nodes, inputs, outputs, plan, mesh, device, params, buffers, placements,
-                 layer, first, split=False, loss_nodes=(), replay=False, loss=None):
+                 layer, first, split=False, loss_nodes=(), replay=False, loss=None,
+                 compiled=False):
         super().__init__()
         self.plan, self.mesh, self._device = plan, mesh, device
         self._nodes, self._in, self._out = nodes, inputs, outputs  # in/out: fx.Nodes
@@ -151,7 +152,8 @@ class StageModule(nn.Module):
         self._runner = LayerRunner(nodes, self._ops.run_node, layer, plan.checkpoint or {},
                                    traced=replay and not split,
                                    wanted=[*outputs, *([loss] if loss is not None else [])],
-                                   regather=set(params) if regathers(plan) else frozenset())
+                                   regather=set(params) if regathers(plan) else frozenset(),
+                                   compiled=compiled)
 
     def forward(self, *locals_in):
         env: dict[fx.Node, object] = {}
@@ -184,7 +186,8 @@ class PipelinedModel(nn.Module):
     def __init__(self, model: nn.Module, traced: TracedModel, plan: Plan, mesh, *,
                  runtime: str = "replay"):
         super().__init__()
-        replay = check_runtime(runtime) == "replay"
+        replay = check_runtime(runtime) != "eager"
+        compiled = runtime == "compile"
         if list(plan.mesh)[0] != PIPELINE:
             raise MeshError(f"a pipelined plan's mesh starts with 'pp', got {plan.mesh}")
         check_policies(plan.checkpoint or {})
@@ -227,7 +230,7 @@ class PipelinedModel(nn.Module):
                 outputs=[traced.node(v) for v in boundary[s + 1]], plan=plan, mesh=self.sub,
                 device=device, params=self._params, buffers=buffers, placements=placements,
                 layer=layer, first=s == 0, split=split, loss_nodes=loss_nodes if last else (),
-                replay=replay,
+                replay=replay, compiled=compiled,
             )
             self.stage_modules.append(module)
             dw_builder = None
@@ -248,6 +251,7 @@ class PipelinedModel(nn.Module):
             inputs=[traced.node(v) for v in boundary[n_stages]], outputs=[], plan=plan,
             mesh=self.sub, device=device, params=self._params, buffers=buffers,
             placements=placements, layer=layer, first=False, split=split, replay=replay,
+            compiled=compiled,
             loss=traced.node(traced.loss_node),
         )
         cls = get_schedule_class(plan.pipeline["schedule"])

@@ -33,6 +33,31 @@ def _as_is(graph_module, example_inputs):
     return make_boxed_func(graph_module)
 
 
+def _compiled(graph_module, example_inputs):
+    """The graph compiled by Inductor (`runtime="compile"`): its elementwise chains fused into
+    generated kernels, after the same clean-up. Inductor orders the collectives itself, so our
+    overlap pass is left out."""
+    from torch._inductor.compile_fx import compile_fx_inner
+
+    _drop_dead_ops(graph_module)
+    _fold_views(graph_module)
+    _explicit_dtypes(graph_module)
+    return compile_fx_inner(graph_module, example_inputs)
+
+
+def _explicit_dtypes(gm: fx.GraphModule) -> None:
+    """Give every factory op (arange, full, ...) the dtype it made when traced: the traced ops
+    leave it to torch's default, which Inductor's lowerings do not."""
+    for n in gm.graph.nodes:
+        schema = getattr(n.target, "_schema", None) if n.op == "call_function" else None
+        if (schema is None or n.kwargs.get("dtype") is not None
+                or not isinstance(n.meta.get("val"), torch.Tensor)
+                or not any(a.name == "dtype" and a.kwarg_only for a in schema.arguments)):
+            continue
+        n.kwargs = {**n.kwargs, "dtype": n.meta["val"].dtype}
+    gm.recompile()
+
+
 def _drop_dead_ops(gm: fx.GraphModule) -> None:
     """Erase ops whose results nothing reads, and then what only they read. fx keeps them
     when the op could draw random numbers (attention, for its dropout) or is a collective:
@@ -96,7 +121,7 @@ def _contiguous(n) -> bool:
 
 
 def trace_once(fn: Callable, *, regather: Collection[int] = (),
-               keep: Collection | None = None) -> Callable:
+               keep: Collection | None = None, compiled: bool = False) -> Callable:
     """`fn` traced on its first call with each signature (grad mode; each argument's type,
     shape, dtype, device, placements and requires_grad) and replayed on later calls with it.
 
@@ -105,7 +130,8 @@ def trace_once(fn: Callable, *, regather: Collection[int] = (),
     `keep`: activation checkpointing inside the graphs. None: none (backward reads what
     forward saved); else backward recomputes every forward value it needs except the outputs
     of the ops in `keep` (empty: "full"; the matmuls and attention: "selective"), which
-    forward saves.
+    forward saves. `compiled`: the graphs are decomposed as Inductor wants them and compiled by
+    it (`_compiled`), not replayed op by op.
     """
     traced: dict[tuple, Callable] = {}
 
@@ -113,7 +139,7 @@ def trace_once(fn: Callable, *, regather: Collection[int] = (),
         key = (torch.is_grad_enabled(), *map(_signature, args))
         f = traced.get(key)
         if f is None:
-            f = traced[key] = _trace(fn, args, regather, keep)
+            f = traced[key] = _trace(fn, args, regather, keep, compiled)
         return f(*args)
 
     return call
@@ -126,8 +152,8 @@ def _signature(a) -> tuple:
             tuple(getattr(a, "placements", ())))
 
 
-def _trace(fn: Callable, args, regather: Collection[int], keep: Collection | None
-           ) -> Callable:
+def _trace(fn: Callable, args, regather: Collection[int], keep: Collection | None,
+           compiled: bool = False) -> Callable:
     # AOTAutograd flattens each DTensor into its parts (local tensor, mesh): the graph inputs
     # that come from regathered arguments
     primals, start = set(), 0
@@ -145,6 +171,11 @@ def _trace(fn: Callable, args, regather: Collection[int], keep: Collection | Non
         with _rng_only_where_drawn():
             return default_partition(joint, joint_inputs, **kwargs)
 
+    if compiled:
+        from torch._inductor.decomposition import select_decomp_table
+
+        return aot_function(fn, fw_compiler=_compiled, bw_compiler=_compiled,
+                            partition_fn=partition, decompositions=select_decomp_table())
     return aot_function(fn, fw_compiler=_as_is, bw_compiler=_as_is, partition_fn=partition)
 
 
