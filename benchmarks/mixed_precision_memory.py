@@ -76,6 +76,12 @@ def _parser() -> argparse.ArgumentParser:
         choices=("bf16-mixed", "fp32"),
         help="run each in turn (default bf16-mixed)",
     )
+    ap.add_argument(
+        "--runtime",
+        default="replay",
+        choices=("replay", "compile", "eager"),
+        help="autoparallelize(runtime=...) (default replay; compile: Inductor on the layers)",
+    )
     ap.add_argument("--global-batch", type=int, default=None, help="default 8 (--smoke: 4)")
     ap.add_argument("--seq-len", type=int, default=None, help="default 2048 (--smoke: 32)")
     ap.add_argument("--steps", type=int, default=10, help="measured steps (default 10)")
@@ -200,6 +206,7 @@ def run_precision(ctx, args, precision: str) -> dict:
     row: dict = {
         "model": MODEL if not args.smoke else f"{MODEL} (smoke: tiny)",
         "precision": precision,
+        "runtime": args.runtime,
         "config": spec.config,
         "parameters": parameter_count(spec),
         "global_batch": args.global_batch,
@@ -229,6 +236,7 @@ def run_precision(ctx, args, precision: str) -> dict:
         loss_fn=lm_loss,
         precision=precision,
         time_limit=args.plan_time_limit,
+        runtime=args.runtime,
     )
     row["build_s"] = time.perf_counter() - t0
     del model  # under bf16-mixed the fp32 masters are the model's own weights: they stay
@@ -336,7 +344,8 @@ def _table(rows: list[dict]) -> str:
             continue
         p = r["predicted"]
         lines.append(
-            f"{r['model']} {r['precision']} on {r['cluster']['name']} "
+            f"{r['model']} {r['precision']} ({r.get('runtime', 'replay')}) on "
+            f"{r['cluster']['name']} "
             f"(plan {r['plan']['mesh']}, checkpoint {len(r['plan']['checkpoint'] or {})} "
             f"ops, pipeline {bool(r['plan']['pipeline'])})"
         )
@@ -376,7 +385,8 @@ def _table(rows: list[dict]) -> str:
 
 
 def _json_name(args, precision: str) -> str:
-    return f"{'smoke-' if args.smoke else ''}{MODEL}-{precision}-memory.json"
+    runtime = "" if args.runtime == "replay" else f"-{args.runtime}"
+    return f"{'smoke-' if args.smoke else ''}{MODEL}-{precision}{runtime}-memory.json"
 
 
 def _one_precision(args, precision: str) -> dict:
