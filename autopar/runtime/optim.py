@@ -121,6 +121,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        """One step of the wrapped optimizer on the gradients the model left on its parameters
+        (`train_step`, then any `clip_grad_norm_`); under mixed precision, a chunk of fp32
+        gradients at a time, the compute weights then copied from their masters."""
         if closure is not None:
             raise AutoparError("ShardedOptimizer.step takes no closure: run pm.train_step, then "
                                "step")
@@ -139,6 +142,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
                     torch._foreach_copy_([a for a, _ in pairs], [b for _, b in pairs])
 
     def zero_grad(self, set_to_none: bool = True):
+        """Drop (or zero) the gradients of the model's parameters."""
         for w in self.weights:
             if w.param.grad is None:
                 continue
@@ -148,9 +152,12 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 w.param.grad.zero_()
 
     def state_dict(self):
+        """The wrapped optimizer's own state_dict (this rank's shards, indexed as torch does);
+        for checkpoints that move between plans use `autopar.save`/`autopar.state_dict`."""
         return self.inner.state_dict()
 
     def load_state_dict(self, state_dict):
+        """Load what `state_dict` returned on this rank under the same plan."""
         self.inner.load_state_dict(state_dict)
         self.param_groups = self.inner.param_groups
         self.state = self.inner.state
