@@ -155,8 +155,7 @@ def _collect(procs, results_q, world_size: int, timeout_s: float) -> list:
             pass
         else:
             if not ok:
-                raise RuntimeError(f"rank {rank} of {world_size} raised:\n{value}"
-                                   + _others(procs, results_q))
+                raise RuntimeError(_failure(rank, value, procs, results_q, world_size))
             results[rank] = value
             continue
         # A rank that died without reporting (killed, segfault) never will: say so now.
@@ -183,21 +182,31 @@ def _collect(procs, results_q, world_size: int, timeout_s: float) -> list:
     return [results[r] for r in range(world_size)]
 
 
-def _others(procs, results_q) -> str:
-    """What the other ranks say: the first error to arrive is often a peer's "connection
-    reset", caused by a rank that failed (its error arriving a moment later) or crashed."""
+# what a rank raises when a peer failed or died first: never the cause
+_PEER_FAILURES = ("Connection closed by peer", "Connection reset by peer", "connectFullMesh",
+                  "Read error", "Broken pipe")
+
+
+def _failure(rank: int, value: str, procs, results_q, world_size: int) -> str:
+    """The failure report: the other ranks' errors are waited for a moment (the first to
+    arrive is often a peer's "connection reset", caused by the rank that failed, its error a
+    moment later), and the report leads with the one that is not such an echo, its whole
+    traceback, then a line for each other rank."""
     time.sleep(1.0)
-    lines = []
+    errors = [(rank, value)]
     while True:
         try:
-            rank, ok, value = results_q.get_nowait()
+            r, ok, v = results_q.get_nowait()
         except queue.Empty:
             break
         if not ok:
-            lines.append(f"rank {rank} raised: {value.strip().splitlines()[-1]}")
+            errors.append((r, v))
+    cause = next((e for e in errors if not any(m in e[1] for m in _PEER_FAILURES)), errors[0])
+    lines = [f"rank {r} raised: {v.strip().splitlines()[-1]}" for r, v in errors if r != cause[0]]
     lines += [f"rank {r} exited with code {p.exitcode}" for r, p in enumerate(procs)
               if p.exitcode not in (None, 0) and procs.count(p) == 1]
-    return "".join(f"\nalso: {line}" for line in lines)
+    return (f"rank {cause[0]} of {world_size} raised:\n{cause[1]}"
+            + "".join(f"\nalso: {line}" for line in lines))
 
 
 def _stop(procs, *, grace_s: float) -> None:
