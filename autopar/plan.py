@@ -43,15 +43,14 @@ sorted, names with numbers in natural order so `blocks.2` comes before `blocks.1
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
 from autopar.errors import PlanMismatchError
+from autopar.files import write_atomically
 from autopar.parallelism import PIPELINE, REPLICATE
 from autopar.plan_schema import (
     FIELDS,
@@ -248,21 +247,8 @@ class Plan:
         """Write the plan as JSON to `path`, atomically: a file beside it is written whole and
         then renamed over `path`, so an interrupted save leaves the old file (or none), never a
         truncated plan."""
-        path = os.fspath(path)
-        text = self.to_json()
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.",
-                                   dir=os.path.dirname(path) or ".")
-        try:
-            with open(fd, "w", encoding="utf-8", newline="\n") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, _file_mode(path))  # mkstemp's file is private (0600)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        text = self.to_json().encode("utf-8")
+        write_atomically(path, lambda f: f.write(text))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Plan:
@@ -333,14 +319,3 @@ def _op_to_dict(op: OpSharding | dict) -> dict:
     if isinstance(op, OpSharding):
         return op.to_dict()
     return op  # left for _validate to reject with a message
-
-
-def _file_mode(path: str) -> int:
-    """The mode a saved plan gets: the file's own when it replaces one, else what `open` would
-    give a new file (0666 less the umask)."""
-    try:
-        return os.stat(path).st_mode & 0o777
-    except FileNotFoundError:
-        umask = os.umask(0)
-        os.umask(umask)
-        return 0o666 & ~umask

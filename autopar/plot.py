@@ -23,11 +23,10 @@ matplotlib is optional (`autopar[research]`) and imported only here, through
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 
 from autopar.console import check_output_path
+from autopar.files import write_atomically
 from autopar.parallelism import PIPELINE
 from autopar.plan import Plan
 from autopar.schedules import get_schedule, unit_timeline
@@ -238,32 +237,9 @@ def other_times(p: dict[str, float]) -> list[tuple[str, str, float]]:
 
 
 def save_atomically(fig, path: str) -> None:
-    """Write `fig` to a file beside `path`, whole and synced, then rename it over `path`: a
-    failed or interrupted draw leaves the old file (or none), never half a picture."""
-    path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.",
-                               dir=os.path.dirname(path) or ".")
-    try:
-        with open(fd, "wb") as f:
-            fig.savefig(f, format=image_format(path), dpi=DPI)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, _mode_for(path))  # mkstemp's file is private (0600)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def _mode_for(path: str) -> int:
-    """The mode of the file being replaced, else what open() would give a new one."""
-    try:
-        return os.stat(path).st_mode & 0o777
-    except FileNotFoundError:
-        umask = os.umask(0)
-        os.umask(umask)
-        return 0o666 & ~umask
+    """Write `fig` to `path` whole or not at all: a failed or interrupted draw leaves the old
+    file (or none), never half a picture."""
+    write_atomically(path, lambda f: fig.savefig(f, format=image_format(path), dpi=DPI))
 
 
 def _figure_class():
