@@ -16,18 +16,14 @@ import torch
 from torch import nn
 
 from autopar.errors import AutoparError, MeshError
-from autopar.layers import assign_layers, layer_order
 from autopar.models.gpt import GPT
 from autopar.models.losses import lm_loss
 from autopar.plan import Plan
-from autopar.planning.assemble import shard_parameters_over_dp
 from autopar.runtime.mesh import make_mesh
 from autopar.runtime.pipeline import PipelinedModel, weight_only_outputs
-from autopar.schedules import get_schedule
 from autopar.trace import TracedModel, trace
 from tests.helpers import traces
 from tests.helpers.distributed import run_cases, run_on_ranks
-from tests.helpers.intra_op_plans import make_plan
 from tests.helpers.models import (
     CONFIG,
     MODELS,
@@ -36,6 +32,7 @@ from tests.helpers.models import (
     reference_losses,
     sgd_losses,
 )
+from tests.helpers.pipeline_plans import even_pipeline_plan
 
 
 @functools.cache
@@ -53,29 +50,11 @@ def pipelined_plan(model_name, batch, *, pp, sub_mesh, microbatches, schedule, v
                    checkpoint=None, zero=0):
     """The planner's sharding of one microbatch on the dp x tp submesh, cut evenly into
     pp * v stages (on the pp ranks the schedule places them); with zero=3 parameters sharded over dp."""
-    x, y = batch
-    mb = x.shape[0] // microbatches
+    mb = batch[0].shape[0] // microbatches
     traced = traced_microbatch(model_name, mb)
-    sub_size = math.prod(sub_mesh.values())
-    plan = make_plan(traced, fast_cpu_cluster(sub_size), mesh=sub_mesh)
-    plan.mesh = {"pp": pp, **sub_mesh}
-    plan.cluster = fast_cpu_cluster(pp * sub_size).to_dict()
-    layers = layer_order(assign_layers(traced))
-    n = pp * v
-    cuts = [layers[i * len(layers) // n : (i + 1) * len(layers) // n] for i in range(n)]
-    plan.pipeline = {
-        "schedule": schedule,
-        "stages_per_rank": v,
-        "microbatch_size": mb,
-        "num_microbatches": microbatches,
-        "stages": [{"rank": r, "layers": cuts[s]}
-                   for s, r in enumerate(get_schedule(schedule).stage_ranks(pp, v))],
-    }
-    plan.checkpoint = dict(checkpoint or {})
-    if zero:
-        plan.data_parallel = "zero3"
-        shard_parameters_over_dp(plan, traced, sub_mesh)
-    return traced, plan
+    return traced, even_pipeline_plan(traced, mb, pp=pp, sub_mesh=sub_mesh,
+                                      microbatches=microbatches, schedule=schedule, v=v,
+                                      checkpoint=checkpoint, zero=zero)
 
 
 class _Block(nn.Module):

@@ -17,17 +17,14 @@ import torch
 from torch import nn
 
 from autopar.errors import AutoparError
-from autopar.layers import assign_layers, layer_order
 from autopar.models.losses import lm_loss
 from autopar.plan import Plan
-from autopar.planning.assemble import shard_parameters_over_dp
 from autopar.runtime.mesh import make_mesh
 from autopar.runtime.pipeline import PipelinedModel
-from autopar.schedules import get_schedule
 from autopar.trace import TracedModel, trace
 from tests.helpers.distributed import run_cases
-from tests.helpers.intra_op_plans import make_plan
-from tests.helpers.models import LR, MODELS, batches, fast_cpu_cluster
+from tests.helpers.models import LR, MODELS, batches
+from tests.helpers.pipeline_plans import even_pipeline_plan
 
 
 class OwnLoss(nn.Module):
@@ -68,30 +65,12 @@ def traced_microbatch(model_name: str, mb: int) -> TracedModel:
     return trace(make_model(model_name), args, loss_fn=lm_loss, target=y)
 
 
-def pipelined_plan(model_name, batch_size, *, pp, sub_mesh, microbatches, schedule, v=1,
-                   checkpoint=None, zero=0) -> Plan:
+def pipelined_plan(model_name, batch_size, *, microbatches, **options) -> Plan:
     """The intra-op plan of one microbatch on the sub-mesh, its layers cut evenly into pp * v
-    stages on the ranks the schedule places them (tests/runtime/test_pipeline.py)."""
+    stages on the ranks the schedule places them (tests/helpers/pipeline_plans.py)."""
     mb = batch_size // microbatches
-    traced = traced_microbatch(model_name, mb)
-    sub_size = math.prod(sub_mesh.values())
-    plan = make_plan(traced, fast_cpu_cluster(sub_size), mesh=sub_mesh)
-    plan.mesh = {"pp": pp, **sub_mesh}
-    plan.cluster = fast_cpu_cluster(pp * sub_size).to_dict()
-    layers = layer_order(assign_layers(traced))
-    n = pp * v
-    cuts = [layers[i * len(layers) // n: (i + 1) * len(layers) // n] for i in range(n)]
-    plan.pipeline = {
-        "schedule": schedule, "stages_per_rank": v, "microbatch_size": mb,
-        "num_microbatches": microbatches,
-        "stages": [{"rank": r, "layers": cuts[s]}
-                   for s, r in enumerate(get_schedule(schedule).stage_ranks(pp, v))],
-    }
-    plan.checkpoint = dict(checkpoint or {})
-    if zero:
-        plan.data_parallel = "zero3"
-        shard_parameters_over_dp(plan, traced, sub_mesh)
-    return plan
+    return even_pipeline_plan(traced_microbatch(model_name, mb), mb, microbatches=microbatches,
+                              **options)
 
 
 BATCH = 4
