@@ -167,6 +167,17 @@ def _weighted(problem: solvers.ShardingProblem, stand: StandIn) -> solvers.Shard
     return dataclasses.replace(problem, nodes=nodes, edges=edges)
 
 
+def issued_ops(stand: StandIn) -> dict[str, int]:
+    """Graph ops the host issues per microbatch, per layer of the stand-in (as
+    calibrate_device.py counts them): the same whatever the sharding."""
+    layer_of = assign_layers(stand.full)
+    issued: dict[str, int] = {}
+    for n in stand.traced.graph_module.graph.nodes:
+        if n.op == "call_function" and n.name in layer_of:
+            issued[layer_of[n.name]] = issued.get(layer_of[n.name], 0) + 1
+    return issued
+
+
 def layer_costs(stand: StandIn, profiles, cluster, sub_mesh, flavour, *, precision,
                 solved, dp_shard: int | None = None) -> LayerCosts:
     """Split a solved intra-op plan into per-layer times and bytes (see module docstring), per
@@ -256,9 +267,7 @@ def layer_costs(stand: StandIn, profiles, cluster, sub_mesh, flavour, *, precisi
             kept_fwd[layer] += f
         if any(layer_of.get(u.name, layer) != layer for u in decision_users(n)):
             out_bytes[layer] += prof.output_bytes / (shard_factor(out, shape) if out else 1)
-    for n in gm.graph.nodes:  # every op the host issues (as calibrate_device.py counts them)
-        if n.op == "call_function" and n.name in layer_of:
-            issued[layer_of[n.name]] += 1
+    issued.update(issued_ops(stand))
     for e in decisions.problem.edges:  # weighted: one copy of each edge per full layer
         c = e.costs_s[solution.choices[e.src]][solution.choices[e.dst]] / weight(e.dst)
         layer = layer_of[e.dst]
@@ -374,7 +383,7 @@ class StateBound:
     state_bytes: float
 
     def step_bound_s(self, work_s: float, pp: int, m: int, b: float, device,
-                     busiest_s: float = 0.0) -> float:
+                     busiest_s: float = 0.0, host_s: float = 0.0) -> float:
         """A lower bound on a candidate's step, given W >= one microbatch's intra-op work over
         all layers and `busiest_s` <= the busiest rank's share of it: the stage model
         b * sum_s T_s + (m - b) * max_r T_rank with sum_s T_s >= W + these collectives and
@@ -382,8 +391,10 @@ class StateBound:
         `search._step_bound`), plus the busiest rank's once-a-step share, at least 1/pp of the
         total (`candidate.evaluate`). The optimizer step and the gradient accumulation charged
         once over all the bytes: each is a memory pass with a floor per layer, so once is no
-        more than per layer."""
-        work = work_s + self.microbatch_s
+        more than per layer. `host_s`: at most the host's time to issue one microbatch's ops;
+        each layer costs the slower of its device time (collectives included) and its host
+        time, so one microbatch costs at least the larger of the two sums."""
+        work = max(work_s + self.microbatch_s, host_s)
         once = self.step_s + cost.gradient_accumulation_s(self.gradient_bytes, m, device)
         return b * work + (m - b) * max(work / pp, busiest_s) + once / pp
 

@@ -35,10 +35,12 @@ from autopar.planning.candidate import (
     even_stages,
     pipeline_problem,
 )
+from autopar.planning.cost import host_time_s
 from autopar.planning.intra_op import op_compute_s
 from autopar.planning.layer_costs import (
     LayerCosts,
     hybrid_shard,
+    issued_ops,
     layer_costs,
     prepare,
     solve_layers,
@@ -153,15 +155,17 @@ def search(trace_fn, example_inputs, cluster: Cluster, space: SearchSpace, *,
         return [b for b in flavour_bounds(stand, mesh)
                 if b.state_bytes / mesh[PIPELINE] <= budget]
 
-    def plan_bound(stand, order, mesh, m, work_s, layer_works) -> float:
+    def plan_bound(stand, order, mesh, m, work_s, works: WorkBound) -> float:
         """A lower bound on every candidate that fits of `mesh` with `m` microbatches whose
-        intra-op work per microbatch is at least `work_s`, and each layer's at least
-        `layer_works` (`_compute_bounds`): the best of its fitting flavours' `StateBound`s
+        intra-op work per microbatch is at least `work_s`, and each layer's at least as
+        `works` says (`_compute_bounds`): the best of its fitting flavours' `StateBound`s
         under each schedule (inf when no flavour fits)."""
         pp, best = mesh[PIPELINE], math.inf
         for sched, v in _schedules(space, pp, m, len(order)):
-            weight, busiest = bubble_weight(sched, pp, m, v), busiest_rank_bound(layer_works, pp, v)
-            best = min([best, *(b.step_bound_s(work_s, pp, m, weight, cluster.device, busiest)
+            weight = bubble_weight(sched, pp, m, v)
+            busiest = busiest_rank_bound(works.layers, pp, v)
+            best = min([best, *(b.step_bound_s(work_s, pp, m, weight, cluster.device, busiest,
+                                               host_s=sum(works.host))
                                 for b in fitting_bounds(stand, mesh))])
         return best
 
@@ -206,7 +210,7 @@ def search(trace_fn, example_inputs, cluster: Cluster, space: SearchSpace, *,
             traces[mb] = (stand, profiles, layer_order(assign_layers(stand.full)))
         return traces[mb]
 
-    work_bounds: dict[tuple, tuple[float, ...]] = {}  # (mb, stage mesh) -> per layer
+    work_bounds: dict[tuple, WorkBound] = {}  # (mb, stage mesh) -> per layer
 
     def weigh(ks) -> list[tuple[bool, float, int, int, int]]:
         """(ops split across nodes, lower bound, pair, microbatch size, microbatches) of pairs
@@ -229,7 +233,8 @@ def search(trace_fn, example_inputs, cluster: Cluster, space: SearchSpace, *,
             m = batch // mb
             works = work_bounds[key]
             out.append((_spans_nodes(mesh, cluster),
-                        plan_bound(stand, order, mesh, m, sum(works), works), k, mb, m))
+                        plan_bound(stand, order, mesh, m, sum(works.compute), works), k, mb,
+                        m))
         return sorted(out)
 
     def solve(first) -> None:
@@ -394,13 +399,31 @@ def _candidates(solved, stand, profiles, cluster, sub_mesh, flavours, space, mes
                             solver, time_limit_s, best)
 
 
-def _compute_bounds(stand, profiles, cluster: Cluster,
-                    sub_mesh: dict[str, int]) -> tuple[float, ...]:
-    """Per layer of the full graph, in pipeline order: a lower bound on one microbatch's work
-    of the layer on a stage mesh, before any solve. Each op's forward and backward compute
-    alone (no communication, no host time), split over the best of the ways its strategies can
-    split work (over any set of the mesh's axes); a layer the stand-in dropped takes the bound
-    of the layer that stands for it."""
+@dataclass(frozen=True)
+class WorkBound:
+    """Per layer of the full graph, in pipeline order, two lower bounds on one microbatch's
+    work of the layer on a stage mesh (`_compute_bounds`). A layer costs the slower of the
+    device and the host (`layer_costs`), and the device's share also holds the flavour's
+    collectives of each microbatch, which the host's does not: so a layer's work is at least
+    the larger of the two, and the sum of the layers' at least the larger of the computes plus
+    those collectives and the hosts (`StateBound.step_bound_s`)."""
+
+    compute: tuple[float, ...]  # its ops' compute alone, no communication
+    host: tuple[float, ...]  # the host's time to issue its ops
+
+    @property
+    def layers(self) -> tuple[float, ...]:
+        return tuple(max(c, h) for c, h in zip(self.compute, self.host))
+
+
+def _compute_bounds(stand, profiles, cluster: Cluster, sub_mesh: dict[str, int]) -> WorkBound:
+    """The `WorkBound` of each layer on a stage mesh, before any solve. Compute: each op's
+    forward and backward alone, split over the best of the ways its strategies can split work
+    (over any set of the mesh's axes). Host: the replay runtime's time to issue the layer's
+    ops, which no sharding shortens. Without the host's, a small model on many GPUs, where the
+    host sets the pace, had bounds of half its steps and few pairs were ruled out (Llama 2 7B
+    on 1,024 H100s). A layer the stand-in dropped takes the bounds of the layer that stands
+    for it."""
     splits = {1}
     for n in sub_mesh.values():
         splits |= {k * n for k in splits}
@@ -411,7 +434,10 @@ def _compute_bounds(stand, profiles, cluster: Cluster,
             layer = layer_of[n.name]
             planned[layer] = planned.get(layer, 0.0) + min(
                 op_compute_s(n, profiles[n.name], cluster.device, k) for k in splits)
-    return tuple(planned.get(stand.planned_layer(name), 0.0) for name in layer_order(layer_of))
+    issued = issued_ops(stand)
+    layers = [stand.planned_layer(name) for name in layer_order(layer_of)]
+    return WorkBound(compute=tuple(planned.get(x, 0.0) for x in layers),
+                     host=tuple(host_time_s(issued.get(x, 0), cluster.device) for x in layers))
 
 
 def _step_bound(costs: LayerCosts, pp: int, m: int, schedule: str, v: int) -> float:

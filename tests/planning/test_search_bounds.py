@@ -37,6 +37,9 @@ MODELS = {  # wide enough that compute, not the host, sets the pace (built on me
                                  d_model=1024)),
     "llama": lambda: Llama(LlamaConfig(vocab_size=4096, seq_len=SEQ, n_layer=6, n_head=16,
                                        n_kv_head=4, d_model=1024, ffn_hidden=2816)),
+    # narrow: the host's time to issue the ops is longer than the device's to run them
+    "narrow": lambda: GPT(GPTConfig(vocab_size=512, seq_len=SEQ, n_layer=6, n_head=4,
+                                    d_model=512)),
 }
 
 
@@ -51,7 +54,7 @@ def test_compute_bound_is_below_every_layer_sum_the_solve_gives(name, mesh):
     stand, profiles = prepare(trace_for_training(model, (x, x), lm_loss))
     precision = TrainingPrecision.mixed_bf16()
     assert stand.is_shallow  # six blocks: the stand-in's third stands for blocks 2 to 5
-    per_layer = search._compute_bounds(stand, profiles, CLUSTER, mesh)
+    per_layer = search._compute_bounds(stand, profiles, CLUSTER, mesh).layers
     bound = sum(per_layer)
     # the least-memory sharding of GPT too (Llama's takes long to prove and adds no kind of op)
     for least in (False, True) if name == "gpt" else (False,):
@@ -66,6 +69,27 @@ def test_compute_bound_is_below_every_layer_sum_the_solve_gives(name, mesh):
                 assert 0 < lower <= work * (1 + 1e-12), (lower, work)
             # and not a trivial one: compute is most of this work on one node
             assert bound > 0.3 * sum(works), (bound, sum(works))
+
+
+@pytest.mark.parametrize("mesh", [{"dp": 8, "tp": 1}, {"dp": 2, "tp": 4}], ids=["dp8", "dp2-tp4"])
+def test_where_the_host_sets_the_pace_the_bound_is_each_layers_work(mesh):
+    """A narrow GPT on the calibrated H100: issuing a layer's ops takes the host longer than
+    the device takes to run them, whatever the sharding, so each layer's bound is its host
+    time, and that is exactly the work the solve gives it (compute alone would be a few
+    percent of it, and the search would solve pairs a bound can rule out)."""
+    with torch.device("meta"):
+        model = MODELS["narrow"]()
+    x = torch.zeros(8, SEQ, dtype=torch.long, device="meta")
+    stand, profiles = prepare(trace_for_training(model, (x, x), lm_loss))
+    precision = TrainingPrecision.mixed_bf16()
+    bounds = search._compute_bounds(stand, profiles, CLUSTER, mesh)
+    solved = solve_layers(stand, profiles, CLUSTER, mesh, precision=precision)
+    costs = layer_costs(stand, profiles, CLUSTER, mesh, "replicate", precision=precision,
+                        solved=solved)
+    works = [min(o.fwd_s + o.bwd_s for o in x.options) for x in costs.layers]
+    assert len(bounds.layers) == len(works)
+    for lower, host, work in zip(bounds.layers, bounds.host, works):
+        assert lower == host and work * (1 - 1e-9) <= lower <= work * (1 + 1e-12), (lower, work)
 
 
 @pytest.mark.parametrize("seed", range(40))
@@ -92,16 +116,19 @@ def test_busiest_rank_bound_is_the_least_busiest_rank_of_any_cut(seed):
         assert bound >= least * (1 - 1e-9) - 1e-12, (works, pp, bound, least)
 
 
-@pytest.mark.parametrize("mesh", [
-    {"pp": 1, "dp": 2, "tp": 4}, {"pp": 2, "dp": 4, "tp": 1}, {"pp": 2, "dp": 2, "tp": 2},
-    {"pp": 4, "dp": 2, "tp": 1},  # 8 layers on 4 ranks: the busiest holds more than 1/4
-], ids=["dp2-tp4", "pp2-dp4", "pp2-dp2-tp2", "pp4-dp2"])
-def test_the_state_bound_is_below_every_candidate_of_the_mesh(mesh):
+@pytest.mark.parametrize("name,mesh", [
+    ("gpt", {"pp": 1, "dp": 2, "tp": 4}), ("gpt", {"pp": 2, "dp": 4, "tp": 1}),
+    ("gpt", {"pp": 2, "dp": 2, "tp": 2}),
+    ("gpt", {"pp": 4, "dp": 2, "tp": 1}),  # 8 layers on 4 ranks: the busiest holds more than 1/4
+    # the host sets the pace, and ZeRO's collectives of each microbatch hide behind it
+    ("narrow", {"pp": 1, "dp": 2, "tp": 4}), ("narrow", {"pp": 2, "dp": 4, "tp": 1}),
+], ids=["dp2-tp4", "pp2-dp4", "pp2-dp2-tp2", "pp4-dp2", "narrow-dp2-tp4", "narrow-pp2-dp4"])
+def test_the_state_bound_is_below_every_candidate_of_the_mesh(name, mesh):
     """Every flavour's `StateBound` over the fastest sharding's objective is at most the step of
     each candidate the search scores for that flavour, of the fastest and of the least-memory
     sharding, under every schedule; and, with dp, above the bound without it."""
     with torch.device("meta"):
-        model = MODELS["gpt"]()
+        model = MODELS[name]()
     mb, m = 8, 4
     x = torch.zeros(mb, SEQ, dtype=torch.long, device="meta")
     stand, profiles = prepare(trace_for_training(model, (x, x), lm_loss))
@@ -128,8 +155,9 @@ def test_the_state_bound_is_below_every_candidate_of_the_mesh(mesh):
             for schedule, v in schedules:
                 b = bubble_weight(schedule, pp, m, v)
                 # the busiest rank's share as the search bounds it, from each layer's compute
-                busiest = busiest_rank_bound(per_layer, pp, v)
-                lower = bounds.step_bound_s(work, pp, m, b, CLUSTER.device, busiest)
+                busiest = busiest_rank_bound(per_layer.layers, pp, v)
+                lower = bounds.step_bound_s(work, pp, m, b, CLUSTER.device, busiest,
+                                            host_s=sum(per_layer.host))
                 runnable = costs  # a split backward runs no selective checkpointing
                 if get_schedule(schedule).split_backward:
                     runnable = dataclasses.replace(costs, layers=search._offered(
@@ -160,7 +188,7 @@ def test_pruning_before_the_solve_changes_no_plan(monkeypatch, options):
     # memory) in ..."
     by_time, by_memory = (int(part.split()[0]) for part in lines[-1].split("; ")[1].split(", "))
     assert by_time > 0 and (by_memory > 0) == bool(options), lines[-1]
-    monkeypatch.setattr(search, "_compute_bounds", lambda *a: (0.0,))
+    monkeypatch.setattr(search, "_compute_bounds", lambda *a: search.WorkBound((0.0,), (0.0,)))
     monkeypatch.setattr(search, "state_bound", lambda *a, **k: StateBound(0.0, 0.0, 0.0, 0.0))
     unpruned = autopar.plan(model, CLUSTER, (x, x), loss_fn=lm_loss, schedule="1F1B",
                             **options)
