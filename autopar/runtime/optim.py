@@ -20,6 +20,7 @@ refused.
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 
@@ -102,7 +103,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         with torch.no_grad():  # the shards themselves, leaves the optimizer may step
             self.shards = [(w.master if w.master is not None else w.param).to_local()
                             for w in self.weights]
-        self.inner = optimizer_class(self._groups(group_of), **kwargs)
+        self.inner = optimizer_class(self._groups(group_of),
+                                     **fused_by_default(optimizer_class, self.shards, kwargs))
         super().__init__(self.shards, self.inner.defaults)
         self.param_groups = self.inner.param_groups
         self.state = self.inner.state
@@ -161,6 +163,25 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self.inner.load_state_dict(state_dict)
         self.param_groups = self.inner.param_groups
         self.state = self.inner.state
+
+
+def fused_by_default(optimizer_class, shards: list[torch.Tensor], kwargs: dict) -> dict:
+    """`kwargs` with `fused=True` where the user chose neither `fused` nor `foreach`, the class
+    takes `fused` (torch's Adam, AdamW, SGD, Adagrad), nothing asks for what fused kernels do
+    not do (`differentiable`), and every shard is a floating-point tensor on a device torch has
+    fused kernels for: one kernel per step for the whole chunk of shards, where torch's own
+    default (foreach on GPUs, a loop on CPU) launches several per parameter list."""
+    if "fused" in kwargs or "foreach" in kwargs or kwargs.get("differentiable"):
+        return kwargs
+    try:
+        takes_fused = "fused" in inspect.signature(optimizer_class.__init__).parameters
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+        devices = set(_get_fused_kernels_supported_devices())
+    except (ImportError, TypeError, ValueError):  # another torch: its own default
+        return kwargs
+    if takes_fused and all(s.is_floating_point() and s.device.type in devices for s in shards):
+        return {**kwargs, "fused": True}
+    return kwargs
 
 
 def _chunks(sizes: list[int], limit: int) -> list[list[int]]:
@@ -228,6 +249,9 @@ def optimizer(model, optimizer_class=torch.optim.AdamW, *, group_of=None,
     """`optimizer_class(**kwargs)` over the model `autoparallelize` returned, as its plan's
     precision says: on the parameters themselves (fp32), or on fp32 masters of the bf16
     parameters with fp32 state ("bf16-mixed"), sharded as the plan shards them.
+
+    torch's fused kernels are asked for (`fused=True`) unless `fused` or `foreach` is given,
+    where the class has them (Adam, AdamW, SGD, Adagrad) and the shards' device does.
 
     `group_of(fqn)`: options of the parameter group the parameter named `fqn` joins (e.g.
     `lambda fqn: {"weight_decay": 0.0} if fqn.endswith("bias") else {}`); parameters with equal

@@ -19,6 +19,7 @@ import autopar
 from autopar.errors import AutoparError
 from autopar.models.losses import lm_loss
 from autopar.plan import Plan
+from autopar.runtime import optim
 from tests.helpers.distributed import run_cases
 from tests.helpers.models import MODELS, batches, fast_cpu_cluster
 
@@ -52,6 +53,7 @@ def train(plan_text: str):
     pm = autopar.autoparallelize(model(), cluster(), data[0], loss_fn=lm_loss,
                                  plan=Plan.from_dict(json.loads(plan_text)))
     opt = autopar.optimizer(pm, torch.optim.AdamW, lr=LR, weight_decay=WEIGHT_DECAY)
+    assert opt.inner.defaults["fused"] is True  # the kernels the user did not choose against
     losses, norms = [], []
     for x, y in data:
         losses.append(float(pm.train_step(x, y)))
@@ -173,3 +175,19 @@ def test_a_precision_the_runtime_cannot_train_is_refused_with_the_fix():
 def test_optimizer_needs_the_parallel_model():
     with pytest.raises(AutoparError, match="autoparallelize returned"):
         autopar.optimizer(model(), torch.optim.AdamW, lr=1e-3)
+
+
+def test_fused_kernels_unless_the_user_chooses_or_the_class_has_none():
+    """`autopar.optimizer` asks for torch's fused kernels (one kernel a step for a chunk of
+    shards) where the user said nothing of `fused` or `foreach`, the class has them and every
+    shard can use them; else it passes the options as given. The steps above (AdamW, fused on
+    these CPU shards) equal torch's unfused AdamW on the unsharded model."""
+    shards = [torch.zeros(4), torch.zeros(0)]
+    fused = optim.fused_by_default
+    assert fused(torch.optim.AdamW, shards, {"lr": 1.0}) == {"lr": 1.0, "fused": True}
+    assert fused(torch.optim.SGD, shards, {}) == {"fused": True}
+    for chosen in ({"fused": False}, {"foreach": True}, {"foreach": False},
+                   {"differentiable": True}):
+        assert fused(torch.optim.AdamW, shards, chosen) == chosen
+    assert fused(torch.optim.RMSprop, shards, {}) == {}  # no fused kernel in torch
+    assert fused(torch.optim.AdamW, [torch.zeros(4, dtype=torch.long)], {}) == {}
