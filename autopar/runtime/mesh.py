@@ -37,7 +37,26 @@ def make_mesh(plan: Plan):
     device_type = plan.cluster.get("device_type", "cpu")
     if device_type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", dist.get_rank())))
-    return init_device_mesh(device_type, tuple(plan.mesh.values()), mesh_dim_names=tuple(plan.mesh))
+    return _one_mesh(device_type, tuple(plan.mesh.values()), tuple(plan.mesh))
+
+
+# The meshes made over the current default process group, one per (device, shape, names).
+# Why one: DeviceMesh compares by value, so torch's caches hand a DTensor op of a second,
+# equal mesh the first mesh's object; AOTAutograd then meets a mesh that is none of the traced
+# function's inputs, and a replayed ZeRO-3 unit failed to trace ("Node tangents_2 was invalid,
+# but is output") in a process that had trained another plan before (tests/runtime/
+# test_sequence_parallel.py and test_expert_parallel.py train several plans a process).
+_MESHES: dict = {"group": None, "meshes": {}}
+
+
+def _one_mesh(device_type: str, shape: tuple[int, ...], names: tuple[str, ...]):
+    group = dist.distributed_c10d._get_default_group()
+    if _MESHES["group"] is not group:  # a new process group: the old meshes are not over it
+        _MESHES.update(group=group, meshes={})
+    key = (device_type, shape, names)
+    if key not in _MESHES["meshes"]:
+        _MESHES["meshes"][key] = init_device_mesh(device_type, shape, mesh_dim_names=names)
+    return _MESHES["meshes"][key]
 
 
 def placements_of(strings) -> tuple:

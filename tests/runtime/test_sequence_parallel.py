@@ -112,24 +112,19 @@ RUNTIMES = ["replay", "eager"]
 # Every training run of this file, (mesh, runtime): one launch of 4 ranks trains them in turn,
 # so that each rank's later runs of the same GPT find DTensor's sharding rules and export's
 # caches warm, and every rank takes the traces made once before the ranks fork (a launch each,
-# every rank tracing, took twice as long); op by op first on each mesh, then replayed.
-# ZeRO-3 replayed runs in a launch of its own: in a process where another run came first, its
-# trace fails in AOTAutograd's partitioner ("Node tangents_2 was invalid, but is output"), and
-# a replayed run after it fails likewise (found 2026-12-07; tests/runtime/test_expert_parallel.py
-# met it too). Each passes in a fresh process.
-ALONE = [("tp2xdp2-zero3-selective", "replay")]
-JOBS = [(mesh, runtime) for mesh in MESHES for runtime in reversed(RUNTIMES)
-        if (mesh, runtime) not in ALONE]
+# every rank tracing, took twice as long); op by op first on each mesh, then replayed. The
+# ZeRO-3 replayed run comes after others of other meshes: until each plan's mesh was made once
+# per process group (`runtime.mesh.make_mesh`), its trace failed there in AOTAutograd's
+# partitioner ("Node tangents_2 was invalid, but is output"), and passed only in a fresh
+# process.
+JOBS = [(mesh, runtime) for mesh in MESHES for runtime in reversed(RUNTIMES)]
 
 
 @pytest.fixture(scope="module")
 def runs() -> dict:
-    out = {}
-    for jobs in [JOBS, *([job] for job in ALONE)]:
-        cases = [(_plan_json(mesh), runtime) for mesh, runtime in jobs]
-        out.update(zip(jobs, run_cases(_train, 4, cases,
-                                       prepare=functools.partial(_trace_all, cases))))
-    return out
+    cases = [(_plan_json(mesh), runtime) for mesh, runtime in JOBS]
+    return dict(zip(JOBS, run_cases(_train, 4, cases,
+                                    prepare=functools.partial(_trace_all, cases))))
 
 
 @pytest.mark.slow
