@@ -8,6 +8,10 @@ system on the same machine in the same run:
                     AdamW on fp32 master copies of the local shards (`MasterAdamW`)
     eager           one GPU only: the plain model in bf16 with the same MasterAdamW, so the gap
                     to `autopar` is the cost of autopar's runtime (op-by-op on DTensors)
+    compiled        one GPU only: the user's best plain path (issue 19): the fp32 model under
+                    `torch.compile(model)`, each forward and loss under bf16 autocast, fused
+                    AdamW; Inductor compiles in the first warm-up step. Predicted as `eager`
+                    is: the cost model does not price compiled kernels yet
     fsdp2           torch's `fully_shard` on every block and on the root (ZeRO-3),
                     MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32), fused AdamW
     tpT-fsdp2       torchtitan style: `parallelize_module` (Megatron column/row splits of
@@ -19,7 +23,8 @@ system on the same machine in the same run:
 
 Each baseline kind runs without and with activation checkpointing of every block (`-ac`;
 --ac) and with gradient accumulation over N microbatches where asked (`-gaN`; --accum); a
-concrete name (`eager-ac-ga4`, `tp4-fsdp2`, `pp2-fsdp2-ac`) runs just that configuration.
+concrete name (`eager-ac-ga4`, `compiled-ac`, `tp4-fsdp2`, `pp2-fsdp2-ac`) runs just that
+configuration.
 For each: tokens/s, MFU (model FLOPs 6 N_matmul + 12 L d T per token over --peak-tflops,
 989 TFLOP/s = H200 bf16 dense datasheet; also against the bf16 matmul rate measured at the
 start), peak memory (max over ranks of torch.cuda.max_memory_allocated), the median step time
@@ -47,7 +52,8 @@ stopped by a time limit keeps what it measured; --time-budget-s skips the system
 start after that many seconds (a row says so), --max-timing-s shortens each system's timing.
 A rank that fails inside a step while the others wait in a collective stalls the job until
 --collective-timeout-s; the rows written so far stay. autopar runs with its default runtime
-("replay": each layer traced once, then replayed); --runtime eager runs it op by op.
+("replay": each layer traced once, then replayed); --runtime eager runs it op by op, --runtime
+compile replays each layer's graphs compiled by Inductor (the first step pays the compile).
 
 --profile SYSTEM runs torch.profiler over --profile-steps more steps of those systems: top ops
 by host and device time (--profile-out), and on GPUs the step's kernel time by category beside
@@ -66,6 +72,14 @@ Single-GPU run of 2026-11-29 (docs/benchmarks/2026-11-29-single-h200/):
     torchrun --standalone --nproc_per_node 1 benchmarks/multigpu.py --models gpt-1.3b gpt-2.7b \
         --systems autopar eager fsdp2 --ac none --max-timing-s 20 --profile autopar eager \
         --profile-out $OUT/profile.txt --json $OUT/singlegpu.json
+
+Issue 19 on one GPU: autopar's compiled replay beside torch.compile by hand and plain eager, each
+with and without activation checkpointing (add --accum 1 2 where memory binds), GPT 1.3B and
+the Llama-style 2.8B:
+
+    torchrun --standalone --nproc_per_node 1 benchmarks/multigpu.py --models gpt-1.3b llama-3b \
+        --systems autopar compiled eager --ac both --runtime compile \
+        --json $OUT/one-gpu-compiled.json
 """
 
 from __future__ import annotations
@@ -123,8 +137,9 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SYSTEM",
         help=f"kinds from {', '.join(KINDS)} (default: all; each baseline kind "
         "expands over --ac, --accum and --tp-sizes; pp only where memory "
-        "forces it, see --force-pp; eager only on one device), or concrete "
-        "names: eager-ac, fsdp2-ga4, tp4-fsdp2-ac, pp2-fsdp2 (always run)",
+        "forces it, see --force-pp; eager and compiled only on one device), or "
+        "concrete names: eager-ac, compiled-ac-ga2, fsdp2-ga4, tp4-fsdp2-ac, "
+        "pp2-fsdp2 (always run)",
     )
     ap.add_argument(
         "--ac",
@@ -138,8 +153,8 @@ def _parser() -> argparse.ArgumentParser:
         nargs="+",
         default=[1],
         metavar="N",
-        help="gradient accumulation over N microbatches for the eager, fsdp2 and "
-        "tp kinds (default 1)",
+        help="gradient accumulation over N microbatches for the eager, compiled, "
+        "fsdp2 and tp kinds (default 1)",
     )
     ap.add_argument(
         "--tp-sizes",
@@ -217,9 +232,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     ap.add_argument(
         "--runtime",
-        choices=("replay", "eager"),
+        choices=("replay", "eager", "compile"),
         default="replay",
-        help="autopar's runtime (autoparallelize(runtime=...)); default replay",
+        help="autopar's runtime (autoparallelize(runtime=...)): replay (default), "
+        "eager (op by op), compile (replay with each layer's graphs compiled by "
+        "Inductor; the first step pays the compile)",
     )
     ap.add_argument(
         "--peak-tflops",

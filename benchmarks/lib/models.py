@@ -21,7 +21,7 @@ H200_BF16_PEAK_TFLOPS = 989.0  # datasheet, dense (autopar/data/devices/h200-141
 
 # GPT-3 paper (Brown et al. 2020, table 2.1) shapes, GPT-2 vocabulary padded to 50304 (nanoGPT);
 # Llama 3 8B (Meta's params.json: 32 layers, 4096 wide, 32 heads, 8 kv heads, SwiGLU 14336,
-# vocabulary 128256, rope theta 500000).
+# vocabulary 128256, rope theta 500000); a Llama-style 2.8B for issue 19's second row (below).
 MODELS = {
     "gpt-1.3b": ("gpt", dict(vocab_size=50304, n_layer=24, n_head=16, d_model=2048)),
     "gpt-2.7b": ("gpt", dict(vocab_size=50304, n_layer=32, n_head=32, d_model=2560)),
@@ -38,6 +38,21 @@ MODELS = {
             rope_theta=500000.0,
         ),
     ),
+    # Llama-style 2.8B (RMSNorm, RoPE, SwiGLU, GQA): Llama 2's vocabulary (32000) and rope
+    # theta, 32 layers of width 2560, 32 heads of 80 and 8 kv heads, SwiGLU 8704 (Llama's rule,
+    # 256 * ceil(1.25 * 8/3 * 2560 / 256)). 2,827,389,440 parameters by parameter_count (the
+    # head untied). Heads, kv heads, vocabulary and widths all split by tp 2, 4 and 8.
+    "llama-3b": (
+        "llama",
+        dict(
+            vocab_size=32000,
+            n_layer=32,
+            n_head=32,
+            n_kv_head=8,
+            d_model=2560,
+            ffn_hidden=8704,
+        ),
+    ),
 }
 # --tiny: the same families and code paths, sizes a CPU runs in seconds
 TINY = {
@@ -47,6 +62,10 @@ TINY = {
     "llama-8b": (
         "llama",
         dict(vocab_size=256, n_layer=2, n_head=4, n_kv_head=2, d_model=64, ffn_hidden=172),
+    ),
+    "llama-3b": (
+        "llama",
+        dict(vocab_size=256, n_layer=2, n_head=8, n_kv_head=2, d_model=64, ffn_hidden=176),
     ),
 }
 

@@ -95,7 +95,11 @@ def predict(task: dict, model: nn.Module | None = None, example=None) -> dict:
 
 
 def _manual_plan(spec: ModelSpec, dtype, batch: int, cluster, s: System, loss_fn, precision):
-    """`autopar.manual_plan` of a baseline's configuration, on a meta model."""
+    """`autopar.manual_plan` of a baseline's configuration, on a meta model.
+
+    `compiled` is predicted as `eager` is (one device, no sharding, the same precision's bytes
+    per parameter): the cost model has no notion of torch.compile yet, so its prediction is
+    the uncompiled step's; pricing Inductor's fused kernels is issue 19, item 2."""
     model = meta_model(spec, dtype)
     x = torch.zeros(batch, spec.config["seq_len"], dtype=torch.long, device="meta")
     dp = s.dp
@@ -110,7 +114,7 @@ def _manual_plan(spec: ModelSpec, dtype, batch: int, cluster, s: System, loss_fn
         dp=dp,
         microbatch_size=micro,
         checkpoint="full" if s.ac else "none",
-        zero=3 if (s.kind != "eager" and dp > 1) else 0,
+        zero=3 if (s.kind not in ("eager", "compiled") and dp > 1) else 0,
         precision=precision,
     )
 

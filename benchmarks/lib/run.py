@@ -14,7 +14,7 @@ import torch
 
 import autopar
 from benchmarks.lib.autopar_system import build_autopar
-from benchmarks.lib.baselines import build_eager, build_fsdp2
+from benchmarks.lib.baselines import build_compiled, build_eager, build_fsdp2
 from benchmarks.lib.breakdown import compare
 from benchmarks.lib.distributed import Ctx
 from benchmarks.lib.models import ModelSpec, model_flops_per_token, model_spec, parameter_count
@@ -31,7 +31,13 @@ from benchmarks.lib.systems import System, expand_systems
 from benchmarks.lib.tensor_parallel import build_tp
 from benchmarks.lib.timing import make_batches, time_steps
 
-BASELINE_BUILDERS = {"eager": build_eager, "fsdp2": build_fsdp2, "tp": build_tp, "pp": build_pp}
+BASELINE_BUILDERS = {
+    "eager": build_eager,
+    "compiled": build_compiled,
+    "fsdp2": build_fsdp2,
+    "tp": build_tp,
+    "pp": build_pp,
+}
 
 
 def error_text(e: BaseException) -> str:

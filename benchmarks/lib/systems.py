@@ -1,9 +1,9 @@
 """The systems a benchmark run compares, by name: which configurations a `--systems` list
 expands to for one model, and why any is left out.
 
-A kind (`autopar`, `eager`, `fsdp2`, `tp`, `pp`) expands over --ac, --accum and the tp and pp
-sizes that fit; a concrete name (`eager-ac-ga4`, `tp4-fsdp2`, `pp2-fsdp2-ac`) is that one
-configuration.
+A kind (`autopar`, `eager`, `compiled`, `fsdp2`, `tp`, `pp`) expands over --ac, --accum and
+the tp and pp sizes that fit; a concrete name (`eager-ac-ga4`, `compiled-ac`, `tp4-fsdp2`,
+`pp2-fsdp2-ac`) is that one configuration.
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ from benchmarks.lib.models import ModelSpec
 @dataclass(frozen=True)
 class System:
     name: str
-    kind: str  # autopar | eager | fsdp2 | tp | pp
+    kind: str  # autopar | eager | compiled | fsdp2 | tp | pp
     tp: int = 1
     pp: int = 1
     dp: int = 1
     ac: bool = False
-    microbatches: int = 1  # pp: the schedule's; eager, fsdp2, tp: gradient accumulation
+    microbatches: int = 1  # pp: the schedule's; the others but autopar: gradient accumulation
     forced: bool = False  # pp named explicitly: run even where a baseline fits
 
     def config(self) -> dict:
@@ -39,9 +39,11 @@ class System:
         return out
 
 
-KINDS = ("autopar", "eager", "fsdp2", "tp", "pp")
-# a concrete system: eager, fsdp2, tpT-fsdp2 or ppP-fsdp2, then -ac, then -gaN
-_NAME = re.compile(r"^(eager|fsdp2|tp(\d+)-fsdp2|pp(\d+)-fsdp2)(-ac)?(-ga(\d+))?$")
+KINDS = ("autopar", "eager", "compiled", "fsdp2", "tp", "pp")
+# one-device kinds: a job of more than one process leaves them out with a note
+ONE_DEVICE = ("eager", "compiled")
+# a concrete system: eager, compiled, fsdp2, tpT-fsdp2 or ppP-fsdp2, then -ac, then -gaN
+_NAME = re.compile(r"^(eager|compiled|fsdp2|tp(\d+)-fsdp2|pp(\d+)-fsdp2)(-ac)?(-ga(\d+))?$")
 
 
 def check_system_token(token: str) -> str | None:
@@ -52,7 +54,7 @@ def check_system_token(token: str) -> str | None:
     if not m:
         return (
             f"{token!r} is neither a kind ({', '.join(KINDS)}) nor a system name such as "
-            "eager-ac, fsdp2-ga4, tp4-fsdp2-ac, pp2-fsdp2"
+            "eager-ac, compiled-ac-ga2, fsdp2-ga4, tp4-fsdp2-ac, pp2-fsdp2"
         )
     if m.group(3) and m.group(5):
         return f"{token!r}: a pipeline has its own microbatches (--pp-microbatches), no -ga"
@@ -149,13 +151,14 @@ def expand_systems(args, spec: ModelSpec, world: int, local_world: int, batch: i
         m = _NAME.match(token)
         if token == "autopar":
             out.append(System("autopar", "autopar", dp=world))
-        elif token == "eager" or (m and m.group(1) == "eager"):
+        elif token in ONE_DEVICE or (m and m.group(1) in ONE_DEVICE):
+            kind = token if token in ONE_DEVICE else m.group(1)
             if world > 1:
-                notes.append(f"{spec.name}: eager runs on one device only (world size {world})")
+                notes.append(f"{spec.name}: {kind} runs on one device only (world size {world})")
                 continue
-            for ac in acs if token == "eager" else [bool(m.group(4))]:
-                for ga in accums if token == "eager" else [int(m.group(6) or 1)]:
-                    add("eager", "eager", ga, ac=ac)
+            for ac in acs if token == kind else [bool(m.group(4))]:
+                for ga in accums if token == kind else [int(m.group(6) or 1)]:
+                    add(kind, kind, ga, ac=ac)
         elif token == "fsdp2" or (m and m.group(1) == "fsdp2"):
             for ac in acs if token == "fsdp2" else [bool(m.group(4))]:
                 for ga in accums if token == "fsdp2" else [int(m.group(6) or 1)]:
