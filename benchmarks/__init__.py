@@ -41,7 +41,8 @@ Library modules (`benchmarks/lib/`), one job each:
     optim           MasterAdamW (fp32 master weights), plain AdamW, the profiled optimizer step
     built           what a builder returns (Built), the gradient-accumulation step
     autopar_system  the autopar system: autoparallelize as a plan says
-    baselines       eager and FSDP2, and the checkpointing and sharding the others share
+    baselines       eager, compiled (torch.compile + autocast) and FSDP2, and the checkpointing
+                    and sharding the others share
     tensor_parallel the torchtitan-style TP + FSDP2 baseline
     pipeline        the hand 1F1B pipeline + FSDP2 baseline
     predict         autopar's predictions: plan, manual_plan per baseline, by category

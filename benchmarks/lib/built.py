@@ -1,9 +1,9 @@
 """What building a system gives: its training step and which part of the global batch each
-rank feeds it (`Built`), and the step with gradient accumulation that eager and the FSDP2
-baselines share (`accumulating_step`).
+rank feeds it (`Built`), and the step with gradient accumulation that eager, compiled and the
+FSDP2 baselines share (`accumulating_step`).
 
-A builder (`build_autopar`, `build_eager`, `build_fsdp2`, `build_tp`, `build_pp`) takes
-(ctx, spec, system) and returns a `Built` whose step(x, y) runs one training step on this
+A builder (`build_autopar`, `build_eager`, `build_compiled`, `build_fsdp2`, `build_tp`,
+`build_pp`) takes (ctx, spec, system) and returns a `Built` whose step(x, y) runs one training step on this
 rank's part of the global batch (x, y) and returns the loss tensor (or None on ranks that hold
 no loss).
 """
