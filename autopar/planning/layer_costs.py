@@ -167,10 +167,10 @@ def _weighted(problem: solvers.ShardingProblem, stand: StandIn) -> solvers.Shard
     return dataclasses.replace(problem, nodes=nodes, edges=edges)
 
 
-def issued_ops(stand: StandIn) -> dict[str, int]:
+def issued_ops(stand: StandIn, layer_of: dict[str, str]) -> dict[str, int]:
     """Graph ops the host issues per microbatch, per layer of the stand-in (as
-    calibrate_device.py counts them): the same whatever the sharding."""
-    layer_of = assign_layers(stand.full)
+    calibrate_device.py counts them): the same whatever the sharding. `layer_of`:
+    `assign_layers(stand.full)`."""
     issued: dict[str, int] = {}
     for n in stand.traced.graph_module.graph.nodes:
         if n.op == "call_function" and n.name in layer_of:
@@ -204,7 +204,7 @@ def layer_costs(stand: StandIn, profiles, cluster, sub_mesh, flavour, *, precisi
     kept_fwd = dict.fromkeys(order, 0.0)  # ... and their forward time, not recomputed
     state = {name: {"parameters": 0.0, "gradients": 0.0, "optimizer": 0.0} for name in order}
     numel = dict.fromkeys(order, 0.0)
-    issued = dict.fromkeys(order, 0)  # graph ops the host issues per microbatch
+    issued = {name: 0 for name in order} | issued_ops(stand, layer_of)  # per microbatch
     sync = dict.fromkeys(order, 0.0)
     dp_fwd = dict.fromkeys(order, 0.0)  # ZeRO collectives in each microbatch's forward
     dp_bwd = dict.fromkeys(order, 0.0)  # ... and in its backward
@@ -267,7 +267,6 @@ def layer_costs(stand: StandIn, profiles, cluster, sub_mesh, flavour, *, precisi
             kept_fwd[layer] += f
         if any(layer_of.get(u.name, layer) != layer for u in decision_users(n)):
             out_bytes[layer] += prof.output_bytes / (shard_factor(out, shape) if out else 1)
-    issued.update(issued_ops(stand))
     for e in decisions.problem.edges:  # weighted: one copy of each edge per full layer
         c = e.costs_s[solution.choices[e.src]][solution.choices[e.dst]] / weight(e.dst)
         layer = layer_of[e.dst]

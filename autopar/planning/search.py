@@ -160,12 +160,12 @@ def search(trace_fn, example_inputs, cluster: Cluster, space: SearchSpace, *,
         intra-op work per microbatch is at least `work_s`, and each layer's at least as
         `works` says (`_compute_bounds`): the best of its fitting flavours' `StateBound`s
         under each schedule (inf when no flavour fits)."""
-        pp, best = mesh[PIPELINE], math.inf
+        pp, best, host_s = mesh[PIPELINE], math.inf, sum(works.host)
         for sched, v in _schedules(space, pp, m, len(order)):
             weight = bubble_weight(sched, pp, m, v)
             busiest = busiest_rank_bound(works.layers, pp, v)
             best = min([best, *(b.step_bound_s(work_s, pp, m, weight, cluster.device, busiest,
-                                               host_s=sum(works.host))
+                                               host_s=host_s)
                                 for b in fitting_bounds(stand, mesh))])
         return best
 
@@ -434,7 +434,7 @@ def _compute_bounds(stand, profiles, cluster: Cluster, sub_mesh: dict[str, int])
             layer = layer_of[n.name]
             planned[layer] = planned.get(layer, 0.0) + min(
                 op_compute_s(n, profiles[n.name], cluster.device, k) for k in splits)
-    issued = issued_ops(stand)
+    issued = issued_ops(stand, layer_of)
     layers = [stand.planned_layer(name) for name in layer_order(layer_of)]
     return WorkBound(compute=tuple(planned.get(x, 0.0) for x in layers),
                      host=tuple(host_time_s(issued.get(x, 0), cluster.device) for x in layers))

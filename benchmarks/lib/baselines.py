@@ -13,6 +13,7 @@ pipeline-parallel baselines share with them:
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
@@ -104,12 +105,8 @@ def build_compiled(ctx: Ctx, spec: ModelSpec, system: System) -> Built:
         checkpoint_blocks(model)
     compiled = torch.compile(model)
     opt = adamw(model, ctx.device)
-    if ctx.dtype == torch.float32:
-        autocast = contextlib.nullcontext
-    else:
-
-        def autocast():
-            return torch.autocast(device_type=ctx.device.type, dtype=ctx.dtype)
+    autocast = (contextlib.nullcontext if ctx.dtype == torch.float32 else
+                functools.partial(torch.autocast, device_type=ctx.device.type, dtype=ctx.dtype))
 
     inner = accumulating_step(_fwd_bwd(compiled, ctx.loss, autocast), opt, system.microbatches)
     info = {

@@ -20,7 +20,7 @@ from autopar.planning.profile import TrainingPrecision, profile_graph
 from autopar.trace import trace
 from benchmarks.lib import breakdown
 from benchmarks.lib.models import LOSS, ModelSpec, meta_model
-from benchmarks.lib.systems import System
+from benchmarks.lib.systems import ONE_DEVICE, System
 
 
 def predicted_breakdown(ctx, spec: ModelSpec, plan_json: str, batch: int, seq: int) -> dict:
@@ -114,7 +114,7 @@ def _manual_plan(spec: ModelSpec, dtype, batch: int, cluster, s: System, loss_fn
         dp=dp,
         microbatch_size=micro,
         checkpoint="full" if s.ac else "none",
-        zero=3 if (s.kind not in ("eager", "compiled") and dp > 1) else 0,
+        zero=3 if (s.kind not in ONE_DEVICE and dp > 1) else 0,
         precision=precision,
     )
 
